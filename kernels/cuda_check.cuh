@@ -1,0 +1,33 @@
+// Error checking for every CUDA and cuBLAS call (all GPU chapters). A failed
+// call throws std::runtime_error with the call text, file and line, so a bad
+// launch never goes unnoticed: exit code 0 proves nothing on a GPU.
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace qlora::cuda {
+
+[[noreturn]] void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line);
+[[noreturn]] void throw_cublas_error(cublasStatus_t st, const char* what, const char* file, int line);
+
+}  // namespace qlora::cuda
+
+#define CUDA_CHECK(call)                                                                  \
+  do {                                                                                    \
+    cudaError_t qlora_err_ = (call);                                                      \
+    if (qlora_err_ != cudaSuccess) ::qlora::cuda::throw_cuda_error(qlora_err_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+/// After a kernel launch: catches bad launch configurations at once.
+#define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+#define CUBLAS_CHECK(call)                                                                \
+  do {                                                                                    \
+    cublasStatus_t qlora_st_ = (call);                                                    \
+    if (qlora_st_ != CUBLAS_STATUS_SUCCESS)                                               \
+      ::qlora::cuda::throw_cublas_error(qlora_st_, #call, __FILE__, __LINE__);            \
+  } while (0)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up (Debian packages), builds (CUDA code too when nvcc exists) and runs every test.
+# GPU tests are reported as skipped, with the reason, on machines without a CUDA device.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+build=${QLORA_BUILD_DIR:-build/test}
+cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release
+cmake --build "$build" -j "$(nproc)"
+ctest --test-dir "$build" --output-on-failure -j "$(nproc)" "$@"

@@ -1,0 +1,31 @@
+// Entry point of the `qlora` tool. Subcommands register themselves (command.hpp);
+// errors from the library are std::exceptions whose message names the culprit
+// (file, tensor or flag), printed here as one line with exit status 1.
+#include "command.hpp"
+
+#include <cstdio>
+#include <exception>
+
+namespace qlora::cli {
+std::vector<CommandSetup>& command_registry() {
+  static std::vector<CommandSetup> registry;
+  return registry;
+}
+}  // namespace qlora::cli
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "qlora: 4-bit QLoRA fine-tuning, readable from the ground up.\n"
+      "Each subcommand belongs to a chapter of the book in chapters/; run `qlora <command> --help`."};
+  app.require_subcommand(1);
+  for (auto& setup : qlora::cli::command_registry()) setup(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "qlora: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

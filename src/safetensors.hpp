@@ -1,0 +1,51 @@
+// Safetensors files: the tensor container of the Hugging Face ecosystem (chapter 3).
+// Layout: u64 little-endian header length N, N bytes of JSON header
+// {"name": {"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}},
+// then the raw little-endian data; offsets are relative to the data section.
+// The reader validates everything (offsets in bounds, no overlap, dtype × shape
+// = byte size) and throws std::runtime_error naming the file and tensor.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace qlora {
+
+enum class DType { F32, F16, BF16, U8, I8, I32, I64, F64, BOOL };
+
+std::string to_string(DType d);
+DType parse_dtype(const std::string& s);  ///< throws on an unknown dtype string
+std::size_t dtype_size(DType d);
+bool is_floating(DType d);
+
+/// One tensor: dtype, shape and its raw little-endian bytes.
+struct Tensor {
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  std::vector<std::uint8_t> data;
+
+  std::int64_t numel() const;
+  /// Values as float32 (F32, F16, BF16, F64 only; throws otherwise).
+  std::vector<float> to_f32() const;
+  static Tensor from_f32(std::span<const float> v, std::vector<std::int64_t> shape);
+  static Tensor from_bf16(std::span<const std::uint16_t> v, std::vector<std::int64_t> shape);
+  static Tensor from_u8(std::span<const std::uint8_t> v, std::vector<std::int64_t> shape);
+};
+
+/// A whole file: tensors by name (sorted, as safetensors writers do) plus string metadata.
+struct SafeTensors {
+  std::map<std::string, Tensor> tensors;
+  std::map<std::string, std::string> metadata;
+
+  const Tensor& at(const std::string& name) const;  ///< throws naming the missing tensor
+};
+
+SafeTensors read_safetensors(const std::filesystem::path& path);
+/// Writes atomically: to "<path>.tmp", then rename over path.
+void write_safetensors(const std::filesystem::path& path, const SafeTensors& st);
+
+}  // namespace qlora
