@@ -33,6 +33,15 @@ struct LoraAdapter {
   void zero_grad();
 };
 
+/// Uniform double in [0, 1) from the top 53 bits of one rng draw. Written out (not
+/// std::uniform_real_distribution) so the numbers are the same with every standard library.
+double uniform01(std::mt19937_64& rng);
+
+/// Inverted-dropout mask of n values, one rng draw each in index order: an element is
+/// kept (value 1/(1-p)) when its draw is < 1-p, dropped (0) otherwise. p must be in [0, 1).
+/// The GPU path calls this too and uploads the mask, so CPU and GPU drop the same elements.
+std::vector<float> lora_dropout_mask(std::int64_t n, float p, std::mt19937_64& rng);
+
 /// What forward keeps for backward: the dropout mask and the rank-r activations.
 struct LoraCache {
   std::vector<float> mask;  ///< T×in, values 0 or 1/(1-p); empty when dropout is off

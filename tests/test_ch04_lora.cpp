@@ -1,0 +1,326 @@
+// Chapter 4 tests: the LoRA layer (forward by hand, PEFT init, a finite-difference
+// gradient check in FP64, BLAS vs reference, merge/unmerge, rsLoRA, dropout),
+// PEFT adapter files (round trip and bad files) and the `qlora plan` numbers.
+#include "lora.hpp"
+#include "matmul.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+using namespace qlora;
+
+namespace {
+
+std::vector<float> random_vec(std::size_t n, std::mt19937_64& rng, double lo = -1.0, double hi = 1.0) {
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * uniform01(rng));
+  return v;
+}
+
+LoraAdapter random_adapter(int in, int out, int r, std::mt19937_64& rng) {
+  LoraAdapter ad(in, out, r);
+  ad.A = random_vec(ad.A.size(), rng);
+  ad.B = random_vec(ad.B.size(), rng);  // nonzero B, so every gradient is nonzero
+  return ad;
+}
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0.0;
+  for (float x : v) m = std::max(m, (double)std::fabs(x));
+  return m;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double m = 0.0;
+  for (std::size_t k = 0; k < a.size(); ++k) m = std::max(m, std::fabs((double)a[k] - b[k]));
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("LoRA forward matches a hand computation", "[ch04][lora]") {
+  // in=2, out=2, r=1, alpha=2 → s = 2. x = [1, 2], A = [[3, -1]], B = [[0.5], [-2]].
+  // xa = 1·3 + 2·(−1) = 1; y += s·xa·B = [1, −4].
+  LoraAdapter ad(2, 2, 1);
+  ad.A = {3.0f, -1.0f};
+  ad.B = {0.5f, -2.0f};
+  LoraConfig cfg;
+  cfg.r = 1;
+  cfg.alpha = 2.0f;
+  cfg.dropout = 0.1f;  // off: training = false
+  const std::vector<float> x = {1.0f, 2.0f};
+  std::mt19937_64 rng(1);
+  for (bool blas : {false, true}) {
+    std::vector<float> y = {10.0f, 20.0f};  // the base output x·Wᵀ, already there
+    LoraCache cache;
+    if (blas)
+      lora_forward(ad, cfg, x.data(), y.data(), 1, false, rng, cache);
+    else
+      lora_forward_ref(ad, cfg, x.data(), y.data(), 1, false, rng, cache);
+    CHECK(y[0] == 11.0f);
+    CHECK(y[1] == 16.0f);
+    CHECK(cache.mask.empty());
+    REQUIRE(cache.xa.size() == 1);
+    CHECK(cache.xa[0] == 1.0f);
+  }
+}
+
+TEST_CASE("rsLoRA scale is alpha/sqrt(r)", "[ch04][lora]") {
+  LoraConfig cfg;
+  cfg.r = 16;
+  cfg.alpha = 32.0f;
+  CHECK(cfg.scale() == 2.0f);
+  cfg.use_rslora = true;
+  CHECK(cfg.scale() == 8.0f);
+  // The LoRA term scales with s: rsLoRA's term is 4× the plain one at r = 16.
+  std::mt19937_64 rng(7);
+  LoraAdapter ad = random_adapter(8, 5, 16, rng);
+  const std::vector<float> x = random_vec(3 * 8, rng);
+  std::vector<float> y_plain(15, 0.0f), y_rs(15, 0.0f);
+  LoraCache cache;
+  cfg.use_rslora = false;
+  lora_forward_ref(ad, cfg, x.data(), y_plain.data(), 3, false, rng, cache);
+  cfg.use_rslora = true;
+  lora_forward_ref(ad, cfg, x.data(), y_rs.data(), 3, false, rng, cache);
+  for (std::size_t k = 0; k < y_plain.size(); ++k) CHECK(y_rs[k] == Approx(4.0 * y_plain[k]).epsilon(1e-6));
+}
+
+TEST_CASE("PEFT init: A uniform within 1/sqrt(in), B zero, output unchanged", "[ch04][lora]") {
+  const int in = 256, out = 96, r = 16, T = 4;
+  std::mt19937_64 rng(123);
+  LoraAdapter ad(in, out, r);
+  ad.init_peft(rng);
+  const double bound = 1.0 / std::sqrt((double)in);
+  double sum = 0.0, sq = 0.0;
+  for (float a : ad.A) {
+    REQUIRE(std::fabs(a) <= bound);
+    sum += a;
+    sq += (double)a * a;
+  }
+  const double n = (double)ad.A.size();
+  // U(−b, b): mean 0 (σ of the sample mean = b/√(3n)), variance b²/3.
+  CHECK(std::fabs(sum / n) < 5.0 * bound / std::sqrt(3.0 * n));
+  CHECK(sq / n == Approx(bound * bound / 3.0).epsilon(0.05));
+  CHECK(max_abs(ad.A) > 0.99 * bound);
+  CHECK(max_abs(ad.B) == 0.0);
+
+  LoraConfig cfg;
+  cfg.r = r;
+  const std::vector<float> x = random_vec((std::size_t)T * in, rng);
+  const std::vector<float> base = random_vec((std::size_t)T * out, rng);
+  std::vector<float> y = base;
+  LoraCache cache;
+  lora_forward_ref(ad, cfg, x.data(), y.data(), T, true, rng, cache);
+  CHECK(y == base);
+}
+
+TEST_CASE("LoRA gradients match finite differences of an FP64 loss", "[ch04][lora]") {
+  // Loss L = Σ y ⊙ G with y = x·Wᵀ + s·(m⊙x)·Aᵀ·Bᵀ, so dL/dy = G. The loss is
+  // evaluated here in double from scratch (not with the code under test) and
+  // differentiated by central differences; the backward pass must agree.
+  const int in = 7, out = 5, r = 3, T = 4;
+  std::mt19937_64 rng(2024);
+  LoraAdapter ad = random_adapter(in, out, r, rng);
+  const std::vector<float> W = random_vec((std::size_t)out * in, rng);
+  const std::vector<float> x = random_vec((std::size_t)T * in, rng);
+  const std::vector<float> G = random_vec((std::size_t)T * out, rng);
+  LoraConfig cfg;
+  cfg.r = r;
+  cfg.alpha = 6.0f;
+  cfg.dropout = 0.3f;
+  auto use_rslora = GENERATE(false, true);
+  cfg.use_rslora = use_rslora;
+
+  std::vector<float> y((std::size_t)T * out, 0.0f);
+  matmul_xwt_ref(x.data(), W.data(), y.data(), T, in, out, false);
+  LoraCache cache;
+  lora_forward_ref(ad, cfg, x.data(), y.data(), T, true, rng, cache);
+  REQUIRE(cache.mask.size() == (std::size_t)T * in);
+  ad.zero_grad();
+  std::vector<float> dx((std::size_t)T * in, 0.0f);
+  matmul_dyw_ref(G.data(), W.data(), dx.data(), T, in, out, false);  // the frozen base's share
+  lora_backward_ref(ad, cfg, x.data(), G.data(), dx.data(), T, cache);
+
+  std::vector<double> xd(x.begin(), x.end()), Ad(ad.A.begin(), ad.A.end()), Bd(ad.B.begin(), ad.B.end());
+  const double s = cfg.use_rslora ? cfg.alpha / std::sqrt((double)r) : (double)cfg.alpha / r;
+  auto loss = [&]() {
+    double L = 0.0;
+    for (int t = 0; t < T; ++t)
+      for (int o = 0; o < out; ++o) {
+        double base = 0.0, lora = 0.0;
+        for (int i = 0; i < in; ++i) base += xd[t * in + i] * W[o * in + i];
+        for (int k = 0; k < r; ++k) {
+          double xa = 0.0;
+          for (int i = 0; i < in; ++i) xa += cache.mask[t * in + i] * xd[t * in + i] * Ad[k * in + i];
+          lora += xa * Bd[o * r + k];
+        }
+        L += (base + s * lora) * G[t * out + o];
+      }
+    return L;
+  };
+  const double h = 1e-6;
+  auto fd = [&](std::vector<double>& p, std::size_t k) {
+    const double keep = p[k];
+    p[k] = keep + h;
+    const double up = loss();
+    p[k] = keep - h;
+    const double down = loss();
+    p[k] = keep;
+    return (up - down) / (2.0 * h);
+  };
+  // The loss is linear in each parameter, so central differences are exact up to
+  // rounding (~1e-16·|L|/h ≈ 1e-9); the analytic side is stored in float32 (~6e-8
+  // relative). 1e-5 absolute on gradients of size ~1 leaves room for both.
+  for (std::size_t k = 0; k < Ad.size(); ++k) CHECK(ad.dA[k] == Approx(fd(Ad, k)).margin(1e-5));
+  for (std::size_t k = 0; k < Bd.size(); ++k) CHECK(ad.dB[k] == Approx(fd(Bd, k)).margin(1e-5));
+  for (std::size_t k = 0; k < xd.size(); ++k) CHECK(dx[k] == Approx(fd(xd, k)).margin(1e-5));
+  // Dropped inputs get no LoRA gradient: where the mask is 0, dx is the base part only.
+  std::vector<float> dx_base((std::size_t)T * in, 0.0f);
+  matmul_dyw_ref(G.data(), W.data(), dx_base.data(), T, in, out, false);
+  int dropped = 0;
+  for (std::size_t k = 0; k < dx.size(); ++k)
+    if (cache.mask[k] == 0.0f) {
+      ++dropped;
+      CHECK(dx[k] == dx_base[k]);
+    }
+  CHECK(dropped > 0);
+}
+
+TEST_CASE("Backward accumulates into dA and dB", "[ch04][lora]") {
+  const int in = 6, out = 4, r = 2, T = 3;
+  std::mt19937_64 rng(5);
+  LoraAdapter ad = random_adapter(in, out, r, rng);
+  LoraConfig cfg;
+  cfg.r = r;
+  const std::vector<float> x = random_vec((std::size_t)T * in, rng);
+  const std::vector<float> dy = random_vec((std::size_t)T * out, rng);
+  std::vector<float> y((std::size_t)T * out, 0.0f), dx((std::size_t)T * in, 0.0f);
+  LoraCache cache;
+  lora_forward_ref(ad, cfg, x.data(), y.data(), T, false, rng, cache);
+  ad.zero_grad();
+  lora_backward_ref(ad, cfg, x.data(), dy.data(), dx.data(), T, cache);
+  const std::vector<float> dA1 = ad.dA, dB1 = ad.dB;
+  lora_backward_ref(ad, cfg, x.data(), dy.data(), dx.data(), T, cache);
+  for (std::size_t k = 0; k < dA1.size(); ++k) CHECK(ad.dA[k] == Approx(2.0 * dA1[k]).epsilon(1e-6));
+  for (std::size_t k = 0; k < dB1.size(); ++k) CHECK(ad.dB[k] == Approx(2.0 * dB1[k]).epsilon(1e-6));
+}
+
+TEST_CASE("BLAS LoRA forward/backward match the plain-loop reference", "[ch04][lora]") {
+  struct Shape {
+    int in, out, r, T;
+    float p;
+  };
+  auto sh = GENERATE(Shape{64, 48, 8, 5, 0.0f}, Shape{96, 160, 16, 9, 0.1f}, Shape{33, 17, 3, 1, 0.5f});
+  std::mt19937_64 init(99);
+  LoraAdapter a1 = random_adapter(sh.in, sh.out, sh.r, init);
+  LoraAdapter a2 = a1;
+  LoraConfig cfg;
+  cfg.r = sh.r;
+  cfg.alpha = 16.0f;
+  cfg.dropout = sh.p;
+  const std::vector<float> x = random_vec((std::size_t)sh.T * sh.in, init);
+  const std::vector<float> base = random_vec((std::size_t)sh.T * sh.out, init);
+  const std::vector<float> dy = random_vec((std::size_t)sh.T * sh.out, init);
+  std::mt19937_64 rng1(3), rng2(3);
+  std::vector<float> y1 = base, y2 = base;
+  LoraCache c1, c2;
+  lora_forward_ref(a1, cfg, x.data(), y1.data(), sh.T, true, rng1, c1);
+  lora_forward(a2, cfg, x.data(), y2.data(), sh.T, true, rng2, c2);
+  CHECK(c1.mask == c2.mask);  // same rng, same draws, same mask
+  std::vector<float> dx1 = random_vec(x.size(), init), dx2 = dx1;  // backward adds into dx
+  a1.zero_grad();
+  a2.zero_grad();
+  lora_backward_ref(a1, cfg, x.data(), dy.data(), dx1.data(), sh.T, c1);
+  lora_backward(a2, cfg, x.data(), dy.data(), dx2.data(), sh.T, c2);
+  // sgemm accumulates in float32: error ≲ n·ε·Σ|terms| with n ≤ 160 and ε = 6e-8,
+  // about 1e-5 of the largest value; 1e-4 of it is the bound.
+  CHECK(max_abs_diff(y1, y2) <= 1e-4 * max_abs(y1));
+  CHECK(max_abs_diff(c1.xa, c2.xa) <= 1e-4 * max_abs(c1.xa));
+  CHECK(max_abs_diff(a1.dA, a2.dA) <= 1e-4 * max_abs(a1.dA));
+  CHECK(max_abs_diff(a1.dB, a2.dB) <= 1e-4 * max_abs(a1.dB));
+  CHECK(max_abs_diff(dx1, dx2) <= 1e-4 * max_abs(dx1));
+}
+
+TEST_CASE("Merge folds the adapter into W; unmerge takes it out", "[ch04][lora]") {
+  const int in = 40, out = 24, r = 4, T = 6;
+  std::mt19937_64 rng(77);
+  LoraAdapter ad = random_adapter(in, out, r, rng);
+  LoraConfig cfg;
+  cfg.r = r;
+  cfg.alpha = 8.0f;
+  const std::vector<float> W0 = random_vec((std::size_t)out * in, rng);
+  const std::vector<float> x = random_vec((std::size_t)T * in, rng);
+  // Unmerged: base + LoRA term (eval mode, no dropout).
+  std::vector<float> y_sep((std::size_t)T * out);
+  matmul_xwt_ref(x.data(), W0.data(), y_sep.data(), T, in, out, false);
+  LoraCache cache;
+  lora_forward_ref(ad, cfg, x.data(), y_sep.data(), T, false, rng, cache);
+  // Merged: one matmul with W + s·B·A.
+  std::vector<float> W = W0;
+  lora_merge(ad, cfg, W.data());
+  std::vector<float> y_merged((std::size_t)T * out);
+  matmul_xwt_ref(x.data(), W.data(), y_merged.data(), T, in, out, false);
+  // Rounding W' to float32 costs ≤ ε/2·|W'| per weight: ~1e-6 of the output scale.
+  CHECK(max_abs_diff(y_sep, y_merged) <= 1e-5 * max_abs(y_sep));
+  lora_unmerge(ad, cfg, W.data());
+  // Unmerge restores W up to the two float32 roundings of W+Δ and W+Δ−Δ.
+  CHECK(max_abs_diff(W, W0) <= 2.0 * 0x1.0p-23 * (max_abs(W0) + 2.0 * cfg.scale() * r));
+  CHECK(max_abs_diff(W, W0) > 0.0);  // not bit-exact: a reason to keep the base unmerged while training
+}
+
+TEST_CASE("Dropout mask: statistics, scaling and determinism", "[ch04][lora]") {
+  const float p = 0.1f;
+  const std::int64_t n = 1'000'000;
+  std::mt19937_64 rng(42);
+  const std::vector<float> mask = lora_dropout_mask(n, p, rng);
+  std::int64_t kept = 0, other_values = 0;
+  for (float m : mask) {
+    kept += m != 0.0f;
+    other_values += m != 0.0f && m != 1.0f / (1.0f - p);
+  }
+  CHECK(other_values == 0);  // every value is 0 or exactly 1/(1−p)
+  // Kept fraction: Binomial(n, 1−p)/n with σ = √(p(1−p)/n) = 3e-4; allow 5σ.
+  CHECK(std::fabs((double)kept / n - (1.0 - p)) < 5.0 * std::sqrt(p * (1.0 - p) / n));
+  // The draw order is fixed: element k is kept iff the k-th uniform draw is < 1−p.
+  std::mt19937_64 replay(42);
+  for (std::int64_t k = 0; k < 1000; ++k) CHECK((mask[k] != 0.0f) == (uniform01(replay) < 1.0 - p));
+  std::mt19937_64 again(42), other(43);
+  CHECK(lora_dropout_mask(n, p, again) == mask);
+  CHECK(lora_dropout_mask(n, p, other) != mask);
+  // Eval mode or p = 0 draws nothing from the rng and keeps no mask.
+  LoraAdapter ad(4, 3, 2);
+  LoraConfig cfg;
+  cfg.r = 2;
+  std::vector<float> x(8, 1.0f), y(6, 0.0f);
+  LoraCache cache;
+  std::mt19937_64 r1(9), r2(9);
+  lora_forward_ref(ad, cfg, x.data(), y.data(), 2, false, r1, cache);
+  CHECK(cache.mask.empty());
+  cfg.dropout = 0.0f;
+  lora_forward_ref(ad, cfg, x.data(), y.data(), 2, true, r1, cache);
+  CHECK(cache.mask.empty());
+  CHECK(r1() == r2());
+  CHECK_THROWS_AS(lora_dropout_mask(10, 1.0f, rng), std::invalid_argument);
+  CHECK_THROWS_AS(lora_dropout_mask(10, -0.1f, rng), std::invalid_argument);
+}
+
+TEST_CASE("LoRA rejects inconsistent shapes", "[ch04][lora]") {
+  CHECK_THROWS_AS(LoraAdapter(0, 4, 2), std::invalid_argument);
+  LoraAdapter ad(4, 3, 2);
+  LoraConfig cfg;
+  cfg.r = 8;
+  std::vector<float> x(4, 1.0f), y(3, 0.0f);
+  LoraCache cache;
+  std::mt19937_64 rng(1);
+  CHECK_THROWS_WITH(lora_forward_ref(ad, cfg, x.data(), y.data(), 1, false, rng, cache),
+                    Catch::Contains("rank 2") && Catch::Contains("r 8"));
+  cfg.r = 2;
+  lora_forward(ad, cfg, x.data(), y.data(), 1, false, rng, cache);
+  std::vector<float> dx(4, 0.0f);
+  CHECK_THROWS_WITH(lora_backward(ad, cfg, x.data(), y.data(), dx.data(), 2, cache), Catch::Contains("cache"));
+}
