@@ -19,6 +19,7 @@
 #include "llama2c.hpp"
 #include "lora.hpp"
 #include "quant4.hpp"
+#include "quant_basics.hpp"
 
 #include <array>
 #include <cstdint>
@@ -26,6 +27,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -63,8 +65,9 @@ struct LlamaWeights {
   std::pair<int, int> proj_shape(Proj p) const;
 };
 
-/// From a llama2.c checkpoint (tensors named as in Hugging Face, q/k interleaved).
-LlamaWeights weights_from_checkpoint(const Llama2cCheckpoint& ck);
+/// From a checkpoint in memory (tensors named as in Hugging Face); q/k rows in the
+/// rotate-half layout are permuted to the interleaved one.
+LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck);
 /// Loads a llama2.c .bin file or a Hugging Face LLaMA folder (config.json +
 /// model.safetensors; q/k permuted back to the interleaved layout). Throws
 /// std::runtime_error naming the path on anything missing or malformed.
@@ -76,28 +79,29 @@ LlamaWeights random_llama_weights(const LlamaConfig& config, std::uint64_t seed)
 // ---------------------------------------------------------------------------
 // Frozen storage of the linear projections
 
-enum class BaseStorage { f32, bf16, nf4, nf4_dq, fp4, fp4_dq, int4 };
+enum class BaseStorage { float32, bfloat16, nf4, nf4_dq, fp4, fp4_dq, int4 };
 /// "f32", "bf16", "nf4", "nf4-dq", "fp4", "fp4-dq", "int4".
 std::string to_string(BaseStorage s);
 /// Inverse of to_string (also "nf4+dq", "nf4_dq"); throws std::invalid_argument naming the value.
 BaseStorage parse_base_storage(const std::string& s);
 
-/// Blockwise absmax int4 (blocksize 64): code = round(7·x/absmax) in [−7, 7],
-/// value = code·absmax/7. The naive 4-bit baseline of the comparison table.
+/// Blockwise absmax int4 (blocksize 64), the naive 4-bit baseline of the comparison
+/// table: each block is chapter 1's absmax quantization with 4 bits (codes −7..7,
+/// value = code·absmax/7).
 struct Int4Tensor {
   int blocksize = 64;
   std::int64_t numel = 0;
-  std::vector<std::int8_t> codes;  ///< one per value (two per byte when stored: numel/2 bytes counted)
-  std::vector<float> absmax;       ///< one float32 per block
+  std::vector<AbsmaxQuant> blocks;
+  /// Two codes per byte plus one float32 absmax per block.
   std::int64_t storage_bytes() const;
 };
-Int4Tensor quantize_int4(const float* x, std::int64_t n, int blocksize = 64);
+Int4Tensor quantize_int4(std::span<const float> x, int blocksize = 64);
 std::vector<float> dequantize_int4(const Int4Tensor& q);
 
 /// One frozen projection W (out×in): its stored form and the float32 cache the CPU multiplies.
 struct FrozenLinear {
   int in = 0, out = 0;
-  BaseStorage storage = BaseStorage::f32;
+  BaseStorage storage = BaseStorage::float32;
   std::optional<Quant4Tensor> q4;  ///< nf4 / fp4 storage (with or without double quant)
   std::optional<Int4Tensor> i4;    ///< int4 storage
   std::vector<float> w;            ///< out×in float32: exactly the stored values, dequantized once
@@ -198,10 +202,14 @@ class LlamaModel {
   bool reference_ = false;
   bool checkpointing_ = false;
 
+  std::vector<float> rope_cos_, rope_sin_;  ///< seq_len × head_size/2 angle tables
+
   // Last forward's state.
   int B_ = 0, T_ = 0;
+  bool training_ = false;
   std::vector<int> targets_;
-  std::vector<std::unique_ptr<LayerCache>> caches_;
+  std::vector<std::unique_ptr<LayerCache>> caches_;  ///< per layer (only the input when checkpointing)
+  std::unique_ptr<LayerCache> scratch_;              ///< the recomputed layer when checkpointing
   std::vector<std::mt19937_64> layer_rng_;  ///< rng state at each layer's start (checkpoint recompute)
   std::vector<float> x_final_, inv_rms_final_, xn_final_, logits_;
   std::int64_t peak_act_bytes_ = 0;
@@ -211,11 +219,13 @@ class LlamaModel {
   std::vector<float> dec_logits_;
 
   void linear(int layer, Proj p, const float* x, float* y, int N, bool training, std::mt19937_64& rng,
-              LoraCache* lc) const;
+              LoraCache& lc) const;
   void linear_backward(int layer, Proj p, const float* x, const float* dy, float* dx, int N, bool accumulate,
-                       const LoraCache* lc);
-  void layer_forward(int l, const float* x, float* x_out, bool training, std::mt19937_64& rng, LayerCache& c) const;
+                       const LoraCache& lc);
+  void layer_forward(int l, float* x_out, bool training, std::mt19937_64& rng, LayerCache& c) const;
   void layer_backward(int l, const LayerCache& c, float* dx);
+  LayerCache& scratch();
+  std::int64_t cached_bytes() const;
 };
 
 }  // namespace qlora
