@@ -1,13 +1,21 @@
 // Chapter 4 tests: the LoRA layer (forward by hand, PEFT init, a finite-difference
 // gradient check in FP64, BLAS vs reference, merge/unmerge, rsLoRA, dropout),
 // PEFT adapter files (round trip and bad files) and the `qlora plan` numbers.
+#include "bf16.hpp"
 #include "lora.hpp"
 #include "matmul.hpp"
+#include "peft_adapter.hpp"
+#include "safetensors.hpp"
 
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <functional>
 #include <random>
 #include <vector>
 
@@ -323,4 +331,227 @@ TEST_CASE("LoRA rejects inconsistent shapes", "[ch04][lora]") {
   lora_forward(ad, cfg, x.data(), y.data(), 1, false, rng, cache);
   std::vector<float> dx(4, 0.0f);
   CHECK_THROWS_WITH(lora_backward(ad, cfg, x.data(), y.data(), dx.data(), 2, cache), Catch::Contains("cache"));
+}
+
+// ---------------------------------------------------------------- PEFT adapter files
+
+namespace {
+
+std::filesystem::path fresh_dir(const std::string& name) {
+  const auto dir = std::filesystem::temp_directory_path() / ("qlora_ch04_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  return dir;
+}
+
+// Two layers of a tiny LLaMA (dim 8, hidden 12), all seven projections, random A and B.
+PeftAdapter tiny_adapter() {
+  PeftAdapter a;
+  a.config.r = 4;
+  a.config.alpha = 8.0f;
+  a.config.dropout = 0.05f;
+  a.config.use_rslora = true;
+  a.target_modules = llama_linear_modules();
+  a.base_model_name_or_path = "tiny-llama";
+  std::mt19937_64 rng(11);
+  const int dim = 8, hidden = 12;
+  for (int layer = 0; layer < 2; ++layer)
+    for (const std::string& m : a.target_modules) {
+      const bool mlp = m == "gate_proj" || m == "up_proj" || m == "down_proj";
+      const int in = m == "down_proj" ? hidden : dim, out = (m == "gate_proj" || m == "up_proj") ? hidden : dim;
+      const std::string name =
+          "model.layers." + std::to_string(layer) + (mlp ? ".mlp." : ".self_attn.") + m;
+      a.modules.emplace(name, random_adapter(in, out, a.config.r, rng));
+    }
+  return a;
+}
+
+nlohmann::json read_json(const std::filesystem::path& p) {
+  std::ifstream in(p);
+  return nlohmann::json::parse(in);
+}
+
+void write_json(const std::filesystem::path& p, const nlohmann::json& j) {
+  std::ofstream(p) << j.dump(2);
+}
+
+}  // namespace
+
+TEST_CASE("PEFT adapter folder round trip", "[ch04][peft]") {
+  const PeftAdapter a = tiny_adapter();
+  const auto dir = fresh_dir("roundtrip");
+  write_peft_adapter(dir, a);
+  CHECK(std::filesystem::exists(dir / "adapter_model.safetensors"));
+  CHECK_FALSE(std::filesystem::exists(dir / "adapter_model.safetensors.tmp"));
+  CHECK_FALSE(std::filesystem::exists(dir / "adapter_config.json.tmp"));
+
+  // The tensor names and shapes PEFT expects.
+  const SafeTensors st = read_safetensors(dir / "adapter_model.safetensors");
+  CHECK(st.tensors.size() == 28);
+  const Tensor& qa = st.at("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+  CHECK(qa.dtype == DType::F32);
+  CHECK(qa.shape == std::vector<std::int64_t>{4, 8});
+  CHECK(st.at("base_model.model.model.layers.1.mlp.down_proj.lora_B.weight").shape == std::vector<std::int64_t>{8, 4});
+  CHECK(st.at("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight").shape ==
+        std::vector<std::int64_t>{4, 12});
+  CHECK(st.metadata.at("format") == "pt");
+
+  // The config fields PEFT writes.
+  const auto cfg = read_json(dir / "adapter_config.json");
+  CHECK(cfg.at("peft_type") == "LORA");
+  CHECK(cfg.at("task_type") == "CAUSAL_LM");
+  CHECK(cfg.at("r") == 4);
+  CHECK(cfg.at("lora_alpha") == 8);
+  CHECK(cfg.at("lora_alpha").is_number_integer());
+  CHECK(cfg.at("lora_dropout").get<double>() == Approx(0.05));
+  CHECK(cfg.at("bias") == "none");
+  CHECK(cfg.at("use_rslora") == true);
+  CHECK(cfg.at("fan_in_fan_out") == false);
+  CHECK(cfg.at("init_lora_weights") == true);
+  CHECK(cfg.at("inference_mode") == true);
+  CHECK(cfg.at("modules_to_save").is_null());
+  CHECK(cfg.at("base_model_name_or_path") == "tiny-llama");
+  CHECK(cfg.at("target_modules").get<std::vector<std::string>>() == llama_linear_modules());
+
+  const PeftAdapter b = read_peft_adapter(dir);
+  CHECK(b.config.r == 4);
+  CHECK(b.config.alpha == 8.0f);
+  CHECK(b.config.dropout == 0.05f);
+  CHECK(b.config.use_rslora);
+  CHECK(b.target_modules == a.target_modules);
+  CHECK(b.base_model_name_or_path == "tiny-llama");
+  REQUIRE(b.modules.size() == a.modules.size());
+  for (const auto& [name, ad] : a.modules) {
+    const LoraAdapter& bd = b.modules.at(name);
+    CHECK(bd.in == ad.in);
+    CHECK(bd.out == ad.out);
+    CHECK(bd.A == ad.A);  // F32 on disk: bit-exact
+    CHECK(bd.B == ad.B);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("PEFT adapter reading reads BF16 weights too", "[ch04][peft]") {
+  const PeftAdapter a = tiny_adapter();
+  const auto dir = fresh_dir("bf16");
+  write_peft_adapter(dir, a);
+  SafeTensors st = read_safetensors(dir / "adapter_model.safetensors");
+  for (auto& [key, t] : st.tensors) t = Tensor::from_bf16(to_bf16(t.to_f32()), t.shape);
+  write_safetensors(dir / "adapter_model.safetensors", st);
+  const PeftAdapter b = read_peft_adapter(dir);
+  const LoraAdapter& q = b.modules.at("model.layers.0.self_attn.q_proj");
+  const LoraAdapter& q0 = a.modules.at("model.layers.0.self_attn.q_proj");
+  for (std::size_t k = 0; k < q.A.size(); ++k) CHECK(q.A[k] == round_to_bf16(q0.A[k]));
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("Bad PEFT adapter folders give clear errors", "[ch04][peft]") {
+  const auto dir = fresh_dir("bad");
+  const auto cfg_path = dir / "adapter_config.json", st_path = dir / "adapter_model.safetensors";
+  auto reset = [&] {
+    std::filesystem::remove_all(dir);
+    write_peft_adapter(dir, tiny_adapter());
+  };
+  using Catch::Contains;
+
+  CHECK_THROWS_WITH(read_peft_adapter(dir), Contains("not a directory"));
+
+  SECTION("missing files") {
+    reset();
+    std::filesystem::remove(cfg_path);
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains("adapter_config.json") && Contains("cannot open"));
+    reset();
+    std::filesystem::remove(st_path);
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains("adapter_model.safetensors") && Contains("missing"));
+  }
+  SECTION("bad JSON") {
+    reset();
+    std::ofstream(cfg_path) << "{\"r\": 4,";
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains("adapter_config.json") && Contains("not valid JSON"));
+  }
+  SECTION("config keys") {
+    struct Case {
+      std::string key;
+      nlohmann::json value;  // null = remove the key
+      std::string message;
+    };
+    const std::vector<Case> cases = {
+        {"r", nullptr, "key 'r': missing"},
+        {"lora_alpha", nullptr, "key 'lora_alpha': missing"},
+        {"target_modules", nullptr, "key 'target_modules': missing"},
+        {"peft_type", "PREFIX_TUNING", "key 'peft_type'"},
+        {"r", 0, "key 'r'"},
+        {"r", "eight", "key 'r'"},
+        {"lora_dropout", 1.5, "key 'lora_dropout'"},
+        {"target_modules", nlohmann::json::array({"q_proj", "lm_head"}), "unknown module 'lm_head'"},
+        {"target_modules", "all-linear", "key 'target_modules'"},
+        {"bias", "all", "key 'bias'"},
+        {"use_dora", true, "key 'use_dora'"},
+        {"rank_pattern", nlohmann::json{{"q_proj", 8}}, "key 'rank_pattern'"},
+    };
+    for (const Case& c : cases) {
+      reset();
+      auto j = read_json(cfg_path);
+      if (c.value.is_null())
+        j.erase(c.key);
+      else
+        j[c.key] = c.value;
+      write_json(cfg_path, j);
+      INFO(c.key << " = " << c.value.dump());
+      CHECK_THROWS_WITH(read_peft_adapter(dir), Contains("adapter_config.json") && Contains(c.message));
+    }
+  }
+  SECTION("shape mismatch against r") {
+    reset();
+    auto j = read_json(cfg_path);
+    j["r"] = 8;
+    write_json(cfg_path, j);
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains("adapter_model.safetensors") && Contains("lora_A.weight") &&
+                                                  Contains("shape must be [r=8, in]"));
+  }
+  SECTION("tensors") {
+    const std::string ka = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight";
+    const std::string kb = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    auto edit = [&](const std::function<void(SafeTensors&)>& f) {
+      reset();
+      SafeTensors st = read_safetensors(st_path);
+      f(st);
+      write_safetensors(st_path, st);
+    };
+    edit([&](SafeTensors& st) { st.tensors.erase(kb); });
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains(kb) && Contains("missing"));
+    edit([&](SafeTensors& st) { st.tensors.erase(ka); });
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains(ka) && Contains("missing"));
+    edit([&](SafeTensors& st) {
+      const std::vector<float> b(8 * 3, 0.5f);
+      st.tensors[kb] = Tensor::from_f32(b, {8, 3});
+    });
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains(kb) && Contains("shape must be [out, r=4]"));
+    edit([&](SafeTensors& st) {
+      st.tensors["base_model.model.lm_head.lora_A.weight"] = st.at(ka);
+      st.tensors["base_model.model.lm_head.lora_B.weight"] = st.at(kb);
+    });
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains("lm_head") && Contains("unknown module"));
+    edit([&](SafeTensors& st) { st.tensors["model.embed_tokens.weight"] = st.at(ka); });
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains("model.embed_tokens.weight") && Contains("not a LoRA weight"));
+    edit([&](SafeTensors& st) {
+      const std::vector<std::uint8_t> u(4 * 8, 1);
+      st.tensors[ka] = Tensor::from_u8(u, {4, 8});
+    });
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains(ka) && Contains("dtype U8"));
+  }
+  SECTION("truncated weights file") {
+    reset();
+    std::filesystem::resize_file(st_path, std::filesystem::file_size(st_path) - 16);
+    CHECK_THROWS_WITH(read_peft_adapter(dir), Contains("adapter_model.safetensors"));
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("Writing refuses adapters that PEFT could not load", "[ch04][peft]") {
+  PeftAdapter a = tiny_adapter();
+  a.target_modules = {"q_proj", "v_proj"};
+  CHECK_THROWS_WITH(write_peft_adapter(fresh_dir("refuse"), a), Catch::Contains("not covered by target_modules"));
+  a = tiny_adapter();
+  a.modules.at("model.layers.0.self_attn.q_proj") = LoraAdapter(8, 8, 2);
+  CHECK_THROWS_WITH(write_peft_adapter(fresh_dir("refuse"), a), Catch::Contains("has rank 2 but r is 4"));
 }
