@@ -4,6 +4,7 @@
 #include "bf16.hpp"
 #include "lora.hpp"
 #include "matmul.hpp"
+#include "memory_plan.hpp"
 #include "peft_adapter.hpp"
 #include "safetensors.hpp"
 
@@ -13,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -554,4 +557,67 @@ TEST_CASE("Writing refuses adapters that PEFT could not load", "[ch04][peft]") {
   a = tiny_adapter();
   a.modules.at("model.layers.0.self_attn.q_proj") = LoraAdapter(8, 8, 2);
   CHECK_THROWS_WITH(write_peft_adapter(fresh_dir("refuse"), a), Catch::Contains("has rank 2 but r is 4"));
+}
+
+// ---------------------------------------------------------------- memory plan
+
+TEST_CASE("Parameter counts of the LLaMA shapes", "[ch04][plan]") {
+  // LLaMA-7B (= Llama-2-7B shapes): 6,738,415,616 parameters; PEFT's
+  // print_trainable_parameters with r = 8 on all seven projections reports
+  // "trainable params: 19,988,480 || all params: 6,758,404,096" (base + LoRA).
+  const auto& s7 = llama_shape("7B");
+  CHECK(count_params(s7).total() == 6'738'415'616LL);
+  CHECK(lora_param_count(s7, 8) == 19'988'480LL);
+  CHECK(count_params(s7).total() + lora_param_count(s7, 8) == 6'758'404'096LL);
+  CHECK(lora_param_count(s7, 64) == 8 * lora_param_count(s7, 8));  // linear in r
+  CHECK(count_params(llama_shape("13b")).total() == 13'015'864'320LL);
+  CHECK(count_params(llama_shape("33B")).total() == 32'528'943'616LL);
+  CHECK(count_params(llama_shape("65B")).total() == 65'285'660'672LL);
+  CHECK(lora_param_count(llama_shape("65B"), 64) == 799'539'200LL);
+  CHECK_THROWS_WITH(llama_shape("70B"), Catch::Contains("unknown model size '70B'"));
+}
+
+TEST_CASE("Memory plan: 780 GB for full fine-tuning of 65B, under 48 GB with QLoRA", "[ch04][plan]") {
+  CHECK(quant4_bits_per_param(false) == 4.5);
+  CHECK(quant4_bits_per_param(true) == 4.126953125);  // 4 + 8/64 + 32/(64·256)
+  const MemoryPlan m = plan_memory(llama_shape("65B"), 64);
+  CHECK(m.full_finetune == 12.0 * 65'285'660'672.0);
+  CHECK(m.full_finetune > 780e9);  // the paper's ">780 GB"
+  CHECK(m.full_finetune / 1e9 == Approx(783.43).margin(0.01));
+  CHECK(m.base_bf16 / 1e9 == Approx(130.57).margin(0.01));
+  CHECK(m.base_nf4_dq / 1e9 == Approx(34.46).margin(0.01));
+  CHECK(m.lora_training / 1e9 == Approx(12.79).margin(0.01));
+  CHECK(m.qlora_total < 48e9);  // the paper's "<48 GB"
+  CHECK(m.qlora_total / 1e9 == Approx(47.25).margin(0.01));
+  CHECK(m.lora_percent == Approx(1.225).margin(0.001));
+  const MemoryPlan s = plan_memory(llama_shape("7B"), 8);
+  CHECK(s.lora_percent == Approx(0.297).margin(0.001));
+  CHECK(s.base_nf4 > s.base_nf4_dq);
+  CHECK(s.base_bf16 / s.base_nf4_dq > 3.4);
+}
+
+TEST_CASE("qlora plan --json prints the same numbers", "[ch04][plan][cli]") {
+  const char* bin = std::getenv("QLORA_BIN");
+  if (!bin) FAIL("QLORA_BIN is not set (run through ctest)");
+  const std::string cmd = std::string(bin) + " plan --model 65B -r 64 --json";
+  std::string out;
+  FILE* pipe = ::popen(cmd.c_str(), "r");
+  REQUIRE(pipe);
+  char buf[4096];
+  while (std::size_t n = std::fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
+  REQUIRE(::pclose(pipe) == 0);
+  const auto j = nlohmann::json::parse(out);
+  REQUIRE(j.at("plans").size() == 1);
+  const auto& row = j.at("plans")[0];
+  CHECK(row.at("model") == "65B");
+  CHECK(row.at("base_params") == 65'285'660'672LL);
+  CHECK(row.at("lora_params") == 799'539'200LL);
+  CHECK(row.at("qlora_total_bytes").get<double>() == plan_memory(llama_shape("65B"), 64).qlora_total);
+  const std::string bad = std::string(bin) + " plan --model 70B 2>&1";
+  pipe = ::popen(bad.c_str(), "r");
+  REQUIRE(pipe);
+  out.clear();
+  while (std::size_t n = std::fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
+  CHECK(::pclose(pipe) != 0);
+  CHECK_THAT(out, Catch::Contains("unknown model size '70B'"));
 }

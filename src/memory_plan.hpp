@@ -1,0 +1,72 @@
+// The memory planner: parameter counts and the bytes a fine-tuning run needs for
+// LLaMA shapes (chapter 4, "How small is LoRA?"; `qlora plan` prints it). It is the
+// arithmetic behind the QLoRA paper's headline: full 16-bit fine-tuning of LLaMA-65B
+// needs more than 780 GB of GPU memory, QLoRA less than 48 GB.
+//
+// Conventions (all bytes are decimal: 1 GB = 10^9 bytes, as the paper counts):
+//  - A LLaMA block has 4·dim² attention weights (q, k, v, o), 3·dim·hidden MLP
+//    weights (gate, up, down) and two RMSNorm vectors; the model adds the token
+//    embedding and the output head (vocab·dim each, untied) and a final norm.
+//  - QLoRA quantizes the seven linear projections only (as bitsandbytes does);
+//    embedding, output head and norms stay in BF16.
+//  - 4-bit storage uses chapter 3's bits/parameter: NF4 with one float32 absmax per
+//    64 weights is 4 + 32/64 = 4.5; with double quantization (8-bit absmax, one
+//    float32 per 256 of them) 4 + 8/64 + 32/(64·256) ≈ 4.127.
+//  - Full fine-tuning, the paper's convention: 16-bit weights (2 bytes) + 16-bit
+//    gradients (2) + Adam's two float32 moments (8) = 12 bytes per parameter.
+//  - LoRA training here: float32 A and B (4) + float32 gradients (4) + AdamW's two
+//    float32 moments (8) = 16 bytes per LoRA parameter.
+//  - Activations are not counted: they depend on batch, sequence length and
+//    gradient checkpointing (chapter 8 measures them).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qlora {
+
+struct LlamaShape {
+  std::string name;
+  int dim = 0, hidden = 0, layers = 0, heads = 0, vocab = 32000;
+};
+
+/// LLaMA-1 7B, 13B, 33B, 65B (Touvron et al., 2023, Table 2; vocabulary 32000).
+const std::vector<LlamaShape>& llama_shapes();
+/// Looks a shape up by name ("7B", case-insensitive); throws std::invalid_argument listing the names.
+const LlamaShape& llama_shape(const std::string& name);
+
+struct ParamCounts {
+  std::int64_t linear = 0;     ///< the seven projections of every block
+  std::int64_t embedding = 0;  ///< token embedding + output head
+  std::int64_t norm = 0;       ///< RMSNorm weights
+  std::int64_t total() const { return linear + embedding + norm; }
+};
+
+ParamCounts count_params(const LlamaShape& s);
+
+/// LoRA parameters with rank r on all seven projections: r·(in + out) per projection.
+std::int64_t lora_param_count(const LlamaShape& s, int r);
+
+/// Bits per parameter of blockwise 4-bit storage (chapter 3's formula): 4 + 32/blocksize,
+/// or with double quantization 4 + 8/blocksize + 32/(blocksize·blocksize2).
+double quant4_bits_per_param(bool double_quant, int blocksize = 64, int blocksize2 = 256);
+
+/// One row of the plan: a model shape at one LoRA rank.
+struct MemoryPlan {
+  LlamaShape shape;
+  int r = 0;
+  ParamCounts params;
+  std::int64_t lora_params = 0;
+  double lora_percent = 0;     ///< lora_params / params.total() · 100
+  double base_bf16 = 0;        ///< bytes: every parameter in BF16
+  double base_nf4 = 0;         ///< bytes: linear layers NF4 (4.5 bits), the rest BF16
+  double base_nf4_dq = 0;      ///< bytes: linear layers NF4+DQ (≈4.127 bits), the rest BF16
+  double lora_training = 0;    ///< bytes: LoRA weights + gradients + AdamW states (16 B/param)
+  double full_finetune = 0;    ///< bytes: 16-bit full fine-tuning with Adam (12 B/param)
+  double qlora_total = 0;      ///< bytes: base_nf4_dq + lora_training (no activations)
+};
+
+MemoryPlan plan_memory(const LlamaShape& s, int r);
+
+}  // namespace qlora
