@@ -1,0 +1,235 @@
+// Chapter 6: AdamW (FP32 states), gradient clipping, 8-bit blockwise AdamW and the
+// optimizer state files, on the CPU. The GPU versions are checked against these
+// references in test_ch06_gpu_optim.cpp.
+#include "adamw.hpp"
+#include "safetensors.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <unistd.h>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+using namespace qlora;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path temp_dir(const std::string& name) {
+  fs::path d = fs::temp_directory_path() / ("qlora_ch06_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+/// A small quadratic problem: f(p) = ½ Σ a_i (p_i − c_i)², gradient a_i (p_i − c_i).
+/// The curvatures a_i span four orders of magnitude, which is where Adam's per-coordinate
+/// scaling matters.
+struct Quadratic {
+  std::vector<double> a, c;
+  explicit Quadratic(std::size_t n, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<double> loga(-2.0, 2.0), cc(-1.0, 1.0);
+    for (std::size_t i = 0; i < n; ++i) {
+      a.push_back(std::pow(10.0, loga(rng)));
+      c.push_back(cc(rng));
+    }
+  }
+  template <class T>
+  void grad(const std::vector<T>& p, std::vector<T>& g) const {
+    for (std::size_t i = 0; i < p.size(); ++i) g[i] = static_cast<T>(a[i] * (double(p[i]) - c[i]));
+  }
+  template <class T>
+  double loss(const std::vector<T>& p) const {
+    double f = 0;
+    for (std::size_t i = 0; i < p.size(); ++i) f += 0.5 * a[i] * (double(p[i]) - c[i]) * (double(p[i]) - c[i]);
+    return f;
+  }
+};
+
+/// An independent AdamW in double, written the way the PyTorch documentation states the
+/// algorithm (explicit m̂ and v̂), not the way adamw_update() arranges the arithmetic.
+struct AdamWDouble {
+  double lr, b1, b2, eps, wd;
+  std::vector<double> m, v;
+  int t = 0;
+  void step(std::vector<double>& p, const std::vector<double>& g) {
+    if (m.empty()) m.assign(p.size(), 0.0), v.assign(p.size(), 0.0);
+    ++t;
+    for (std::size_t i = 0; i < p.size(); ++i) {
+      p[i] -= lr * wd * p[i];
+      m[i] = b1 * m[i] + (1 - b1) * g[i];
+      v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i];
+      const double mhat = m[i] / (1 - std::pow(b1, t));
+      const double vhat = v[i] / (1 - std::pow(b2, t));
+      p[i] -= lr * mhat / (std::sqrt(vhat) + eps);
+    }
+  }
+};
+
+}  // namespace
+
+TEST_CASE("AdamW: one step matches the hand-computed update", "[ch06][adamw]") {
+  // Step 1 with β1 = 0.9, β2 = 0.999: m = 0.1 g, v = 0.001 g², m̂ = g, v̂ = g², so
+  // p ← p(1 − lr·λ) − lr · g / (|g| + ε).
+  std::vector<float> p = {1.0f, -2.0f}, g = {0.5f, -0.1f};
+  AdamW opt({{"w", p.data(), g.data(), p.size()}}, AdamWConfig{0.9f, 0.999f, 1e-8f, 0.01f});
+  opt.step(0.1f);
+  CHECK(p[0] == Approx(1.0 * (1 - 0.1 * 0.01) - 0.1 * 0.5 / (0.5 + 1e-8)).epsilon(1e-6));
+  CHECK(p[1] == Approx(-2.0 * (1 - 0.1 * 0.01) + 0.1 * 0.1 / (0.1 + 1e-8)).epsilon(1e-6));
+  CHECK(opt.exp_avg(0)[0] == Approx(0.05).epsilon(1e-6));
+  // 1 − β2 in float is 1 − 0.999f = 0.00099998713 (0.999 is not a binary fraction): rel. 1.3e-5 off.
+  CHECK(opt.exp_avg_sq(0)[1] == Approx(0.001 * 0.01).epsilon(2e-5));
+  CHECK(opt.steps() == 1);
+}
+
+TEST_CASE("AdamW: bias correction makes every step of a constant gradient move by lr", "[ch06][adamw]") {
+  // With a constant gradient g, m_t = (1 − β1ᵗ) g and v_t = (1 − β2ᵗ) g², so the corrected
+  // m̂ = g and v̂ = g² at every t and each step moves p by lr·g/(|g| + ε) ≈ lr, whatever |g| is.
+  // Without the correction the first step would move by lr·(1 − β1)/√(1 − β2) ≈ 3.16·lr.
+  for (float gv : {1e-3f, 1.0f, 1e3f}) {
+    std::vector<float> p = {0.0f}, g = {gv};
+    AdamW opt({{"w", p.data(), g.data(), 1}}, AdamWConfig{0.9f, 0.999f, 1e-8f, 0.0f});
+    for (int t = 1; t <= 20; ++t) {
+      const float before = p[0];
+      opt.step(0.01f);
+      INFO("g = " << gv << ", step " << t);
+      CHECK(before - p[0] == Approx(0.01).epsilon(1e-4));
+    }
+  }
+}
+
+TEST_CASE("AdamW: weight decay is decoupled from the gradient", "[ch06][adamw]") {
+  // A zero gradient leaves m = v = 0 and the Adam term 0/(0 + ε) = 0, so only the decay acts:
+  // p_k = p_0 (1 − lr·λ)^k exactly as AdamW (not Adam with L2, which would scale it by 1/ε).
+  std::vector<float> p = {2.0f, -0.5f}, g = {0.0f, 0.0f};
+  AdamW opt({{"w", p.data(), g.data(), 2}}, AdamWConfig{0.9f, 0.999f, 1e-8f, 0.1f});
+  for (int k = 0; k < 10; ++k) opt.step(0.05f);
+  CHECK(p[0] == Approx(2.0 * std::pow(1 - 0.05 * 0.1, 10)).epsilon(1e-6));
+  CHECK(p[1] == Approx(-0.5 * std::pow(1 - 0.05 * 0.1, 10)).epsilon(1e-6));
+}
+
+TEST_CASE("AdamW: 300-step trajectory on a quadratic matches an independent FP64 AdamW", "[ch06][adamw]") {
+  const Quadratic q(64, 7);
+  const AdamWConfig cfg{0.9f, 0.999f, 1e-8f, 0.01f};
+  std::vector<float> p(64), g(64);
+  std::vector<double> pd(64), gd(64);
+  for (std::size_t i = 0; i < 64; ++i) p[i] = static_cast<float>(pd[i] = 0.5 * std::sin(double(i)));
+  // Two tensors, to exercise the per-tensor loop: the first 40 and the last 24 elements.
+  AdamW opt({{"a", p.data(), g.data(), 40}, {"b", p.data() + 40, g.data() + 40, 24}}, cfg);
+  AdamWDouble ref{1e-2, 0.9, 0.999, 1e-8, 0.01, {}, {}};
+  const double loss0 = q.loss(pd);
+  double max_err = 0;
+  for (int t = 0; t < 300; ++t) {
+    q.grad(p, g);
+    q.grad(pd, gd);
+    opt.step(1e-2f);
+    ref.step(pd, gd);
+    for (std::size_t i = 0; i < 64; ++i) max_err = std::max(max_err, std::abs(double(p[i]) - pd[i]));
+  }
+  // Each step changes p by at most ~lr = 1e-2; float rounding of that change is ~1e-9 and of
+  // the O(1) parameter ~6e-8 per step, so 300 steps stay far below 1e-5 even if every
+  // rounding error added up. A wrong formula (missing correction, ε inside the root, coupled
+  // decay) is off by ≥ 1e-3 within the first steps.
+  INFO("max |p_float − p_double| over 300 steps = " << max_err);
+  CHECK(max_err < 1e-5);
+  CHECK(q.loss(pd) < 0.05 * loss0);  // the trajectory actually optimizes
+}
+
+TEST_CASE("clip_grad_norm: torch semantics over all tensors", "[ch06][clip]") {
+  std::vector<float> g1 = {3.0f, 4.0f}, g2 = {12.0f};  // global norm 13
+  std::vector<std::span<float>> gs = {g1, g2};
+  const double norm = clip_grad_norm(gs, 0.3);
+  CHECK(norm == Approx(13.0));
+  const double s = 0.3 / (13.0 + 1e-6);
+  CHECK(g1[0] == Approx(3.0 * s).epsilon(1e-6));
+  CHECK(g1[1] == Approx(4.0 * s).epsilon(1e-6));
+  CHECK(g2[0] == Approx(12.0 * s).epsilon(1e-6));
+  std::vector<std::span<const float>> cg = {g1, g2};
+  CHECK(global_grad_norm(cg) == Approx(0.3).epsilon(1e-6));
+
+  // Below the threshold nothing changes.
+  std::vector<float> h = {0.1f, 0.2f};
+  std::vector<std::span<float>> hs = {h};
+  CHECK(clip_grad_norm(hs, 1.0) == Approx(std::sqrt(0.05)));
+  CHECK(h[0] == 0.1f);
+  CHECK(h[1] == 0.2f);
+  CHECK_THROWS_AS(clip_grad_norm(hs, 0.0), std::invalid_argument);
+}
+
+TEST_CASE("AdamW: state save/load round trip continues bit-identically", "[ch06][adamw][state]") {
+  const auto dir = temp_dir("state");
+  const Quadratic q(300, 3);
+  std::vector<float> p(300, 0.25f), g(300), p2, g2(300);
+  AdamW a({{"x", p.data(), g.data(), 200}, {"y", p.data() + 200, g.data() + 200, 100}});
+  for (int t = 0; t < 5; ++t) {
+    q.grad(p, g);
+    a.step(1e-3f);
+  }
+  a.save_state(dir / "optimizer.safetensors");
+  CHECK_FALSE(fs::exists(dir / "optimizer.safetensors.tmp"));
+  p2 = p;
+  AdamW b({{"x", p2.data(), g2.data(), 200}, {"y", p2.data() + 200, g2.data() + 200, 100}});
+  b.load_state(dir / "optimizer.safetensors");
+  CHECK(b.steps() == 5);
+  for (int t = 0; t < 5; ++t) {
+    q.grad(p, g);
+    q.grad(p2, g2);
+    a.step(1e-3f);
+    b.step(1e-3f);
+  }
+  CHECK(p == p2);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("AdamW: bad state files give clear errors and leave the optimizer unchanged", "[ch06][adamw][state]") {
+  const auto dir = temp_dir("badstate");
+  std::vector<float> p(10, 1.0f), g(10, 0.5f);
+  AdamW a({{"w", p.data(), g.data(), 10}});
+  a.step(1e-3f);
+  const fs::path good = dir / "good.safetensors";
+  a.save_state(good);
+
+  // Truncated file: the safetensors reader names the file.
+  const fs::path cut = dir / "cut.safetensors";
+  fs::copy_file(good, cut);
+  fs::resize_file(cut, fs::file_size(good) - 7);
+  CHECK_THROWS_WITH(a.load_state(cut), Catch::Contains("cut.safetensors"));
+
+  // A state for a parameter of another size: names the tensor and both sizes.
+  std::vector<float> q(12, 1.0f), gq(12, 0.0f);
+  AdamW other({{"w", q.data(), gq.data(), 12}});
+  CHECK_THROWS_WITH(other.load_state(good), Catch::Contains("w.exp_avg") && Catch::Contains("12"));
+
+  // A state for another parameter name.
+  AdamW renamed({{"v", p.data(), g.data(), 10}});
+  CHECK_THROWS_WITH(renamed.load_state(good), Catch::Contains("v.exp_avg"));
+
+  // A file with a non-numeric step.
+  SafeTensors st = read_safetensors(good);
+  st.metadata["step"] = "seven";
+  write_safetensors(dir / "step.safetensors", st);
+  CHECK_THROWS_WITH(a.load_state(dir / "step.safetensors"), Catch::Contains("step") && Catch::Contains("seven"));
+
+  // Not an optimizer state at all.
+  st.metadata.erase("optimizer");
+  write_safetensors(dir / "noopt.safetensors", st);
+  CHECK_THROWS_WITH(a.load_state(dir / "noopt.safetensors"), Catch::Contains("optimizer"));
+
+  CHECK_THROWS_WITH(a.load_state(dir / "missing.safetensors"), Catch::Contains("missing.safetensors"));
+  CHECK(a.steps() == 1);  // failed loads changed nothing
+  fs::remove_all(dir);
+}
+
+TEST_CASE("AdamW: invalid parameter lists are rejected", "[ch06][adamw]") {
+  std::vector<float> p(4), g(4);
+  CHECK_THROWS_AS(AdamW({{"", p.data(), g.data(), 4}}), std::invalid_argument);
+  CHECK_THROWS_AS(AdamW({{"w", nullptr, g.data(), 4}}), std::invalid_argument);
+  CHECK_THROWS_WITH(AdamW({{"w", p.data(), g.data(), 2}, {"w", p.data() + 2, g.data() + 2, 2}}),
+                    Catch::Contains("'w'"));
+}
