@@ -1,0 +1,164 @@
+// LoRA forward/backward on cuBLAS (chapter 4). CPU reference: lora_forward_ref /
+// lora_backward_ref (src/lora.cpp). See lora.cuh.
+#include "lora.cuh"
+
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace qlora::cuda {
+
+DeviceFloats::~DeviceFloats() {
+  // A destructor cannot throw; a failed free is reported, not ignored.
+  if (p_ != nullptr) {
+    const cudaError_t err = cudaFree(p_);
+    if (err != cudaSuccess) std::fprintf(stderr, "qlora: cudaFree failed: %s\n", cudaGetErrorString(err));
+  }
+}
+
+void DeviceFloats::resize(std::size_t n) {
+  if (n > cap_ || p_ == nullptr) {
+    DeviceFloats fresh;
+    CUDA_CHECK(cudaMalloc(&fresh.p_, (n > 0 ? n : 1) * sizeof(float)));
+    fresh.cap_ = n;
+    *this = std::move(fresh);
+  }
+  n_ = n;
+}
+
+void DeviceFloats::upload(const float* host, std::size_t n) {
+  resize(n);
+  CUDA_CHECK(cudaMemcpy(p_, host, n * sizeof(float), cudaMemcpyHostToDevice));
+}
+
+void DeviceFloats::download(float* host, std::size_t n) const {
+  if (n > n_) throw std::invalid_argument("DeviceFloats::download: asked for more values than the array holds");
+  CUDA_CHECK(cudaMemcpy(host, p_, n * sizeof(float), cudaMemcpyDeviceToHost));
+}
+
+DeviceLoraAdapter::DeviceLoraAdapter(const LoraAdapter& host) { upload(host); }
+
+void DeviceLoraAdapter::upload(const LoraAdapter& host) {
+  if (host.dA.size() != host.A.size() || host.dB.size() != host.B.size())
+    throw std::invalid_argument("DeviceLoraAdapter: host gradients not allocated");
+  in = host.in;
+  out = host.out;
+  r = host.r;
+  A.upload(host.A.data(), host.A.size());
+  B.upload(host.B.data(), host.B.size());
+  dA.upload(host.dA.data(), host.dA.size());
+  dB.upload(host.dB.data(), host.dB.size());
+}
+
+void DeviceLoraAdapter::download(LoraAdapter& host) const {
+  if (host.in != in || host.out != out || host.r != r)
+    throw std::invalid_argument("DeviceLoraAdapter::download: host adapter has a different shape");
+  A.download(host.A.data(), host.A.size());
+  B.download(host.B.data(), host.B.size());
+  dA.download(host.dA.data(), host.dA.size());
+  dB.download(host.dB.data(), host.dB.size());
+}
+
+namespace {
+
+//! [lora-gemm-rowmajor]
+// cuBLAS is column-major; a row-major M×N matrix is its column-major transpose.
+// So row-major C = op(A)·op(B) is column-major Cᵀ = op(B)ᵀ·op(A)ᵀ: swap the
+// operands and the dimensions, keep the transposition flags. ld* = stored row length.
+void gemm_rowmajor(cublasHandle_t h, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A,
+                   int lda, const float* B, int ldb, float beta, float* C, int ldc) {
+  CUBLAS_CHECK(cublasSgemm(h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
+                           &alpha, B, ldb, A, lda, &beta, C, ldc));
+}
+//! [lora-gemm-rowmajor]
+
+// out[k] = x[k]·mask[k] (the dropped LoRA input).
+__global__ void mul_kernel(const float* __restrict__ x, const float* __restrict__ mask, float* __restrict__ out,
+                           long n) {
+  const long k = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (k < n) out[k] = x[k] * mask[k];
+}
+
+// dx[k] += v[k]·mask[k] (dropout's backward is the same mask).
+__global__ void add_mul_kernel(const float* __restrict__ v, const float* __restrict__ mask, float* __restrict__ dx,
+                               long n) {
+  const long k = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (k < n) dx[k] += v[k] * mask[k];
+}
+
+constexpr int kThreads = 256;
+unsigned blocks_for(long n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+void check_shapes(const DeviceLoraAdapter& ad, const LoraConfig& cfg, int T) {
+  if (ad.r != cfg.r)
+    throw std::invalid_argument("LoRA (CUDA): adapter rank " + std::to_string(ad.r) + " differs from config r " +
+                                std::to_string(cfg.r));
+  if (T <= 0) throw std::invalid_argument("LoRA (CUDA): T must be positive, got " + std::to_string(T));
+}
+
+}  // namespace
+
+//! [lora-forward-cuda]
+void lora_forward_cuda(cublasHandle_t handle, cudaStream_t stream, const DeviceLoraAdapter& ad, const LoraConfig& cfg,
+                       const float* x, float* y, int T, bool training, std::mt19937_64& rng, DeviceLoraCache& cache) {
+  check_shapes(ad, cfg, T);
+  CUBLAS_CHECK(cublasSetStream(handle, stream));
+  const long n = static_cast<long>(T) * ad.in;
+  cache.T = T;
+  cache.masked = training && cfg.dropout > 0.0f;
+  const float* xin = x;
+  if (cache.masked) {
+    // Same call, same rng, same order as the CPU path: the masks are identical.
+    const std::vector<float> mask = lora_dropout_mask(n, cfg.dropout, rng);
+    CUDA_CHECK(cudaStreamSynchronize(stream));  // the upload below is synchronous; keep the order plain
+    cache.mask.upload(mask.data(), mask.size());
+    cache.xd.resize(static_cast<std::size_t>(n));
+    mul_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, cache.mask.data(), cache.xd.data(), n);
+    CUDA_CHECK_LAUNCH();
+    xin = cache.xd.data();
+  }
+  cache.xa.resize(static_cast<std::size_t>(T) * ad.r);
+  // xa[T×r] = xin[T×in]·A[r×in]ᵀ, then y[T×out] += s·xa·B[out×r]ᵀ.
+  gemm_rowmajor(handle, false, true, T, ad.r, ad.in, 1.0f, xin, ad.in, ad.A.data(), ad.in, 0.0f, cache.xa.data(), ad.r);
+  gemm_rowmajor(handle, false, true, T, ad.out, ad.r, cfg.scale(), cache.xa.data(), ad.r, ad.B.data(), ad.r, 1.0f, y,
+                ad.out);
+}
+//! [lora-forward-cuda]
+
+//! [lora-backward-cuda]
+void lora_backward_cuda(cublasHandle_t handle, cudaStream_t stream, DeviceLoraAdapter& ad, const LoraConfig& cfg,
+                        const float* x, const float* dy, float* dx, int T, DeviceLoraCache& cache) {
+  check_shapes(ad, cfg, T);
+  if (cache.T != T) throw std::invalid_argument("LoRA (CUDA) backward: cache is from a forward over another T");
+  CUBLAS_CHECK(cublasSetStream(handle, stream));
+  const float s = cfg.scale();
+  const long n = static_cast<long>(T) * ad.in;
+  cache.dxa.resize(static_cast<std::size_t>(T) * ad.r);
+  // dxa[T×r] = s·dy[T×out]·B[out×r]; dB[out×r] += s·dyᵀ·xa.
+  gemm_rowmajor(handle, false, false, T, ad.r, ad.out, s, dy, ad.out, ad.B.data(), ad.r, 0.0f, cache.dxa.data(), ad.r);
+  gemm_rowmajor(handle, true, false, ad.out, ad.r, T, s, dy, ad.out, cache.xa.data(), ad.r, 1.0f, ad.dB.data(), ad.r);
+  const float* xin = x;
+  if (cache.masked) {  // forward's xd may have been overwritten by another layer: rebuild it
+    cache.xd.resize(static_cast<std::size_t>(n));
+    mul_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, cache.mask.data(), cache.xd.data(), n);
+    CUDA_CHECK_LAUNCH();
+    xin = cache.xd.data();
+  }
+  // dA[r×in] += dxaᵀ·xin.
+  gemm_rowmajor(handle, true, false, ad.r, ad.in, T, 1.0f, cache.dxa.data(), ad.r, xin, ad.in, 1.0f, ad.dA.data(), ad.in);
+  // dx[T×in] += (dxa·A[r×in])⊙mask.
+  if (!cache.masked) {
+    gemm_rowmajor(handle, false, false, T, ad.in, ad.r, 1.0f, cache.dxa.data(), ad.r, ad.A.data(), ad.in, 1.0f, dx,
+                  ad.in);
+    return;
+  }
+  cache.dxd.resize(static_cast<std::size_t>(n));
+  gemm_rowmajor(handle, false, false, T, ad.in, ad.r, 1.0f, cache.dxa.data(), ad.r, ad.A.data(), ad.in, 0.0f,
+                cache.dxd.data(), ad.in);
+  add_mul_kernel<<<blocks_for(n), kThreads, 0, stream>>>(cache.dxd.data(), cache.mask.data(), dx, n);
+  CUDA_CHECK_LAUNCH();
+}
+//! [lora-backward-cuda]
+
+}  // namespace qlora::cuda
