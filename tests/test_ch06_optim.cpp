@@ -2,6 +2,8 @@
 // optimizer state files, on the CPU. The GPU versions are checked against these
 // references in test_ch06_gpu_optim.cpp.
 #include "adamw.hpp"
+#include "adamw8bit.hpp"
+#include "dynamic_map.hpp"
 #include "safetensors.hpp"
 
 #include <catch2/catch.hpp>
@@ -32,9 +34,9 @@ fs::path temp_dir(const std::string& name) {
 /// scaling matters.
 struct Quadratic {
   std::vector<double> a, c;
-  explicit Quadratic(std::size_t n, unsigned seed) {
+  explicit Quadratic(std::size_t n, unsigned seed, double log10_range = 2.0) {
     std::mt19937 rng(seed);
-    std::uniform_real_distribution<double> loga(-2.0, 2.0), cc(-1.0, 1.0);
+    std::uniform_real_distribution<double> loga(-log10_range, log10_range), cc(-1.0, 1.0);
     for (std::size_t i = 0; i < n; ++i) {
       a.push_back(std::pow(10.0, loga(rng)));
       c.push_back(cc(rng));
@@ -232,4 +234,214 @@ TEST_CASE("AdamW: invalid parameter lists are rejected", "[ch06][adamw]") {
   CHECK_THROWS_AS(AdamW({{"w", nullptr, g.data(), 4}}), std::invalid_argument);
   CHECK_THROWS_WITH(AdamW({{"w", p.data(), g.data(), 2}, {"w", p.data() + 2, g.data() + 2, 2}}),
                     Catch::Contains("'w'"));
+}
+
+// ---------------------------------------------------------------------------------------
+// 8-bit blockwise AdamW
+// ---------------------------------------------------------------------------------------
+
+TEST_CASE("8-bit states: blockwise round trip rounds to the nearest code", "[ch06][adamw8bit]") {
+  // States of a realistic shape: m ~ N(0, σ²) with σ varying per block, v = m²-like positive.
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd;
+  const std::size_t n = 64 * kOptimBlock;
+  std::vector<float> m(n), v(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const float scale = std::pow(10.0f, -3.0f + 0.1f * static_cast<float>(i / kOptimBlock));
+    m[i] = scale * nd(rng);
+    v[i] = scale * scale * nd(rng) * nd(rng);
+    v[i] = std::abs(v[i]);
+  }
+  for (int which = 0; which < 2; ++which) {
+    const auto& map = which == 0 ? adam8bit_map1() : adam8bit_map2();
+    const auto& x = which == 0 ? m : v;
+    double worst_rel_to_absmax = 0;
+    int not_nearest = 0;
+    for (std::size_t base = 0; base < n; base += kOptimBlock) {
+      float absmax = 0;
+      for (std::size_t j = 0; j < kOptimBlock; ++j) absmax = std::max(absmax, std::abs(x[base + j]));
+      for (std::size_t j = 0; j < kOptimBlock; ++j) {
+        const float xi = x[base + j];
+        const std::uint8_t c = requantize_state(xi, absmax, map, which == 0);
+        const float back = map[c] * absmax;
+        // Nearest code: no other code is closer (up to float rounding of the normalisation).
+        const float r = xi / absmax;
+        for (int k = 0; k < 256; ++k) {
+          if (which == 0 && std::signbit(map[k]) != std::signbit(xi)) continue;  // sign fix excludes them
+          if (std::abs(map[c] - r) > std::abs(map[k] - r) + 1e-7f) {
+            ++not_nearest;
+            UNSCOPED_INFO("state " << which << ": x/absmax = " << r << " got code " << int(c) << " ("
+                                   << map[c] << "), code " << k << " (" << map[k] << ") is nearer");
+          }
+        }
+        worst_rel_to_absmax = std::max(worst_rel_to_absmax, double(std::abs(back - xi)) / absmax);
+        if (which == 0 && std::signbit(back) != std::signbit(xi)) ++not_nearest;
+      }
+    }
+    CHECK(not_nearest == 0);
+    // The widest gap of either map is between its top codes (0.9/64 ≈ 0.0141 for the signed
+    // map, half of that for the unsigned one), so no value is off by more than 0.00704·absmax.
+    INFO("state " << which << ": max |x − deq(q(x))| / absmax = " << worst_rel_to_absmax);
+    CHECK(worst_rel_to_absmax <= 0.00704);
+  }
+}
+
+TEST_CASE("8-bit states: the sign fix keeps tiny negative momenta negative", "[ch06][adamw8bit]") {
+  const auto& map = adam8bit_map1();
+  const std::uint8_t plain = quantize_dynamic(-1e-9f, map);
+  CHECK(map[plain] == 0.0f);  // nearest code is zero ...
+  const std::uint8_t fixed = requantize_state(-1e-9f, 1.0f, map, true);
+  CHECK(map[fixed] < 0.0f);   // ... but the optimizer keeps the direction
+  CHECK(fixed == plain - 1);
+  CHECK(map[requantize_state(0.0f, 0.0f, map, true)] == 0.0f);  // an all-zero block
+}
+
+TEST_CASE("8-bit AdamW: the first step equals FP32 AdamW (updates use the unquantized states)",
+          "[ch06][adamw8bit]") {
+  // At step 1 the dequantized old states are exactly 0, so the float states of the step are
+  // exactly FP32 AdamW's; the parameter update uses them before requantization, so the two
+  // optimizers agree up to the rearranged arithmetic (a few float roundings: 1e-6 relative
+  // of the update, far below the 8-bit quantization error of ~1e-2 that a wrong order shows).
+  const std::size_t n = 5000;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd;
+  std::vector<float> p8(n), p32(n), g(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    p8[i] = p32[i] = nd(rng);
+    g[i] = 1e-2f * nd(rng);
+  }
+  const AdamWConfig cfg{0.9f, 0.999f, 1e-8f, 0.0f};
+  AdamW8bit a8({{"w", p8.data(), g.data(), n}}, cfg);
+  AdamW a32({{"w", p32.data(), g.data(), n}}, cfg);
+  REQUIRE(a8.is_8bit(0));
+  const std::vector<float> p0 = p32;
+  a8.step(1e-3f);
+  a32.step(1e-3f);
+  // p ≈ 1 and the update ≈ 1e-3; a float ulp of p is 1.2e-7, the quantization error of the
+  // states (if the update used them) would be ~0.7 % of 1e-3 = 7e-6.
+  double worst = 0;
+  for (std::size_t i = 0; i < n; ++i) worst = std::max(worst, double(std::abs(p8[i] - p32[i])) / std::abs(p0[i]));
+  INFO("max |p8 − p32| / |p| after one step = " << worst);
+  CHECK(worst <= 3e-7);
+  CHECK(p8 != p0);
+  // The stored states are the quantized FP32 states: within half the widest code gap.
+  const auto m8 = a8.exp_avg(0);
+  const auto m32 = a32.exp_avg(0);
+  const auto& ab = a8.state(0).absmax1;
+  for (std::size_t i = 0; i < n; ++i) CHECK(std::abs(m8[i] - m32[i]) <= 0.00704f * ab[i / kOptimBlock]);
+}
+
+TEST_CASE("8-bit AdamW: trajectory stays close to FP32 AdamW on a noisy quadratic", "[ch06][adamw8bit]") {
+  // Stochastic gradients, as in training: g = a(p − c) + 0.1·ξ with the same noise ξ for both
+  // optimizers; curvatures a in [0.1, 10].
+  const std::size_t n = 3 * kMin8bitSize + 77;  // a partial last block too
+  const Quadratic q(n, 21, 1.0);
+  const AdamWConfig cfg{0.9f, 0.999f, 1e-8f, 0.0f};
+  std::vector<float> p8(n), p32(n), g8(n), g32(n);
+  for (std::size_t i = 0; i < n; ++i) p8[i] = p32[i] = static_cast<float>(std::cos(0.37 * double(i)));
+  AdamW8bit a8({{"w", p8.data(), g8.data(), n}}, cfg);
+  AdamW a32({{"w", p32.data(), g32.data(), n}}, cfg);
+  std::mt19937 rng(4);
+  std::normal_distribution<double> noise(0.0, 0.1);
+  const double loss0 = q.loss(p32);
+  double worst_dist = 0;
+  for (int t = 0; t < 300; ++t) {
+    q.grad(p8, g8);
+    q.grad(p32, g32);
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto z = static_cast<float>(noise(rng));
+      g8[i] += z;
+      g32[i] += z;
+    }
+    a8.step(1e-2f);
+    a32.step(1e-2f);
+    double dist = 0, norm = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      dist += (double(p8[i]) - p32[i]) * (double(p8[i]) - p32[i]);
+      norm += double(p32[i]) * double(p32[i]);
+    }
+    worst_dist = std::max(worst_dist, std::sqrt(dist / norm));
+  }
+  const double l8 = q.loss(p8), l32 = q.loss(p32);
+  INFO("loss: start " << loss0 << ", FP32 " << l32 << ", 8-bit " << l8
+                      << "; max over steps of ‖p8 − p32‖/‖p32‖ = " << worst_dist);
+  CHECK(l32 < 0.01 * loss0);
+  // Tolerance (measured: losses 13.6 vs 14.2, distance ≤ 0.06): both optimizers reach the same
+  // loss within 10 % and never drift apart by more than 10 % of the parameter norm.
+  CHECK(std::abs(l8 - l32) <= 0.1 * l32);
+  CHECK(worst_dist < 0.1);
+}
+
+TEST_CASE("8-bit AdamW: second moments below 1e-7 of the block absmax quantize to zero", "[ch06][adamw8bit]") {
+  // The limit of blockwise 8-bit states: the unsigned dynamic map spans seven decades, so a
+  // coordinate whose g² is 1e-8 of its block's largest is stored as v = 0 and its next update
+  // is m/(0 + ε)-sized: the step of that coordinate is no longer bounded by ≈ lr.
+  std::vector<float> p(kMin8bitSize, 0.0f), g(kMin8bitSize, 1e-4f);
+  g[0] = 1.0f;
+  AdamW8bit opt({{"w", p.data(), g.data(), p.size()}}, AdamWConfig{0.9f, 0.999f, 1e-8f, 0.0f});
+  opt.step(1e-3f);
+  const auto v = opt.exp_avg_sq(0);
+  CHECK(v[0] == Approx(1e-3).epsilon(2e-5));  // (1 − 0.999f) is 1.3e-5 below 1e-3
+  CHECK(v[1] == 0.0f);                     // 1e-11 / 1e-3 = 1e-8: below the map
+  CHECK(v[kOptimBlock] == Approx(1e-11).epsilon(0.01));  // the next block has its own absmax
+}
+
+TEST_CASE("8-bit AdamW: memory is 2.03 bytes per parameter instead of 8", "[ch06][adamw8bit]") {
+  const std::size_t n = std::size_t{1} << 20;
+  CHECK(adam8bit_state_bytes(n) == 2 * n + 2 * (n / 256) * 4);
+  CHECK(double(adam8bit_state_bytes(n)) / double(n) == 2.03125);
+  CHECK(adam8bit_state_bytes(kMin8bitSize - 1) == 8 * (kMin8bitSize - 1));  // small: FP32
+  std::vector<float> p(kMin8bitSize + 1000), g(p.size()), s(100), gs(100);
+  AdamW8bit opt({{"big", p.data(), g.data(), p.size()}, {"small", s.data(), gs.data(), s.size()}});
+  CHECK(opt.is_8bit(0));
+  CHECK_FALSE(opt.is_8bit(1));
+  CHECK(opt.state_bytes() == adam8bit_state_bytes(p.size()) + 800);
+}
+
+TEST_CASE("8-bit AdamW: state save/load round trip and bad files", "[ch06][adamw8bit][state]") {
+  const auto dir = temp_dir("state8");
+  const std::size_t n = kMin8bitSize + 300;
+  const Quadratic q(n + 50, 9);
+  std::vector<float> p(n + 50, 0.5f), g(n + 50), p2, g2(n + 50);
+  auto params = [n](std::vector<float>& pv, std::vector<float>& gv) {
+    return std::vector<OptimParam>{{"big", pv.data(), gv.data(), n}, {"small", pv.data() + n, gv.data() + n, 50}};
+  };
+  AdamW8bit a(params(p, g));
+  for (int t = 0; t < 4; ++t) {
+    q.grad(p, g);
+    a.step(1e-3f);
+  }
+  a.save_state(dir / "opt8.safetensors");
+  p2 = p;
+  AdamW8bit b(params(p2, g2));
+  b.load_state(dir / "opt8.safetensors");
+  CHECK(b.steps() == 4);
+  for (int t = 0; t < 4; ++t) {
+    q.grad(p, g);
+    q.grad(p2, g2);
+    a.step(1e-3f);
+    b.step(1e-3f);
+  }
+  CHECK(p == p2);
+
+  // A 32-bit AdamW state is not an 8-bit one, and vice versa.
+  AdamW a32(params(p, g));
+  a32.save_state(dir / "opt32.safetensors");
+  CHECK_THROWS_WITH(b.load_state(dir / "opt32.safetensors"), Catch::Contains("'adamw'"));
+  CHECK_THROWS_WITH(a32.load_state(dir / "opt8.safetensors"), Catch::Contains("'adamw8bit'"));
+
+  // Codes stored as the wrong dtype, and a negative absmax.
+  SafeTensors st = read_safetensors(dir / "opt8.safetensors");
+  SafeTensors bad = st;
+  bad.tensors["big.state1"] = Tensor::from_f32(std::vector<float>(n, 0.0f), {std::int64_t(n)});
+  write_safetensors(dir / "dtype.safetensors", bad);
+  CHECK_THROWS_WITH(b.load_state(dir / "dtype.safetensors"), Catch::Contains("big.state1") && Catch::Contains("U8"));
+  bad = st;
+  std::vector<float> am = bad.tensors["big.absmax2"].to_f32();
+  am[3] = -1.0f;
+  bad.tensors["big.absmax2"] = Tensor::from_f32(am, {std::int64_t(am.size())});
+  write_safetensors(dir / "neg.safetensors", bad);
+  CHECK_THROWS_WITH(b.load_state(dir / "neg.safetensors"), Catch::Contains("big.absmax2"));
+  CHECK(b.steps() == 8);
+  fs::remove_all(dir);
 }
