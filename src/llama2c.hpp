@@ -7,7 +7,11 @@
 // rms_ffn [L, dim], w1 [L, hidden, dim], w2 [L, dim, hidden], w3 [L, hidden, dim],
 // rms_final [dim], two legacy RoPE tables [seq_len, head_size/2] each (skipped),
 // and, when not shared, wcls [vocab, dim]. kv_dim = dim * n_kv_heads / n_heads.
-// RoPE here rotates interleaved pairs (x[2i], x[2i+1]).
+// RoPE here rotates interleaved pairs (x[2i], x[2i+1]); Hugging Face rotates
+// halves (hf_llama.hpp converts between the two).
+//
+// Whatever the file format, a checkpoint in memory is a LlamaCheckpoint: float32
+// tensors with Hugging Face names in one canonical order (llama_tensor_specs).
 #pragma once
 
 #include <cstdint>
@@ -33,6 +37,10 @@ struct LlamaConfig {
   int kv_dim() const { return head_size() * n_kv_heads; }
 };
 
+/// Throws std::runtime_error, prefixed with `where`, unless every size is positive,
+/// dim % n_heads == 0, n_heads % n_kv_heads == 0 and the head size is even (RoPE pairs).
+void validate_config(const LlamaConfig& c, const std::string& where);
+
 /// One named float32 tensor of a checkpoint, row-major.
 struct NamedTensor {
   std::string name;  ///< Hugging Face name, e.g. "model.layers.0.self_attn.q_proj.weight"
@@ -40,16 +48,37 @@ struct NamedTensor {
   std::vector<float> data;
 };
 
-/// A whole checkpoint in float32 with Hugging Face tensor names, in file order.
-/// q_proj/k_proj stay in llama2.c's interleaved-RoPE layout here.
-struct Llama2cCheckpoint {
-  LlamaConfig config;
-  std::vector<NamedTensor> tensors;
+/// Which RoPE convention the rows of q_proj / k_proj are ordered for.
+enum class RopeLayout {
+  interleaved,  ///< llama2.c and Meta's original checkpoints: pairs (x[2i], x[2i+1])
+  rotate_half,  ///< Hugging Face transformers: pairs (x[i], x[i + head_size/2])
 };
 
-/// Reads and validates a .bin checkpoint; throws std::runtime_error naming the file
-/// on a bad header (non-positive sizes, dim % n_heads, n_heads % n_kv_heads) or a
-/// file size that does not match the header.
-Llama2cCheckpoint read_llama2c(const std::filesystem::path& path);
+/// A whole checkpoint in float32 with Hugging Face tensor names, in the order of
+/// llama_tensor_specs(config).
+struct LlamaCheckpoint {
+  LlamaConfig config;
+  RopeLayout rope_layout = RopeLayout::interleaved;
+  std::vector<NamedTensor> tensors;
+
+  const NamedTensor& at(const std::string& name) const;  ///< throws naming the missing tensor
+  NamedTensor& at(const std::string& name);
+};
+
+/// Name and shape of one checkpoint tensor.
+struct TensorSpec {
+  std::string name;
+  std::vector<std::int64_t> shape;
+};
+
+/// The tensors of a LLaMA model in canonical order: model.embed_tokens.weight; per layer
+/// input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp.{gate,down,up}_proj
+/// (llama2.c's w1, w2, w3); model.norm.weight; lm_head.weight only when not shared.
+std::vector<TensorSpec> llama_tensor_specs(const LlamaConfig& c);
+
+/// Reads and validates a .bin checkpoint (rope_layout = interleaved); throws
+/// std::runtime_error naming the file on a bad header or a file size that does not
+/// match the header.
+LlamaCheckpoint read_llama2c(const std::filesystem::path& path);
 
 }  // namespace qlora

@@ -2,9 +2,16 @@
 // Layout: u64 little-endian header length N, N bytes of JSON header
 // {"name": {"dtype": "BF16", "shape": [..], "data_offsets": [begin, end]}, "__metadata__": {..}},
 // then the raw little-endian data; offsets are relative to the data section.
-// The reader validates everything (offsets in bounds, no overlap, dtype × shape
-// = byte size) and throws std::runtime_error naming the file and tensor.
+// The reader applies the reference implementation's rules (huggingface/safetensors,
+// tensor.rs): the header fits in the file, is a JSON object, every entry has a known
+// dtype, a shape and [begin, end] offsets with end - begin = numel × dtype size, and
+// the entries tile the data section exactly: no gap, no overlap, nothing left over.
+// Every violation throws std::runtime_error naming the file and the tensor.
+// The writer lays the data out as the reference does (descending dtype alignment,
+// then name) and pads the header with spaces to a multiple of 8 bytes.
 #pragma once
+
+#include "bf16.hpp"
 
 #include <cstdint>
 #include <filesystem>
@@ -22,6 +29,9 @@ DType parse_dtype(const std::string& s);  ///< throws on an unknown dtype string
 std::size_t dtype_size(DType d);
 bool is_floating(DType d);
 
+/// IEEE binary16 -> float32, exact (normals, subnormals, ±0, ±Inf, NaN with its payload).
+float f16_to_f32(std::uint16_t h);
+
 /// One tensor: dtype, shape and its raw little-endian bytes.
 struct Tensor {
   DType dtype = DType::F32;
@@ -32,20 +42,22 @@ struct Tensor {
   /// Values as float32 (F32, F16, BF16, F64 only; throws otherwise).
   std::vector<float> to_f32() const;
   static Tensor from_f32(std::span<const float> v, std::vector<std::int64_t> shape);
-  static Tensor from_bf16(std::span<const std::uint16_t> v, std::vector<std::int64_t> shape);
+  static Tensor from_bf16(std::span<const bf16> v, std::vector<std::int64_t> shape);
   static Tensor from_u8(std::span<const std::uint8_t> v, std::vector<std::int64_t> shape);
 };
 
-/// A whole file: tensors by name (sorted, as safetensors writers do) plus string metadata.
+/// A whole file: tensors by name plus string metadata.
 struct SafeTensors {
   std::map<std::string, Tensor> tensors;
   std::map<std::string, std::string> metadata;
 
   const Tensor& at(const std::string& name) const;  ///< throws naming the missing tensor
+  bool contains(const std::string& name) const { return tensors.count(name) != 0; }
 };
 
 SafeTensors read_safetensors(const std::filesystem::path& path);
-/// Writes atomically: to "<path>.tmp", then rename over path.
+/// Writes atomically: to "<path>.tmp", then rename over path. Throws std::invalid_argument
+/// naming the tensor whose byte size does not match dtype × shape.
 void write_safetensors(const std::filesystem::path& path, const SafeTensors& st);
 
 }  // namespace qlora
