@@ -3,9 +3,11 @@
 // PEFT adapter files (round trip and bad files) and the `qlora plan` numbers.
 #include "bf16.hpp"
 #include "lora.hpp"
+#include "lora_merge.hpp"
 #include "matmul.hpp"
 #include "memory_plan.hpp"
 #include "peft_adapter.hpp"
+#include "quant4.hpp"
 #include "safetensors.hpp"
 
 #include <catch2/catch.hpp>
@@ -620,4 +622,76 @@ TEST_CASE("qlora plan --json prints the same numbers", "[ch04][plan][cli]") {
   while (std::size_t n = std::fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
   CHECK(::pclose(pipe) != 0);
   CHECK_THAT(out, Catch::Contains("unknown model size '70B'"));
+}
+
+// ---------------------------------------------------------------- merging into a 4-bit base
+
+TEST_CASE("Requantizing a merge with a zero update gives back the base", "[ch04][merge]") {
+  std::mt19937_64 rng(8);
+  const int in = 96, out = 40;
+  const auto W = normal_weights((std::size_t)in * out, 0.02, rng);
+  const Quant4Tensor base = quantize_4bit(W, {out, in}, QuantType::nf4, 64, false);
+  LoraConfig cfg;
+  cfg.r = 4;
+  LoraAdapter ad(in, out, cfg.r);
+  ad.init_peft(rng);  // B = 0: s·B·A = 0
+  // Each block's largest value sits exactly on the code ±1, so its absmax and all codes repeat.
+  const Quant4Tensor again = merge_into_quant4(base, ad, cfg);
+  CHECK(again.packed == base.packed);
+  CHECK(again.absmax == base.absmax);
+  const auto as_bf16 = merge_into_bf16(base, ad, cfg);
+  const auto ref = dequantize_4bit_bf16(base);
+  CHECK(as_bf16 == ref);
+}
+
+TEST_CASE("Merge error: requantizing loses a small update, BF16 keeps it", "[ch04][merge]") {
+  std::mt19937_64 rng(2023);
+  const int in = 256, out = 128;
+  const auto W = normal_weights((std::size_t)in * out, 0.02, rng);
+  LoraConfig cfg;
+  cfg.r = 8;
+  cfg.alpha = 16.0f;
+  double weight_rms = 0.0;
+  for (float w : W) weight_rms += (double)w * w;
+  weight_rms = std::sqrt(weight_rms / (double)W.size());
+  CHECK(weight_rms == Approx(0.02).epsilon(0.02));
+
+  const LoraAdapter small = synthetic_adapter(in, out, cfg, 0.001 * weight_rms, rng);
+  const MergeError s = measure_merge_error(W, small, cfg, QuantType::nf4, 64, true);
+  CHECK(s.delta_rms == Approx(0.001 * weight_rms).epsilon(1e-3));  // the adapter has the asked-for size
+  // NF4 steps are ~10% of the weights' scale: an update of 0.1% is rounded away,
+  // so the requantized merge misses about all of it (error ≈ the update itself).
+  CHECK(s.q4_delta_rel > 0.9);
+  CHECK(s.base_quant_rms > 50.0 * s.delta_rms);
+
+  const LoraAdapter big = synthetic_adapter(in, out, cfg, 0.1 * weight_rms, rng);
+  const MergeError b = measure_merge_error(W, big, cfg, QuantType::nf4, 64, true);
+  // BF16 rounding costs at most half an ulp, 2^-9 relative, whatever the update.
+  CHECK(b.bf16_rms <= 0x1.0p-9 * 1.01 * std::sqrt(weight_rms * weight_rms + b.delta_rms * b.delta_rms));
+  CHECK(b.bf16_delta_rel < 0.05);
+  // Requantizing costs about one more round of 4-bit quantization error.
+  CHECK(b.q4_rms > 0.5 * b.base_quant_rms);
+  CHECK(b.q4_rms < 1.5 * b.base_quant_rms);
+  CHECK(b.q4_delta_rel > 10.0 * b.bf16_delta_rel);
+}
+
+TEST_CASE("qlora merge-error runs and names a missing model", "[ch04][merge][cli]") {
+  const char* bin = std::getenv("QLORA_BIN");
+  if (!bin) FAIL("QLORA_BIN is not set (run through ctest)");
+  auto run = [](const std::string& cmd, std::string& out) {
+    FILE* pipe = ::popen(cmd.c_str(), "r");
+    REQUIRE(pipe);
+    char buf[4096];
+    out.clear();
+    while (std::size_t n = std::fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
+    return ::pclose(pipe);
+  };
+  std::string out;
+  REQUIRE(run(std::string(bin) + " merge-error --in 128 --out 64 -r 4 --json", out) == 0);
+  const auto j = nlohmann::json::parse(out);
+  REQUIRE(j.at("rows").size() == 3);
+  CHECK(j.at("rows")[0].at("q4_delta_rel").get<double>() > 0.9);
+  CHECK(j.at("double_quant") == true);
+  CHECK(run(std::string(bin) + " merge-error --model " + QLORA_FIXTURES_DIR + "/no_such_model 2>&1", out) != 0);
+  CHECK_THAT(out, Catch::Contains("no_such_model"));
 }
