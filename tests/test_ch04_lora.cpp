@@ -161,6 +161,7 @@ TEST_CASE("LoRA gradients match finite differences of an FP64 loss", "[ch04][lor
 
   std::vector<double> xd(x.begin(), x.end()), Ad(ad.A.begin(), ad.A.end()), Bd(ad.B.begin(), ad.B.end());
   const double s = cfg.use_rslora ? cfg.alpha / std::sqrt((double)r) : (double)cfg.alpha / r;
+  //! [fd-check]
   auto loss = [&]() {
     double L = 0.0;
     for (int t = 0; t < T; ++t)
@@ -186,6 +187,7 @@ TEST_CASE("LoRA gradients match finite differences of an FP64 loss", "[ch04][lor
     p[k] = keep;
     return (up - down) / (2.0 * h);
   };
+  //! [fd-check]
   // The loss is linear in each parameter, so central differences are exact up to
   // rounding (~1e-16·|L|/h ≈ 1e-9); the analytic side is stored in float32 (~6e-8
   // relative). 1e-5 absolute on gradients of size ~1 leaves room for both.
