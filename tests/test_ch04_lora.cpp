@@ -54,6 +54,18 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   return m;
 }
 
+// Runs `$QLORA_BIN args` through the shell, collecting stdout; returns the exit status.
+int run_cli(const std::string& args, std::string& out) {
+  const char* bin = std::getenv("QLORA_BIN");
+  if (!bin) FAIL("QLORA_BIN is not set (run through ctest)");
+  FILE* pipe = ::popen((std::string(bin) + " " + args).c_str(), "r");
+  REQUIRE(pipe);
+  char buf[4096];
+  out.clear();
+  while (std::size_t n = std::fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
+  return ::pclose(pipe);
+}
+
 }  // namespace
 
 TEST_CASE("LoRA forward matches a hand computation", "[ch04][lora]") {
@@ -601,15 +613,8 @@ TEST_CASE("Memory plan: 780 GB for full fine-tuning of 65B, under 48 GB with QLo
 }
 
 TEST_CASE("qlora plan --json prints the same numbers", "[ch04][plan][cli]") {
-  const char* bin = std::getenv("QLORA_BIN");
-  if (!bin) FAIL("QLORA_BIN is not set (run through ctest)");
-  const std::string cmd = std::string(bin) + " plan --model 65B -r 64 --json";
   std::string out;
-  FILE* pipe = ::popen(cmd.c_str(), "r");
-  REQUIRE(pipe);
-  char buf[4096];
-  while (std::size_t n = std::fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
-  REQUIRE(::pclose(pipe) == 0);
+  REQUIRE(run_cli("plan --model 65B -r 64 --json", out) == 0);
   const auto j = nlohmann::json::parse(out);
   REQUIRE(j.at("plans").size() == 1);
   const auto& row = j.at("plans")[0];
@@ -617,12 +622,7 @@ TEST_CASE("qlora plan --json prints the same numbers", "[ch04][plan][cli]") {
   CHECK(row.at("base_params") == 65'285'660'672LL);
   CHECK(row.at("lora_params") == 799'539'200LL);
   CHECK(row.at("qlora_total_bytes").get<double>() == plan_memory(llama_shape("65B"), 64).qlora_total);
-  const std::string bad = std::string(bin) + " plan --model 70B 2>&1";
-  pipe = ::popen(bad.c_str(), "r");
-  REQUIRE(pipe);
-  out.clear();
-  while (std::size_t n = std::fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
-  CHECK(::pclose(pipe) != 0);
+  CHECK(run_cli("plan --model 70B 2>&1", out) != 0);
   CHECK_THAT(out, Catch::Contains("unknown model size '70B'"));
 }
 
@@ -678,22 +678,12 @@ TEST_CASE("Merge error: requantizing loses a small update, BF16 keeps it", "[ch0
 }
 
 TEST_CASE("qlora merge-error runs and names a missing model", "[ch04][merge][cli]") {
-  const char* bin = std::getenv("QLORA_BIN");
-  if (!bin) FAIL("QLORA_BIN is not set (run through ctest)");
-  auto run = [](const std::string& cmd, std::string& out) {
-    FILE* pipe = ::popen(cmd.c_str(), "r");
-    REQUIRE(pipe);
-    char buf[4096];
-    out.clear();
-    while (std::size_t n = std::fread(buf, 1, sizeof buf, pipe)) out.append(buf, n);
-    return ::pclose(pipe);
-  };
   std::string out;
-  REQUIRE(run(std::string(bin) + " merge-error --in 128 --out 64 -r 4 --json", out) == 0);
+  REQUIRE(run_cli("merge-error --in 128 --out 64 -r 4 --json", out) == 0);
   const auto j = nlohmann::json::parse(out);
   REQUIRE(j.at("rows").size() == 3);
   CHECK(j.at("rows")[0].at("q4_delta_rel").get<double>() > 0.9);
   CHECK(j.at("double_quant") == true);
-  CHECK(run(std::string(bin) + " merge-error --model " + QLORA_FIXTURES_DIR + "/no_such_model 2>&1", out) != 0);
+  CHECK(run_cli(std::string("merge-error --model ") + QLORA_FIXTURES_DIR + "/no_such_model 2>&1", out) != 0);
   CHECK_THAT(out, Catch::Contains("no_such_model"));
 }
