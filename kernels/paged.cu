@@ -1,0 +1,99 @@
+// Paged optimizer state: managed memory moved by explicit prefetches (chapter 6).
+// See paged.cuh.
+#include "paged.cuh"
+
+#include <stdexcept>
+#include <utility>
+
+namespace qlora::cuda {
+
+namespace {
+
+std::string mib(std::size_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
+
+// CUDA 13 names a prefetch/advice target with a cudaMemLocation instead of a device id.
+cudaMemLocation gpu_location(int device) { return cudaMemLocation{cudaMemLocationTypeDevice, device}; }
+cudaMemLocation host_location() { return cudaMemLocation{cudaMemLocationTypeHost, 0}; }
+
+}  // namespace
+
+DeviceMemory device_memory() {
+  DeviceMemory m;
+  CUDA_CHECK(cudaMemGetInfo(&m.free, &m.total));
+  return m;
+}
+
+void check_managed_request(std::size_t bytes, std::size_t margin, const std::string& what) {
+  const DeviceMemory m = device_memory();
+  if (bytes > m.free || m.free - bytes < margin)
+    throw std::runtime_error(what + ": refusing to allocate " + mib(bytes) + " of managed memory: the GPU has " +
+                             mib(m.free) + " free of " + mib(m.total) + " and " + mib(margin) +
+                             " must stay free (paged states never oversubscribe the device)");
+}
+
+const char* to_string(StatePlacement p) { return p == StatePlacement::Paged ? "paged" : "device"; }
+
+//! [state_buffer]
+StateBuffer::StateBuffer(std::size_t bytes, StatePlacement placement, const std::string& what, std::size_t margin)
+    : bytes_(bytes), placement_(placement) {
+  if (bytes == 0) return;
+  CUDA_CHECK(cudaGetDevice(&device_));
+  if (placement == StatePlacement::Device) {
+    CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+  } else {
+    int concurrent = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, device_));
+    if (!concurrent)
+      throw std::runtime_error(what + ": this GPU cannot prefetch managed memory (no concurrentManagedAccess)");
+    check_managed_request(bytes, margin, what);
+    CUDA_CHECK(cudaMallocManaged(&ptr_, bytes, cudaMemAttachGlobal));
+    // The state's home is the GPU: pages that fault go back there, and the driver evicts
+    // them only under pressure. page_out() overrides this with an explicit prefetch.
+    CUDA_CHECK(cudaMemAdvise(ptr_, bytes, cudaMemAdviseSetPreferredLocation, gpu_location(device_)));
+    CUDA_CHECK(cudaMemPrefetchAsync(ptr_, bytes, gpu_location(device_), 0, nullptr));
+  }
+  CUDA_CHECK(cudaMemset(ptr_, 0, bytes));
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+void StateBuffer::page_in(cudaStream_t stream) {
+  if (placement_ != StatePlacement::Paged || ptr_ == nullptr) return;
+  CUDA_CHECK(cudaMemPrefetchAsync(ptr_, bytes_, gpu_location(device_), 0, stream));
+  on_device_ = true;
+}
+
+void StateBuffer::page_out(cudaStream_t stream) {
+  if (placement_ != StatePlacement::Paged || ptr_ == nullptr) return;
+  CUDA_CHECK(cudaMemPrefetchAsync(ptr_, bytes_, host_location(), 0, stream));
+  on_device_ = false;
+}
+//! [state_buffer]
+
+void StateBuffer::release() noexcept {
+  if (ptr_ != nullptr) cudaFree(ptr_);  // no throw from a destructor; a failed free leaks
+  ptr_ = nullptr;
+  bytes_ = 0;
+}
+
+StateBuffer::~StateBuffer() { release(); }
+
+StateBuffer::StateBuffer(StateBuffer&& o) noexcept
+    : ptr_(std::exchange(o.ptr_, nullptr)),
+      bytes_(std::exchange(o.bytes_, 0)),
+      placement_(o.placement_),
+      device_(o.device_),
+      on_device_(o.on_device_) {}
+
+StateBuffer& StateBuffer::operator=(StateBuffer&& o) noexcept {
+  if (this != &o) {
+    release();
+    ptr_ = std::exchange(o.ptr_, nullptr);
+    bytes_ = std::exchange(o.bytes_, 0);
+    placement_ = o.placement_;
+    device_ = o.device_;
+    on_device_ = o.on_device_;
+  }
+  return *this;
+}
+
+}  // namespace qlora::cuda
