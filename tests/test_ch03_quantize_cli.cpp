@@ -252,3 +252,18 @@ TEST_CASE("quantize CLI refuses bad flags and inputs, naming them", "[ch03][cli]
   REQUIRE(run_qlora("quantize " + q(in) + " " + q(out)).rc == 0);
   expect_fail("quantize " + q(out) + " " + q(temp_path("twice.safetensors")), {"already holds 4-bit"});
 }
+
+TEST_CASE("demo prints the error and bits/parameter tables for stories260K", "[ch03][cli]") {
+  auto missing = run_qlora("demo --model no-such-model.bin");
+  CHECK(missing.rc != 0);
+  CHECK(missing.output.find("no-such-model.bin") != std::string::npos);
+  if (!model_or_warn("stories260K.bin")) return;
+  auto r = run_qlora("demo");
+  INFO(r.output);
+  REQUIRE(r.rc == 0);
+  CHECK(r.output.find("model.layers.4.mlp.down_proj.weight") != std::string::npos);
+  // Summary rows: format, parameters, bytes, bits/param (36 matrices, 259328 parameters).
+  CHECK(r.output.find("nf4              259328       145872       4.5000") != std::string::npos);
+  CHECK(r.output.find("nf4+dq           259328       134008       4.1340") != std::string::npos);
+  CHECK(r.output.find("fp4              259328       145872       4.5000") != std::string::npos);
+}
