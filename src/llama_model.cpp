@@ -1,0 +1,770 @@
+// The LLaMA model on the CPU (chapter 7, "The model"). See llama_model.hpp.
+// Layout of every activation: N = B·T rows (sequence b, position t at row b·T + t),
+// each row one token's vector; the matmuls see N rows at once, attention works per
+// sequence and head.
+#include "llama_model.hpp"
+
+#include "bf16.hpp"
+#include "hf_llama.hpp"
+#include "matmul.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace qlora {
+
+namespace {
+std::size_t usz(std::int64_t a) { return static_cast<std::size_t>(a); }
+}  // namespace
+
+// ===========================================================================
+// Names and weights
+
+const char* proj_name(Proj p) {
+  static const char* names[kNumProj] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+  return names[static_cast<int>(p)];
+}
+
+Proj parse_proj(const std::string& s) {
+  for (Proj p : kAllProj) {
+    const std::string full = proj_name(p);
+    if (s == full || s == full.substr(0, full.size() - 5)) return p;
+  }
+  throw std::invalid_argument("unknown projection '" + s +
+                              "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj or down_proj)");
+}
+
+std::string hf_module_name(int layer, Proj p) {
+  const bool attn = p == Proj::q || p == Proj::k || p == Proj::v || p == Proj::o;
+  return "model.layers." + std::to_string(layer) + (attn ? ".self_attn." : ".mlp.") + proj_name(p);
+}
+
+std::pair<int, int> LlamaWeights::proj_shape(Proj p) const {
+  const LlamaConfig& c = config;
+  switch (p) {
+    case Proj::q:
+    case Proj::o: return {c.dim, c.dim};
+    case Proj::k:
+    case Proj::v: return {c.kv_dim(), c.dim};
+    case Proj::gate:
+    case Proj::up: return {c.hidden_dim, c.dim};
+    case Proj::down: return {c.dim, c.hidden_dim};
+  }
+  throw std::logic_error("proj_shape: bad projection");
+}
+
+namespace {
+
+std::vector<float> take(const LlamaCheckpoint& ck, const std::string& name, std::size_t numel) {
+  const NamedTensor& t = ck.at(name);
+  if (t.data.size() != numel)
+    throw std::runtime_error("checkpoint tensor '" + name + "' has " + std::to_string(t.data.size()) +
+                             " values, expected " + std::to_string(numel));
+  return t.data;
+}
+
+}  // namespace
+
+LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck) {
+  validate_config(ck.config, "LLaMA checkpoint");
+  LlamaWeights w;
+  w.config = ck.config;
+  const LlamaConfig& c = w.config;
+  const auto sz = [](int a, int b) { return static_cast<std::size_t>(a) * static_cast<std::size_t>(b); };
+  w.tok_emb = take(ck, "model.embed_tokens.weight", sz(c.vocab_size, c.dim));
+  w.layers.resize(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) {
+    const std::string pre = "model.layers." + std::to_string(l) + ".";
+    auto& L = w.layers[l];
+    L.rms_att = take(ck, pre + "input_layernorm.weight", sz(c.dim, 1));
+    L.rms_ffn = take(ck, pre + "post_attention_layernorm.weight", sz(c.dim, 1));
+    for (Proj p : kAllProj) {
+      const auto [out, in] = w.proj_shape(p);
+      L.w[static_cast<int>(p)] = take(ck, hf_module_name(l, p) + ".weight", sz(out, in));
+    }
+    //! [rope-permute-load]
+    // One attention code path: llama2.c's interleaved pairs. A Hugging Face
+    // checkpoint orders the q/k rows of each head for rotate-half; put them back.
+    if (ck.rope_layout == RopeLayout::rotate_half) {
+      auto& wq = L.w[static_cast<int>(Proj::q)];
+      auto& wk = L.w[static_cast<int>(Proj::k)];
+      wq = rope_half_to_interleaved(wq, c.n_heads, c.dim);
+      wk = rope_half_to_interleaved(wk, c.n_kv_heads, c.dim);
+    }
+    //! [rope-permute-load]
+  }
+  w.rms_final = take(ck, "model.norm.weight", sz(c.dim, 1));
+  if (!c.shared_classifier) w.wcls = take(ck, "lm_head.weight", sz(c.vocab_size, c.dim));
+  return w;
+}
+
+LlamaWeights load_llama_weights(const std::filesystem::path& path) {
+  if (std::filesystem::is_directory(path)) return weights_from_checkpoint(read_hf_llama(path));
+  return weights_from_checkpoint(read_llama2c(path));
+}
+
+LlamaWeights random_llama_weights(const LlamaConfig& config, std::uint64_t seed) {
+  validate_config(config, "random LLaMA config");
+  std::mt19937_64 rng(seed);
+  auto fill = [&](std::size_t n, double center, double half_width) {
+    std::vector<float> v(n);
+    for (float& x : v) x = static_cast<float>(center + (2.0 * uniform01(rng) - 1.0) * half_width);
+    return v;
+  };
+  LlamaWeights w;
+  w.config = config;
+  const LlamaConfig& c = w.config;
+  // Uniform weights of variance 1/in (half-width √(3/in)) keep the activations O(1)
+  // through the layers, so a tiny random model has non-trivial logits and gradients.
+  w.tok_emb = fill(static_cast<std::size_t>(c.vocab_size) * c.dim, 0.0, 1.0);
+  w.layers.resize(c.n_layers);
+  for (auto& L : w.layers) {
+    L.rms_att = fill(c.dim, 1.0, 0.2);
+    L.rms_ffn = fill(c.dim, 1.0, 0.2);
+    for (Proj p : kAllProj) {
+      const auto [out, in] = w.proj_shape(p);
+      L.w[static_cast<int>(p)] = fill(static_cast<std::size_t>(out) * in, 0.0, std::sqrt(3.0 / in));
+    }
+  }
+  w.rms_final = fill(c.dim, 1.0, 0.2);
+  if (!c.shared_classifier) w.wcls = fill(static_cast<std::size_t>(c.vocab_size) * c.dim, 0.0, std::sqrt(3.0 / c.dim));
+  return w;
+}
+
+// ===========================================================================
+// Frozen storage
+
+std::string to_string(BaseStorage s) {
+  switch (s) {
+    case BaseStorage::float32: return "f32";
+    case BaseStorage::bfloat16: return "bf16";
+    case BaseStorage::nf4: return "nf4";
+    case BaseStorage::nf4_dq: return "nf4-dq";
+    case BaseStorage::fp4: return "fp4";
+    case BaseStorage::fp4_dq: return "fp4-dq";
+    case BaseStorage::int4: return "int4";
+  }
+  return "?";
+}
+
+BaseStorage parse_base_storage(const std::string& s) {
+  std::string t = s;
+  std::transform(t.begin(), t.end(), t.begin(), [](unsigned char ch) {
+    return ch == '_' || ch == '+' ? '-' : static_cast<char>(std::tolower(ch));
+  });
+  for (BaseStorage b : {BaseStorage::float32, BaseStorage::bfloat16, BaseStorage::nf4, BaseStorage::nf4_dq, BaseStorage::fp4,
+                        BaseStorage::fp4_dq, BaseStorage::int4})
+    if (t == to_string(b)) return b;
+  if (t == "float32") return BaseStorage::float32;
+  if (t == "bfloat16") return BaseStorage::bfloat16;
+  throw std::invalid_argument("unknown base storage '" + s + "' (expected f32, bf16, nf4, nf4-dq, fp4, fp4-dq or int4)");
+}
+
+//! [int4-absmax]
+Int4Tensor quantize_int4(std::span<const float> x, int blocksize) {
+  if (blocksize <= 0) throw std::invalid_argument("int4 blocksize must be positive");
+  Int4Tensor q;
+  q.blocksize = blocksize;
+  q.numel = static_cast<std::int64_t>(x.size());
+  for (std::size_t b0 = 0; b0 < x.size(); b0 += usz(blocksize))
+    q.blocks.push_back(quantize_absmax(x.subspan(b0, std::min(usz(blocksize), x.size() - b0)), 4));
+  return q;
+}
+
+std::vector<float> dequantize_int4(const Int4Tensor& q) {
+  std::vector<float> y;
+  y.reserve(usz(q.numel));
+  for (const AbsmaxQuant& b : q.blocks) {
+    const std::vector<float> d = dequantize(b);
+    y.insert(y.end(), d.begin(), d.end());
+  }
+  return y;
+}
+//! [int4-absmax]
+
+std::int64_t Int4Tensor::storage_bytes() const {
+  return (numel + 1) / 2 + static_cast<std::int64_t>(blocks.size()) * 4;
+}
+
+std::int64_t FrozenLinear::storage_bytes() const {
+  const std::int64_t n = static_cast<std::int64_t>(in) * out;
+  if (q4) return q4->storage_bytes();
+  if (i4) return i4->storage_bytes();
+  return storage == BaseStorage::float32 ? 4 * n : 2 * n;
+}
+
+//! [frozen-linear]
+FrozenLinear make_frozen_linear(const std::vector<float>& w, int out, int in, BaseStorage storage) {
+  if (w.size() != static_cast<std::size_t>(out) * in)
+    throw std::invalid_argument("make_frozen_linear: weight has " + std::to_string(w.size()) + " values, expected " +
+                                std::to_string(out) + "×" + std::to_string(in));
+  FrozenLinear f;
+  f.in = in;
+  f.out = out;
+  f.storage = storage;
+  const std::vector<std::int64_t> shape = {out, in};
+  switch (storage) {
+    case BaseStorage::float32: f.w = w; break;
+    case BaseStorage::bfloat16: f.w = from_bf16(to_bf16(w)); break;
+    case BaseStorage::nf4:
+    case BaseStorage::nf4_dq:
+    case BaseStorage::fp4:
+    case BaseStorage::fp4_dq: {
+      const QuantType type = storage == BaseStorage::fp4 || storage == BaseStorage::fp4_dq ? QuantType::fp4 : QuantType::nf4;
+      const bool dq = storage == BaseStorage::nf4_dq || storage == BaseStorage::fp4_dq;
+      f.q4 = quantize_4bit(w, shape, type, 64, dq);
+      // The CPU execution path: dequantize once, multiply with BLAS many times.
+      f.w = dequantize_4bit_f32(*f.q4);
+      break;
+    }
+    case BaseStorage::int4:
+      f.i4 = quantize_int4(w, 64);
+      f.w = dequantize_int4(*f.i4);
+      break;
+  }
+  return f;
+}
+//! [frozen-linear]
+
+// ===========================================================================
+// The building blocks, each with its backward. Plain loops: these are cheap next to
+// the matmuls, and the same code serves the reference and the BLAS path.
+
+namespace {
+
+using Vec = std::vector<float>;
+
+//! [rmsnorm]
+// y = x / rms(x) · w,  rms(x) = sqrt(mean(x²) + eps). Keeps 1/rms per row for backward.
+void rmsnorm_forward(const float* x, const float* w, float* y, float* inv_rms, int N, int D, float eps) {
+  for (int n = 0; n < N; ++n) {
+    const float* xr = x + usz(n) * D;
+    double ss = 0.0;
+    for (int i = 0; i < D; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float r = static_cast<float>(1.0 / std::sqrt(ss / D + eps));
+    inv_rms[n] = r;
+    for (int i = 0; i < D; ++i) y[usz(n) * D + i] = xr[i] * r * w[i];
+  }
+}
+//! [rmsnorm]
+
+//! [rmsnorm-backward]
+// dx_i = r·w_i·dy_i − x_i·r³/D · Σ_j dy_j·w_j·x_j   (the weight w is frozen: no dw).
+// ADDS into dx (the residual stream already carries the gradient of the skip path).
+void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy, float* dx, int N, int D) {
+  for (int n = 0; n < N; ++n) {
+    const float* xr = x + usz(n) * D;
+    const float* dyr = dy + usz(n) * D;
+    double dot = 0.0;
+    for (int i = 0; i < D; ++i) dot += static_cast<double>(dyr[i]) * w[i] * xr[i];
+    const double r = inv_rms[n];
+    const double c = dot * r * r * r / D;
+    for (int i = 0; i < D; ++i) dx[usz(n) * D + i] += static_cast<float>(r * w[i] * dyr[i] - xr[i] * c);
+  }
+}
+//! [rmsnorm-backward]
+
+//! [rope]
+// RoPE, llama2.c convention: in every head, the pair (x[2i], x[2i+1]) is rotated by
+// the angle pos·θ^(−2i/head_size). Row n holds position pos0 + n % T. `inverse` rotates
+// by −angle: the transpose of the rotation, which is RoPE's backward.
+void rope(float* v, int N, int T, int pos0, int n_heads, int hs, const Vec& cos_t, const Vec& sin_t, bool inverse) {
+  const int half = hs / 2;
+  for (int n = 0; n < N; ++n) {
+    const int pos = pos0 + n % T;
+    const float* c = &cos_t[usz(pos) * half];
+    const float* s = &sin_t[usz(pos) * half];
+    for (int h = 0; h < n_heads; ++h) {
+      float* x = v + (usz(n) * n_heads + h) * hs;
+      for (int i = 0; i < half; ++i) {
+        const float x0 = x[2 * i], x1 = x[2 * i + 1];
+        const float si = inverse ? -s[i] : s[i];
+        x[2 * i] = x0 * c[i] - x1 * si;
+        x[2 * i + 1] = x0 * si + x1 * c[i];
+      }
+    }
+  }
+}
+//! [rope]
+
+//! [attention-one]
+// One query head attending to n_keys keys of its kv head (grouped-query attention:
+// several query heads share one kv head). K, V point at key 0 of that kv head; rows
+// are `stride` floats apart. p gets the softmax weights, out the weighted sum of V.
+void attend(const float* q, const float* K, const float* V, int n_keys, int stride, int hs, float* p, float* out) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  double mx = -INFINITY;
+  std::vector<double> sc(usz(n_keys));
+  for (int s = 0; s < n_keys; ++s) {
+    double d = 0.0;
+    for (int i = 0; i < hs; ++i) d += static_cast<double>(q[i]) * K[usz(s) * stride + i];
+    sc[s] = d * scale;
+    mx = std::max(mx, sc[s]);
+  }
+  double sum = 0.0;
+  for (int s = 0; s < n_keys; ++s) sum += (sc[s] = std::exp(sc[s] - mx));
+  for (int i = 0; i < hs; ++i) out[i] = 0.0f;
+  for (int s = 0; s < n_keys; ++s) {
+    p[s] = static_cast<float>(sc[s] / sum);
+    for (int i = 0; i < hs; ++i) out[i] += p[s] * V[usz(s) * stride + i];
+  }
+}
+//! [attention-one]
+
+float silu(float z) { return z / (1.0f + std::exp(-z)); }
+
+void cross_entropy_backward_row(float* logits, int V, int target, float weight) {
+  // Overwrites one row of logits with d(loss)/d(logits) = weight·(softmax − onehot).
+  float mx = *std::max_element(logits, logits + V);
+  double sum = 0.0;
+  for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(logits[v]) - mx);
+  for (int v = 0; v < V; ++v)
+    logits[v] = static_cast<float>(weight * std::exp(static_cast<double>(logits[v]) - mx) / sum);
+  logits[target] -= weight;
+}
+
+}  // namespace
+
+// ===========================================================================
+// The model
+
+/// Everything one layer's forward keeps for its backward (N = B·T rows).
+struct LlamaModel::LayerCache {
+  Vec x;           ///< N×D layer input (the residual stream)
+  Vec inv1, xn1;   ///< attention RMSNorm: 1/rms per row, normalized input
+  Vec q, k, v;     ///< N×D, N×KV, N×KV (q, k after RoPE)
+  Vec att;         ///< B×H×T×T softmax weights (causal: s ≤ t)
+  Vec o;           ///< N×D attention output (input of o_proj)
+  Vec x2;          ///< N×D residual after attention
+  Vec inv2, xn2;   ///< FFN RMSNorm
+  Vec h1, h3, g;   ///< N×H gate_proj, up_proj outputs, silu(h1)·h3
+  std::array<LoraCache, kNumProj> lc;
+
+  std::int64_t bytes() const {
+    std::int64_t n = 0;
+    for (const Vec* buf : {&x, &inv1, &xn1, &q, &k, &v, &att, &o, &x2, &inv2, &xn2, &h1, &h3, &g})
+      n += static_cast<std::int64_t>(buf->size());
+    for (const auto& c : lc) n += static_cast<std::int64_t>(c.mask.size() + c.xa.size());
+    return 4 * n;
+  }
+};
+
+LlamaModel::~LlamaModel() = default;
+LlamaModel::LlamaModel(LlamaModel&&) noexcept = default;
+LlamaModel& LlamaModel::operator=(LlamaModel&&) noexcept = default;
+
+LlamaModel::LlamaModel(const LlamaWeights& w, BaseStorage storage) : cfg_(w.config), storage_(storage) {
+  validate_config(cfg_, "LlamaModel");
+  // QLoRA keeps everything that is not a linear projection in BF16; the F32 storage
+  // keeps float32 so that the model can be checked exactly against other float32 code.
+  auto frozen16 = [&](const Vec& v) { return storage == BaseStorage::float32 ? v : from_bf16(to_bf16(v)); };
+  tok_emb_ = frozen16(w.tok_emb);
+  if (!cfg_.shared_classifier) {
+    if (w.wcls.size() != tok_emb_.size()) throw std::invalid_argument("LlamaModel: classifier has the wrong size");
+    wcls_ = frozen16(w.wcls);
+  }
+  rms_final_ = frozen16(w.rms_final);
+  if (static_cast<int>(w.layers.size()) != cfg_.n_layers) throw std::invalid_argument("LlamaModel: wrong layer count");
+  layers_.resize(cfg_.n_layers);
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    layers_[l].rms_att = frozen16(w.layers[l].rms_att);
+    layers_[l].rms_ffn = frozen16(w.layers[l].rms_ffn);
+    for (Proj p : kAllProj) {
+      const auto [out, in] = w.proj_shape(p);
+      layers_[l].w[static_cast<int>(p)] = make_frozen_linear(w.layers[l].w[static_cast<int>(p)], out, in, storage);
+    }
+  }
+  // RoPE angle tables for every position, computed in double then rounded once.
+  const int half = cfg_.head_size() / 2;
+  rope_cos_.resize(usz(cfg_.seq_len) * half);
+  rope_sin_.resize(rope_cos_.size());
+  for (int pos = 0; pos < cfg_.seq_len; ++pos)
+    for (int i = 0; i < half; ++i) {
+      const double freq = std::pow(static_cast<double>(cfg_.rope_theta), -2.0 * i / cfg_.head_size());
+      rope_cos_[usz(pos) * half + i] = static_cast<float>(std::cos(pos * freq));
+      rope_sin_[usz(pos) * half + i] = static_cast<float>(std::sin(pos * freq));
+    }
+  adapters_.resize(cfg_.n_layers);
+}
+
+const FrozenLinear& LlamaModel::frozen(int layer, Proj p) const { return layers_.at(layer).w[static_cast<int>(p)]; }
+const std::vector<float>& LlamaModel::classifier() const { return cfg_.shared_classifier ? tok_emb_ : wcls_; }
+const std::vector<float>& LlamaModel::rms_att(int layer) const { return layers_.at(layer).rms_att; }
+const std::vector<float>& LlamaModel::rms_ffn(int layer) const { return layers_.at(layer).rms_ffn; }
+
+std::int64_t LlamaModel::frozen_storage_bytes() const {
+  const std::int64_t per = storage_ == BaseStorage::float32 ? 4 : 2;
+  std::int64_t n = per * static_cast<std::int64_t>(tok_emb_.size() + wcls_.size() + rms_final_.size());
+  for (const auto& L : layers_) {
+    n += per * static_cast<std::int64_t>(L.rms_att.size() + L.rms_ffn.size());
+    for (const auto& f : L.w) n += f.storage_bytes();
+  }
+  return n;
+}
+
+// --- LoRA -------------------------------------------------------------------
+
+void LlamaModel::add_lora(const LoraSetup& setup, std::mt19937_64& rng) {
+  setup.config.scale();  // validates r
+  lora_ = setup;
+  for (int l = 0; l < cfg_.n_layers; ++l)
+    for (Proj p : kAllProj) {
+      auto& slot = adapters_[l][static_cast<int>(p)];
+      slot.reset();
+      if (!setup.targets[static_cast<int>(p)]) continue;
+      const FrozenLinear& f = frozen(l, p);
+      slot = std::make_unique<LoraAdapter>(f.in, f.out, setup.config.r);
+      slot->init_peft(rng);
+    }
+}
+
+const LoraSetup& LlamaModel::lora_setup() const {
+  if (!lora_) throw std::logic_error("LlamaModel: no LoRA adapters (call add_lora first)");
+  return *lora_;
+}
+
+LoraAdapter* LlamaModel::adapter(int layer, Proj p) { return adapters_.at(layer)[static_cast<int>(p)].get(); }
+const LoraAdapter* LlamaModel::adapter(int layer, Proj p) const { return adapters_.at(layer)[static_cast<int>(p)].get(); }
+
+std::vector<std::pair<std::string, LoraAdapter*>> LlamaModel::named_adapters() {
+  std::vector<std::pair<std::string, LoraAdapter*>> out;
+  for (int l = 0; l < cfg_.n_layers; ++l)
+    for (Proj p : kAllProj)
+      if (LoraAdapter* a = adapter(l, p)) out.emplace_back(hf_module_name(l, p), a);
+  return out;
+}
+
+std::int64_t LlamaModel::lora_parameter_count() const {
+  std::int64_t n = 0;
+  for (const auto& layer : adapters_)
+    for (const auto& a : layer)
+      if (a) n += static_cast<std::int64_t>(a->A.size() + a->B.size());
+  return n;
+}
+
+void LlamaModel::zero_grad() {
+  for (auto& layer : adapters_)
+    for (auto& a : layer)
+      if (a) a->zero_grad();
+}
+
+// --- linear layers -------------------------------------------------------------
+
+//! [linear]
+// y = x·Wᵀ (+ the LoRA term). W is the float32 cache of the frozen weight.
+void LlamaModel::linear(int l, Proj p, const float* x, float* y, int N, bool training, std::mt19937_64& rng,
+                        LoraCache& lc) const {
+  const FrozenLinear& f = frozen(l, p);
+  (reference_ ? matmul_xwt_ref : matmul_xwt)(x, f.w.data(), y, N, f.in, f.out, false);
+  if (const LoraAdapter* a = adapter(l, p))
+    (reference_ ? lora_forward_ref : lora_forward)(*a, lora_->config, x, y, N, training, rng, lc);
+}
+
+// dx (=|+=) dy·W through the frozen weight, plus the LoRA part of dx; accumulates dA, dB.
+void LlamaModel::linear_backward(int l, Proj p, const float* x, const float* dy, float* dx, int N, bool accumulate,
+                                 const LoraCache& lc) {
+  const FrozenLinear& f = frozen(l, p);
+  (reference_ ? matmul_dyw_ref : matmul_dyw)(dy, f.w.data(), dx, N, f.in, f.out, accumulate);
+  if (LoraAdapter* a = adapter(l, p))
+    (reference_ ? lora_backward_ref : lora_backward)(*a, lora_->config, x, dy, dx, N, lc);
+}
+//! [linear]
+
+// --- one transformer layer -------------------------------------------------------
+
+//! [layer-forward]
+void LlamaModel::layer_forward(int l, float* x_out, bool training, std::mt19937_64& rng, LayerCache& c) const {
+  const int N = B_ * T_, D = cfg_.dim, KV = cfg_.kv_dim(), HD = cfg_.hidden_dim;
+  const int H = cfg_.n_heads, hs = cfg_.head_size(), group = cfg_.n_heads / cfg_.n_kv_heads;
+  const Layer& L = layers_[l];
+  auto& lc = c.lc;
+  auto I = [](Proj p) { return static_cast<int>(p); };
+  c.inv1.resize(usz(N));
+  c.xn1.resize(usz(N) * D);
+  rmsnorm_forward(c.x.data(), L.rms_att.data(), c.xn1.data(), c.inv1.data(), N, D, cfg_.norm_eps);
+
+  // Attention: project, rotate, attend causally, project back, add to the residual.
+  c.q.resize(usz(N) * D);
+  c.k.resize(usz(N) * KV);
+  c.v.resize(usz(N) * KV);
+  linear(l, Proj::q, c.xn1.data(), c.q.data(), N, training, rng, lc[I(Proj::q)]);
+  linear(l, Proj::k, c.xn1.data(), c.k.data(), N, training, rng, lc[I(Proj::k)]);
+  linear(l, Proj::v, c.xn1.data(), c.v.data(), N, training, rng, lc[I(Proj::v)]);
+  rope(c.q.data(), N, T_, 0, H, hs, rope_cos_, rope_sin_, false);
+  rope(c.k.data(), N, T_, 0, cfg_.n_kv_heads, hs, rope_cos_, rope_sin_, false);
+  c.att.assign(usz(B_) * H * T_ * T_, 0.0f);
+  c.o.resize(usz(N) * D);
+  for (int b = 0; b < B_; ++b)
+    for (int h = 0; h < H; ++h) {
+      const std::size_t kv_off = usz(b) * T_ * KV + usz(h / group) * hs;
+      for (int t = 0; t < T_; ++t) {
+        const std::size_t row = usz(b) * T_ + t;
+        attend(&c.q[row * D + usz(h) * hs], &c.k[kv_off], &c.v[kv_off], t + 1, KV, hs,
+               &c.att[((usz(b) * H + h) * T_ + t) * T_], &c.o[row * D + usz(h) * hs]);
+      }
+    }
+  Vec tmp(usz(N) * D);
+  linear(l, Proj::o, c.o.data(), tmp.data(), N, training, rng, lc[I(Proj::o)]);
+  c.x2.resize(usz(N) * D);
+  for (std::size_t i = 0; i < c.x2.size(); ++i) c.x2[i] = c.x[i] + tmp[i];
+
+  // SwiGLU MLP: down(silu(gate(x)) · up(x)), added to the residual.
+  c.inv2.resize(usz(N));
+  c.xn2.resize(usz(N) * D);
+  rmsnorm_forward(c.x2.data(), L.rms_ffn.data(), c.xn2.data(), c.inv2.data(), N, D, cfg_.norm_eps);
+  c.h1.resize(usz(N) * HD);
+  c.h3.resize(usz(N) * HD);
+  c.g.resize(usz(N) * HD);
+  linear(l, Proj::gate, c.xn2.data(), c.h1.data(), N, training, rng, lc[I(Proj::gate)]);
+  linear(l, Proj::up, c.xn2.data(), c.h3.data(), N, training, rng, lc[I(Proj::up)]);
+  for (std::size_t i = 0; i < c.g.size(); ++i) c.g[i] = silu(c.h1[i]) * c.h3[i];
+  linear(l, Proj::down, c.g.data(), tmp.data(), N, training, rng, lc[I(Proj::down)]);
+  for (std::size_t i = 0; i < tmp.size(); ++i) x_out[i] = c.x2[i] + tmp[i];
+}
+//! [layer-forward]
+
+//! [layer-backward]
+// On entry dx holds dLoss/d(layer output); on return dLoss/d(layer input). Every
+// activation gradient flows through the frozen weights (dX = dY·W); only the
+// adapters collect parameter gradients.
+void LlamaModel::layer_backward(int l, const LayerCache& c, float* dx) {
+  const int N = B_ * T_, D = cfg_.dim, KV = cfg_.kv_dim(), HD = cfg_.hidden_dim;
+  const int H = cfg_.n_heads, hs = cfg_.head_size(), group = cfg_.n_heads / cfg_.n_kv_heads;
+  const Layer& L = layers_[l];
+  const auto& lc = c.lc;
+  auto I = [](Proj p) { return static_cast<int>(p); };
+
+  // MLP. dx is both d(x2) via the skip path and d(down output).
+  Vec dg(usz(N) * HD), dh1(usz(N) * HD), dh3(usz(N) * HD);
+  linear_backward(l, Proj::down, c.g.data(), dx, dg.data(), N, false, lc[I(Proj::down)]);
+  for (std::size_t i = 0; i < dg.size(); ++i) {
+    const float z = c.h1[i], sig = 1.0f / (1.0f + std::exp(-z));
+    dh3[i] = dg[i] * z * sig;                                   // d/d(up)   = silu(gate)
+    dh1[i] = dg[i] * c.h3[i] * sig * (1.0f + z * (1.0f - sig));  // d/d(gate) = up · silu'(gate)
+  }
+  Vec dxn(usz(N) * D);
+  linear_backward(l, Proj::gate, c.xn2.data(), dh1.data(), dxn.data(), N, false, lc[I(Proj::gate)]);
+  linear_backward(l, Proj::up, c.xn2.data(), dh3.data(), dxn.data(), N, true, lc[I(Proj::up)]);
+  rmsnorm_backward(c.x2.data(), L.rms_ffn.data(), c.inv2.data(), dxn.data(), dx, N, D);
+
+  // Attention. dx is now d(x2): the skip path and d(o_proj output).
+  Vec dout(usz(N) * D), dq(usz(N) * D, 0.0f), dk(usz(N) * KV, 0.0f), dv(usz(N) * KV, 0.0f);
+  linear_backward(l, Proj::o, c.o.data(), dx, dout.data(), N, false, lc[I(Proj::o)]);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  std::vector<double> dp(usz(T_));
+  for (int b = 0; b < B_; ++b)
+    for (int h = 0; h < H; ++h) {
+      const std::size_t kv_off = usz(b) * T_ * KV + usz(h / group) * hs;
+      for (int t = 0; t < T_; ++t) {
+        const std::size_t row = usz(b) * T_ + t;
+        const float* p = &c.att[((usz(b) * H + h) * T_ + t) * T_];
+        const float* dor = &dout[row * D + usz(h) * hs];
+        const float* qr = &c.q[row * D + usz(h) * hs];
+        float* dqr = &dq[row * D + usz(h) * hs];
+        // out_t = Σ_s p_s v_s  →  dv_s += p_s·dout_t, dp_s = dout_t·v_s.
+        double pdp = 0.0;
+        for (int s = 0; s <= t; ++s) {
+          const float* vs = &c.v[kv_off + usz(s) * KV];
+          float* dvs = &dv[kv_off + usz(s) * KV];
+          double d = 0.0;
+          for (int i = 0; i < hs; ++i) {
+            d += static_cast<double>(dor[i]) * vs[i];
+            dvs[i] += p[s] * dor[i];
+          }
+          dp[s] = d;
+          pdp += p[s] * d;
+        }
+        // Softmax backward: dscore_s = p_s (dp_s − Σ p·dp); score = q·k·scale.
+        for (int s = 0; s <= t; ++s) {
+          const float ds = static_cast<float>(p[s] * (dp[s] - pdp) * scale);
+          const float* ks = &c.k[kv_off + usz(s) * KV];
+          float* dks = &dk[kv_off + usz(s) * KV];
+          for (int i = 0; i < hs; ++i) {
+            dqr[i] += ds * ks[i];
+            dks[i] += ds * qr[i];
+          }
+        }
+      }
+    }
+  rope(dq.data(), N, T_, 0, H, hs, rope_cos_, rope_sin_, true);
+  rope(dk.data(), N, T_, 0, cfg_.n_kv_heads, hs, rope_cos_, rope_sin_, true);
+  linear_backward(l, Proj::q, c.xn1.data(), dq.data(), dxn.data(), N, false, lc[I(Proj::q)]);
+  linear_backward(l, Proj::k, c.xn1.data(), dk.data(), dxn.data(), N, true, lc[I(Proj::k)]);
+  linear_backward(l, Proj::v, c.xn1.data(), dv.data(), dxn.data(), N, true, lc[I(Proj::v)]);
+  rmsnorm_backward(c.x.data(), L.rms_att.data(), c.inv1.data(), dxn.data(), dx, N, D);
+}
+//! [layer-backward]
+
+// --- whole model ------------------------------------------------------------------
+
+//! [model-forward]
+float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng) {
+  if (B <= 0 || T <= 0 || T > cfg_.seq_len)
+    throw std::invalid_argument("LlamaModel::forward: need B > 0 and 0 < T <= seq_len " + std::to_string(cfg_.seq_len) +
+                                " (got B=" + std::to_string(B) + ", T=" + std::to_string(T) + ")");
+  const int N = B * T, D = cfg_.dim, V = cfg_.vocab_size;
+  for (int n = 0; n < N; ++n) {
+    if (tokens[n] < 0 || tokens[n] >= V)
+      throw std::out_of_range("token id " + std::to_string(tokens[n]) + " at index " + std::to_string(n) +
+                              " is outside the vocabulary [0, " + std::to_string(V) + ")");
+    if (targets && targets[n] >= V)
+      throw std::out_of_range("target id " + std::to_string(targets[n]) + " at index " + std::to_string(n) +
+                              " is outside the vocabulary");
+  }
+  B_ = B;
+  T_ = T;
+  training_ = training;
+  if (targets)
+    targets_.assign(targets, targets + N);
+  else
+    targets_.clear();
+
+  Vec x(usz(N) * D);
+  for (int n = 0; n < N; ++n) std::copy_n(&tok_emb_[usz(tokens[n]) * D], D, &x[usz(n) * D]);
+
+  // Without checkpointing every layer keeps its full cache. With it, a layer keeps
+  // only its input (and the rng state, so recomputation draws the same dropout masks);
+  // one scratch cache is reused by every layer.
+  caches_.resize(usz(cfg_.n_layers));
+  layer_rng_.assign(checkpointing_ ? usz(cfg_.n_layers) : 0, rng);
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    if (!caches_[l]) caches_[l] = std::make_unique<LayerCache>();
+    LayerCache& c = checkpointing_ ? scratch() : *caches_[l];
+    if (checkpointing_) {
+      layer_rng_[l] = rng;
+      *caches_[l] = LayerCache{};
+      caches_[l]->x = x;
+    }
+    c.x = x;
+    layer_forward(l, x.data(), training, rng, c);
+  }
+  if (checkpointing_) *scratch_ = LayerCache{};  // the scratch is refilled layer by layer in backward
+
+  x_final_ = x;
+  inv_rms_final_.resize(usz(N));
+  xn_final_.resize(usz(N) * D);
+  rmsnorm_forward(x_final_.data(), rms_final_.data(), xn_final_.data(), inv_rms_final_.data(), N, D, cfg_.norm_eps);
+  logits_.resize(usz(N) * V);
+  (reference_ ? matmul_xwt_ref : matmul_xwt)(xn_final_.data(), classifier().data(), logits_.data(), N, D, V, false);
+  peak_act_bytes_ = cached_bytes();
+
+  // Mean cross-entropy over the targets that are not ignored.
+  double loss = 0.0;
+  int count = 0;
+  for (int n = 0; n < N && targets; ++n) {
+    if (targets[n] < 0) continue;
+    const float* lr = &logits_[usz(n) * V];
+    const double mx = *std::max_element(lr, lr + V);
+    double sum = 0.0;
+    for (int v = 0; v < V; ++v) sum += std::exp(lr[v] - mx);
+    loss += mx + std::log(sum) - lr[targets[n]];
+    ++count;
+  }
+  return count ? static_cast<float>(loss / count) : 0.0f;
+}
+//! [model-forward]
+
+//! [model-backward]
+void LlamaModel::backward() {
+  if (caches_.empty() || T_ == 0) throw std::logic_error("LlamaModel::backward: no forward pass to differentiate");
+  if (targets_.empty()) throw std::logic_error("LlamaModel::backward: the last forward had no targets");
+  const int N = B_ * T_, D = cfg_.dim, V = cfg_.vocab_size;
+  const int count = static_cast<int>(std::count_if(targets_.begin(), targets_.end(), [](int t) { return t >= 0; }));
+  // Loss → logits → final norm: the logits buffer becomes dLoss/dlogits.
+  for (int n = 0; n < N; ++n) {
+    float* lr = &logits_[usz(n) * V];
+    if (targets_[n] < 0)
+      std::fill_n(lr, V, 0.0f);
+    else
+      cross_entropy_backward_row(lr, V, targets_[n], 1.0f / static_cast<float>(count));
+  }
+  Vec dxn(usz(N) * D), dx(usz(N) * D, 0.0f);
+  (reference_ ? matmul_dyw_ref : matmul_dyw)(logits_.data(), classifier().data(), dxn.data(), N, D, V, false);
+  rmsnorm_backward(x_final_.data(), rms_final_.data(), inv_rms_final_.data(), dxn.data(), dx.data(), N, D);
+
+  for (int l = cfg_.n_layers - 1; l >= 0; --l) {
+    if (checkpointing_) {
+      // Recompute this layer's activations from its saved input and rng state.
+      LayerCache& c = scratch();
+      c.x = caches_[l]->x;
+      std::mt19937_64 rng = layer_rng_[l];
+      Vec out(usz(N) * D);
+      layer_forward(l, out.data(), training_, rng, c);
+      peak_act_bytes_ = std::max(peak_act_bytes_, cached_bytes());
+      layer_backward(l, c, dx.data());
+    } else {
+      layer_backward(l, *caches_[l], dx.data());
+    }
+  }
+}
+//! [model-backward]
+
+LlamaModel::LayerCache& LlamaModel::scratch() {
+  if (!scratch_) scratch_ = std::make_unique<LayerCache>();
+  return *scratch_;
+}
+
+std::int64_t LlamaModel::cached_bytes() const {
+  std::int64_t n = 0;
+  for (const auto& c : caches_)
+    if (c) n += c->bytes();
+  if (scratch_) n += scratch_->bytes();
+  n += 4 * static_cast<std::int64_t>(x_final_.size() + inv_rms_final_.size() + xn_final_.size());
+  return n;
+}
+
+// --- generation ----------------------------------------------------------------------
+
+void LlamaModel::reset_kv() {
+  kcache_.assign(usz(cfg_.n_layers), Vec(usz(cfg_.seq_len) * cfg_.kv_dim()));
+  vcache_.assign(usz(cfg_.n_layers), Vec(usz(cfg_.seq_len) * cfg_.kv_dim()));
+}
+
+//! [decode-step]
+// One token through the same building blocks, attending to the cached keys/values of
+// all earlier positions instead of recomputing them.
+const std::vector<float>& LlamaModel::decode_step(int token, int pos) {
+  const int D = cfg_.dim, KV = cfg_.kv_dim(), HD = cfg_.hidden_dim, V = cfg_.vocab_size;
+  const int H = cfg_.n_heads, hs = cfg_.head_size(), group = cfg_.n_heads / cfg_.n_kv_heads;
+  if (token < 0 || token >= V) throw std::out_of_range("decode_step: token id " + std::to_string(token) + " out of range");
+  if (pos < 0 || pos >= cfg_.seq_len)
+    throw std::out_of_range("decode_step: position " + std::to_string(pos) + " outside [0, seq_len " +
+                            std::to_string(cfg_.seq_len) + ")");
+  if (kcache_.size() != usz(cfg_.n_layers)) reset_kv();
+  std::mt19937_64 no_dropout;  // eval mode: never drawn from
+  LoraCache lc;
+  Vec x(tok_emb_.begin() + static_cast<std::ptrdiff_t>(usz(token) * D),
+        tok_emb_.begin() + static_cast<std::ptrdiff_t>(usz(token + 1) * D));
+  Vec xn(usz(D)), q(usz(D)), o(usz(D)), tmp(usz(D)), h1(usz(HD)), h3(usz(HD)), p(usz(pos) + 1);
+  float inv = 0.0f;
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    const Layer& L = layers_[l];
+    float* kc = &kcache_[l][usz(pos) * KV];
+    float* vc = &vcache_[l][usz(pos) * KV];
+    rmsnorm_forward(x.data(), L.rms_att.data(), xn.data(), &inv, 1, D, cfg_.norm_eps);
+    linear(l, Proj::q, xn.data(), q.data(), 1, false, no_dropout, lc);
+    linear(l, Proj::k, xn.data(), kc, 1, false, no_dropout, lc);
+    linear(l, Proj::v, xn.data(), vc, 1, false, no_dropout, lc);
+    rope(q.data(), 1, 1, pos, H, hs, rope_cos_, rope_sin_, false);
+    rope(kc, 1, 1, pos, cfg_.n_kv_heads, hs, rope_cos_, rope_sin_, false);
+    for (int h = 0; h < H; ++h)
+      attend(&q[usz(h) * hs], &kcache_[l][usz(h / group) * hs], &vcache_[l][usz(h / group) * hs], pos + 1, KV, hs,
+             p.data(), &o[usz(h) * hs]);
+    linear(l, Proj::o, o.data(), tmp.data(), 1, false, no_dropout, lc);
+    for (int i = 0; i < D; ++i) x[i] += tmp[i];
+    rmsnorm_forward(x.data(), L.rms_ffn.data(), xn.data(), &inv, 1, D, cfg_.norm_eps);
+    linear(l, Proj::gate, xn.data(), h1.data(), 1, false, no_dropout, lc);
+    linear(l, Proj::up, xn.data(), h3.data(), 1, false, no_dropout, lc);
+    for (int i = 0; i < HD; ++i) h1[i] = silu(h1[i]) * h3[i];
+    linear(l, Proj::down, h1.data(), tmp.data(), 1, false, no_dropout, lc);
+    for (int i = 0; i < D; ++i) x[i] += tmp[i];
+  }
+  rmsnorm_forward(x.data(), rms_final_.data(), xn.data(), &inv, 1, D, cfg_.norm_eps);
+  dec_logits_.resize(usz(V));
+  (reference_ ? matmul_xwt_ref : matmul_xwt)(xn.data(), classifier().data(), dec_logits_.data(), 1, D, V, false);
+  return dec_logits_;
+}
+//! [decode-step]
+
+}  // namespace qlora
