@@ -80,7 +80,7 @@ class AdamW {
   std::span<const float> exp_avg_sq(std::size_t i) const { return v_.at(i); }
 
   /// Writes the state (step count, hyperparameters, m and v of every tensor as
-  /// "<name>.exp_avg" / "<name>.exp_avg_sq", F32) to a safetensors file, atomically.
+  /// "NAME.exp_avg" / "NAME.exp_avg_sq", F32) to a safetensors file, atomically.
   void save_state(const std::filesystem::path& path) const;
   /// Reads a state written by save_state. Throws std::runtime_error naming the file and the
   /// tensor when the file is unreadable or corrupt, was written by another optimizer, or does

@@ -82,8 +82,8 @@ class AdamW8bit {
   /// Total bytes of optimizer state held.
   std::size_t state_bytes() const;
 
-  /// Saves codes (U8) and absmax (F32) as "<name>.state1", "<name>.absmax1", "<name>.state2",
-  /// "<name>.absmax2" (or F32 "<name>.exp_avg"/".exp_avg_sq" for small tensors), atomically.
+  /// Saves codes (U8) and absmax (F32) as "NAME.state1", "NAME.absmax1", "NAME.state2",
+  /// "NAME.absmax2" (or F32 "NAME.exp_avg"/".exp_avg_sq" for small tensors), atomically.
   void save_state(const std::filesystem::path& path) const;
   /// Throws std::runtime_error naming the file and tensor on any mismatch; a failed load
   /// leaves the optimizer unchanged.

@@ -104,7 +104,7 @@ std::size_t unchanged(const std::vector<float>& after, const std::vector<float>&
 
 }  // namespace
 
-TEST_CASE("GPU AdamW 32-bit kernel matches adamw_update", "[ch06][gpu]") {
+TEST_CASE("ch06: GPU AdamW 32-bit kernel matches adamw_update", "[ch06][gpu]") {
   const std::size_t n = 1'000'003;
   const AdamWConfig cfg{0.9f, 0.999f, 1e-8f, 0.01f};
   const float lr = 2e-4f;
@@ -122,7 +122,7 @@ TEST_CASE("GPU AdamW 32-bit kernel matches adamw_update", "[ch06][gpu]") {
   CHECK_CLOSE("v", dv.host(), v, 1e-6);
 }
 
-TEST_CASE("GPU 8-bit blockwise AdamW kernel matches adamw8bit_update", "[ch06][gpu]") {
+TEST_CASE("ch06: GPU 8-bit blockwise AdamW kernel matches adamw8bit_update", "[ch06][gpu]") {
   const std::size_t n = 1'000'000 + 123;  // a partial last block
   const std::size_t blocks = (n + kOptimBlock - 1) / kOptimBlock;
   const AdamWConfig cfg{0.9f, 0.999f, 1e-8f, 0.01f};
@@ -164,7 +164,7 @@ TEST_CASE("GPU 8-bit blockwise AdamW kernel matches adamw8bit_update", "[ch06][g
   }
 }
 
-TEST_CASE("GPU optimizers follow the CPU optimizers over several steps, paged or not", "[ch06][gpu]") {
+TEST_CASE("ch06: GPU optimizers follow the CPU optimizers over several steps, paged or not", "[ch06][gpu]") {
   // A big tensor (8-bit states) and a small one (FP32 states in the 8-bit optimizer); the paged
   // runs page their states out after every step, so each step must page them back in.
   const std::size_t nb = 3 * kMin8bitSize + 100, ns = 1000;
@@ -211,7 +211,7 @@ TEST_CASE("GPU optimizers follow the CPU optimizers over several steps, paged or
   }
 }
 
-TEST_CASE("GPU global gradient norm and clipping match clip_grad_norm", "[ch06][gpu]") {
+TEST_CASE("ch06: GPU global gradient norm and clipping match clip_grad_norm", "[ch06][gpu]") {
   std::vector<std::vector<float>> host = {normal(3'000'001, 1e-2f, 31), normal(777, 1.0f, 32), {},
                                           normal(65'536, 0.1f, 33)};
   std::vector<std::unique_ptr<DeviceArray<float>>> dev;
@@ -238,7 +238,7 @@ TEST_CASE("GPU global gradient norm and clipping match clip_grad_norm", "[ch06][
   CHECK(dev[1]->host() == before);
 }
 
-TEST_CASE("Paged state: prefetch round trips keep every value", "[ch06][gpu][paged]") {
+TEST_CASE("ch06: Paged state: prefetch round trips keep every value", "[ch06][gpu][paged]") {
   const std::size_t n = std::size_t{64} << 20;  // 256 MiB of floats
   StateBuffer buf(n * sizeof(float), StatePlacement::Paged, "test buffer");
   auto* f = static_cast<float*>(buf.data());
@@ -257,7 +257,7 @@ TEST_CASE("Paged state: prefetch round trips keep every value", "[ch06][gpu][pag
   CHECK(back == pattern);
 }
 
-TEST_CASE("Paged state: page_out frees device memory, page_in takes it back", "[ch06][gpu][paged]") {
+TEST_CASE("ch06: Paged state: page_out frees device memory, page_in takes it back", "[ch06][gpu][paged]") {
   const std::size_t bytes = std::size_t{2} << 30;
   StateBuffer buf(bytes, StatePlacement::Paged, "2 GiB test state");
   CUDA_CHECK(cudaDeviceSynchronize());
@@ -275,7 +275,7 @@ TEST_CASE("Paged state: page_out frees device memory, page_in takes it back", "[
   CHECK(in + bytes / 10 * 9 <= out);
 }
 
-TEST_CASE("Paged state: a request above free memory is refused without allocating", "[ch06][gpu][paged]") {
+TEST_CASE("ch06: Paged state: a request above free memory is refused without allocating", "[ch06][gpu][paged]") {
   const DeviceMemory before = device_memory();
   const std::size_t too_much = before.free + (std::size_t{1} << 30);
   CHECK_THROWS_WITH(StateBuffer(too_much, StatePlacement::Paged, "huge state"),

@@ -76,7 +76,7 @@ struct AdamWDouble {
 
 }  // namespace
 
-TEST_CASE("AdamW: one step matches the hand-computed update", "[ch06][adamw]") {
+TEST_CASE("ch06: AdamW: one step matches the hand-computed update", "[ch06][adamw]") {
   // Step 1 with β1 = 0.9, β2 = 0.999: m = 0.1 g, v = 0.001 g², m̂ = g, v̂ = g², so
   // p ← p(1 − lr·λ) − lr · g / (|g| + ε).
   std::vector<float> p = {1.0f, -2.0f}, g = {0.5f, -0.1f};
@@ -90,7 +90,7 @@ TEST_CASE("AdamW: one step matches the hand-computed update", "[ch06][adamw]") {
   CHECK(opt.steps() == 1);
 }
 
-TEST_CASE("AdamW: bias correction makes every step of a constant gradient move by lr", "[ch06][adamw]") {
+TEST_CASE("ch06: AdamW: bias correction makes every step of a constant gradient move by lr", "[ch06][adamw]") {
   // With a constant gradient g, m_t = (1 − β1ᵗ) g and v_t = (1 − β2ᵗ) g², so the corrected
   // m̂ = g and v̂ = g² at every t and each step moves p by lr·g/(|g| + ε) ≈ lr, whatever |g| is.
   // Without the correction the first step would move by lr·(1 − β1)/√(1 − β2) ≈ 3.16·lr.
@@ -106,7 +106,7 @@ TEST_CASE("AdamW: bias correction makes every step of a constant gradient move b
   }
 }
 
-TEST_CASE("AdamW: weight decay is decoupled from the gradient", "[ch06][adamw]") {
+TEST_CASE("ch06: AdamW: weight decay is decoupled from the gradient", "[ch06][adamw]") {
   // A zero gradient leaves m = v = 0 and the Adam term 0/(0 + ε) = 0, so only the decay acts:
   // p_k = p_0 (1 − lr·λ)^k exactly as AdamW (not Adam with L2, which would scale it by 1/ε).
   std::vector<float> p = {2.0f, -0.5f}, g = {0.0f, 0.0f};
@@ -116,7 +116,7 @@ TEST_CASE("AdamW: weight decay is decoupled from the gradient", "[ch06][adamw]")
   CHECK(p[1] == Approx(-0.5 * std::pow(1 - 0.05 * 0.1, 10)).epsilon(1e-6));
 }
 
-TEST_CASE("AdamW: 300-step trajectory on a quadratic matches an independent FP64 AdamW", "[ch06][adamw]") {
+TEST_CASE("ch06: AdamW: 300-step trajectory on a quadratic matches an independent FP64 AdamW", "[ch06][adamw]") {
   const Quadratic q(64, 7);
   const AdamWConfig cfg{0.9f, 0.999f, 1e-8f, 0.01f};
   std::vector<float> p(64), g(64);
@@ -143,7 +143,7 @@ TEST_CASE("AdamW: 300-step trajectory on a quadratic matches an independent FP64
   CHECK(q.loss(pd) < 0.05 * loss0);  // the trajectory actually optimizes
 }
 
-TEST_CASE("clip_grad_norm: torch semantics over all tensors", "[ch06][clip]") {
+TEST_CASE("ch06: clip_grad_norm: torch semantics over all tensors", "[ch06][clip]") {
   std::vector<float> g1 = {3.0f, 4.0f}, g2 = {12.0f};  // global norm 13
   std::vector<std::span<float>> gs = {g1, g2};
   const double norm = clip_grad_norm(gs, 0.3);
@@ -164,7 +164,7 @@ TEST_CASE("clip_grad_norm: torch semantics over all tensors", "[ch06][clip]") {
   CHECK_THROWS_AS(clip_grad_norm(hs, 0.0), std::invalid_argument);
 }
 
-TEST_CASE("AdamW: state save/load round trip continues bit-identically", "[ch06][adamw][state]") {
+TEST_CASE("ch06: AdamW: state save/load round trip continues bit-identically", "[ch06][adamw][state]") {
   const auto dir = temp_dir("state");
   const Quadratic q(300, 3);
   std::vector<float> p(300, 0.25f), g(300), p2, g2(300);
@@ -189,7 +189,7 @@ TEST_CASE("AdamW: state save/load round trip continues bit-identically", "[ch06]
   fs::remove_all(dir);
 }
 
-TEST_CASE("AdamW: bad state files give clear errors and leave the optimizer unchanged", "[ch06][adamw][state]") {
+TEST_CASE("ch06: AdamW: bad state files give clear errors and leave the optimizer unchanged", "[ch06][adamw][state]") {
   const auto dir = temp_dir("badstate");
   std::vector<float> p(10, 1.0f), g(10, 0.5f);
   AdamW a({{"w", p.data(), g.data(), 10}});
@@ -228,7 +228,7 @@ TEST_CASE("AdamW: bad state files give clear errors and leave the optimizer unch
   fs::remove_all(dir);
 }
 
-TEST_CASE("AdamW: invalid parameter lists are rejected", "[ch06][adamw]") {
+TEST_CASE("ch06: AdamW: invalid parameter lists are rejected", "[ch06][adamw]") {
   std::vector<float> p(4), g(4);
   CHECK_THROWS_AS(AdamW({{"", p.data(), g.data(), 4}}), std::invalid_argument);
   CHECK_THROWS_AS(AdamW({{"w", nullptr, g.data(), 4}}), std::invalid_argument);
@@ -240,7 +240,7 @@ TEST_CASE("AdamW: invalid parameter lists are rejected", "[ch06][adamw]") {
 // 8-bit blockwise AdamW
 // ---------------------------------------------------------------------------------------
 
-TEST_CASE("8-bit states: blockwise round trip rounds to the nearest code", "[ch06][adamw8bit]") {
+TEST_CASE("ch06: 8-bit states: blockwise round trip rounds to the nearest code", "[ch06][adamw8bit]") {
   // States of a realistic shape: m ~ N(0, σ²) with σ varying per block, v = m²-like positive.
   std::mt19937 rng(11);
   std::normal_distribution<float> nd;
@@ -286,7 +286,7 @@ TEST_CASE("8-bit states: blockwise round trip rounds to the nearest code", "[ch0
   }
 }
 
-TEST_CASE("8-bit states: the sign fix keeps tiny negative momenta negative", "[ch06][adamw8bit]") {
+TEST_CASE("ch06: 8-bit states: the sign fix keeps tiny negative momenta negative", "[ch06][adamw8bit]") {
   const auto& map = adam8bit_map1();
   const std::uint8_t plain = quantize_dynamic(-1e-9f, map);
   CHECK(map[plain] == 0.0f);  // nearest code is zero ...
@@ -296,7 +296,7 @@ TEST_CASE("8-bit states: the sign fix keeps tiny negative momenta negative", "[c
   CHECK(map[requantize_state(0.0f, 0.0f, map, true)] == 0.0f);  // an all-zero block
 }
 
-TEST_CASE("8-bit AdamW: the first step equals FP32 AdamW (updates use the unquantized states)",
+TEST_CASE("ch06: 8-bit AdamW: the first step equals FP32 AdamW (updates use the unquantized states)",
           "[ch06][adamw8bit]") {
   // At step 1 the dequantized old states are exactly 0, so the float states of the step are
   // exactly FP32 AdamW's; the parameter update uses them before requantization, so the two
@@ -331,7 +331,7 @@ TEST_CASE("8-bit AdamW: the first step equals FP32 AdamW (updates use the unquan
   for (std::size_t i = 0; i < n; ++i) CHECK(std::abs(m8[i] - m32[i]) <= 0.00704f * ab[i / kOptimBlock]);
 }
 
-TEST_CASE("8-bit AdamW: trajectory stays close to FP32 AdamW on a noisy quadratic", "[ch06][adamw8bit]") {
+TEST_CASE("ch06: 8-bit AdamW: trajectory stays close to FP32 AdamW on a noisy quadratic", "[ch06][adamw8bit]") {
   // Stochastic gradients, as in training: g = a(p − c) + 0.1·ξ with the same noise ξ for both
   // optimizers; curvatures a in [0.1, 10].
   const std::size_t n = 3 * kMin8bitSize + 77;  // a partial last block too
@@ -372,7 +372,7 @@ TEST_CASE("8-bit AdamW: trajectory stays close to FP32 AdamW on a noisy quadrati
   CHECK(worst_dist < 0.1);
 }
 
-TEST_CASE("8-bit AdamW: second moments below 1e-7 of the block absmax quantize to zero", "[ch06][adamw8bit]") {
+TEST_CASE("ch06: 8-bit AdamW: second moments below 1e-7 of the block absmax quantize to zero", "[ch06][adamw8bit]") {
   // The limit of blockwise 8-bit states: the unsigned dynamic map spans seven decades, so a
   // coordinate whose g² is 1e-8 of its block's largest is stored as v = 0 and its next update
   // is m/(0 + ε)-sized: the step of that coordinate is no longer bounded by ≈ lr.
@@ -386,7 +386,7 @@ TEST_CASE("8-bit AdamW: second moments below 1e-7 of the block absmax quantize t
   CHECK(v[kOptimBlock] == Approx(1e-11).epsilon(0.01));  // the next block has its own absmax
 }
 
-TEST_CASE("8-bit AdamW: memory is 2.03 bytes per parameter instead of 8", "[ch06][adamw8bit]") {
+TEST_CASE("ch06: 8-bit AdamW: memory is 2.03 bytes per parameter instead of 8", "[ch06][adamw8bit]") {
   const std::size_t n = std::size_t{1} << 20;
   CHECK(adam8bit_state_bytes(n) == 2 * n + 2 * (n / 256) * 4);
   CHECK(double(adam8bit_state_bytes(n)) / double(n) == 2.03125);
@@ -398,7 +398,7 @@ TEST_CASE("8-bit AdamW: memory is 2.03 bytes per parameter instead of 8", "[ch06
   CHECK(opt.state_bytes() == adam8bit_state_bytes(p.size()) + 800);
 }
 
-TEST_CASE("8-bit AdamW: state save/load round trip and bad files", "[ch06][adamw8bit][state]") {
+TEST_CASE("ch06: 8-bit AdamW: state save/load round trip and bad files", "[ch06][adamw8bit][state]") {
   const auto dir = temp_dir("state8");
   const std::size_t n = kMin8bitSize + 300;
   const Quadratic q(n + 50, 9);
