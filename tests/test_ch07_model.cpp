@@ -376,3 +376,53 @@ TEST_CASE("llama2.c .bin and the Hugging Face folder give identical logits (kjv1
   mf.forward(tokens.data(), nullptr, B, T, false, rng);
   CHECK(max_abs_diff(mf.logits(), mh.logits()) < 0.05 * max_abs(mf.logits()));
 }
+
+TEST_CASE("tokenizers: SentencePiece round trip and llama2.c's tokenizer.bin agree", "[ch07][tokenizer]") {
+  const auto model = find_model("tokenizer.model");
+  const auto bin = find_model("tokenizer.bin");
+  if (!model || !bin) {
+    WARN("tokenizer.model or tokenizer.bin not found; skipping");
+    return;
+  }
+  const SentencePieceTokenizer sp(*model);
+  const Llama2cTokenizer l2(*bin);
+  CHECK(sp.vocab_size() == 32000);
+  CHECK(l2.vocab_size() == 32000);
+  const std::string line = "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.";
+  const std::vector<int> ids = sp.encode(line);
+  CHECK(ids.front() != sp.bos_id());  // no BOS added: the caller puts id 1 in front
+  CHECK(sp.decode(ids) == line);
+  CHECK(l2.encode(line) == ids);
+  CHECK(l2.decode(ids) == line);
+  // Streaming with decode_piece after BOS gives the same text.
+  std::string streamed;
+  int prev = sp.bos_id();
+  for (int id : ids) {
+    streamed += sp.decode_piece(prev, id);
+    prev = id;
+  }
+  CHECK(streamed == line);
+  // Newlines have no piece: both fall back to the byte token <0x0A> = id 13.
+  CHECK(std::count(ids.begin(), ids.end(), 13) == 2);
+  // Characters outside the vocabulary go through bytes and come back intact.
+  const std::string rare = "naïve café — 日本語 🙂";
+  CHECK(sp.decode(sp.encode(rare)) == rare);
+  CHECK(l2.decode(l2.encode(rare)) == rare);
+
+  // On a longer real text the two encoders should agree token for token.
+  if (const auto data = find_data("tinyshakespeare.txt")) {
+    std::ifstream f(*data);
+    std::string text(20000, '\0');
+    f.read(text.data(), static_cast<std::streamsize>(text.size()));
+    text.resize(static_cast<std::size_t>(f.gcount()));
+    const auto a = sp.encode(text), b = l2.encode(text);
+    INFO("SentencePiece " << a.size() << " tokens, llama2.c " << b.size() << " tokens");
+    CHECK(a == b);
+    CHECK(sp.decode(a) == text);
+  }
+
+  CHECK_THROWS_WITH(SentencePieceTokenizer("/nonexistent/tok.model"), Catch::Contains("/nonexistent/tok.model"));
+  CHECK_THROWS_WITH(Llama2cTokenizer(*bin, 32001), Catch::Contains("truncated"));
+  CHECK_THROWS_WITH(Llama2cTokenizer(*bin, 31999), Catch::Contains("bytes left"));
+  CHECK_THROWS_WITH(SentencePieceTokenizer(*bin), Catch::Contains(bin->string()));  // not a SentencePiece model
+}
