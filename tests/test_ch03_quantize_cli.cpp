@@ -3,6 +3,7 @@
 // of the same input, report bits/parameter measured from the stored bytes, round-trip
 // through dequantize, and refuse bad flags naming the flag.
 #include "bf16.hpp"
+#include "file_helpers.hpp"
 #include "hf_llama.hpp"
 #include "llama2c.hpp"
 #include "quant4_file.hpp"
@@ -20,15 +21,12 @@
 #include <unistd.h>
 
 using namespace qlora;
+using test::model_or_warn;
 namespace fs = std::filesystem;
 
 namespace {
 
-fs::path temp_path(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("qlora_test_ch03_cli_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  return dir / name;
-}
+fs::path temp_path(const std::string& name) { return test::temp_path("test_ch03_cli", name); }
 
 struct RunResult {
   int rc;
@@ -96,11 +94,6 @@ nlohmann::json read_json(const fs::path& p) {
   return nlohmann::json::parse(in);
 }
 
-std::optional<fs::path> model_or_warn(const std::string& name) {
-  auto p = find_model(name);
-  if (!p) WARN("skipped: model '" << name << "' not found in the model search path (see scripts/fetch_models.sh)");
-  return p;
-}
 
 }  // namespace
 

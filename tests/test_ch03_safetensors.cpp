@@ -1,6 +1,7 @@
 // Chapter 3: the safetensors container. Round trips, the reference writer's layout
 // (dtype-aligned data, header padded to 8 bytes), exact F16 decoding, and a clear
 // error naming the file and the tensor for every kind of corrupt or truncated file.
+#include "file_helpers.hpp"
 #include "safetensors.hpp"
 
 #include <catch2/catch.hpp>
@@ -14,25 +15,13 @@
 #include <unistd.h>
 
 using namespace qlora;
+using test::read_bytes;
+using test::write_bytes;
 namespace fs = std::filesystem;
 
 namespace {
 
-fs::path temp_path(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("qlora_test_ch03_st_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
-  return dir / name;
-}
-
-std::vector<std::uint8_t> read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-void write_bytes(const fs::path& p, const std::vector<std::uint8_t>& b) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
-}
+fs::path temp_path(const std::string& name) { return test::temp_path("test_ch03_st", name); }
 
 // A file made by hand: u64 length (the header's own unless overridden), header, data.
 fs::path craft(const std::string& name, const std::string& header, std::size_t data_bytes,

@@ -2,6 +2,7 @@
 // Face folders (kjv15M-hf against kjv15M.bin), the RoPE row permutation between the
 // two conventions, and clear errors on corrupt checkpoints.
 #include "bf16.hpp"
+#include "file_helpers.hpp"
 #include "hf_llama.hpp"
 #include "llama2c.hpp"
 #include "safetensors.hpp"
@@ -16,30 +17,17 @@
 #include <unistd.h>
 
 using namespace qlora;
+using test::model_or_warn;
+using test::read_bytes;
+using test::write_bytes;
 namespace fs = std::filesystem;
 
 namespace {
 
 fs::path temp_dir(const std::string& name) {
-  auto dir = fs::temp_directory_path() / ("qlora_test_ch07_ck_" + std::to_string(::getpid())) / name;
+  auto dir = test::temp_path("test_ch07_ck", name);
   fs::create_directories(dir);
   return dir;
-}
-
-std::vector<std::uint8_t> read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-void write_bytes(const fs::path& p, const std::vector<std::uint8_t>& b) {
-  std::ofstream out(p, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
-}
-
-std::optional<fs::path> model_or_warn(const std::string& name) {
-  auto p = find_model(name);
-  if (!p) WARN("skipped: model '" << name << "' not found in the model search path (see scripts/fetch_models.sh)");
-  return p;
 }
 
 std::vector<float> random_vec(std::size_t n, std::mt19937& rng) {
