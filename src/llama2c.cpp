@@ -71,6 +71,10 @@ LlamaCheckpoint read_llama2c(const std::filesystem::path& path) {
   std::int32_t h[7];
   if (file_bytes < sizeof h || !in.read(reinterpret_cast<char*>(h), sizeof h))
     throw std::runtime_error(file + ": shorter than the 28-byte header");
+  // llama2.c's newer export formats (export.py --version 1, 2) start with the uint32 magic 0x616b3432 ("ak42").
+  if (h[0] == 0x616b3432)
+    throw std::runtime_error(file + ": llama2.c export version " + std::to_string(h[1]) +
+                             " (magic \"ak42\") is not supported; export with --version 0 (the legacy format)");
   LlamaCheckpoint ck;
   LlamaConfig& c = ck.config;
   c.dim = h[0];

@@ -136,6 +136,7 @@ TEST_CASE("llama2.c reader: corrupt headers and sizes are rejected naming the fi
       {"huge.bin", with_header(2, 1 << 30), "describes more bytes"},
       {"unshared.bin", with_header(5, -512), "describes"},
       {"truncated.bin", std::vector<std::uint8_t>(orig.begin(), orig.end() - 4), "but the file has"},
+      {"v1export.bin", with_header(0, 0x616b3432), "export version"},
       {"tiny.bin", std::vector<std::uint8_t>(orig.begin(), orig.begin() + 12), "28-byte header"},
   };
   for (const auto& c : cases) {
