@@ -29,7 +29,7 @@ std::string torch_dtype_name(DType d);
 /// which is what json.dumps writes for a float.
 std::string python_float_repr(double v);
 
-/// The JSON text bitsandbytes stores in X.quant_state.bitsandbytes__<type>.
+/// The JSON text bitsandbytes stores in X.quant_state.bitsandbytes__nf4 (or __fp4).
 std::string quant_state_json(const Quant4Tensor& q, DType original_dtype);
 
 /// Adds the parts of q under the name `name` to st (overwriting any present).

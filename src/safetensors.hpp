@@ -56,7 +56,7 @@ struct SafeTensors {
 };
 
 SafeTensors read_safetensors(const std::filesystem::path& path);
-/// Writes atomically: to "<path>.tmp", then rename over path. Throws std::invalid_argument
+/// Writes atomically: to path + ".tmp", then rename over path. Throws std::invalid_argument
 /// naming the tensor whose byte size does not match dtype × shape.
 void write_safetensors(const std::filesystem::path& path, const SafeTensors& st);
 

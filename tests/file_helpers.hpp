@@ -17,7 +17,7 @@
 
 namespace qlora::test {
 
-/// <tmp>/qlora_<group>_<pid>/<name>, the folder created.
+/// A file name in the per-process folder qlora_GROUP_PID of the system temp folder (created).
 inline std::filesystem::path temp_path(const std::string& group, const std::string& name) {
   auto dir = std::filesystem::temp_directory_path() / ("qlora_" + group + "_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
