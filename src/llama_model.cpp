@@ -295,7 +295,8 @@ void rope(float* v, int N, int T, int pos0, int n_heads, int hs, const Vec& cos_
 void attend(const float* q, const float* K, const float* V, int n_keys, int stride, int hs, float* p, float* out) {
   const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
   double mx = -INFINITY;
-  std::vector<double> sc(usz(n_keys));
+  thread_local std::vector<double> sc;  // scores, reused across calls
+  sc.resize(usz(n_keys));
   for (int s = 0; s < n_keys; ++s) {
     double d = 0.0;
     for (int i = 0; i < hs; ++i) d += static_cast<double>(q[i]) * K[usz(s) * stride + i];
@@ -316,11 +317,12 @@ float silu(float z) { return z / (1.0f + std::exp(-z)); }
 
 void cross_entropy_backward_row(float* logits, int V, int target, float weight) {
   // Overwrites one row of logits with d(loss)/d(logits) = weight·(softmax − onehot).
-  float mx = *std::max_element(logits, logits + V);
+  // float exp (the vocabulary is large; each term has relative error ~1e-7), sums in double.
+  const float mx = *std::max_element(logits, logits + V);
   double sum = 0.0;
-  for (int v = 0; v < V; ++v) sum += std::exp(static_cast<double>(logits[v]) - mx);
-  for (int v = 0; v < V; ++v)
-    logits[v] = static_cast<float>(weight * std::exp(static_cast<double>(logits[v]) - mx) / sum);
+  for (int v = 0; v < V; ++v) sum += (logits[v] = std::exp(logits[v] - mx));
+  const float w = static_cast<float>(weight / sum);
+  for (int v = 0; v < V; ++v) logits[v] *= w;
   logits[target] -= weight;
 }
 
@@ -655,9 +657,9 @@ float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, b
   for (int n = 0; n < N && targets; ++n) {
     if (targets[n] < 0) continue;
     const float* lr = &logits_[usz(n) * V];
-    const double mx = *std::max_element(lr, lr + V);
+    const float mx = *std::max_element(lr, lr + V);
     double sum = 0.0;
-    for (int v = 0; v < V; ++v) sum += std::exp(lr[v] - mx);
+    for (int v = 0; v < V; ++v) sum += std::exp(lr[v] - mx);  // float exp, double sum
     loss += mx + std::log(sum) - lr[targets[n]];
     ++count;
   }
