@@ -426,3 +426,127 @@ TEST_CASE("tokenizers: SentencePiece round trip and llama2.c's tokenizer.bin agr
   CHECK_THROWS_WITH(Llama2cTokenizer(*bin, 31999), Catch::Contains("bytes left"));
   CHECK_THROWS_WITH(SentencePieceTokenizer(*bin), Catch::Contains(bin->string()));  // not a SentencePiece model
 }
+
+namespace {
+
+std::vector<float> read_fixture_f32(const std::filesystem::path& dir, const nlohmann::json& desc) {
+  const auto path = dir / desc.at("file").get<std::string>();
+  std::size_t n = 1;
+  for (auto d : desc.at("shape")) n *= d.get<std::size_t>();
+  std::ifstream f(path, std::ios::binary);
+  REQUIRE(f.good());
+  std::vector<float> v(n);
+  f.read(reinterpret_cast<char*>(v.data()), static_cast<std::streamsize>(n * sizeof(float)));
+  REQUIRE(static_cast<std::size_t>(f.gcount()) == n * sizeof(float));
+  return v;
+}
+
+// The LoRA values of tools/make_llama_fixtures.py, in Hugging Face's row order.
+void fill_fixture_lora(LlamaModel& m) {
+  const LlamaConfig& c = m.config();
+  for (int l = 0; l < c.n_layers; ++l)
+    for (int k = 0; k < kNumProj; ++k) {
+      LoraAdapter& a = *m.adapter(l, kAllProj[static_cast<std::size_t>(k)]);
+      const int mi = 7 * l + k;
+      for (int i = 0; i < a.r; ++i)
+        for (int j = 0; j < a.in; ++j)
+          a.A[static_cast<std::size_t>(i * a.in + j)] = static_cast<float>(0.05 * std::sin(0.1 * (i * a.in + j) + mi));
+      for (int i = 0; i < a.out; ++i)
+        for (int j = 0; j < a.r; ++j)
+          a.B[static_cast<std::size_t>(i * a.r + j)] = static_cast<float>(0.05 * std::cos(0.1 * (i * a.r + j) + 2 * mi));
+      // Our q/k rows follow llama2.c's interleaved RoPE order: so must the rows of their B.
+      if (k == 0) a.B = rope_half_to_interleaved(a.B, c.n_heads, a.r);
+      if (k == 1) a.B = rope_half_to_interleaved(a.B, c.n_kv_heads, a.r);
+    }
+}
+
+// Max |a - b| over max |b|.
+double rel_max_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  return max_abs_diff(a, b) / std::max(max_abs(b), 1e-30);
+}
+
+}  // namespace
+
+TEST_CASE("model matches PyTorch/transformers + PEFT fixtures (logits, loss, LoRA gradients)", "[ch07][model][fixtures]") {
+  const std::filesystem::path dir = std::filesystem::path(QLORA_FIXTURES_DIR) / "llama";
+  if (!std::filesystem::exists(dir / "index.json")) {
+    WARN("no " << (dir / "index.json").string()
+               << ": run tools/make_llama_fixtures.py where torch/transformers/peft are installed; "
+                  "fixture comparison skipped");
+    return;
+  }
+  nlohmann::json index;
+  std::ifstream(dir / "index.json") >> index;
+  REQUIRE(index.at("cases").size() >= 2);
+  for (const auto& cs : index.at("cases")) {
+    const std::string name = cs.at("name");
+    const auto path = find_model(cs.at("model").get<std::string>());
+    if (!path) {
+      WARN("model " << cs.at("model") << " not found; fixture case " << name << " skipped");
+      continue;
+    }
+    SECTION(name) {
+      LlamaModel m(load_llama_weights(*path), BaseStorage::float32);
+      const int B = cs.at("B"), T = cs.at("T"), V = m.config().vocab_size;
+      REQUIRE(cs.at("vocab_size").get<int>() == V);
+      std::vector<int> inputs, targets;
+      for (const auto& row : cs.at("tokens")) {
+        const std::vector<int> ids = row.get<std::vector<int>>();
+        REQUIRE(static_cast<int>(ids.size()) == T + 1);
+        inputs.insert(inputs.end(), ids.begin(), ids.end() - 1);
+        targets.insert(targets.end(), ids.begin() + 1, ids.end());
+      }
+      auto pick = [&](const std::vector<float>& logits, const nlohmann::json& positions) {
+        std::vector<float> out;
+        for (int b = 0; b < B; ++b)
+          for (int t : positions.get<std::vector<int>>()) {
+            const auto off = static_cast<std::ptrdiff_t>((static_cast<std::size_t>(b) * T + t) * V);
+            out.insert(out.end(), logits.begin() + off, logits.begin() + off + V);
+          }
+        return out;
+      };
+      // Tolerance: both sides are float32 with different summation orders and RoPE tables
+      // (transformers builds cos/sin from float32 angles, we from double): relative errors
+      // of ~1e-6 per operation that grow through 5-6 layers to ~1e-5 of the logit scale.
+      // A wrong permutation, head grouping or scale gives O(1) differences.
+      std::mt19937_64 rng(0);
+      const double loss = m.forward(inputs.data(), targets.data(), B, T, false, rng);
+      const double logit_err = rel_max_diff(pick(m.logits(), cs.at("logit_positions")), read_fixture_f32(dir, cs.at("logits")));
+      INFO(name << ": loss " << loss << " vs " << cs.at("loss").get<double>() << ", logits rel max diff " << logit_err);
+      CHECK(std::fabs(loss - cs.at("loss").get<double>()) < 1e-5 * cs.at("loss").get<double>());
+      CHECK(logit_err < 1e-4);
+
+      const auto& lj = cs.at("lora");
+      LoraSetup setup;
+      setup.config.r = lj.at("r");
+      setup.config.alpha = lj.at("alpha");
+      setup.config.dropout = 0.0f;
+      m.add_lora(setup, rng);
+      fill_fixture_lora(m);
+      m.zero_grad();
+      const double lora_loss = m.forward(inputs.data(), targets.data(), B, T, true, rng);
+      const double lora_logit_err =
+          rel_max_diff(pick(m.logits(), lj.at("logit_positions")), read_fixture_f32(dir, lj.at("logits")));
+      INFO("LoRA loss " << lora_loss << " vs " << lj.at("loss").get<double>() << ", logits rel max diff " << lora_logit_err);
+      CHECK(std::fabs(lora_loss - loss) > 1e-3);  // the adapters change the model
+      CHECK(std::fabs(lora_loss - lj.at("loss").get<double>()) < 1e-5 * lj.at("loss").get<double>());
+      CHECK(lora_logit_err < 1e-4);
+      m.backward();
+      for (const auto& g : lj.at("grads")) {
+        const std::string module = g.at("module");
+        const int layer = std::stoi(module.substr(std::string("model.layers.").size()));
+        const Proj p = parse_proj(module.substr(module.rfind('.') + 1));
+        const LoraAdapter& a = *m.adapter(layer, p);
+        std::vector<float> dB = a.dB;
+        if (p == Proj::q) dB = rope_interleaved_to_half(dB, m.config().n_heads, a.r);
+        if (p == Proj::k) dB = rope_interleaved_to_half(dB, m.config().n_kv_heads, a.r);
+        const double ea = rel_max_diff(a.dA, read_fixture_f32(dir, g.at("dA")));
+        const double eb = rel_max_diff(dB, read_fixture_f32(dir, g.at("dB")));
+        INFO(module << ": dA rel max diff " << ea << ", dB rel max diff " << eb);
+        // Gradients sum B·T products more than the logits do; 1e-3 of the largest entry.
+        CHECK(ea < 1e-3);
+        CHECK(eb < 1e-3);
+      }
+    }
+  }
+}
