@@ -1,0 +1,220 @@
+// The fused 4-bit GEMV (chapter 5). See gemv4.cuh.
+// CPU reference: matmul_xwt_ref() on dequantize_4bit_bf16() weights.
+#include "gemv4.cuh"
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace qlora::cuda {
+
+constexpr int kGemvThreads = 256;
+constexpr int kGemvWarps = kGemvThreads / 32;
+
+static __device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+//! [gemv-naive]
+/// Version 1: one warp per output row; lane l takes values l, l + 32, ... of the row,
+/// decodes each one exactly as the dequantize kernel does (bf16-rounded weight), and
+/// the warp adds up its 32 partial sums with shuffles. Any shape; slow: 1-byte
+/// loads, and every value re-decodes its block's scale.
+__global__ void gemv4_naive_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y,
+                                   int out, int in, int tokens) {
+  const int row = blockIdx.x * kGemvWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= out) return;
+  float acc[kMaxGemvTokens] = {};
+  for (int i = lane; i < in; i += 32) {
+    const std::int64_t flat = static_cast<std::int64_t>(row) * in + i;
+    const std::uint8_t byte = q.packed[flat >> 1];
+    const int code = (flat & 1) ? byte & 0x0f : byte >> 4;
+    const float absmax = block_absmax_d(q, q.nested_map, flat >> q.log2_blocksize);
+    const float w = __bfloat162float(__float2bfloat16_rn(dequant_value_d(q.table[code], absmax)));
+#pragma unroll
+    for (int t = 0; t < kMaxGemvTokens; ++t) {
+      if (t < tokens) acc[t] = fmaf(__bfloat162float(x[static_cast<std::int64_t>(t) * in + i]), w, acc[t]);
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < kMaxGemvTokens; ++t) {
+    const float sum = warp_sum(acc[t]);
+    if (t < tokens && lane == 0) y[static_cast<std::int64_t>(t) * out + row] = __float2bfloat16_rn(sum);
+  }
+}
+//! [gemv-naive]
+
+//! [gemv-swizzle]
+/// x lives in shared memory as 16-byte chunks. Lane l reads chunk 4l + j at step j, a
+/// 64-byte stride that would put 8 lanes on 2 of the 8 bank groups (4-way conflicts).
+/// XOR-ing the chunk's position inside its 128-byte row with the row number spreads
+/// any 8 consecutive lanes over all 8 groups; it only permutes chunks within a row.
+static __device__ __forceinline__ int swizzle(int chunk) { return chunk ^ ((chunk >> 3) & 7); }
+//! [gemv-swizzle]
+
+static __device__ __forceinline__ std::uint32_t word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+//! [gemv-fused]
+/// Version 2. The block copies x (kTokens × in bf16) into shared memory once and then
+/// walks rows; each warp takes kRows rows at a time. Lane l loads 16 bytes of codes
+/// (32 values) per row, one coalesced 512-byte transaction per warp, and multiplies
+/// them against x in registers. The block scale multiplies the chunk's partial sum
+/// once, instead of every weight: Σ x·(t·a) = a·Σ x·t, a float32 reassociation well
+/// inside the bf16 tolerance (the test argues it). A warp-shuffle tree adds the lanes.
+template <int kTokens, int kRows>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv4_fused_kernel(Quant4View q, const uint4* __restrict__ x, __nv_bfloat16* __restrict__ y, int out, int in) {
+  extern __shared__ uint4 s_x[];
+  __shared__ float s_table[16];
+  __shared__ float s_map[256];
+  const int x_row_chunks = in / 8;  // 16-byte chunks of x per token
+  for (int g = threadIdx.x; g < kTokens * x_row_chunks; g += kGemvThreads) s_x[swizzle(g)] = x[g];
+  if (threadIdx.x < 16) s_table[threadIdx.x] = q.table[threadIdx.x];
+  if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kGemvThreads == 256
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int row_chunks = in / 32;  // 16-byte chunks of codes per row
+  const auto* codes = reinterpret_cast<const uint4*>(q.packed);
+  for (int row0 = (blockIdx.x * kGemvWarps + warp) * kRows; row0 < out; row0 += gridDim.x * kGemvWarps * kRows) {
+    float acc[kRows][kTokens] = {};
+    for (int c = lane; c < row_chunks; c += 32) {
+      uint4 w[kRows];
+      float absmax[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        // Past the last row, re-read the last row (always valid); its sum is never stored.
+        const std::int64_t chunk = static_cast<std::int64_t>(min(row0 + r, out - 1)) * row_chunks + c;
+        w[r] = codes[chunk];
+        absmax[r] = block_absmax_d(q, s_map, (chunk * 32) >> q.log2_blocksize);
+      }
+      float part[kRows][kTokens] = {};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // code word j: 4 bytes = values 8j .. 8j+7 of the chunk
+        uint4 xv[kTokens];           // the same 8 values of x, for every token
+#pragma unroll
+        for (int t = 0; t < kTokens; ++t) xv[t] = s_x[swizzle(t * x_row_chunks + 4 * c + j)];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const std::uint32_t word = word_of(w[r], j);
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {  // byte m: high nibble = value 2m, low nibble = value 2m+1
+            const float w_first = s_table[(word >> (8 * m + 4)) & 0x0f];
+            const float w_second = s_table[(word >> (8 * m)) & 0x0f];
+#pragma unroll
+            for (int t = 0; t < kTokens; ++t) {
+              const std::uint32_t xw = word_of(xv[t], m);  // bf16 pair: value 2m low, 2m+1 high
+              part[r][t] = fmaf(w_first, __uint_as_float(xw << 16), part[r][t]);
+              part[r][t] = fmaf(w_second, __uint_as_float(xw & 0xffff0000u), part[r][t]);
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int t = 0; t < kTokens; ++t) acc[r][t] = fmaf(part[r][t], absmax[r], acc[r][t]);
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int t = 0; t < kTokens; ++t) {
+        const float sum = warp_sum(acc[r][t]);
+        if (lane == 0 && row0 + r < out) y[static_cast<std::int64_t>(t) * out + row0 + r] = __float2bfloat16_rn(sum);
+      }
+  }
+}
+//! [gemv-fused]
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+/// Shared-memory bytes for x: whole 128-byte rows, so the swizzle stays in bounds.
+static std::size_t fused_smem_bytes(std::int64_t in, int tokens) {
+  const std::int64_t chunks = tokens * in / 8;
+  return static_cast<std::size_t>((chunks + 7) / 8 * 8 * 16);
+}
+
+static int device_int(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
+// Static shared memory of the fused kernel: the two tables (16 + 256 floats).
+constexpr std::size_t kFusedStaticSmem = (16 + 256) * sizeof(float);
+
+bool gemv4_fused_supported(const DeviceQuant4& W, int tokens) {
+  const std::int64_t in = W.cols("gemv4");
+  if (tokens < 1 || tokens > kMaxGemvTokens || in % 32 != 0 || in == 0) return false;
+  const auto limit = static_cast<std::size_t>(device_int(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+  return fused_smem_bytes(in, tokens) + kFusedStaticSmem <= limit;
+}
+
+template <int kTokens>
+static void launch_fused(const Quant4View& v, const bf16* x, bf16* y, int out, int in, cudaStream_t stream) {
+  // Two rows per warp share each x load once there is more than one token to amortize.
+  constexpr int kRows = kTokens == 1 ? 1 : 2;
+  auto kernel = gemv4_fused_kernel<kTokens, kRows>;
+  const std::size_t smem = fused_smem_bytes(in, kTokens);
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  int per_sm = 0;
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemvThreads, smem));
+  if (per_sm == 0) throw std::runtime_error("gemv4 (fused): the kernel does not fit on a multiprocessor");
+  // A persistent grid: x is staged once per block, so launch no more blocks than fit at once.
+  const int needed = (out + kGemvWarps * kRows - 1) / (kGemvWarps * kRows);
+  const int grid = std::min(needed, per_sm * device_int(cudaDevAttrMultiProcessorCount));
+  kernel<<<grid, kGemvThreads, smem, stream>>>(v, reinterpret_cast<const uint4*>(x),
+                                               reinterpret_cast<__nv_bfloat16*>(y), out, in);
+  CUDA_CHECK_LAUNCH();
+}
+
+void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersion version, cudaStream_t stream) {
+  const std::int64_t out64 = W.rows("gemv4"), in64 = W.cols("gemv4");
+  if (tokens < 1 || tokens > kMaxGemvTokens) {
+    throw std::invalid_argument("gemv4: tokens = " + std::to_string(tokens) + " (expected 1.." +
+                                std::to_string(kMaxGemvTokens) + "; use linear4_forward for more)");
+  }
+  if (out64 > (1 << 30) || in64 > (1 << 30)) throw std::invalid_argument("gemv4: weight dimensions too large");
+  if (x == nullptr || y == nullptr) throw std::invalid_argument("gemv4: null input or output pointer");
+  if (out64 == 0) return;
+  const int out = static_cast<int>(out64), in = static_cast<int>(in64);
+  const Quant4View v = W.view();
+  if (version == GemvVersion::automatic) {
+    version = gemv4_fused_supported(W, tokens) && reinterpret_cast<std::uintptr_t>(x) % 16 == 0 ? GemvVersion::fused
+                                                                                               : GemvVersion::naive;
+  }
+  if (version == GemvVersion::naive) {
+    gemv4_naive_kernel<<<(out + kGemvWarps - 1) / kGemvWarps, kGemvThreads, 0, stream>>>(
+        v, reinterpret_cast<const __nv_bfloat16*>(x), reinterpret_cast<__nv_bfloat16*>(y), out, in, tokens);
+    CUDA_CHECK_LAUNCH();
+    return;
+  }
+  if (!gemv4_fused_supported(W, tokens) || reinterpret_cast<std::uintptr_t>(x) % 16 != 0) {
+    throw std::invalid_argument("gemv4 (fused): needs in % 32 == 0, a 16-byte aligned x and " +
+                                std::to_string(tokens) + " x " + std::to_string(in) +
+                                " bf16 values of x in shared memory; got in = " + std::to_string(in));
+  }
+  switch (tokens) {
+    case 1: launch_fused<1>(v, x, y, out, in, stream); break;
+    case 2: launch_fused<2>(v, x, y, out, in, stream); break;
+    case 3: launch_fused<3>(v, x, y, out, in, stream); break;
+    case 4: launch_fused<4>(v, x, y, out, in, stream); break;
+    case 5: launch_fused<5>(v, x, y, out, in, stream); break;
+    case 6: launch_fused<6>(v, x, y, out, in, stream); break;
+    case 7: launch_fused<7>(v, x, y, out, in, stream); break;
+    default: launch_fused<8>(v, x, y, out, in, stream); break;
+  }
+}
+
+}  // namespace qlora::cuda

@@ -1,0 +1,411 @@
+// Chapter 5 GPU tests: quantize / dequantize kernels byte-identical to the CPU
+// reference (src/quant4.cpp), and the GEMV / linear kernels within an error
+// bound of an FP64 CPU reference (matmul_*_ref on the CPU-dequantized weights).
+// Fresh random inputs of awkward shapes; every output is poisoned before the
+// launch so an element no thread wrote shows up as a mismatch (or a NaN).
+#include "bf16.hpp"
+#include "dequant4.cuh"
+#include "dynamic_map.hpp"
+#include "fp4.hpp"
+#include "gemv4.cuh"
+#include "linear4.cuh"
+#include "matmul.hpp"
+#include "nf4.hpp"
+#include "quant4.hpp"
+#include "quantize4.cuh"
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace qlora;
+using namespace qlora::cuda;
+
+namespace {
+
+std::mt19937_64& rng() {
+  static std::mt19937_64 r{std::random_device{}()};
+  return r;
+}
+
+/// Normal(0, 1) values with the cases that break careless kernels mixed in: an
+/// all-zero block, subnormals, an outlier, exact zeros and negative zeros.
+std::vector<float> awkward_values(std::size_t n, int blocksize) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng());
+  const auto bs = static_cast<std::size_t>(blocksize);
+  if (n >= 3 * bs) std::fill(v.begin() + static_cast<std::ptrdiff_t>(bs), v.begin() + static_cast<std::ptrdiff_t>(2 * bs), 0.0f);
+  if (n > 10) {
+    v[3] = 1e-40f;   // subnormal: flushed to zero, as bitsandbytes' fast-math build does
+    v[5] = -0.0f;
+    v[7] = 25.0f;    // an outlier dominating its block
+    v[n - 1] = -3.5f;
+  }
+  return v;
+}
+
+template <class T>
+std::int64_t first_mismatch(const std::vector<T>& want, const std::vector<T>& got) {
+  if (want.size() != got.size()) return 0;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    if (std::memcmp(&want[i], &got[i], sizeof(T)) != 0) return static_cast<std::int64_t>(i);
+  }
+  return -1;
+}
+
+template <class T>
+void require_same_bytes(const char* what, const std::vector<T>& want, const std::vector<T>& got) {
+  const auto at = first_mismatch(want, got);
+  if (at >= 0) {
+    std::int64_t count = 0;
+    for (std::size_t i = 0; i < std::min(want.size(), got.size()); ++i)
+      count += std::memcmp(&want[i], &got[i], sizeof(T)) != 0;
+    std::printf("  MISMATCH %s: %lld of %zu differ, first at %lld (sizes %zu / %zu)\n", what,
+                static_cast<long long>(count), want.size(), static_cast<long long>(at), want.size(), got.size());
+  }
+  INFO(what << ": first mismatch at " << at << " of " << want.size() << " (got size " << got.size() << ")");
+  REQUIRE(at == -1);
+}
+
+std::vector<bf16> download_bf16(const DeviceBuffer<bf16>& d) { return d.download(); }
+
+void poison_all(DeviceQuant4& q, int byte) {
+  q.packed.poison(byte);
+  q.absmax.poison(byte);
+  q.absmax_code.poison(byte);
+  q.nested_absmax.poison(byte);
+}
+
+void require_same_quant(const Quant4Tensor& want, const Quant4Tensor& got) {
+  require_same_bytes("packed codes", want.packed, got.packed);
+  require_same_bytes("absmax", want.absmax, got.absmax);
+  require_same_bytes("nested codes", want.nested.codes, got.nested.codes);
+  require_same_bytes("nested absmax", want.nested.absmax, got.nested.absmax);
+  std::vector<float> wo{want.nested.offset}, go{got.nested.offset};
+  require_same_bytes("offset", wo, go);
+}
+
+//! [error-bound]
+// How far may a bf16 matmul be from the FP64 reference? Each output is
+// y = Σ_k a_k·b_k over K terms whose inputs a, b are exactly the bf16 values the
+// reference uses. Three things move the GPU result:
+//  1. float32 accumulation: at most K·u·Σ|a_k·b_k| with u = 2^-24 (worst case; a
+//     random walk gives about √K·u);
+//  2. the fused GEMV multiplies the float32 weight table·absmax instead of its bf16
+//     rounding: at most 2^-9·Σ|a_k·b_k|;
+//  3. rounding y to bf16: at most 2^-9·|y| <= 2^-9·Σ|a_k·b_k|.
+// So every element obeys |y_gpu - y_ref| <= (K·2^-24 + 2·2^-9)·S with S = Σ|a_k·b_k|;
+// we check it with K·2^-23 (slack for the cuBLAS split-K order). For the relative
+// Frobenius error, the rounding errors of 2. and 3. are independent with RMS
+// 2^-9/√3 ≈ 1.1e-3 each, so expect ~1.6e-3 at most; we require 5e-3 for bf16
+// output (a wrong block scale or row gives 1e-2 and more) and 2e-4 for float32 output
+// with exact bf16 weights (only 1. is left: ~1e-5 expected).
+struct MatmulError {
+  double rel_frobenius = 0.0;
+  double worst_bound_ratio = 0.0;  // max |err| / bound; must stay <= 1
+  std::int64_t worst_index = -1;
+  std::int64_t nonfinite = 0;
+};
+
+MatmulError matmul_error(const std::vector<float>& ref, const std::vector<float>& abs_sum, const std::vector<float>& got,
+                         int K) {
+  MatmulError e;
+  double num = 0.0, den = 0.0;
+  const double per_term = K * std::ldexp(1.0, -23) + 2.0 * std::ldexp(1.0, -9);
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    if (!std::isfinite(got[i])) {
+      ++e.nonfinite;
+      if (e.worst_index < 0) e.worst_index = static_cast<std::int64_t>(i);
+      continue;
+    }
+    const double d = static_cast<double>(got[i]) - ref[i];
+    num += d * d;
+    den += static_cast<double>(ref[i]) * ref[i];
+    const double bound = per_term * abs_sum[i] + 1e-30;
+    const double ratio = std::fabs(d) / bound;
+    if (ratio > e.worst_bound_ratio) {
+      e.worst_bound_ratio = ratio;
+      e.worst_index = static_cast<std::int64_t>(i);
+    }
+  }
+  e.rel_frobenius = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+  return e;
+}
+//! [error-bound]
+
+void require_close(const char* what, const MatmulError& e, double frob_tol) {
+  std::printf("  %-44s rel_frobenius %.3e (tol %.0e)  max err/bound %.3f at %lld  non-finite %lld\n", what,
+              e.rel_frobenius, frob_tol, e.worst_bound_ratio, static_cast<long long>(e.worst_index),
+              static_cast<long long>(e.nonfinite));
+  INFO(what << ": rel_frobenius " << e.rel_frobenius << ", max err/bound " << e.worst_bound_ratio << " at "
+            << e.worst_index << ", non-finite outputs " << e.nonfinite);
+  REQUIRE(e.nonfinite == 0);
+  REQUIRE(e.rel_frobenius < frob_tol);
+  REQUIRE(e.worst_bound_ratio <= 1.0);
+}
+
+std::vector<float> abs_of(std::vector<float> v) {
+  for (float& x : v) x = std::fabs(x);
+  return v;
+}
+
+std::vector<float> bf16_rounded(const std::vector<float>& v) { return from_bf16(to_bf16(v)); }
+
+/// A random 2-D weight, CPU-quantized, uploaded; plus its bf16-dequantized floats.
+struct TestWeight {
+  Quant4Tensor host;
+  DeviceQuant4 device;
+  std::vector<float> deq;  // dequantize_4bit_bf16, as float
+};
+
+TestWeight make_weight(int out, int in, QuantType type, int blocksize, bool dq) {
+  const auto n = static_cast<std::size_t>(out) * static_cast<std::size_t>(in);
+  auto w = awkward_values(n, blocksize);
+  for (float& x : w) x *= 0.02f;  // weight-like scale
+  TestWeight t;
+  t.host = quantize_4bit(w, {out, in}, type, blocksize, dq);
+  t.device = DeviceQuant4::upload(t.host);
+  t.deq = from_bf16(dequantize_4bit_bf16(t.host));
+  return t;
+}
+
+}  // namespace
+
+TEST_CASE("ch05: thresholds found by bisection reproduce the CPU encoders", "[ch05][gpu]") {
+  // NF4 publishes its thresholds: bisection must find exactly those floats.
+  const auto& nf4 = encoder_thresholds(QuantType::nf4);
+  REQUIRE(nf4.thresholds.size() == nf4_thresholds.size());
+  for (std::size_t k = 0; k < nf4_thresholds.size(); ++k) REQUIRE(nf4.thresholds[k] == nf4_thresholds[k]);
+
+  // For the others, compare the threshold rule with the encoder on random values and
+  // on every threshold and its float neighbours.
+  const auto& fp4 = encoder_thresholds(QuantType::fp4);
+  const auto& dyn = dynamic_map_thresholds();
+  REQUIRE(fp4.thresholds.size() == 7);
+  REQUIRE(dyn.thresholds.size() == 255);
+  const auto map = dynamic_map(true);
+  auto rank = [](const EncoderThresholds& e, float v) {
+    int r = 0;
+    for (float t : e.thresholds) r += v > t;
+    return e.code_of_rank[static_cast<std::size_t>(r)];
+  };
+  auto fp4_rule = [&](float x) {
+    return static_cast<std::uint8_t>(rank(fp4, std::fabs(x)) | (x < 0.0f ? 0b1000 : 0));
+  };
+  std::vector<float> probes;
+  std::uniform_real_distribution<float> u(-1.2f, 1.2f);
+  for (int i = 0; i < 20000; ++i) probes.push_back(u(rng()));
+  for (const auto* e : {&nf4, &fp4, &dyn}) {
+    for (float t : e->thresholds) {
+      for (float s : {t, -t}) {
+        probes.push_back(s);
+        probes.push_back(std::nextafter(s, FLT_MAX));
+        probes.push_back(std::nextafter(s, -FLT_MAX));
+      }
+    }
+  }
+  probes.push_back(std::numeric_limits<float>::quiet_NaN());
+  probes.push_back(-0.0f);
+  for (float x : probes) {
+    INFO("x = " << x);
+    REQUIRE(rank(nf4, x) == nf4_encode(x));
+    REQUIRE(fp4_rule(x) == fp4_encode(x));
+    REQUIRE(rank(dyn, x) == quantize_dynamic(x, map));
+  }
+}
+
+TEST_CASE("ch05: GPU quantize is byte-identical to quantize_4bit", "[ch05][gpu]") {
+  struct Case {
+    std::int64_t numel;
+    int blocksize;
+  };
+  // Partial final blocks, odd lengths, a single partial block, and > 256 blocks so that
+  // double quantization has several nested blocks, the last one partial.
+  const Case cases[] = {{64 * 700 + 33, 64}, {128 * 300 + 1, 128}, {4096 * 5 + 2047, 4096}, {32 * 1000 + 31, 32}, {77, 64}};
+  for (const auto& c : cases) {
+    for (QuantType type : {QuantType::nf4, QuantType::fp4}) {
+      for (bool dq : {false, true}) {
+        const auto x = awkward_values(static_cast<std::size_t>(c.numel), c.blocksize);
+        const auto xb = to_bf16(x);
+        const auto x_from_bf16 = from_bf16(xb);
+        std::printf("quantize %s blocksize %d numel %lld dq %d\n", to_string(type).c_str(), c.blocksize,
+                    static_cast<long long>(c.numel), int{dq});
+        INFO(to_string(type) << " blocksize " << c.blocksize << " numel " << c.numel << " dq " << dq);
+
+        const auto dx = to_device(std::span<const float>(x));
+        const auto dxb = to_device(std::span<const bf16>(xb));
+        const auto want_f32 = quantize_4bit(x, {c.numel}, type, c.blocksize, dq);
+        const auto want_bf16 = quantize_4bit(x_from_bf16, {c.numel}, type, c.blocksize, dq);
+        // Two poisons that differ in every bit: a byte no thread wrote matches the CPU in at most one run.
+        for (int poison : {0xFF, 0x00}) {
+          auto q = DeviceQuant4::allocate(type, c.blocksize, {c.numel}, dq);
+          poison_all(q, poison);
+          quantize4_into(dx.data(), q);
+          require_same_quant(want_f32, q.download());
+          poison_all(q, poison);
+          quantize4_into(dxb.data(), q);
+          require_same_quant(want_bf16, q.download());
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("ch05: GPU quantize rejects NaN/Inf and bad blocksizes with clear errors", "[ch05][gpu]") {
+  auto x = awkward_values(5000, 64);
+  x[1234] = std::numeric_limits<float>::quiet_NaN();
+  x[4000] = std::numeric_limits<float>::infinity();
+  const auto dx = to_device(std::span<const float>(x));
+  REQUIRE_THROWS_WITH(quantize4(dx.data(), {5000}, QuantType::nf4, 64, true),
+                      Catch::Contains("index 1234") && Catch::Contains("NaN"));
+  REQUIRE_THROWS_WITH(quantize4(dx.data(), {5000}, QuantType::nf4, 48, false), Catch::Contains("blocksize 48"));
+  REQUIRE_THROWS_WITH(quantize4(dx.data(), {-1}, QuantType::nf4, 64, false), Catch::Contains("negative dimension"));
+}
+
+TEST_CASE("ch05: GPU dequantize (both versions) is byte-identical to dequantize_4bit_bf16", "[ch05][gpu]") {
+  struct Case {
+    std::int64_t numel;
+    int blocksize;
+  };
+  // Multiples of 32 and not (the vectorized kernel hands the last numel % 32 values to
+  // the naive one), odd lengths, fewer values than one 16-byte load, > 256 blocks.
+  const Case cases[] = {{64 * 513 + 45, 64}, {128 * 1024, 128}, {4096 * 3 + 1000, 4096},
+                        {32 * 777 + 17, 32},  {7, 64},           {64 * 256 * 3, 64}};
+  for (const auto& c : cases) {
+    for (QuantType type : {QuantType::nf4, QuantType::fp4}) {
+      for (bool dq : {false, true}) {
+        const auto x = awkward_values(static_cast<std::size_t>(c.numel), c.blocksize);
+        const auto q = quantize_4bit(x, {c.numel}, type, c.blocksize, dq);
+        const auto want = dequantize_4bit_bf16(q);
+        const auto dq_dev = DeviceQuant4::upload(q);
+        for (auto version : {DequantVersion::naive, DequantVersion::vectorized}) {
+          std::printf("dequantize v%d %s blocksize %d numel %lld dq %d\n", static_cast<int>(version),
+                      to_string(type).c_str(), c.blocksize, static_cast<long long>(c.numel), int{dq});
+          INFO("version " << static_cast<int>(version) << " " << to_string(type) << " blocksize " << c.blocksize
+                          << " numel " << c.numel << " dq " << dq);
+          DeviceBuffer<bf16> out(static_cast<std::size_t>(c.numel));
+          out.poison();
+          dequantize4(dq_dev, out.data(), version);
+          CUDA_CHECK(cudaDeviceSynchronize());
+          require_same_bytes("dequantized bf16", want, download_bf16(out));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("ch05: GEMV (naive and fused) matches the FP64 reference", "[ch05][gpu]") {
+  struct Case {
+    int out, in, blocksize;
+    QuantType type;
+    bool dq;
+  };
+  // out never a multiple of 64; in = 1001 (odd: rows start mid-byte and blocks straddle
+  // rows) only the naive kernel can take; the others run both versions.
+  const Case cases[] = {{1000, 4096, 64, QuantType::nf4, true},  {333, 2080, 128, QuantType::nf4, true},
+                        {77, 96, 32, QuantType::fp4, false},      {513, 1024, 4096, QuantType::nf4, false},
+                        {129, 1001, 64, QuantType::nf4, true}};
+  for (const auto& c : cases) {
+    const auto w = make_weight(c.out, c.in, c.type, c.blocksize, c.dq);
+    const auto w_abs = abs_of(w.deq);
+    for (int tokens = 1; tokens <= kMaxGemvTokens; ++tokens) {
+      const auto x = bf16_rounded(awkward_values(static_cast<std::size_t>(tokens) * c.in, 64));
+      const auto xb = to_bf16(x);
+      const auto dx = to_device(std::span<const bf16>(xb));
+      std::vector<float> ref(static_cast<std::size_t>(tokens) * c.out), abs_sum(ref.size());
+      matmul_xwt_ref(x.data(), w.deq.data(), ref.data(), tokens, c.in, c.out, false);
+      const auto x_abs = abs_of(x);
+      matmul_xwt_ref(x_abs.data(), w_abs.data(), abs_sum.data(), tokens, c.in, c.out, false);
+      for (auto version : {GemvVersion::naive, GemvVersion::fused, GemvVersion::automatic}) {
+        const bool fused_ok = gemv4_fused_supported(w.device, tokens);
+        if (version == GemvVersion::fused && !fused_ok) {
+          REQUIRE(c.in % 32 != 0);  // only the odd shape may refuse the fused kernel
+          DeviceBuffer<bf16> y(ref.size());
+          REQUIRE_THROWS_AS(gemv4(w.device, dx.data(), y.data(), tokens, version), std::invalid_argument);
+          continue;
+        }
+        DeviceBuffer<bf16> y(ref.size());
+        y.poison();
+        gemv4(w.device, dx.data(), y.data(), tokens, version);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        const auto got = from_bf16(y.download());
+        const std::string what = "gemv v" + std::to_string(static_cast<int>(version)) + " " +
+                                 std::to_string(c.out) + "x" + std::to_string(c.in) + " tokens " +
+                                 std::to_string(tokens);
+        require_close(what.c_str(), matmul_error(ref, abs_sum, got, c.in), 5e-3);
+      }
+    }
+  }
+  const auto w = make_weight(64, 64, QuantType::nf4, 64, true);
+  DeviceBuffer<bf16> x(64 * 9), y(64 * 9);
+  REQUIRE_THROWS_WITH(gemv4(w.device, x.data(), y.data(), 9), Catch::Contains("tokens = 9"));
+}
+
+TEST_CASE("ch05: 4-bit linear forward and input backward match the FP64 reference", "[ch05][gpu]") {
+  // out = 300 and in = 520 are not multiples of 64, and 300·520 ends in a partial block.
+  const int out = 300, in = 520;
+  const auto w = make_weight(out, in, QuantType::nf4, 64, true);
+  const auto w_abs = abs_of(w.deq);
+  CublasHandle handle;
+  DequantScratch scratch;
+  for (int tokens : {1, 1000}) {
+    const auto x = bf16_rounded(awkward_values(static_cast<std::size_t>(tokens) * in, 64));
+    const auto dy = bf16_rounded(awkward_values(static_cast<std::size_t>(tokens) * out, 64));
+    const auto xb = to_bf16(x), dyb = to_bf16(dy);
+    const auto dx_dev = to_device(std::span<const bf16>(xb));
+    const auto ddy_dev = to_device(std::span<const bf16>(dyb));
+    const auto x_abs = abs_of(x), dy_abs = abs_of(dy);
+
+    std::vector<float> y_ref(static_cast<std::size_t>(tokens) * out), y_abs(y_ref.size());
+    matmul_xwt_ref(x.data(), w.deq.data(), y_ref.data(), tokens, in, out, false);
+    matmul_xwt_ref(x_abs.data(), w_abs.data(), y_abs.data(), tokens, in, out, false);
+    std::vector<float> dx_ref(static_cast<std::size_t>(tokens) * in), dx_abs(dx_ref.size());
+    matmul_dyw_ref(dy.data(), w.deq.data(), dx_ref.data(), tokens, in, out, false);
+    matmul_dyw_ref(dy_abs.data(), w_abs.data(), dx_abs.data(), tokens, in, out, false);
+
+    const std::string t = " tokens " + std::to_string(tokens);
+    {  // forward, bf16 out
+      DeviceBuffer<bf16> y(y_ref.size());
+      y.poison();
+      linear4_forward(handle, w.device, dx_dev.data(), tokens, y.data(), OutType::bf16, scratch);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      require_close(("linear4_forward bf16" + t).c_str(), matmul_error(y_ref, y_abs, from_bf16(y.download()), in),
+                    5e-3);
+    }
+    {  // forward, float32 out, accumulating onto a random y
+      const auto y0 = awkward_values(y_ref.size(), 64);
+      auto y = to_device(std::span<const float>(y0));
+      linear4_forward(handle, w.device, dx_dev.data(), tokens, y.data(), OutType::f32, scratch, true);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      auto want = y_ref, bound = y_abs;
+      for (std::size_t i = 0; i < want.size(); ++i) {
+        want[i] = static_cast<float>(double{y0[i]} + y_ref[i]);
+        bound[i] += std::fabs(y0[i]);
+      }
+      require_close(("linear4_forward f32 accumulate" + t).c_str(), matmul_error(want, bound, y.download(), in), 2e-4);
+    }
+    {  // backward dX = dY·W, bf16 and float32 out
+      DeviceBuffer<bf16> dxb_out(dx_ref.size());
+      dxb_out.poison();
+      linear4_backward_input(handle, w.device, ddy_dev.data(), tokens, dxb_out.data(), OutType::bf16, scratch);
+      DeviceBuffer<float> dxf_out(dx_ref.size());
+      dxf_out.poison();
+      linear4_backward_input(handle, w.device, ddy_dev.data(), tokens, dxf_out.data(), OutType::f32, scratch);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      require_close(("linear4_backward_input bf16" + t).c_str(),
+                    matmul_error(dx_ref, dx_abs, from_bf16(dxb_out.download()), out), 5e-3);
+      require_close(("linear4_backward_input f32" + t).c_str(), matmul_error(dx_ref, dx_abs, dxf_out.download(), out),
+                    2e-4);
+    }
+  }
+  REQUIRE(scratch.bytes() == static_cast<std::size_t>(out) * in * sizeof(bf16));  // one matrix, reused
+}
