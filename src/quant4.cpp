@@ -67,7 +67,8 @@ static std::uint8_t encode(QuantType t, float scaled) { return t == QuantType::n
 // The DQ offset. PyTorch's absmax.mean() reduces in float32 in its own (device
 // dependent) order; we sum in double and round once, which is at least as accurate.
 // The two can differ in the last bit, and then, rarely, an absmax code by ±1.
-static float mean_f32(std::span<const float> v) {
+float absmax_mean(std::span<const float> v) {
+  if (v.empty()) return 0.0f;
   double sum = 0.0;
   for (float x : v) sum += x;
   return static_cast<float>(sum / static_cast<double>(v.size()));
@@ -128,7 +129,7 @@ Quant4Tensor quantize_4bit(std::span<const float> x, std::vector<std::int64_t> s
   // are all positive, so centring uses the signed map's full range).
   q.double_quant = true;
   q.nested.blocksize = 256;
-  q.nested.offset = mean_f32(absmax);
+  q.nested.offset = absmax_mean(absmax);
   for (float& a : absmax) a -= q.nested.offset;
   q.nested.codes.resize(absmax.size());
   q.nested.absmax.resize((absmax.size() + 255) / 256);

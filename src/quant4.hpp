@@ -61,6 +61,10 @@ struct Quant4Tensor {
 Quant4Tensor quantize_4bit(std::span<const float> x, std::vector<std::int64_t> shape, QuantType type,
                            int blocksize = 64, bool double_quant = false);
 
+/// The double-quantization offset: the mean of the absmax vector, summed in double and
+/// rounded once to float32 (PyTorch's float32 mean may differ in the last bit).
+float absmax_mean(std::span<const float> absmax);
+
 /// The float32 absmax of every block (decoded from the nested codes with double quantization).
 std::vector<float> block_absmax(const Quant4Tensor& q);
 
