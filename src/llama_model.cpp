@@ -99,6 +99,18 @@ LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck) {
   return w;
 }
 
+std::vector<float> lora_B_to_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r) {
+  if (p == Proj::q) return rope_interleaved_to_half(B, c.n_heads, r);
+  if (p == Proj::k) return rope_interleaved_to_half(B, c.n_kv_heads, r);
+  return B;
+}
+
+std::vector<float> lora_B_from_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r) {
+  if (p == Proj::q) return rope_half_to_interleaved(B, c.n_heads, r);
+  if (p == Proj::k) return rope_half_to_interleaved(B, c.n_kv_heads, r);
+  return B;
+}
+
 LlamaWeights load_llama_weights(const std::filesystem::path& path) {
   if (std::filesystem::is_directory(path)) return weights_from_checkpoint(read_hf_llama(path));
   return weights_from_checkpoint(read_llama2c(path));

@@ -110,6 +110,14 @@ struct FrozenLinear {
 };
 FrozenLinear make_frozen_linear(const std::vector<float>& w, int out, int in, BaseStorage storage);
 
+/// LoRA's B (out×r) of q_proj/k_proj has one row per output of the projection, so its
+/// rows follow the RoPE layout like the weight's: our model keeps llama2.c's interleaved
+/// order, Hugging Face/PEFT the rotate-half order. These convert B (and dB) between the
+/// two; other projections (and every A) are returned unchanged. Adapter export to PEFT
+/// must call lora_B_to_hf, import lora_B_from_hf.
+std::vector<float> lora_B_to_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r);
+std::vector<float> lora_B_from_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r);
+
 /// Which projections get an adapter, and the adapter hyper-parameters.
 struct LoraSetup {
   LoraConfig config;

@@ -455,8 +455,7 @@ void fill_fixture_lora(LlamaModel& m) {
         for (int j = 0; j < a.r; ++j)
           a.B[static_cast<std::size_t>(i * a.r + j)] = static_cast<float>(0.05 * std::cos(0.1 * (i * a.r + j) + 2 * mi));
       // Our q/k rows follow llama2.c's interleaved RoPE order: so must the rows of their B.
-      if (k == 0) a.B = rope_half_to_interleaved(a.B, c.n_heads, a.r);
-      if (k == 1) a.B = rope_half_to_interleaved(a.B, c.n_kv_heads, a.r);
+      a.B = lora_B_from_hf(c, kAllProj[static_cast<std::size_t>(k)], a.B, a.r);
     }
 }
 
@@ -537,9 +536,7 @@ TEST_CASE("model matches PyTorch/transformers + PEFT fixtures (logits, loss, LoR
         const int layer = std::stoi(module.substr(std::string("model.layers.").size()));
         const Proj p = parse_proj(module.substr(module.rfind('.') + 1));
         const LoraAdapter& a = *m.adapter(layer, p);
-        std::vector<float> dB = a.dB;
-        if (p == Proj::q) dB = rope_interleaved_to_half(dB, m.config().n_heads, a.r);
-        if (p == Proj::k) dB = rope_interleaved_to_half(dB, m.config().n_kv_heads, a.r);
+        const std::vector<float> dB = lora_B_to_hf(m.config(), p, a.dB, a.r);
         const double ea = rel_max_diff(a.dA, read_fixture_f32(dir, g.at("dA")));
         const double eb = rel_max_diff(dB, read_fixture_f32(dir, g.at("dB")));
         INFO(module << ": dA rel max diff " << ea << ", dB rel max diff " << eb);
