@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Chapter 5 on a GPU machine, in one command: the GPU tests, compute-sanitizer
+# (memcheck and racecheck) on the test binary, then `qlora bench kernels`.
+#   scripts/gpu_kernels.sh [BUILD_DIR]      (default build/cuda, already built with CUDA)
+# Logs (and kernels-h100.json) go to $OUT when it is set, else to BUILD_DIR/gpu_kernels.
+# Every step runs even if an earlier one fails; the exit status is nonzero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+build=${1:-build/cuda}
+logs=${OUT:-$build/gpu_kernels}
+mkdir -p "$logs"
+test_bin=$build/tests/test_ch05_gpu_kernels
+qlora_bin=$build/qlora
+for f in "$test_bin" "$qlora_bin"; do
+  [[ -x $f ]] || { echo "missing $f: build first (cmake --preset cuda && cmake --build build/cuda)"; exit 2; }
+done
+sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+failed=()
+
+step() {  # step NAME TIMEOUT_S COMMAND... : runs, logs to $logs/NAME.log, records a failure
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$logs/$name.log"
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s (log: $logs/$name.log)"
+  [[ $rc -eq 0 ]] || failed+=("$name (exit $rc)")
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee "$logs/device.txt"
+
+# Time limits keep the whole script under 10 minutes; the benchmark runs second so a
+# slow sanitizer cannot cost us its numbers. ctest -V keeps the per-case lines the
+# test prints (max errors, first mismatch) in the log.
+step ctest 120 ctest --test-dir "$build" -L gpu -R ch05 -V
+step bench 200 "$qlora_bin" bench kernels --json "$logs/kernels-h100.json"
+# memcheck: every case (cuBLAS included). racecheck: the kernels that use shared
+# memory (quantize, dequantize v2, fused GEMV); cuBLAS' own kernels are not ours.
+step memcheck 120 "$sanitizer" --tool memcheck --error-exitcode 1 "$test_bin" "[ch05]"
+step racecheck 100 "$sanitizer" --tool racecheck --error-exitcode 1 "$test_bin" \
+  "*GPU quantize is*,*GPU dequantize*,*GEMV*"
+
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "FAILED steps: ${failed[*]}"
+  exit 1
+fi
+echo "all chapter 5 GPU steps passed; results in $logs"
