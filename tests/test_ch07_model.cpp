@@ -181,11 +181,12 @@ TEST_CASE("LoRA gradients agree with central finite differences", "[ch07][model]
     m.forward(tokens.data(), targets.data(), B, T, false, rng);
     m.backward();
 
-    // The loss is summed in double but the activations are float32 (relative error
-    // ~1e-7, the loss ~3.5, so its noise is ~1e-6). With h = 1e-2 the noise in
-    // (L(p+h) − L(p−h))/2h is ~1e-4, and the truncation error h²/6·L''' is of the same
-    // order for these O(1) weights; gradients are O(1e-2..1e-1), so we require 2e-3
-    // absolute agreement per element plus a 2% relative check on a random direction.
+    // The activations are float32 (relative error ~1e-7) and the loss ~3.5, so each loss
+    // value carries noise of a few 1e-7; divided by 2h = 0.02 that is ~2e-5 in the finite
+    // difference. The truncation error h^2/6 * L''' is below that for these O(1) weights, and
+    // the gradients are up to ~0.2 (observed agreement: ~3e-5). We require 1e-4 per element
+    // and 1% along a random direction through all parameters (observed: 0.3%; moving every
+    // parameter at once makes the truncation error larger).
     const float h = 1e-2f;
     double max_err = 0.0, max_g = 0.0;
     std::mt19937_64 dir_rng(99);
@@ -215,7 +216,7 @@ TEST_CASE("LoRA gradients agree with central finite differences", "[ch07][model]
     }
     INFO("max |fd - analytic| = " << max_err << ", max |grad| = " << max_g);
     CHECK(max_g > 1e-2);
-    CHECK(max_err < 2e-3);
+    CHECK(max_err < 1e-4);
 
     // Directional derivative along a random direction over every LoRA parameter.
     auto loss_at = [&](float step) {
@@ -226,7 +227,7 @@ TEST_CASE("LoRA gradients agree with central finite differences", "[ch07][model]
     };
     const double dir_fd = (loss_at(h) - loss_at(-h)) / (2.0 * h);
     INFO("directional: fd " << dir_fd << " analytic " << dir_analytic);
-    CHECK(std::fabs(dir_fd - dir_analytic) < 0.02 * std::fabs(dir_analytic));
+    CHECK(std::fabs(dir_fd - dir_analytic) < 0.01 * std::fabs(dir_analytic));
   }
 }
 
