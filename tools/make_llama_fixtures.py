@@ -111,7 +111,7 @@ def read_llama2c(path):
         sd["lm_head.weight"] = wcls
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=hidden, num_hidden_layers=n_layers,
                       num_attention_heads=n_heads, num_key_value_heads=n_kv, max_position_embeddings=seq_len,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=shared, hidden_act="silu",
+                      rms_norm_eps=1e-5, tie_word_embeddings=shared, hidden_act="silu",
                       attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2)
     return cfg, sd
 
@@ -130,7 +130,10 @@ def load_stories(path):
 
 
 def load_hf(path):
-    return LlamaForCausalLM.from_pretrained(path, torch_dtype=torch.float32).float()
+    # No dtype argument (its name changed across transformers versions): whatever dtype it
+    # loads in, the BF16 checkpoint values convert to float32 exactly.
+    model = LlamaForCausalLM.from_pretrained(path).float()
+    return model
 
 
 def fill_lora(model, n_layers):
