@@ -162,6 +162,13 @@ TEST_CASE("BLAS path matches the plain-loop reference: logits, loss and LoRA gra
       CHECK(max_abs_diff(logits, logits_ref) < 1e-5 * max_abs(logits_ref));
       REQUIRE(max_abs(g_ref) > 0.0);
       CHECK(max_abs_diff(g, g_ref) < 1e-4 * max_abs(g_ref));
+
+      // The KV-cache decoder (with the adapters) gives the batch forward's logits.
+      m.reset_kv();
+      std::vector<float> step;
+      for (int t = 0; t < T; ++t) step = m.decode_step(tokens[static_cast<std::size_t>(t)], t);
+      const std::vector<float> last(logits.begin() + (T - 1) * w.config.vocab_size, logits.begin() + T * w.config.vocab_size);
+      CHECK(max_abs_diff(step, last) < 1e-5 * max_abs(last));
     }
   }
 }
