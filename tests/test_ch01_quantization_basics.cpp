@@ -165,7 +165,7 @@ TEST_CASE("FP4 encode follows bitsandbytes' thresholds: nearest value, ties go d
   }
 }
 
-TEST_CASE("one outlier ruins a tensor-wide absmax; blocks contain the damage", "[ch01][outlier]") {
+TEST_CASE("one outlier ruins a tensor-wide absmax, blocks contain the damage", "[ch01][outlier]") {
   const auto seed = fresh_seed();
   INFO("seed " << seed);
   const auto rows = outlier_experiment(4096, 50.0f, seed, 64);
