@@ -99,6 +99,29 @@ LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck) {
   return w;
 }
 
+LlamaCheckpoint checkpoint_from_weights(const LlamaWeights& w) {
+  LlamaCheckpoint ck;
+  ck.config = w.config;
+  ck.rope_layout = RopeLayout::interleaved;
+  for (const TensorSpec& spec : llama_tensor_specs(w.config)) {
+    const std::vector<float>* src = nullptr;
+    if (spec.name == "model.embed_tokens.weight") src = &w.tok_emb;
+    if (spec.name == "model.norm.weight") src = &w.rms_final;
+    if (spec.name == "lm_head.weight") src = &w.wcls;
+    for (int l = 0; l < w.config.n_layers && !src; ++l) {
+      const std::string pre = "model.layers." + std::to_string(l) + ".";
+      const auto& L = w.layers.at(static_cast<std::size_t>(l));
+      if (spec.name == pre + "input_layernorm.weight") src = &L.rms_att;
+      if (spec.name == pre + "post_attention_layernorm.weight") src = &L.rms_ffn;
+      for (Proj p : kAllProj)
+        if (spec.name == hf_module_name(l, p) + ".weight") src = &L.w[static_cast<int>(p)];
+    }
+    if (!src) throw std::logic_error("checkpoint_from_weights: no source for tensor '" + spec.name + "'");
+    ck.tensors.push_back({spec.name, spec.shape, *src});
+  }
+  return ck;
+}
+
 std::vector<float> lora_B_to_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r) {
   if (p == Proj::q) return rope_interleaved_to_half(B, c.n_heads, r);
   if (p == Proj::k) return rope_interleaved_to_half(B, c.n_kv_heads, r);

@@ -68,6 +68,9 @@ struct LlamaWeights {
 /// From a checkpoint in memory (tensors named as in Hugging Face); q/k rows in the
 /// rotate-half layout are permuted to the interleaved one.
 LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck);
+/// The inverse: a checkpoint in the interleaved layout with Hugging Face names (for
+/// write_hf_llama, which permutes q/k itself, e.g. to export a merged model).
+LlamaCheckpoint checkpoint_from_weights(const LlamaWeights& w);
 /// Loads a llama2.c .bin file or a Hugging Face LLaMA folder (config.json +
 /// model.safetensors; q/k permuted back to the interleaved layout). Throws
 /// std::runtime_error naming the path on anything missing or malformed.

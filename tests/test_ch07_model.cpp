@@ -301,6 +301,18 @@ TEST_CASE("tied and untied classifiers, base storages and error messages", "[ch0
   CHECK_THROWS_WITH(a.forward(tokens.data(), nullptr, 1, 9, false, rng), Catch::Contains("seq_len"));
   CHECK_THROWS(a.backward());  // the last forward had no targets
   CHECK_THROWS_WITH(load_llama_weights("/nonexistent/model.bin"), Catch::Contains("/nonexistent/model.bin"));
+  // Weights -> checkpoint -> weights is the identity (tied and untied).
+  for (const LlamaWeights* lw : std::vector<const LlamaWeights*>{&tied, &untied}) {
+    const LlamaWeights back = weights_from_checkpoint(checkpoint_from_weights(*lw));
+    CHECK(back.tok_emb == lw->tok_emb);
+    CHECK(back.wcls == lw->wcls);
+    CHECK(back.rms_final == lw->rms_final);
+    for (std::size_t l = 0; l < lw->layers.size(); ++l) {
+      CHECK(back.layers[l].w == lw->layers[l].w);
+      CHECK(back.layers[l].rms_att == lw->layers[l].rms_att);
+      CHECK(back.layers[l].rms_ffn == lw->layers[l].rms_ffn);
+    }
+  }
 }
 
 TEST_CASE("base storages: stored bits and logits against the float32 model", "[ch07][model]") {
