@@ -15,10 +15,13 @@
 
 #include <bit>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <random>
 
 using namespace qlora;
@@ -398,4 +401,34 @@ TEST_CASE("byte-for-byte equality with bitsandbytes' quantize_4bit (fixture)", "
     for (std::size_t i = 0; i < ours.size(); ++i) differ += deq[i] != ours[i];
     if (!q.double_quant || c.at("offset").get<float>() == q.nested.offset) CHECK(differ == 0);
   }
+}
+
+TEST_CASE("qlora tables prints the chapters' numbers", "[ch03][cli]") {
+  const char* bin = std::getenv("QLORA_BIN");
+  if (bin == nullptr) {
+    WARN("QLORA_BIN is not set (ctest sets it); skipping the CLI check");
+    return;
+  }
+  auto run = [&](const std::string& args) {
+    const std::string cmd = std::string(bin) + " tables " + args + " --format json";
+    std::unique_ptr<FILE, int (*)(FILE*)> pipe(popen(cmd.c_str(), "r"), pclose);
+    REQUIRE(pipe != nullptr);
+    std::string text;
+    char buf[4096];
+    while (std::size_t n = std::fread(buf, 1, sizeof buf, pipe.get())) text.append(buf, n);
+    INFO(cmd);
+    return nlohmann::json::parse(text);
+  };
+  const auto bits = run("bits");
+  CHECK(bits.at("rows").at(0).at("bits_per_parameter").get<double>() == 4.5);
+  CHECK(std::fabs(bits.at("rows").at(1).at("bits_per_parameter").get<double>() - 4.127) < 5e-4);
+  CHECK(std::fabs(bits.at("saving_gb").get<double>() - 3.03) < 0.01);
+  const auto nf4 = run("nf4");
+  CHECK(nf4.at("float32_recipe_equal_codes").get<int>() == 16);
+  const auto err = run("error --blocks 512");
+  double rmse[3];
+  for (int i = 0; i < 3; ++i) rmse[i] = err.at("rows").at(i).at("rmse").get<double>();
+  CHECK(err.at("rows").at(0).at("format") == "nf4");
+  CHECK(rmse[0] < rmse[1]);
+  CHECK(rmse[0] < rmse[2]);
 }
