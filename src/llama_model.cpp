@@ -652,6 +652,8 @@ float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, b
   B_ = B;
   T_ = T;
   training_ = training;
+  fwd_checkpointed_ = checkpointing_;
+  backward_pending_ = targets != nullptr;
   if (targets)
     targets_.assign(targets, targets + N);
   else
@@ -706,6 +708,8 @@ float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, b
 void LlamaModel::backward() {
   if (caches_.empty() || T_ == 0) throw std::logic_error("LlamaModel::backward: no forward pass to differentiate");
   if (targets_.empty()) throw std::logic_error("LlamaModel::backward: the last forward had no targets");
+  if (!backward_pending_) throw std::logic_error("LlamaModel::backward: called twice for one forward");
+  backward_pending_ = false;  // the logits become gradients below
   const int N = B_ * T_, D = cfg_.dim, V = cfg_.vocab_size;
   const int count = static_cast<int>(std::count_if(targets_.begin(), targets_.end(), [](int t) { return t >= 0; }));
   // Loss → logits → final norm: the logits buffer becomes dLoss/dlogits.
@@ -721,7 +725,7 @@ void LlamaModel::backward() {
   rmsnorm_backward(x_final_.data(), rms_final_.data(), inv_rms_final_.data(), dxn.data(), dx.data(), N, D);
 
   for (int l = cfg_.n_layers - 1; l >= 0; --l) {
-    if (checkpointing_) {
+    if (fwd_checkpointed_) {
       // Recompute this layer's activations from its saved input and rng state.
       LayerCache& c = scratch();
       c.x = caches_[l]->x;

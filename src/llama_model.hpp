@@ -179,7 +179,8 @@ class LlamaModel {
   float forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng);
   /// Logits of the last forward, (B·T) × vocab. backward() overwrites them with dLoss/dlogits.
   const std::vector<float>& logits() const { return logits_; }
-  /// Accumulates dLoss/dA and dLoss/dB of every adapter for the last forward (with targets).
+  /// Accumulates dLoss/dA and dLoss/dB of every adapter for the last forward (with targets);
+  /// once per forward (throws std::logic_error otherwise).
   void backward();
   /// Peak bytes of cached activations during the last forward + backward (float32
   /// buffers that exist only for backward; logits excluded) — what checkpointing saves.
@@ -218,6 +219,8 @@ class LlamaModel {
   // Last forward's state.
   int B_ = 0, T_ = 0;
   bool training_ = false;
+  bool fwd_checkpointed_ = false;  ///< checkpointing as it was during the last forward
+  bool backward_pending_ = false;  ///< the last forward had targets and was not yet differentiated
   std::vector<int> targets_;
   std::vector<std::unique_ptr<LayerCache>> caches_;  ///< per layer (only the input when checkpointing)
   std::unique_ptr<LayerCache> scratch_;              ///< the recomputed layer when checkpointing

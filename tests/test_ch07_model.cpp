@@ -300,6 +300,10 @@ TEST_CASE("tied and untied classifiers, base storages and error messages", "[ch0
   CHECK_THROWS_WITH(a.forward(bad.data(), nullptr, B, T, false, rng), Catch::Contains("999"));
   CHECK_THROWS_WITH(a.forward(tokens.data(), nullptr, 1, 9, false, rng), Catch::Contains("seq_len"));
   CHECK_THROWS(a.backward());  // the last forward had no targets
+  const std::vector<int> tg = next_token_targets(tokens, B, T);
+  a.forward(tokens.data(), tg.data(), B, T, false, rng);
+  a.backward();
+  CHECK_THROWS_WITH(a.backward(), Catch::Contains("twice"));
   CHECK_THROWS_WITH(load_llama_weights("/nonexistent/model.bin"), Catch::Contains("/nonexistent/model.bin"));
   // Weights -> checkpoint -> weights is the identity (tied and untied).
   for (const LlamaWeights* lw : std::vector<const LlamaWeights*>{&tied, &untied}) {
