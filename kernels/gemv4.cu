@@ -65,11 +65,11 @@ static __device__ __forceinline__ std::uint32_t word_of(const uint4& v, int j) {
 //! [gemv-fused]
 /// Version 2. The block copies x (kTokens × in bf16) into shared memory once and then
 /// walks rows; each warp takes kRows rows at a time. Lane l loads 16 bytes of codes
-/// (32 values) per row, one coalesced 512-byte transaction per warp, and multiplies
-/// them against x in registers. The block scale multiplies the chunk's partial sum
+/// (32 values) per row, one coalesced 512-byte transaction per warp, kLoads of them
+/// in flight before the first use, and multiplies them against x in registers. The block scale multiplies the chunk's partial sum
 /// once, instead of every weight: Σ x·(t·a) = a·Σ x·t, a float32 reassociation well
 /// inside the bf16 tolerance (the test argues it). A warp-shuffle tree adds the lanes.
-template <int kTokens, int kRows>
+template <int kTokens, int kRows, int kLoads>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv4_fused_kernel(Quant4View q, const uint4* __restrict__ x, __nv_bfloat16* __restrict__ y, int out, int in) {
   extern __shared__ uint4 s_x[];
@@ -87,42 +87,53 @@ __global__ void __launch_bounds__(kGemvThreads)
   const auto* codes = reinterpret_cast<const uint4*>(q.packed);
   for (int row0 = (blockIdx.x * kGemvWarps + warp) * kRows; row0 < out; row0 += gridDim.x * kGemvWarps * kRows) {
     float acc[kRows][kTokens] = {};
-    for (int c = lane; c < row_chunks; c += 32) {
-      uint4 w[kRows];
-      float absmax[kRows];
+    for (int c0 = lane; c0 < row_chunks; c0 += 32 * kLoads) {
+      // Issue every load of this step (kLoads chunks of each of kRows rows) before using any.
+      uint4 w[kLoads][kRows];
+      float absmax[kLoads][kRows];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        // Past the last row, re-read the last row (always valid); its sum is never stored.
-        const std::int64_t chunk = static_cast<std::int64_t>(min(row0 + r, out - 1)) * row_chunks + c;
-        w[r] = codes[chunk];
-        absmax[r] = block_absmax_d(q, s_map, (chunk * 32) >> q.log2_blocksize);
-      }
-      float part[kRows][kTokens] = {};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {  // code word j: 4 bytes = values 8j .. 8j+7 of the chunk
-        uint4 xv[kTokens];           // the same 8 values of x, for every token
-#pragma unroll
-        for (int t = 0; t < kTokens; ++t) xv[t] = s_x[swizzle(t * x_row_chunks + 4 * c + j)];
+      for (int l = 0; l < kLoads; ++l)
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-          const std::uint32_t word = word_of(w[r], j);
+          // Past the last row, re-read the last row (always valid); its sum is never stored.
+          const int c = min(c0 + 32 * l, row_chunks - 1);  // past the row's end: likewise, weighted 0 below
+          const std::int64_t chunk = static_cast<std::int64_t>(min(row0 + r, out - 1)) * row_chunks + c;
+          w[l][r] = codes[chunk];
+          absmax[l][r] = block_absmax_d(q, s_map, (chunk * 32) >> q.log2_blocksize);
+        }
 #pragma unroll
-          for (int m = 0; m < 4; ++m) {  // byte m: high nibble = value 2m, low nibble = value 2m+1
-            const float w_first = s_table[(word >> (8 * m + 4)) & 0x0f];
-            const float w_second = s_table[(word >> (8 * m)) & 0x0f];
+      for (int l = 0; l < kLoads; ++l) {
+        // A chunk past the row's end is computed on a valid duplicate and weighted 0:
+        // no branch between the loads and their use, so the loads stay hoisted.
+        const int c = min(c0 + 32 * l, row_chunks - 1);
+        const float weight = c0 + 32 * l < row_chunks ? 1.0f : 0.0f;
+        float part[kRows][kTokens] = {};
 #pragma unroll
-            for (int t = 0; t < kTokens; ++t) {
-              const std::uint32_t xw = word_of(xv[t], m);  // bf16 pair: value 2m low, 2m+1 high
-              part[r][t] = fmaf(w_first, __uint_as_float(xw << 16), part[r][t]);
-              part[r][t] = fmaf(w_second, __uint_as_float(xw & 0xffff0000u), part[r][t]);
+        for (int j = 0; j < 4; ++j) {  // code word j: 4 bytes = values 8j .. 8j+7 of the chunk
+          uint4 xv[kTokens];           // the same 8 values of x, for every token
+#pragma unroll
+          for (int t = 0; t < kTokens; ++t) xv[t] = s_x[swizzle(t * x_row_chunks + 4 * c + j)];
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) {
+            const std::uint32_t word = word_of(w[l][r], j);
+#pragma unroll
+            for (int m = 0; m < 4; ++m) {  // byte m: high nibble = value 2m, low nibble = value 2m+1
+              const float w_first = s_table[(word >> (8 * m + 4)) & 0x0f];
+              const float w_second = s_table[(word >> (8 * m)) & 0x0f];
+#pragma unroll
+              for (int t = 0; t < kTokens; ++t) {
+                const std::uint32_t xw = word_of(xv[t], m);  // bf16 pair: value 2m low, 2m+1 high
+                part[r][t] = fmaf(w_first, __uint_as_float(xw << 16), part[r][t]);
+                part[r][t] = fmaf(w_second, __uint_as_float(xw & 0xffff0000u), part[r][t]);
+              }
             }
           }
         }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int t = 0; t < kTokens; ++t) acc[r][t] = fmaf(part[r][t], weight * absmax[l][r], acc[r][t]);
       }
-#pragma unroll
-      for (int r = 0; r < kRows; ++r)
-#pragma unroll
-        for (int t = 0; t < kTokens; ++t) acc[r][t] = fmaf(part[r][t], absmax[r], acc[r][t]);
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
@@ -163,9 +174,11 @@ bool gemv4_fused_supported(const DeviceQuant4& W, int tokens) {
 
 template <int kTokens>
 static void launch_fused(const Quant4View& v, const bf16* x, bf16* y, int out, int in, cudaStream_t stream) {
-  // Two rows per warp share each x load once there is more than one token to amortize.
+  // Two rows per warp share each x load once there is more than one token to amortize;
+  // with few tokens the registers allow two chunks per row in flight.
   constexpr int kRows = kTokens == 1 ? 1 : 2;
-  auto kernel = gemv4_fused_kernel<kTokens, kRows>;
+  constexpr int kLoads = kTokens <= 4 ? 2 : 1;
+  auto kernel = gemv4_fused_kernel<kTokens, kRows, kLoads>;
   const std::size_t smem = fused_smem_bytes(in, kTokens);
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
