@@ -152,7 +152,7 @@ Dot dot_ref(const bf16* x, const bf16* w, std::int64_t n) {
 /// The same bound as tests/test_ch05_gpu_kernels.cpp: float32 accumulation over K terms,
 /// the fused GEMV's unrounded weights and the bf16 output rounding.
 bool within_bound(double got, const Dot& ref, std::int64_t K, double& worst_ratio) {
-  const double bound = (static_cast<double>(K) * std::ldexp(1.0, -23) + 2.0 * std::ldexp(1.0, -9)) * ref.abs_sum + 1e-30;
+  const double bound = (static_cast<double>(K) * std::ldexp(1.0, -23) + 2.0 * std::ldexp(1.0, -8)) * ref.abs_sum + 1e-30;
   if (!std::isfinite(got)) {
     worst_ratio = INFINITY;
     return false;
