@@ -535,7 +535,14 @@ void run_bench_kernels(const BenchKernelsArgs& a) {
               {"repetitions", ctx.reps},
               {"copy_bandwidth_gbs", ctx.copy_gbs},
               {"shapes", json::array()}};
-  for (const auto& s : shapes) doc["shapes"].push_back(bench_shape(ctx, s, a.quick));
+  // The JSON is rewritten after every shape ("complete": false until the end), so a run
+  // cut short by a time limit still leaves what it measured.
+  doc["complete"] = false;
+  for (const auto& s : shapes) {
+    doc["shapes"].push_back(bench_shape(ctx, s, a.quick));
+    if (!a.json.empty()) qlora::write_text_atomic(a.json, doc.dump(2) + "\n");
+  }
+  doc["complete"] = true;
   print_table(doc);
   if (!a.json.empty()) {
     qlora::write_text_atomic(a.json, doc.dump(2) + "\n");
