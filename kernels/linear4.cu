@@ -22,6 +22,16 @@ static void check_dims(const char* what, int tokens, int in, int out) {
   }
 }
 
+// One cuBLAS call for both products: bf16 A and B, float32 accumulation, C bf16 or
+// float32, column-major, B never transposed.
+static void gemm_bf16(CublasHandle& h, cublasOperation_t op_a, int m, int n, int k, const bf16* A, int lda,
+                      const bf16* B, int ldb, void* C, OutType c_type, int ldc, bool accumulate, cudaStream_t stream) {
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  CUBLAS_CHECK(cublasSetStream(h.get(), stream));
+  CUBLAS_CHECK(cublasGemmEx(h.get(), op_a, CUBLAS_OP_N, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF, ldb,
+                            &beta, C, cuda_type(c_type), ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 //! [gemm-row-major]
 // cuBLAS is column-major. A row-major (r × c) matrix is the column-major (c × r)
 // matrix of the same bytes, i.e. its transpose; so row-major Y = X·Wᵀ is
@@ -31,11 +41,7 @@ void gemm_bf16_xwt(CublasHandle& h, const bf16* X, const bf16* W, void* Y, OutTy
                    int out, bool accumulate, cudaStream_t stream) {
   check_dims("gemm_bf16_xwt", tokens, in, out);
   if (tokens == 0 || out == 0) return;
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  CUBLAS_CHECK(cublasSetStream(h.get(), stream));
-  CUBLAS_CHECK(cublasGemmEx(h.get(), CUBLAS_OP_T, CUBLAS_OP_N, out, tokens, in, &alpha, W, CUDA_R_16BF, in, X,
-                            CUDA_R_16BF, in, &beta, Y, cuda_type(y_type), out, CUBLAS_COMPUTE_32F,
-                            CUBLAS_GEMM_DEFAULT));
+  gemm_bf16(h, CUBLAS_OP_T, out, tokens, in, W, in, X, in, Y, y_type, out, accumulate, stream);
 }
 
 // Row-major dX = dY·W is column-major dXᵀ = Wᵀ·dYᵀ, where the bytes of W already
@@ -44,11 +50,7 @@ void gemm_bf16_dyw(CublasHandle& h, const bf16* dY, const bf16* W, void* dX, Out
                    int out, bool accumulate, cudaStream_t stream) {
   check_dims("gemm_bf16_dyw", tokens, in, out);
   if (tokens == 0 || in == 0) return;
-  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
-  CUBLAS_CHECK(cublasSetStream(h.get(), stream));
-  CUBLAS_CHECK(cublasGemmEx(h.get(), CUBLAS_OP_N, CUBLAS_OP_N, in, tokens, out, &alpha, W, CUDA_R_16BF, in, dY,
-                            CUDA_R_16BF, out, &beta, dX, cuda_type(dx_type), in, CUBLAS_COMPUTE_32F,
-                            CUBLAS_GEMM_DEFAULT));
+  gemm_bf16(h, CUBLAS_OP_N, in, tokens, out, W, in, dY, out, dX, dx_type, in, accumulate, stream);
 }
 //! [gemm-row-major]
 

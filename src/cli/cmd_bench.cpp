@@ -299,6 +299,19 @@ std::string check_matmul(const bf16* y_dev, const std::vector<bf16>& x, const st
   return {};
 }
 
+/// Runs call(0) once on a poisoned y and checks y against FP64 on sampled outputs
+/// (throwing std::runtime_error that names the first bad one); then times `call`.
+double checked_time_us(const Context& ctx, const std::function<void(int)>& call, DeviceBuffer<bf16>& y,
+                       const std::vector<bf16>& x, const std::vector<bf16>& w, int tokens, const Shape& s,
+                       double& worst_ratio) {
+  y.poison();
+  call(0);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const auto err = check_matmul(y.data(), x, w, tokens, s.in, s.out, worst_ratio);
+  if (!err.empty()) throw std::runtime_error("check against FP64 failed: " + err);
+  return median_us(call, ctx.reps);
+}
+
 json bench_gemv(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& w_bf16, const std::vector<bf16>& w_deq,
                 const DeviceBuffer<bf16>& w_dev, const Shape& s) {
   json rows = json::array();
@@ -324,18 +337,14 @@ json bench_gemv(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& w_
     std::fflush(stdout);
     try {
       double worst = 0.0;
-      y.poison();
-      gemm_bf16_xwt(ctx.cublas, x_dev.data(), w_dev.data(), y.data(), OutType::bf16, tokens, s.in, s.out);
-      CUDA_CHECK(cudaDeviceSynchronize());
-      const auto err = check_matmul(y.data(), x, w_bf16, tokens, s.in, s.out, worst);
-      if (!err.empty()) throw std::runtime_error("cuBLAS reference check failed: " + err);
-      cublas_us = median_us(
+      cublas_us = checked_time_us(
+          ctx,
           [&](int i) { gemm_bf16_xwt(ctx.cublas, x_dev.data(), w_copy(i), y.data(), OutType::bf16, tokens, s.in, s.out); },
-          ctx.reps);
+          y, x, w_bf16, tokens, s, worst);
       entry["cublas_us"] = cublas_us;
       entry["cublas_gbs"] = static_cast<double>(w_bytes) / (cublas_us * 1e3);
     } catch (const std::exception& e) {
-      entry["cublas"] = failed(e.what());
+      entry["cublas"] = failed(std::string("cuBLAS reference: ") + e.what());
     }
     json variants = json::array();
     for (auto version : {GemvVersion::naive, GemvVersion::fused}) {
@@ -346,18 +355,10 @@ json bench_gemv(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& w_
       json row = {{"version", v}, {"name", name}};
       try {
         double worst = 0.0;
-        y.poison();
-        gemv4(qs[0], x_dev.data(), y.data(), tokens, version);
-        CUDA_CHECK(cudaDeviceSynchronize());
-        const auto err = check_matmul(y.data(), x, w_deq, tokens, s.in, s.out, worst);
-        if (!err.empty()) {
-          row.update(failed("check against FP64 failed: " + err));
-          variants.push_back(row);
-          continue;
-        }
-        const double us = median_us(
+        const double us = checked_time_us(
+            ctx,
             [&](int i) { gemv4(qs[static_cast<std::size_t>(i % q_copies)], x_dev.data(), y.data(), tokens, version); },
-            ctx.reps);
+            y, x, w_deq, tokens, s, worst);
         row.update({{"valid", true}, {"us", us}, {"worst_error_over_bound", worst},
                     {"gbs", static_cast<double>(q.storage_bytes()) / (us * 1e3)}});
         if (cublas_us > 0.0) row["speedup_vs_cublas"] = cublas_us / us;
@@ -387,29 +388,20 @@ json bench_linear(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& 
     std::fflush(stdout);
     try {
       double worst = 0.0;
-      y.poison();
-      gemm_bf16_xwt(ctx.cublas, x_dev.data(), w_dev.data(), y.data(), OutType::bf16, tokens, s.in, s.out);
-      CUDA_CHECK(cudaDeviceSynchronize());
-      const auto err = check_matmul(y.data(), x, w_bf16, tokens, s.in, s.out, worst);
-      if (!err.empty()) throw std::runtime_error("cuBLAS reference check failed: " + err);
-      cublas_us = median_us(
+      cublas_us = checked_time_us(
+          ctx,
           [&](int) { gemm_bf16_xwt(ctx.cublas, x_dev.data(), w_dev.data(), y.data(), OutType::bf16, tokens, s.in, s.out); },
-          ctx.reps);
+          y, x, w_bf16, tokens, s, worst);
       entry["cublas_us"] = cublas_us;
       entry["cublas_tflops"] = flops / (cublas_us * 1e6);
     } catch (const std::exception& e) {
-      entry["cublas"] = failed(e.what());
+      entry["cublas"] = failed(std::string("cuBLAS reference: ") + e.what());
     }
     try {
       double worst = 0.0;
-      y.poison();
-      linear4_forward(ctx.cublas, q, x_dev.data(), tokens, y.data(), OutType::bf16, scratch);
-      CUDA_CHECK(cudaDeviceSynchronize());
-      const auto err = check_matmul(y.data(), x, w_deq, tokens, s.in, s.out, worst);
-      if (!err.empty()) throw std::runtime_error("check against FP64 failed: " + err);
-      const double us = median_us(
-          [&](int) { linear4_forward(ctx.cublas, q, x_dev.data(), tokens, y.data(), OutType::bf16, scratch); },
-          ctx.reps);
+      const double us = checked_time_us(
+          ctx, [&](int) { linear4_forward(ctx.cublas, q, x_dev.data(), tokens, y.data(), OutType::bf16, scratch); },
+          y, x, w_deq, tokens, s, worst);
       entry.update({{"valid", true}, {"linear4_us", us}, {"worst_error_over_bound", worst}});
       if (cublas_us > 0.0) entry["ratio_vs_cublas"] = us / cublas_us;
     } catch (const std::exception& e) {
