@@ -44,6 +44,20 @@ step memcheck 120 "$sanitizer" --tool memcheck --error-exitcode 1 "$test_bin" "[
 step racecheck 90 "$sanitizer" --tool racecheck --error-exitcode 1 "$test_bin" \
   "*GPU quantize is*,*GPU dequantize*,*GEMV*"
 
+# The machine code (this machine has cuobjdump): registers/spills of every chapter-5
+# kernel, and the 16-byte loads and stores (LDG.E.128 / STG.E.128) of the fast versions.
+objdump=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
+lib=$build/libqlora_cuda.a
+if [[ -x $objdump && -f $lib ]]; then
+  {
+    "$objdump" --dump-resource-usage "$lib" | grep -A1 -E "quantize4_kernel|quantize_nested|dequant4_|gemv4_"
+    "$objdump" -sass "$lib" | awk '/Function : .*(dequant4_|gemv4_)/{name=$3} name && /(LDG|STG|LDS|STS|LDL|STL)/{
+        match($0, /(LDG|STG|LDS|STS|LDL|STL)[A-Z0-9._]*/); n[name" "substr($0, RSTART, RLENGTH)]++}
+      END{for (k in n) print n[k], k}' | sort -k2
+  } >"$logs/sass.log" 2>&1
+  echo "=== sass: $(grep -c . "$logs/sass.log") lines in $logs/sass.log"
+fi
+
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "FAILED steps: ${failed[*]}"
   exit 1
