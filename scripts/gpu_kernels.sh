@@ -51,7 +51,7 @@ lib=$build/libqlora_cuda.a
 if [[ -x $objdump && -f $lib ]]; then
   {
     "$objdump" --dump-resource-usage "$lib" | grep -A1 -E "quantize4_kernel|quantize_nested|dequant4_|gemv4_"
-    "$objdump" -sass "$lib" | awk '/Function : .*(dequant4_|gemv4_)/{name=$3} name && /(LDG|STG|LDS|STS|LDL|STL)/{
+    "$objdump" -sass "$lib" | awk '/Function : /{name = ($3 ~ /dequant4_|gemv4_/) ? $3 : ""} name && /(LDG|STG|LDS|STS|LDL|STL)/{
         match($0, /(LDG|STG|LDS|STS|LDL|STL)[A-Z0-9._]*/); n[name" "substr($0, RSTART, RLENGTH)]++}
       END{for (k in n) print n[k], k}' | sort -k2
   } >"$logs/sass.log" 2>&1
