@@ -1,0 +1,271 @@
+// QLoRA fine-tuning loop on the CPU (chapter 7, "Training"). See finetune.hpp.
+#include "finetune.hpp"
+
+#include "adamw.hpp"
+#include "atomic_file.hpp"
+#include "search_path.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
+#include <sstream>
+#include <stdexcept>
+
+namespace qlora {
+
+namespace fs = std::filesystem;
+
+FinetuneData load_finetune_data(const fs::path& text_file, const Tokenizer& tok, double val_fraction) {
+  std::ifstream in(text_file, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read data file " + text_file.string());
+  std::string text{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  std::vector<int> ids{tok.bos_id()};
+  auto body = tok.encode(text);
+  ids.insert(ids.end(), body.begin(), body.end());
+  const auto n = ids.size();
+  const auto n_val = static_cast<std::size_t>(static_cast<double>(n) * val_fraction);
+  if (n_val < 2 || n - n_val < 2)
+    throw std::runtime_error("data file " + text_file.string() + " is too short to split (" + std::to_string(n) +
+                             " tokens)");
+  FinetuneData d;
+  d.train.assign(ids.begin(), ids.end() - static_cast<std::ptrdiff_t>(n_val));
+  d.val.assign(ids.end() - static_cast<std::ptrdiff_t>(n_val), ids.end());
+  return d;
+}
+
+fs::path find_tokenizer_for(const fs::path& model) {
+  const auto dir = fs::is_directory(model) ? model : model.parent_path();
+  if (auto p = dir / "tokenizer.model"; fs::exists(p)) return p;
+  return require_model("tokenizer.model");
+}
+
+PeftAdapter adapter_to_peft(const LlamaModel& model) {
+  const auto& setup = model.lora_setup();
+  PeftAdapter out;
+  out.config = setup.config;
+  for (Proj p : kAllProj)
+    if (setup.targets[static_cast<std::size_t>(p)]) out.target_modules.emplace_back(proj_name(p));
+  for (int l = 0; l < model.config().n_layers; ++l)
+    for (Proj p : kAllProj) {
+      const LoraAdapter* a = model.adapter(l, p);
+      if (!a) continue;
+      LoraAdapter copy(a->in, a->out, a->r);
+      copy.A = a->A;
+      copy.B = lora_B_to_hf(model.config(), p, a->B, a->r);
+      copy.dA.clear();
+      copy.dB.clear();
+      out.modules.emplace(hf_module_name(l, p), std::move(copy));
+    }
+  return out;
+}
+
+void adapter_from_peft(LlamaModel& model, const PeftAdapter& adapter) {
+  LoraSetup setup;
+  setup.config = adapter.config;
+  setup.targets.fill(false);
+  for (const auto& m : adapter.target_modules) setup.targets[static_cast<std::size_t>(parse_proj(m))] = true;
+  std::mt19937_64 unused(0);  // every A and B is overwritten below
+  model.add_lora(setup, unused);
+  for (int l = 0; l < model.config().n_layers; ++l)
+    for (Proj p : kAllProj) {
+      LoraAdapter* a = model.adapter(l, p);
+      if (!a) continue;
+      const auto name = hf_module_name(l, p);
+      auto it = adapter.modules.find(name);
+      if (it == adapter.modules.end()) throw std::runtime_error("adapter has no tensors for module " + name);
+      const LoraAdapter& src = it->second;
+      if (src.A.size() != a->A.size() || src.B.size() != a->B.size())
+        throw std::runtime_error("adapter tensors of module " + name + " do not match the model's shapes");
+      a->A = src.A;
+      a->B = lora_B_from_hf(model.config(), p, src.B, a->r);
+    }
+}
+
+float learning_rate(const FinetuneConfig& cfg, int step) {
+  if (cfg.warmup > 0 && step < cfg.warmup) return cfg.lr * static_cast<float>(step) / static_cast<float>(cfg.warmup);
+  return cfg.lr;
+}
+
+double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int seq_len, int batch, int max_windows) {
+  const auto T = static_cast<std::size_t>(seq_len);
+  std::size_t windows = (tokens.size() - 1) / T;
+  if (max_windows > 0) windows = std::min(windows, static_cast<std::size_t>(max_windows));
+  if (windows == 0)
+    throw std::invalid_argument("validation text (" + std::to_string(tokens.size()) +
+                                " tokens) is shorter than one window of --seq-len " + std::to_string(seq_len));
+  std::mt19937_64 rng(0);  // no dropout in evaluation, so never drawn from
+  double sum = 0;
+  for (std::size_t w0 = 0; w0 < windows; w0 += static_cast<std::size_t>(batch)) {
+    const std::size_t nb = std::min(static_cast<std::size_t>(batch), windows - w0);
+    std::vector<int> x(nb * T), y(nb * T);
+    for (std::size_t b = 0; b < nb; ++b)
+      for (std::size_t t = 0; t < T; ++t) {
+        x[b * T + t] = tokens[(w0 + b) * T + t];
+        y[b * T + t] = tokens[(w0 + b) * T + t + 1];
+      }
+    // Every window is full, so the mean over a batch times its size sums window means.
+    sum += static_cast<double>(model.forward(x.data(), y.data(), static_cast<int>(nb), seq_len, false, rng)) *
+           static_cast<double>(nb);
+  }
+  return sum / static_cast<double>(windows);
+}
+
+namespace {
+
+std::string rng_text(const std::mt19937_64& rng) {
+  std::ostringstream s;
+  s << rng;
+  return s.str();
+}
+
+void rng_from_text(std::mt19937_64& rng, const std::string& text, const fs::path& file) {
+  std::istringstream s(text);
+  s >> rng;
+  if (!s) throw std::runtime_error("corrupt generator state in " + file.string());
+}
+
+std::vector<OptimParam> optim_params(LlamaModel& model) {
+  std::vector<OptimParam> params;
+  for (auto& [name, a] : model.named_adapters()) {
+    params.push_back({name + ".lora_A", a->A.data(), a->dA.data(), a->A.size()});
+    params.push_back({name + ".lora_B", a->B.data(), a->dB.data(), a->B.size()});
+  }
+  return params;
+}
+
+// One checkpoint: the adapter and the optimizer state first, trainer_state.json last,
+// so a folder with trainer_state.json is complete (each file is written atomically).
+void save_checkpoint(const fs::path& dir, const LlamaModel& model, const AdamW& opt, int step,
+                     const std::mt19937_64& data_rng, const std::mt19937_64& dropout_rng) {
+  write_peft_adapter(dir, adapter_to_peft(model));
+  opt.save_state(dir / "optimizer.safetensors");
+  nlohmann::json st = {{"step", step}, {"data_rng", rng_text(data_rng)}, {"dropout_rng", rng_text(dropout_rng)}};
+  write_text_atomic(dir / "trainer_state.json", st.dump(2) + "\n");
+}
+
+int load_checkpoint(const fs::path& dir, LlamaModel& model, AdamW& opt, std::mt19937_64& data_rng,
+                    std::mt19937_64& dropout_rng) {
+  const auto state_file = dir / "trainer_state.json";
+  std::ifstream in(state_file);
+  if (!in) throw std::runtime_error("cannot read checkpoint state " + state_file.string());
+  nlohmann::json st;
+  try {
+    in >> st;
+    rng_from_text(data_rng, st.at("data_rng").get<std::string>(), state_file);
+    rng_from_text(dropout_rng, st.at("dropout_rng").get<std::string>(), state_file);
+  } catch (const nlohmann::json::exception& e) {
+    throw std::runtime_error("corrupt checkpoint state " + state_file.string() + ": " + e.what());
+  }
+  const auto peft = read_peft_adapter(dir);
+  for (int l = 0; l < model.config().n_layers; ++l)
+    for (Proj p : kAllProj) {
+      LoraAdapter* a = model.adapter(l, p);
+      if (!a) continue;
+      auto it = peft.modules.find(hf_module_name(l, p));
+      if (it == peft.modules.end() || it->second.A.size() != a->A.size() || it->second.B.size() != a->B.size())
+        throw std::runtime_error("checkpoint " + dir.string() + " does not match the model's adapter at " +
+                                 hf_module_name(l, p));
+      a->A = it->second.A;
+      a->B = lora_B_from_hf(model.config(), p, it->second.B, a->r);
+    }
+  opt.load_state(dir / "optimizer.safetensors");
+  const int step = st.value("step", -1);
+  if (step != opt.steps())
+    throw std::runtime_error("checkpoint " + dir.string() + ": trainer step " + std::to_string(step) +
+                             " differs from the optimizer's " + std::to_string(opt.steps()));
+  return step;
+}
+
+}  // namespace
+
+//! [training_loop]
+std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, const FinetuneConfig& cfg) {
+  if (!model.has_lora()) throw std::invalid_argument("finetune: the model has no LoRA adapters");
+  if (cfg.batch < 1 || cfg.seq_len < 2 || cfg.grad_accum < 1 || cfg.steps < 0)
+    throw std::invalid_argument("finetune: --batch, --grad-accum must be >= 1 and --seq-len >= 2");
+  if (cfg.seq_len > model.config().seq_len)
+    throw std::invalid_argument("--seq-len " + std::to_string(cfg.seq_len) + " exceeds the model's " +
+                                std::to_string(model.config().seq_len));
+  const auto T = static_cast<std::size_t>(cfg.seq_len);
+  if (data.train.size() < T + 2) throw std::invalid_argument("training text is shorter than one --seq-len window");
+
+  AdamWConfig acfg;
+  acfg.weight_decay = cfg.weight_decay;
+  model.zero_grad();
+  AdamW opt(optim_params(model), acfg);
+  // Two generators: one picks the data windows, one draws the dropout masks. Both are
+  // saved in checkpoints, so a resumed run sees the same windows and masks.
+  std::mt19937_64 data_rng(cfg.seed), dropout_rng(cfg.seed ^ 0x9E3779B97F4A7C15ull);
+  int start = 0;
+  if (!cfg.resume.empty()) start = load_checkpoint(cfg.resume, model, opt, data_rng, dropout_rng);
+
+  std::ofstream log;
+  if (!cfg.out.empty()) {
+    fs::create_directories(cfg.out);
+    log.open(cfg.out / "log.jsonl", start > 0 ? std::ios::app : std::ios::trunc);
+    if (!log) throw std::runtime_error("cannot write " + (cfg.out / "log.jsonl").string());
+  }
+
+  const std::size_t B = static_cast<std::size_t>(cfg.batch);
+  const double max_start = static_cast<double>(data.train.size() - T - 1);
+  std::vector<int> x(B * T), y(B * T);
+  std::vector<StepRecord> records;
+  const auto t_begin = std::chrono::steady_clock::now();
+  for (int step = start + 1; step <= cfg.steps; ++step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    model.zero_grad();
+    double loss_sum = 0;
+    for (int micro = 0; micro < cfg.grad_accum; ++micro) {
+      for (std::size_t b = 0; b < B; ++b) {
+        const auto off = static_cast<std::size_t>(uniform01(data_rng) * (max_start + 1.0));
+        for (std::size_t t = 0; t < T; ++t) {
+          x[b * T + t] = data.train[off + t];
+          y[b * T + t] = data.train[off + t + 1];
+        }
+      }
+      loss_sum += model.forward(x.data(), y.data(), cfg.batch, cfg.seq_len, true, dropout_rng);
+      model.backward();
+    }
+    // backward gives the gradient of each micro-batch's mean loss; average them.
+    if (cfg.grad_accum > 1) {
+      const float inv = 1.0f / static_cast<float>(cfg.grad_accum);
+      for (const auto& p : opt.params())
+        for (std::size_t i = 0; i < p.size; ++i) p.grad[i] *= inv;
+    }
+    StepRecord rec;
+    rec.step = step;
+    rec.loss = static_cast<float>(loss_sum / cfg.grad_accum);
+    rec.grad_norm = cfg.clip > 0 ? opt.clip_grad_norm(cfg.clip) : 0.0;
+    rec.lr = learning_rate(cfg, step);
+    opt.step(rec.lr);
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    rec.tokens_per_s = static_cast<double>(B * T) * cfg.grad_accum / dt;
+    if (cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps))
+      rec.val_loss = static_cast<float>(validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+    if (log) {
+      nlohmann::json j = {{"step", rec.step},         {"loss", rec.loss}, {"lr", rec.lr},
+                          {"grad_norm", rec.grad_norm}, {"tokens_per_s", rec.tokens_per_s}};
+      if (rec.val_loss >= 0) j["val_loss"] = rec.val_loss;
+      log << j.dump() << "\n" << std::flush;
+    }
+    if (cfg.save_every > 0 && !cfg.out.empty() && (step % cfg.save_every == 0 || step == cfg.steps))
+      save_checkpoint(cfg.out / ("checkpoint-" + std::to_string(step)), model, opt, step, data_rng, dropout_rng);
+    if (cfg.progress) {
+      const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
+      const double eta = elapsed / (step - start) * (cfg.steps - step);
+      std::fprintf(stderr, "\rstep %d/%d  loss %.4f  lr %.2e  %.0f tok/s  ETA %.0fs", step, cfg.steps, rec.loss,
+                   static_cast<double>(rec.lr), rec.tokens_per_s, eta);
+      if (rec.val_loss >= 0) std::fprintf(stderr, "  val %.4f\n", static_cast<double>(rec.val_loss));
+      if (step == cfg.steps) std::fprintf(stderr, "\n");
+    }
+    records.push_back(rec);
+  }
+  return records;
+}
+//! [training_loop]
+
+}  // namespace qlora
