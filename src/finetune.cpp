@@ -7,6 +7,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -18,6 +19,14 @@
 namespace qlora {
 
 namespace fs = std::filesystem;
+
+namespace {
+// Copies into the existing buffer: the optimizer holds pointers to A and B, which a
+// vector assignment from a temporary would leave dangling.
+void copy_values(const std::vector<float>& src, std::vector<float>& dst) {
+  std::copy(src.begin(), src.end(), dst.begin());
+}
+}  // namespace
 
 FinetuneData load_finetune_data(const fs::path& text_file, const Tokenizer& tok, double val_fraction) {
   std::ifstream in(text_file, std::ios::binary);
@@ -80,8 +89,8 @@ void adapter_from_peft(LlamaModel& model, const PeftAdapter& adapter) {
       const LoraAdapter& src = it->second;
       if (src.A.size() != a->A.size() || src.B.size() != a->B.size())
         throw std::runtime_error("adapter tensors of module " + name + " do not match the model's shapes");
-      a->A = src.A;
-      a->B = lora_B_from_hf(model.config(), p, src.B, a->r);
+      copy_values(src.A, a->A);
+      copy_values(lora_B_from_hf(model.config(), p, src.B, a->r), a->B);
     }
 }
 
@@ -169,8 +178,8 @@ int load_checkpoint(const fs::path& dir, LlamaModel& model, AdamW& opt, std::mt1
       if (it == peft.modules.end() || it->second.A.size() != a->A.size() || it->second.B.size() != a->B.size())
         throw std::runtime_error("checkpoint " + dir.string() + " does not match the model's adapter at " +
                                  hf_module_name(l, p));
-      a->A = it->second.A;
-      a->B = lora_B_from_hf(model.config(), p, it->second.B, a->r);
+      copy_values(it->second.A, a->A);
+      copy_values(lora_B_from_hf(model.config(), p, it->second.B, a->r), a->B);
     }
   opt.load_state(dir / "optimizer.safetensors");
   const int step = st.value("step", -1);
