@@ -1,0 +1,180 @@
+// `qlora finetune`, `qlora eval`, `qlora generate` (chapter 7): QLoRA fine-tuning of a
+// LLaMA checkpoint on a text file, perplexity of a text file, and text generation,
+// each with or without a PEFT adapter. The work is in finetune.hpp and generate.hpp;
+// this file only parses flags and prints.
+#include "command.hpp"
+#include "finetune.hpp"
+#include "generate.hpp"
+#include "search_path.hpp"
+
+#include <cmath>
+#include <cstdio>
+#include <memory>
+
+namespace {
+
+using namespace qlora;
+
+// Flags shared by the three commands: which model, how it is stored, which adapter.
+struct ModelOptions {
+  std::string model = "kjv15M.bin";
+  std::string storage = "nf4-dq";
+  std::string adapter;
+  std::string tokenizer;
+
+  void add(CLI::App* cmd, bool with_adapter) {
+    cmd->add_option("--model", model, "llama2.c .bin or Hugging Face folder (name searched in the model path)")
+        ->capture_default_str();
+    cmd->add_option("--storage", storage, "frozen base format: f32 bf16 nf4 nf4-dq fp4 fp4-dq int4")
+        ->capture_default_str();
+    cmd->add_option("--tokenizer", tokenizer, "tokenizer.model (default: next to the model, else the model path)");
+    if (with_adapter) cmd->add_option("--adapter", adapter, "PEFT adapter folder to apply");
+  }
+  std::filesystem::path model_path() const { return require_model(model); }
+  std::unique_ptr<Tokenizer> load_tok(const std::filesystem::path& mp) const {
+    return load_tokenizer(tokenizer.empty() ? find_tokenizer_for(mp) : std::filesystem::path(tokenizer));
+  }
+  LlamaModel load(const std::filesystem::path& mp) const {
+    LlamaModel m(load_llama_weights(mp), parse_base_storage(storage));
+    if (!adapter.empty()) adapter_from_peft(m, read_peft_adapter(adapter));
+    return m;
+  }
+};
+
+void print_val(const char* when, double loss) {
+  std::printf("%s: validation loss %.4f nats/token, perplexity %.2f\n", when, loss, std::exp(loss));
+}
+
+void print_sample(const char* when, LlamaModel& m, const Tokenizer& tok, int tokens) {
+  SampleConfig s;
+  s.max_tokens = tokens;
+  std::printf("%s greedy sample:\n%s\n\n", when, generate_text(m, tok, "ROMEO:", s).c_str());
+}
+
+}  // namespace
+
+QLORA_COMMAND([](CLI::App& app) {
+  struct Options {
+    ModelOptions m;
+    std::string data = "tinyshakespeare.txt";
+    int rank = 16;
+    float alpha = 32.0f;
+    float dropout = 0.05f;
+    int sample_tokens = 48;
+    FinetuneConfig cfg;
+    std::string out = "finetune-out";
+    std::string resume;
+  };
+  auto o = std::make_shared<Options>();
+  o->cfg.steps = 100;
+  o->cfg.batch = 8;
+  o->cfg.seq_len = 64;
+  o->cfg.warmup = 10;
+  o->cfg.eval_every = 50;
+  o->cfg.save_every = 50;
+  o->cfg.val_windows = 64;
+  auto* cmd = app.add_subcommand("finetune", "Chapter 7: QLoRA fine-tune of a LLaMA checkpoint on a text file (CPU)");
+  o->m.add(cmd, false);
+  cmd->add_option("--data", o->data, "UTF-8 text file (name searched in the data path)")->capture_default_str();
+  cmd->add_option("--rank,-r", o->rank, "LoRA rank")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--alpha", o->alpha, "LoRA alpha")->capture_default_str();
+  cmd->add_option("--dropout", o->dropout, "LoRA dropout")->capture_default_str()->check(CLI::Range(0.0, 0.99));
+  cmd->add_option("--lr", o->cfg.lr, "peak learning rate")->capture_default_str();
+  cmd->add_option("--warmup", o->cfg.warmup, "linear warmup steps")->capture_default_str();
+  cmd->add_option("--steps", o->cfg.steps, "optimizer steps")->capture_default_str();
+  cmd->add_option("--batch", o->cfg.batch, "sequences per micro-batch")->capture_default_str();
+  cmd->add_option("--seq-len", o->cfg.seq_len, "tokens per sequence")->capture_default_str();
+  cmd->add_option("--grad-accum", o->cfg.grad_accum, "micro-batches per step")->capture_default_str();
+  cmd->add_option("--clip", o->cfg.clip, "gradient clipping max norm (0: off)")->capture_default_str();
+  cmd->add_option("--weight-decay", o->cfg.weight_decay, "AdamW weight decay")->capture_default_str();
+  cmd->add_option("--eval-every", o->cfg.eval_every, "validate every N steps (0: only before/after)")
+      ->capture_default_str();
+  cmd->add_option("--val-windows", o->cfg.val_windows, "cap on validation windows (0: all)")->capture_default_str();
+  cmd->add_option("--save-every", o->cfg.save_every, "checkpoint every N steps (0: only the final adapter)")
+      ->capture_default_str();
+  cmd->add_option("--out", o->out, "output folder: log.jsonl, checkpoint-N/, adapter/")->capture_default_str();
+  cmd->add_option("--resume", o->resume, "checkpoint folder to continue from");
+  cmd->add_option("--seed", o->cfg.seed, "seed of the LoRA init, data order and dropout")->capture_default_str();
+  cmd->add_option("--sample-tokens", o->sample_tokens, "length of the ROMEO: samples")->capture_default_str();
+  cmd->callback([o] {
+    const auto mp = o->m.model_path();
+    auto tok = o->m.load_tok(mp);
+    const auto data = load_finetune_data(require_data(o->data), *tok);
+    auto model = o->m.load(mp);
+    LoraSetup setup;
+    setup.config.r = o->rank;
+    setup.config.alpha = o->alpha;
+    setup.config.dropout = o->dropout;
+    std::mt19937_64 init_rng(o->cfg.seed);
+    model.add_lora(setup, init_rng);
+    std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n",
+                mp.string().c_str(), to_string(model.storage()).c_str(), data.train.size(), data.val.size(),
+                static_cast<long long>(model.lora_parameter_count()));
+    auto& cfg = o->cfg;
+    cfg.out = o->out;
+    cfg.resume = o->resume;
+    print_val("before", validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+    print_sample("before", model, *tok, o->sample_tokens);
+    std::fflush(stdout);
+    finetune(model, data, cfg);
+    print_val("after", validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+    print_sample("after", model, *tok, o->sample_tokens);
+    write_peft_adapter(cfg.out / "adapter", adapter_to_peft(model));
+    std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
+                (cfg.out / "log.jsonl").string().c_str());
+  });
+});
+
+QLORA_COMMAND([](CLI::App& app) {
+  struct Options {
+    ModelOptions m;
+    std::string data = "tinyshakespeare.txt";
+    int seq_len = 64;
+    int batch = 8;
+    int windows = 0;
+    bool held_out = false;
+  };
+  auto o = std::make_shared<Options>();
+  auto* cmd = app.add_subcommand("eval", "Chapter 7: perplexity of a text file, optionally with a PEFT adapter");
+  o->m.add(cmd, true);
+  cmd->add_option("--data", o->data, "UTF-8 text file (name searched in the data path)")->capture_default_str();
+  cmd->add_option("--seq-len", o->seq_len, "tokens per window")->capture_default_str();
+  cmd->add_option("--batch", o->batch, "windows per forward")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--windows", o->windows, "cap on windows (0: all)")->capture_default_str();
+  cmd->add_flag("--held-out", o->held_out, "only the last 10% (finetune's validation split)");
+  cmd->callback([o] {
+    const auto mp = o->m.model_path();
+    auto tok = o->m.load_tok(mp);
+    auto data = load_finetune_data(require_data(o->data), *tok);
+    std::vector<int> ids = data.val;
+    if (!o->held_out) {
+      ids = data.train;
+      ids.insert(ids.end(), data.val.begin(), data.val.end());
+    }
+    auto model = o->m.load(mp);
+    const double loss = validation_loss(model, ids, o->seq_len, o->batch, o->windows);
+    std::printf("%s: loss %.4f nats/token, perplexity %.2f\n", o->data.c_str(), loss, std::exp(loss));
+  });
+});
+
+QLORA_COMMAND([](CLI::App& app) {
+  struct Options {
+    ModelOptions m;
+    std::string prompt = "ROMEO:";
+    SampleConfig s;
+  };
+  auto o = std::make_shared<Options>();
+  auto* cmd = app.add_subcommand("generate", "Chapter 7: generate text, optionally with a PEFT adapter");
+  o->m.add(cmd, true);
+  cmd->add_option("--prompt", o->prompt, "prompt text")->capture_default_str();
+  cmd->add_option("--max-tokens", o->s.max_tokens, "tokens to generate")->capture_default_str();
+  cmd->add_option("--temperature", o->s.temperature, "0: greedy")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-p", o->s.top_p, "nucleus sampling mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  cmd->add_option("--seed", o->s.seed, "sampling seed")->capture_default_str();
+  cmd->callback([o] {
+    const auto mp = o->m.model_path();
+    auto tok = o->m.load_tok(mp);
+    auto model = o->m.load(mp);
+    std::printf("%s\n", generate_text(model, *tok, o->prompt, o->s).c_str());
+  });
+});

@@ -1,0 +1,57 @@
+// Text generation (chapter 7, "Samples"). See generate.hpp.
+#include "generate.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+
+namespace qlora {
+
+int sample_token(const std::vector<float>& logits, float temperature, float top_p, std::mt19937_64& rng) {
+  if (logits.empty()) throw std::invalid_argument("sample_token: empty logits");
+  const auto argmax = static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  if (temperature <= 0.0f) return argmax;
+  // Softmax in double, shifted by the maximum for stability.
+  const double mx = logits[static_cast<std::size_t>(argmax)];
+  std::vector<double> prob(logits.size());
+  double sum = 0;
+  for (std::size_t i = 0; i < logits.size(); ++i) sum += prob[i] = std::exp((logits[i] - mx) / temperature);
+  std::vector<int> order(logits.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int a, int b) {
+    return prob[static_cast<std::size_t>(a)] > prob[static_cast<std::size_t>(b)];
+  });
+  // The nucleus: the most probable tokens until their mass reaches top_p (at least one).
+  std::size_t keep = 0;
+  double mass = 0;
+  while (keep < order.size() && (keep == 0 || mass < top_p * sum)) mass += prob[static_cast<std::size_t>(order[keep++])];
+  double u = uniform01(rng) * mass;
+  for (std::size_t i = 0; i < keep; ++i) {
+    u -= prob[static_cast<std::size_t>(order[i])];
+    if (u < 0) return order[i];
+  }
+  return order[keep - 1];
+}
+
+std::string generate_text(LlamaModel& model, const Tokenizer& tok, const std::string& prompt, const SampleConfig& cfg) {
+  std::vector<int> ids{tok.bos_id()};
+  const auto p = tok.encode(prompt);
+  ids.insert(ids.end(), p.begin(), p.end());
+  const int limit = model.config().seq_len;
+  if (static_cast<int>(ids.size()) >= limit)
+    throw std::invalid_argument("prompt is longer than the model's context of " + std::to_string(limit) + " tokens");
+  std::mt19937_64 rng(cfg.seed);
+  model.reset_kv();
+  const std::vector<float>* logits = nullptr;
+  for (std::size_t i = 0; i < ids.size(); ++i) logits = &model.decode_step(ids[i], static_cast<int>(i));
+  for (int n = 0; n < cfg.max_tokens && static_cast<int>(ids.size()) < limit; ++n) {
+    const int next = sample_token(*logits, cfg.temperature, cfg.top_p, rng);
+    if (next == tok.eos_id() || next == tok.bos_id()) break;
+    ids.push_back(next);
+    if (static_cast<int>(ids.size()) < limit) logits = &model.decode_step(next, static_cast<int>(ids.size()) - 1);
+  }
+  return tok.decode(ids);
+}
+
+}  // namespace qlora
