@@ -1,11 +1,14 @@
 // Chapter 7: a short CPU fine-tune of kjv15M (NF4 + double quant) on tinyshakespeare:
 // validation loss drops by a stated margin, --resume reproduces the loss curve bit for
 // bit, and the trained adapter round-trips through a PEFT folder with identical logits.
+// Also the sampler of `qlora generate`: greedy is argmax, top-p keeps the nucleus.
 #include "file_helpers.hpp"
 #include "finetune.hpp"
+#include "generate.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <cmath>
 #include <cstring>
 #include <memory>
 
@@ -149,4 +152,24 @@ TEST_CASE("a trained adapter round-trips through a PEFT folder", "[ch07][finetun
   for (auto& [name, a] : trained.named_adapters())
     for (float b : a->B) nonzero = nonzero || b != 0.0f;
   CHECK(nonzero);
+}
+
+TEST_CASE("sample_token: greedy is argmax, top-p keeps the nucleus, temperature 1 samples softmax", "[ch07][generate]") {
+  const std::vector<float> logits = {0.0f, 3.0f, 1.0f, 2.0f};
+  std::mt19937_64 rng(5);
+  CHECK(sample_token(logits, 0.0f, 1.0f, rng) == 1);
+  for (int i = 0; i < 50; ++i) CHECK(sample_token(logits, 1.0f, 1e-6f, rng) == 1);
+  // Full softmax: p = e^l / sum; count 20000 draws and compare each frequency.
+  std::vector<int> count(4, 0);
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) ++count[static_cast<std::size_t>(sample_token(logits, 1.0f, 1.0f, rng))];
+  double z = 0;
+  for (float l : logits) z += std::exp(static_cast<double>(l));
+  for (std::size_t i = 0; i < 4; ++i)
+    CHECK(static_cast<double>(count[i]) / n == Approx(std::exp(static_cast<double>(logits[i])) / z).margin(0.015));
+  // top_p 0.9: tokens 1 (0.644) and 3 (0.237) reach 0.88 < 0.9, so token 2 (0.087) joins; token 0 never appears.
+  std::fill(count.begin(), count.end(), 0);
+  for (int i = 0; i < n; ++i) ++count[static_cast<std::size_t>(sample_token(logits, 1.0f, 0.9f, rng))];
+  CHECK(count[0] == 0);
+  CHECK(count[2] > 0);
 }
