@@ -23,8 +23,8 @@ std::array<float, 256> dynamic_map(bool is_signed) {
   // We follow each float32 rounding: torch.linspace's rule (torch_linspace_f32),
   // (b[k] + b[k+1]) / 2 in float32, and the scalar 10^(i-6) rounded to float32 before
   // the float32 product (torch casts a Python scalar to the tensor's dtype on the
-  // CPU). What could differ: a PyTorch build whose linspace kernel fuses
-  // start + step*i into one FMA, or a future torch changing that kernel.
+  // CPU). torch 2.11's linspace fuses start + step*i into one FMA (checked against
+  // its output); a torch build that does not fuse it would differ in the last bit.
   // tools/make_quant_fixtures.py dumps torch's maps so a test checks all 256 values.
   std::vector<float> data;
   for (int i = 0; i < 7; ++i) {

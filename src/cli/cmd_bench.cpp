@@ -551,21 +551,12 @@ void run_bench_kernels(const BenchKernelsArgs&) {
 
 #endif
 
-/// The `bench` command group, shared with the other chapters' benchmarks: whichever
-/// file registers first creates it.
-CLI::App* bench_group(CLI::App& app) {
-  auto found = app.get_subcommands([](CLI::App* s) { return s->get_name() == "bench"; });
-  if (!found.empty()) return found.front();
-  auto* bench = app.add_subcommand("bench", "Benchmarks (each chapter adds its own)");
-  bench->require_subcommand(1);
-  return bench;
-}
 
 }  // namespace
 
 QLORA_COMMAND([](CLI::App& app) {
   auto a = std::make_shared<BenchKernelsArgs>();
-  auto* cmd = bench_group(app)->add_subcommand(
+  auto* cmd = qlora::cli::command_group(app, "bench", "Benchmarks (each chapter adds its own)")->add_subcommand(
       "kernels",
       "Chapter 5: copy bandwidth, cuBLAS bf16 GEMM/GEMV, and our NF4 quantize/dequantize, fused 4-bit GEMV\n"
       "and dequantize+GEMM linear on LLaMA weight shapes, each validated before it is timed (needs a CUDA GPU)");

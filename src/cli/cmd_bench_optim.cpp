@@ -259,20 +259,12 @@ void run_bench_optim(const BenchOptimArgs&) {
 
 #endif
 
-/// The `bench` command group: other chapters may add their own `bench` subcommands.
-CLI::App* bench_group(CLI::App& app) {
-  auto found = app.get_subcommands([](CLI::App* s) { return s->get_name() == "bench"; });
-  if (!found.empty()) return found.front();
-  auto* bench = app.add_subcommand("bench", "Benchmarks (each chapter adds its own)");
-  bench->require_subcommand(1);
-  return bench;
-}
 
 }  // namespace
 
 QLORA_COMMAND([](CLI::App& app) {
   auto a = std::make_shared<BenchOptimArgs>();
-  auto* cmd = bench_group(app)->add_subcommand(
+  auto* cmd = qlora::cli::command_group(app, "bench", "Benchmarks (each chapter adds its own)")->add_subcommand(
       "optim",
       "Chapter 6: peak GPU memory and step time of AdamW with device states, paged AdamW 32-bit and\n"
       "paged AdamW 8-bit under alternating short/long activation spikes (needs a CUDA GPU)");

@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 
 #include <functional>
+#include <string>
 #include <vector>
 
 namespace qlora::cli {
@@ -15,6 +16,10 @@ namespace qlora::cli {
 using CommandSetup = std::function<void(CLI::App&)>;
 
 std::vector<CommandSetup>& command_registry();
+
+/// A subcommand that groups others (e.g. `bench`): whichever file asks first creates it,
+/// the rest add their own subcommands to the same group.
+CLI::App* command_group(CLI::App& app, const std::string& name, const std::string& description);
 
 struct RegisterCommand {
   explicit RegisterCommand(CommandSetup setup) { command_registry().push_back(std::move(setup)); }

@@ -11,6 +11,14 @@ std::vector<CommandSetup>& command_registry() {
   static std::vector<CommandSetup> registry;
   return registry;
 }
+
+CLI::App* command_group(CLI::App& app, const std::string& name, const std::string& description) {
+  auto found = app.get_subcommands([&](CLI::App* s) { return s->get_name() == name; });
+  if (!found.empty()) return found.front();
+  auto* group = app.add_subcommand(name, description);
+  group->require_subcommand(1);
+  return group;
+}
 }  // namespace qlora::cli
 
 int main(int argc, char** argv) {
