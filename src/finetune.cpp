@@ -26,6 +26,23 @@ namespace {
 void copy_values(const std::vector<float>& src, std::vector<float>& dst) {
   std::copy(src.begin(), src.end(), dst.begin());
 }
+
+// Copies A and B of every adapter the model has from a PEFT adapter (q/k B rows back
+// to the interleaved layout); `where` names the source in errors.
+void copy_adapter_values(LlamaModel& model, const PeftAdapter& peft, const std::string& where) {
+  for (int l = 0; l < model.config().n_layers; ++l)
+    for (Proj p : kAllProj) {
+      LoraAdapter* a = model.adapter(l, p);
+      if (!a) continue;
+      const auto name = hf_module_name(l, p);
+      auto it = peft.modules.find(name);
+      if (it == peft.modules.end()) throw std::runtime_error(where + " has no tensors for module " + name);
+      if (it->second.A.size() != a->A.size() || it->second.B.size() != a->B.size())
+        throw std::runtime_error(where + ": tensors of module " + name + " do not match the model's adapter shapes");
+      copy_values(it->second.A, a->A);
+      copy_values(lora_B_from_hf(model.config(), p, it->second.B, a->r), a->B);
+    }
+}
 }  // namespace
 
 FinetuneData load_finetune_data(const fs::path& text_file, const Tokenizer& tok, double val_fraction) {
@@ -79,19 +96,7 @@ void adapter_from_peft(LlamaModel& model, const PeftAdapter& adapter) {
   for (const auto& m : adapter.target_modules) setup.targets[static_cast<std::size_t>(parse_proj(m))] = true;
   std::mt19937_64 unused(0);  // every A and B is overwritten below
   model.add_lora(setup, unused);
-  for (int l = 0; l < model.config().n_layers; ++l)
-    for (Proj p : kAllProj) {
-      LoraAdapter* a = model.adapter(l, p);
-      if (!a) continue;
-      const auto name = hf_module_name(l, p);
-      auto it = adapter.modules.find(name);
-      if (it == adapter.modules.end()) throw std::runtime_error("adapter has no tensors for module " + name);
-      const LoraAdapter& src = it->second;
-      if (src.A.size() != a->A.size() || src.B.size() != a->B.size())
-        throw std::runtime_error("adapter tensors of module " + name + " do not match the model's shapes");
-      copy_values(src.A, a->A);
-      copy_values(lora_B_from_hf(model.config(), p, src.B, a->r), a->B);
-    }
+  copy_adapter_values(model, adapter, "adapter");
 }
 
 float learning_rate(const FinetuneConfig& cfg, int step) {
@@ -101,7 +106,7 @@ float learning_rate(const FinetuneConfig& cfg, int step) {
 
 double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int seq_len, int batch, int max_windows) {
   const auto T = static_cast<std::size_t>(seq_len);
-  std::size_t windows = (tokens.size() - 1) / T;
+  std::size_t windows = tokens.size() < 2 ? 0 : (tokens.size() - 1) / T;
   if (max_windows > 0) windows = std::min(windows, static_cast<std::size_t>(max_windows));
   if (windows == 0)
     throw std::invalid_argument("validation text (" + std::to_string(tokens.size()) +
@@ -169,18 +174,7 @@ int load_checkpoint(const fs::path& dir, LlamaModel& model, AdamW& opt, std::mt1
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error("corrupt checkpoint state " + state_file.string() + ": " + e.what());
   }
-  const auto peft = read_peft_adapter(dir);
-  for (int l = 0; l < model.config().n_layers; ++l)
-    for (Proj p : kAllProj) {
-      LoraAdapter* a = model.adapter(l, p);
-      if (!a) continue;
-      auto it = peft.modules.find(hf_module_name(l, p));
-      if (it == peft.modules.end() || it->second.A.size() != a->A.size() || it->second.B.size() != a->B.size())
-        throw std::runtime_error("checkpoint " + dir.string() + " does not match the model's adapter at " +
-                                 hf_module_name(l, p));
-      copy_values(it->second.A, a->A);
-      copy_values(lora_B_from_hf(model.config(), p, it->second.B, a->r), a->B);
-    }
+  copy_adapter_values(model, read_peft_adapter(dir), "checkpoint " + dir.string());
   opt.load_state(dir / "optimizer.safetensors");
   const int step = st.value("step", -1);
   if (step != opt.steps())

@@ -113,9 +113,11 @@ QLORA_COMMAND([](CLI::App& app) {
     auto& cfg = o->cfg;
     cfg.out = o->out;
     cfg.resume = o->resume;
-    print_val("before", validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
-    print_sample("before", model, *tok, o->sample_tokens);
-    std::fflush(stdout);
+    if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
+      print_val("before", validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+      print_sample("before", model, *tok, o->sample_tokens);
+      std::fflush(stdout);
+    }
     finetune(model, data, cfg);
     print_val("after", validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
     print_sample("after", model, *tok, o->sample_tokens);
