@@ -16,6 +16,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include <sys/resource.h>
+
 namespace qlora {
 
 namespace fs = std::filesystem;
@@ -142,6 +144,13 @@ void rng_from_text(std::mt19937_64& rng, const std::string& text, const fs::path
   if (!s) throw std::runtime_error("corrupt generator state in " + file.string());
 }
 
+// Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB).
+double peak_rss_mb() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_maxrss) / 1024.0;
+}
+
 std::vector<OptimParam> optim_params(LlamaModel& model) {
   std::vector<OptimParam> params;
   for (auto& [name, a] : model.named_adapters()) {
@@ -247,11 +256,13 @@ std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, co
     opt.step(rec.lr);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     rec.tokens_per_s = static_cast<double>(B * T) * cfg.grad_accum / dt;
+    rec.peak_rss_mb = peak_rss_mb();
     if (cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps))
       rec.val_loss = static_cast<float>(validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
     if (log) {
-      nlohmann::json j = {{"step", rec.step},         {"loss", rec.loss}, {"lr", rec.lr},
-                          {"grad_norm", rec.grad_norm}, {"tokens_per_s", rec.tokens_per_s}};
+      nlohmann::json j = {{"step", rec.step},           {"loss", rec.loss},
+                          {"lr", rec.lr},               {"grad_norm", rec.grad_norm},
+                          {"tokens_per_s", rec.tokens_per_s}, {"peak_rss_mb", rec.peak_rss_mb}};
       if (rec.val_loss >= 0) j["val_loss"] = rec.val_loss;
       log << j.dump() << "\n" << std::flush;
     }
@@ -260,8 +271,8 @@ std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, co
     if (cfg.progress) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
       const double eta = elapsed / (step - start) * (cfg.steps - step);
-      std::fprintf(stderr, "\rstep %d/%d  loss %.4f  lr %.2e  %.0f tok/s  ETA %.0fs", step, cfg.steps, rec.loss,
-                   static_cast<double>(rec.lr), rec.tokens_per_s, eta);
+      std::fprintf(stderr, "\rstep %d/%d  loss %.4f  lr %.2e  %.0f tok/s  mem %.0f MiB  ETA %.0fs   ", step, cfg.steps,
+                   rec.loss, static_cast<double>(rec.lr), rec.tokens_per_s, rec.peak_rss_mb, eta);
       if (rec.val_loss >= 0) std::fprintf(stderr, "  val %.4f\n", static_cast<double>(rec.val_loss));
       if (step == cfg.steps) std::fprintf(stderr, "\n");
     }

@@ -67,6 +67,7 @@ struct StepRecord {
   float lr = 0;
   double grad_norm = 0;  ///< before clipping
   double tokens_per_s = 0;
+  double peak_rss_mb = 0;  ///< the process's peak resident memory so far (getrusage), MiB
   float val_loss = -1;   ///< when validated at this step, else −1
 };
 
