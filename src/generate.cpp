@@ -25,7 +25,8 @@ int sample_token(const std::vector<float>& logits, float temperature, float top_
   // The nucleus: the most probable tokens until their mass reaches top_p (at least one).
   std::size_t keep = 0;
   double mass = 0;
-  while (keep < order.size() && (keep == 0 || mass < top_p * sum)) mass += prob[static_cast<std::size_t>(order[keep++])];
+  while (keep < order.size() && (keep == 0 || mass < top_p * sum))
+    mass += prob[static_cast<std::size_t>(order[keep++])];
   double u = uniform01(rng) * mass;
   for (std::size_t i = 0; i < keep; ++i) {
     u -= prob[static_cast<std::size_t>(order[i])];

@@ -154,7 +154,8 @@ TEST_CASE("a trained adapter round-trips through a PEFT folder", "[ch07][finetun
   CHECK(nonzero);
 }
 
-TEST_CASE("sample_token: greedy is argmax, top-p keeps the nucleus, temperature 1 samples softmax", "[ch07][generate]") {
+TEST_CASE("sample_token: greedy is argmax, top-p keeps the nucleus, temperature 1 samples softmax",
+          "[ch07][generate]") {
   const std::vector<float> logits = {0.0f, 3.0f, 1.0f, 2.0f};
   std::mt19937_64 rng(5);
   CHECK(sample_token(logits, 0.0f, 1.0f, rng) == 1);
