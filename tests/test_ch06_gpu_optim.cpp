@@ -89,13 +89,16 @@ Compare compare(std::span<const float> gpu, std::span<const float> cpu, double r
   do {                                                                                                    \
     const Compare c_ = compare(gpu, cpu, rel);                                                            \
     INFO(what << ": " << c_.bad << " of " << (cpu).size() << " beyond " << (rel) << " relative (first at " \
-              << c_.first_bad << ": gpu " << (gpu)[c_.first_bad] << " cpu " << (cpu)[c_.first_bad]          \
+              << c_.first_bad << ": gpu " << ((cpu).empty() ? 0.0f : (gpu)[c_.first_bad]) << " cpu "          \
+              << ((cpu).empty() ? 0.0f : (cpu)[c_.first_bad])          \
               << "), worst " << c_.worst << ", bit-identical " << c_.exact);                               \
     CHECK(c_.bad == 0);                                                                                   \
   } while (0)
 
-/// Counts elements equal to their value before the update (the reference must change them all,
-/// so an element the kernel skipped cannot pass unnoticed).
+/// Counts elements equal to their value before the update. The reference must change
+/// nearly all of them, so an element the kernel skipped cannot pass unnoticed; in float32 a
+/// few (measured on the H100 run of 2026-11-23: 3718 of 1,000,003 for 32-bit, 33 of
+/// 1,000,123 for 8-bit) keep their value because decay and Adam step round away.
 std::size_t unchanged(const std::vector<float>& after, const std::vector<float>& before) {
   std::size_t k = 0;
   for (std::size_t i = 0; i < after.size(); ++i) k += after[i] == before[i];
@@ -116,7 +119,7 @@ TEST_CASE("ch06: GPU AdamW 32-bit kernel matches adamw_update", "[ch06][gpu]") {
   const std::vector<float> p0 = p, m0 = m, v0 = v;
   adamw_update(p.data(), g.data(), m.data(), v.data(), n, lr, cfg, bc);
   adamw32_update(dp.ptr, dg.ptr, dm.ptr, dv.ptr, n, lr, cfg, bc, nullptr);
-  REQUIRE(unchanged(p, p0) == 0);
+  REQUIRE(unchanged(p, p0) * 100 < n);
   CHECK_CLOSE("p", dp.host(), p, 1e-6);
   CHECK_CLOSE("m", dm.host(), m, 1e-6);
   CHECK_CLOSE("v", dv.host(), v, 1e-6);
@@ -144,7 +147,7 @@ TEST_CASE("ch06: GPU 8-bit blockwise AdamW kernel matches adamw8bit_update", "[c
 
   adamw8bit_update(p.data(), g.data(), c1.data(), c2.data(), a1.data(), a2.data(), n, k);
   cuda::adamw8bit_update(dp.ptr, dg.ptr, dc1.ptr, dc2.ptr, da1.ptr, da2.ptr, n, k, dmaps.ptr, nullptr);
-  REQUIRE(unchanged(p, p0) == 0);
+  REQUIRE(unchanged(p, p0) * 100 < n);
   REQUIRE(unchanged(a1, a10) == 0);
   CHECK_CLOSE("p", dp.host(), p, 1e-6);
   CHECK_CLOSE("absmax1", da1.host(), a1, 1e-6);
