@@ -106,8 +106,7 @@ void quantize_blockwise_8bit(std::span<const float> x, int blocksize, const std:
   for (std::size_t b = 0; b < absmax.size(); ++b) {
     const std::size_t begin = b * bs;
     const std::size_t end = std::min(begin + bs, x.size());
-    float m = 0.0f;
-    for (std::size_t i = begin; i < end; ++i) m = std::max(m, std::fabs(flush_subnormal(x[i])));
+    const float m = block_absmax_flushed(x.subspan(begin, end - begin));
     absmax[b] = m;
     // Like the CUDA kernel: multiply by the reciprocal. For an all-zero block this is
     // 0 * inf = NaN, which the search sends to code 0; it dequantizes to 0 again.

@@ -102,8 +102,7 @@ Quant4Tensor quantize_4bit(std::span<const float> x, std::vector<std::int64_t> s
   for (std::size_t b = 0; b < absmax.size(); ++b) {
     const std::size_t begin = b * bs;
     const std::size_t end = std::min(begin + bs, x.size());
-    float m = 0.0f;
-    for (std::size_t i = begin; i < end; ++i) m = std::max(m, std::fabs(flush_subnormal(x[i])));
+    const float m = block_absmax_flushed(x.subspan(begin, end - begin));
     absmax[b] = m;
     // Scale by the reciprocal, as the kernel does. An all-zero block has m = 0, so
     // inv = inf and every scaled value is 0 * inf = NaN: NF4's tree sends NaN to code 0

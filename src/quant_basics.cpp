@@ -120,6 +120,12 @@ float flush_subnormal(float x) {
   return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
 }
 
+float block_absmax_flushed(std::span<const float> block) {
+  float m = 0.0f;
+  for (float v : block) m = std::max(m, std::fabs(flush_subnormal(v)));
+  return m;
+}
+
 //! [torch-linspace]
 std::vector<float> torch_linspace_f32(float start, float end, int steps) {
   if (steps < 1) throw std::invalid_argument("torch_linspace_f32: steps must be >= 1");

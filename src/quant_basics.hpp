@@ -60,6 +60,10 @@ void check_finite(std::span<const float> x, const char* what);
 /// float32 values to (signed) zero; the reference does the same where it matters.
 float flush_subnormal(float x);
 
+/// max |x| over a block, subnormals flushed first (as bitsandbytes' fast-math kernels do).
+/// The per-block scale of every blockwise quantizer (4-bit and 8-bit).
+float block_absmax_flushed(std::span<const float> block);
+
 /// torch.linspace(start, end, steps, dtype=float32) on the CPU, value for value: the
 /// step is computed in float32, the first half counts up from start, the second half
 /// down from end (so the end point is exact).
