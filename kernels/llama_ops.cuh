@@ -1,0 +1,71 @@
+// The LLaMA building blocks on the GPU (chapter 7, "The model"): embedding,
+// RMSNorm, rotary embedding, causal attention with grouped-query heads, SwiGLU,
+// cross-entropy, and two small helpers. Each kernel repeats the plain loop of
+// its CPU reference in src/llama_ops.cpp (or src/bf16.cpp), one thread, warp or
+// block per independent row, so tests/test_ch07_gpu_ops.cpp can compare them
+// element by element. No atomics anywhere: every output has exactly one writer,
+// so results are deterministic from run to run.
+//
+// Layout as on the CPU: activations are float32 row-major, N = B·T rows with
+// row b·T + t holding token t of sequence b. All pointers are device pointers;
+// work is enqueued on stream `s` and every launch is checked.
+#pragma once
+
+#include "bf16.hpp"
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace qlora::cuda {
+
+/// x[n·D + d] = table[tokens[n]·D + d]. CPU reference: the embedding copy in LlamaModel::forward.
+void embedding_forward(const float* table, const int* tokens, float* x, int N, int D, cudaStream_t s);
+
+/// y = x / rms(x) ⊙ w per row, inv_rms[n] kept for backward. CPU reference: qlora::rmsnorm_forward.
+void rmsnorm_forward(const float* x, const float* w, float* y, float* inv_rms, int N, int D, float eps,
+                     cudaStream_t s);
+
+/// dx += ∂loss/∂x of RMSNorm (ADDS into dx; the norm weight is frozen). CPU reference: qlora::rmsnorm_backward.
+void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy, float* dx, int N, int D,
+                      cudaStream_t s);
+
+/// Rotates each head's (2i, 2i+1) pairs in place; row n is at position n % T. cos_t, sin_t: seq_len × hs/2
+/// as built by qlora::rope_tables. inverse rotates backwards (the backward pass). CPU reference: qlora::rope.
+void rope(float* v, int N, int T, int n_heads, int hs, const float* cos_t, const float* sin_t, bool inverse,
+          cudaStream_t s);
+
+/// Causal softmax attention with H query heads sharing KVH key/value heads. q, out: N×(H·hs); k, v: N×(KVH·hs);
+/// att: B×H×T×T softmax weights, zero above the diagonal. T ≤ 1024. CPU reference: qlora::attention_forward.
+void attention_forward(const float* q, const float* k, const float* v, float* att, float* out, int B, int T, int H,
+                       int KVH, int hs, cudaStream_t s);
+
+/// Gradients of attention_forward. ds: scratch B×H×T×T (the softmax input gradient); dq, dk, dv OVERWRITTEN.
+/// Deterministic: one pass per query row writes ds and dq, one pass per key row writes dk and dv, summing over
+/// the query heads of its kv group. CPU reference: qlora::attention_backward.
+void attention_backward(const float* q, const float* k, const float* v, const float* att, const float* dout,
+                        float* ds, float* dq, float* dk, float* dv, int B, int T, int H, int KVH, int hs,
+                        cudaStream_t s);
+
+/// g = silu(h1) ⊙ h3. CPU reference: qlora::swiglu_forward.
+void swiglu_forward(const float* h1, const float* h3, float* g, std::int64_t n, cudaStream_t s);
+
+/// dh1, dh3 (overwritten) from dg. CPU reference: qlora::swiglu_backward.
+void swiglu_backward(const float* h1, const float* h3, const float* dg, float* dh1, float* dh3, std::int64_t n,
+                     cudaStream_t s);
+
+/// row_loss[n] = logsumexp(logits row n) − logits[n, targets[n]]; 0 when targets[n] < 0.
+/// CPU reference: qlora::cross_entropy_loss_row.
+void cross_entropy_loss(const float* logits, const int* targets, float* row_loss, int N, int V, cudaStream_t s);
+
+/// In place: logits row n → scale·(softmax − onehot(targets[n])); rows with targets[n] < 0 → 0.
+/// CPU reference: qlora::cross_entropy_backward_row with weight = scale.
+void cross_entropy_backward(float* logits, const int* targets, int N, int V, float scale, cudaStream_t s);
+
+/// y += x elementwise (the residual stream).
+void add_inplace(float* y, const float* x, std::int64_t n, cudaStream_t s);
+
+/// y = bf16(x), round to nearest even. CPU reference: qlora::f32_to_bf16 (src/bf16.cpp).
+void to_bf16(const float* x, bf16* y, std::int64_t n, cudaStream_t s);
+
+}  // namespace qlora::cuda
