@@ -1,0 +1,438 @@
+// The LLaMA building blocks on the GPU (chapter 7, "The model"). See llama_ops.cuh;
+// the CPU references are in src/llama_ops.cpp. The kernels are the CPU loops with
+// the outer loop spread over threads: one block per row where a row needs a sum
+// (RMSNorm, cross-entropy), one warp per attention row, one thread per element
+// otherwise. They sum in float where the CPU sums in double; the tests bound the
+// difference.
+#include "llama_ops.cuh"
+
+#include "cuda_check.cuh"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+namespace qlora::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;      // elementwise kernels and row blocks
+constexpr int kWarpsPerBlock = 4;  // attention: one warp per row
+constexpr int kMaxT = 1024;        // attention rows are looped over by one warp; keep them bounded
+
+// Enough blocks for n elements (grid-stride loops cover the rest beyond the cap).
+unsigned blocks_for(std::int64_t n) {
+  return static_cast<unsigned>(std::min<std::int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum (or max) over the block, returned to every thread. `buf` holds 32 floats of
+// shared memory; the trailing barrier makes it safe to call again at once.
+__device__ float block_sum(float v, float* buf) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_sum(v);
+  if (lane == 0) buf[warp] = v;
+  __syncthreads();
+  v = lane < static_cast<int>(blockDim.x / 32) ? buf[lane] : 0.0f;
+  v = warp_sum(v);  // every warp reduces the partial sums: no second broadcast needed
+  __syncthreads();
+  return v;
+}
+
+__device__ float block_max(float v, float* buf) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_max(v);
+  if (lane == 0) buf[warp] = v;
+  __syncthreads();
+  v = lane < static_cast<int>(blockDim.x / 32) ? buf[lane] : -INFINITY;
+  v = warp_max(v);
+  __syncthreads();
+  return v;
+}
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument(what);
+}
+
+// ---------------------------------------------------------------------------------
+// Elementwise
+
+__global__ void embedding_kernel(const float* __restrict__ table, const int* __restrict__ tokens,
+                                 float* __restrict__ x, std::int64_t n, int D) {
+  for (std::int64_t i = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (std::int64_t)gridDim.x * blockDim.x) {
+    const std::int64_t row = i / D;
+    x[i] = table[(std::int64_t)tokens[row] * D + (i - row * D)];
+  }
+}
+
+__global__ void swiglu_forward_kernel(const float* __restrict__ h1, const float* __restrict__ h3,
+                                      float* __restrict__ g, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (std::int64_t)gridDim.x * blockDim.x) {
+    const float z = h1[i];
+    g[i] = z / (1.0f + expf(-z)) * h3[i];
+  }
+}
+
+__global__ void swiglu_backward_kernel(const float* __restrict__ h1, const float* __restrict__ h3,
+                                       const float* __restrict__ dg, float* __restrict__ dh1,
+                                       float* __restrict__ dh3, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (std::int64_t)gridDim.x * blockDim.x) {
+    const float z = h1[i], sig = 1.0f / (1.0f + expf(-z));
+    dh3[i] = dg[i] * z * sig;
+    dh1[i] = dg[i] * h3[i] * sig * (1.0f + z * (1.0f - sig));
+  }
+}
+
+__global__ void add_kernel(float* __restrict__ y, const float* __restrict__ x, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (std::int64_t)gridDim.x * blockDim.x)
+    y[i] += x[i];
+}
+
+// The integer rounding of f32_to_bf16 (src/bf16.cpp), operation for operation.
+__global__ void to_bf16_kernel(const float* __restrict__ x, bf16* __restrict__ y, std::int64_t n) {
+  for (std::int64_t i = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (std::int64_t)gridDim.x * blockDim.x) {
+    std::uint32_t u = __float_as_uint(x[i]);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+      y[i] = static_cast<bf16>((u >> 16) | 0x0040u);  // NaN stays a quiet NaN
+    } else {
+      u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
+      y[i] = static_cast<bf16>(u >> 16);
+    }
+  }
+}
+
+//! [rope-cuda]
+// One thread per rotated pair (row n, head h, pair i).
+__global__ void rope_kernel(float* __restrict__ v, std::int64_t pairs, int T, int n_heads, int half,
+                            const float* __restrict__ cos_t, const float* __restrict__ sin_t, float sign) {
+  for (std::int64_t j = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; j < pairs;
+       j += (std::int64_t)gridDim.x * blockDim.x) {
+    const int i = static_cast<int>(j % half);
+    const std::int64_t n = j / half / n_heads;
+    const std::int64_t tab = (n % T) * half + i;
+    const float c = cos_t[tab], s = sign * sin_t[tab];
+    float* x = v + 2 * j;  // pairs are contiguous: head h's pair i of row n sits at 2·j
+    const float x0 = x[0], x1 = x[1];
+    x[0] = x0 * c - x1 * s;
+    x[1] = x0 * s + x1 * c;
+  }
+}
+//! [rope-cuda]
+
+// ---------------------------------------------------------------------------------
+// One block per row
+
+__global__ void rmsnorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                       float* __restrict__ y, float* __restrict__ inv_rms, int D, float eps) {
+  __shared__ float buf[32];
+  const float* xr = x + (std::int64_t)blockIdx.x * D;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = block_sum(ss, buf);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(D) + eps);
+  if (threadIdx.x == 0) inv_rms[blockIdx.x] = r;
+  float* yr = y + (std::int64_t)blockIdx.x * D;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) yr[i] = xr[i] * r * w[i];
+}
+
+__global__ void rmsnorm_backward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                                        const float* __restrict__ inv_rms, const float* __restrict__ dy,
+                                        float* __restrict__ dx, int D) {
+  __shared__ float buf[32];
+  const std::int64_t off = (std::int64_t)blockIdx.x * D;
+  float dot = 0.0f;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) dot += dy[off + i] * w[i] * x[off + i];
+  dot = block_sum(dot, buf);
+  const float r = inv_rms[blockIdx.x];
+  const float c = dot * r * r * r / static_cast<float>(D);
+  for (int i = threadIdx.x; i < D; i += blockDim.x) dx[off + i] += r * w[i] * dy[off + i] - x[off + i] * c;
+}
+
+//! [cross-entropy-cuda]
+// max, then Σ exp(l − max): two passes over the row, both block reductions.
+__global__ void cross_entropy_loss_kernel(const float* __restrict__ logits, const int* __restrict__ targets,
+                                          float* __restrict__ row_loss, int V) {
+  __shared__ float buf[32];
+  const int target = targets[blockIdx.x];
+  if (target < 0) {  // the whole block leaves together: no barrier is skipped by some threads only
+    if (threadIdx.x == 0) row_loss[blockIdx.x] = 0.0f;
+    return;
+  }
+  const float* l = logits + (std::int64_t)blockIdx.x * V;
+  float mx = -INFINITY;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, l[v]);
+  mx = block_max(mx, buf);
+  float sum = 0.0f;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - mx);
+  sum = block_sum(sum, buf);
+  if (threadIdx.x == 0) row_loss[blockIdx.x] = mx + logf(sum) - l[target];
+}
+
+__global__ void cross_entropy_backward_kernel(float* __restrict__ logits, const int* __restrict__ targets, int V,
+                                              float scale) {
+  __shared__ float buf[32];
+  const int target = targets[blockIdx.x];
+  float* l = logits + (std::int64_t)blockIdx.x * V;
+  if (target < 0) {
+    for (int v = threadIdx.x; v < V; v += blockDim.x) l[v] = 0.0f;
+    return;
+  }
+  float mx = -INFINITY;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, l[v]);
+  mx = block_max(mx, buf);
+  float sum = 0.0f;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - mx);
+  sum = block_sum(sum, buf);
+  const float w = scale / sum;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) l[v] = expf(l[v] - mx) * w;
+  __syncthreads();  // the thread that wrote l[target] may not be thread 0
+  if (threadIdx.x == 0) l[target] -= scale;
+}
+//! [cross-entropy-cuda]
+
+// ---------------------------------------------------------------------------------
+// Attention: one warp per query row (b, h, t), or per key row (b, kv head, s).
+
+//! [attention-forward-cuda]
+// The lanes take the keys s = lane, lane+32, … for the scores and softmax (att's row is
+// the scratch), then the head dimensions i = lane, lane+32, … for out = Σ_s p_s·v_s.
+__global__ void attention_forward_kernel(const float* __restrict__ q, const float* __restrict__ k,
+                                         const float* __restrict__ v, float* __restrict__ att,
+                                         float* __restrict__ out, int B, int T, int H, int KVH, int hs,
+                                         float scale) {
+  const std::int64_t row_id = (std::int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row_id >= (std::int64_t)B * H * T) return;  // uniform over the warp
+  const int t = static_cast<int>(row_id % T), h = static_cast<int>(row_id / T % H), b = static_cast<int>(row_id / T / H);
+  const int D = H * hs, KV = KVH * hs;
+  const std::int64_t row = (std::int64_t)b * T + t;
+  const float* qr = q + row * D + (std::int64_t)h * hs;
+  const std::int64_t kv_off = (std::int64_t)b * T * KV + (std::int64_t)(h / (H / KVH)) * hs;
+  const float* K = k + kv_off;
+  const float* V = v + kv_off;
+  float* p = att + row_id * T;  // row_id = (b·H + h)·T + t
+
+  float mx = -INFINITY;
+  for (int s = lane; s <= t; s += 32) {
+    float d = 0.0f;
+    for (int i = 0; i < hs; ++i) d += qr[i] * K[(std::int64_t)s * KV + i];
+    d *= scale;
+    p[s] = d;
+    mx = fmaxf(mx, d);
+  }
+  mx = warp_max(mx);
+  float sum = 0.0f;
+  for (int s = lane; s <= t; s += 32) {
+    const float e = expf(p[s] - mx);
+    p[s] = e;
+    sum += e;
+  }
+  const float inv = 1.0f / warp_sum(sum);
+  for (int s = lane; s < T; s += 32) p[s] = s <= t ? p[s] * inv : 0.0f;
+  __syncwarp();  // every lane now reads every p[s]
+  float* o = out + row * D + (std::int64_t)h * hs;
+  for (int i = lane; i < hs; i += 32) {
+    float acc = 0.0f;
+    for (int s = 0; s <= t; ++s) acc += p[s] * V[(std::int64_t)s * KV + i];
+    o[i] = acc;
+  }
+}
+//! [attention-forward-cuda]
+
+//! [attention-backward-cuda]
+// Pass 1, per query row: dp_s = dout_t·v_s, ds_s = p_s (dp_s − Σ p·dp)·scale (the
+// gradient of the score), dq_t = Σ_s ds_s·k_s. Only this warp writes row t of ds and dq.
+__global__ void attention_backward_q_kernel(const float* __restrict__ q, const float* __restrict__ k,
+                                            const float* __restrict__ v, const float* __restrict__ att,
+                                            const float* __restrict__ dout, float* __restrict__ ds,
+                                            float* __restrict__ dq, int B, int T, int H, int KVH, int hs,
+                                            float scale) {
+  const std::int64_t row_id = (std::int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row_id >= (std::int64_t)B * H * T) return;
+  const int t = static_cast<int>(row_id % T), h = static_cast<int>(row_id / T % H), b = static_cast<int>(row_id / T / H);
+  const int D = H * hs, KV = KVH * hs;
+  const std::int64_t row = (std::int64_t)b * T + t;
+  const std::int64_t kv_off = (std::int64_t)b * T * KV + (std::int64_t)(h / (H / KVH)) * hs;
+  const float* K = k + kv_off;
+  const float* V = v + kv_off;
+  const float* dor = dout + row * D + (std::int64_t)h * hs;
+  const float* p = att + row_id * T;
+  float* dsr = ds + row_id * T;
+
+  float pdp = 0.0f;
+  for (int s = lane; s <= t; s += 32) {
+    float d = 0.0f;
+    for (int i = 0; i < hs; ++i) d += dor[i] * V[(std::int64_t)s * KV + i];
+    dsr[s] = d;  // dp_s for now
+    pdp += p[s] * d;
+  }
+  pdp = warp_sum(pdp);
+  for (int s = lane; s < T; s += 32) dsr[s] = s <= t ? p[s] * (dsr[s] - pdp) * scale : 0.0f;
+  __syncwarp();
+  float* dqr = dq + row * D + (std::int64_t)h * hs;
+  for (int i = lane; i < hs; i += 32) {
+    float acc = 0.0f;
+    for (int s = 0; s <= t; ++s) acc += dsr[s] * K[(std::int64_t)s * KV + i];
+    dqr[i] = acc;
+  }
+}
+
+// Pass 2, per key row s of kv head g: dk_s = Σ_h Σ_{t≥s} ds[h,t,s]·q_t,h and
+// dv_s = Σ_h Σ_{t≥s} p[h,t,s]·dout_t,h over the query heads h of the group.
+// Each output has one writer, so no atomics and the same bits every run.
+__global__ void attention_backward_kv_kernel(const float* __restrict__ q, const float* __restrict__ att,
+                                             const float* __restrict__ dout, const float* __restrict__ ds,
+                                             float* __restrict__ dk, float* __restrict__ dv, int B, int T, int H,
+                                             int KVH, int hs) {
+  const std::int64_t row_id = (std::int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row_id >= (std::int64_t)B * KVH * T) return;
+  const int s = static_cast<int>(row_id % T), g = static_cast<int>(row_id / T % KVH),
+            b = static_cast<int>(row_id / T / KVH);
+  const int D = H * hs, KV = KVH * hs, group = H / KVH;
+  for (int i = lane; i < hs; i += 32) {
+    float acc_k = 0.0f, acc_v = 0.0f;
+    for (int h = g * group; h < (g + 1) * group; ++h)
+      for (int t = s; t < T; ++t) {
+        const std::int64_t a = (((std::int64_t)b * H + h) * T + t) * T + s;
+        const std::int64_t x = ((std::int64_t)b * T + t) * D + (std::int64_t)h * hs + i;
+        acc_k += ds[a] * q[x];
+        acc_v += att[a] * dout[x];
+      }
+    const std::int64_t o = ((std::int64_t)b * T + s) * KV + (std::int64_t)g * hs + i;
+    dk[o] = acc_k;
+    dv[o] = acc_v;
+  }
+}
+//! [attention-backward-cuda]
+
+void check_attention(int B, int T, int H, int KVH, int hs, const char* who) {
+  const std::string w = who;
+  require(B > 0 && T > 0 && H > 0 && KVH > 0 && hs > 0,
+          w + ": B, T, H, KVH and hs must be positive (got B=" + std::to_string(B) + ", T=" + std::to_string(T) +
+              ", H=" + std::to_string(H) + ", KVH=" + std::to_string(KVH) + ", hs=" + std::to_string(hs) + ")");
+  require(H % KVH == 0, w + ": " + std::to_string(H) + " query heads cannot share " + std::to_string(KVH) +
+                            " kv heads evenly");
+  require(T <= kMaxT, w + ": T=" + std::to_string(T) + " exceeds the supported " + std::to_string(kMaxT));
+}
+
+unsigned warp_blocks(std::int64_t rows) { return static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+
+}  // namespace
+
+void embedding_forward(const float* table, const int* tokens, float* x, int N, int D, cudaStream_t s) {
+  require(N >= 0 && D > 0, "embedding_forward: need N >= 0 and D > 0");
+  const std::int64_t n = (std::int64_t)N * D;
+  if (n == 0) return;
+  embedding_kernel<<<blocks_for(n), kThreads, 0, s>>>(table, tokens, x, n, D);
+  CUDA_CHECK_LAUNCH();
+}
+
+void rmsnorm_forward(const float* x, const float* w, float* y, float* inv_rms, int N, int D, float eps,
+                     cudaStream_t s) {
+  require(N >= 0 && D > 0, "rmsnorm_forward: need N >= 0 and D > 0");
+  if (N == 0) return;
+  rmsnorm_forward_kernel<<<N, kThreads, 0, s>>>(x, w, y, inv_rms, D, eps);
+  CUDA_CHECK_LAUNCH();
+}
+
+void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy, float* dx, int N, int D,
+                      cudaStream_t s) {
+  require(N >= 0 && D > 0, "rmsnorm_backward: need N >= 0 and D > 0");
+  if (N == 0) return;
+  rmsnorm_backward_kernel<<<N, kThreads, 0, s>>>(x, w, inv_rms, dy, dx, D);
+  CUDA_CHECK_LAUNCH();
+}
+
+void rope(float* v, int N, int T, int n_heads, int hs, const float* cos_t, const float* sin_t, bool inverse,
+          cudaStream_t s) {
+  require(N >= 0 && T > 0 && n_heads > 0 && hs > 0 && hs % 2 == 0,
+          "rope: need N >= 0, T > 0, n_heads > 0 and an even head size (got hs=" + std::to_string(hs) + ")");
+  const std::int64_t pairs = (std::int64_t)N * n_heads * (hs / 2);
+  if (pairs == 0) return;
+  rope_kernel<<<blocks_for(pairs), kThreads, 0, s>>>(v, pairs, T, n_heads, hs / 2, cos_t, sin_t,
+                                                     inverse ? -1.0f : 1.0f);
+  CUDA_CHECK_LAUNCH();
+}
+
+void attention_forward(const float* q, const float* k, const float* v, float* att, float* out, int B, int T, int H,
+                       int KVH, int hs, cudaStream_t s) {
+  check_attention(B, T, H, KVH, hs, "attention_forward");
+  const float scale = 1.0f / sqrtf(static_cast<float>(hs));
+  attention_forward_kernel<<<warp_blocks((std::int64_t)B * H * T), 32 * kWarpsPerBlock, 0, s>>>(q, k, v, att, out, B,
+                                                                                                T, H, KVH, hs, scale);
+  CUDA_CHECK_LAUNCH();
+}
+
+void attention_backward(const float* q, const float* k, const float* v, const float* att, const float* dout,
+                        float* ds, float* dq, float* dk, float* dv, int B, int T, int H, int KVH, int hs,
+                        cudaStream_t s) {
+  check_attention(B, T, H, KVH, hs, "attention_backward");
+  const float scale = 1.0f / sqrtf(static_cast<float>(hs));
+  attention_backward_q_kernel<<<warp_blocks((std::int64_t)B * H * T), 32 * kWarpsPerBlock, 0, s>>>(
+      q, k, v, att, dout, ds, dq, B, T, H, KVH, hs, scale);
+  CUDA_CHECK_LAUNCH();
+  attention_backward_kv_kernel<<<warp_blocks((std::int64_t)B * KVH * T), 32 * kWarpsPerBlock, 0, s>>>(
+      q, att, dout, ds, dk, dv, B, T, H, KVH, hs);
+  CUDA_CHECK_LAUNCH();
+}
+
+void swiglu_forward(const float* h1, const float* h3, float* g, std::int64_t n, cudaStream_t s) {
+  require(n >= 0, "swiglu_forward: negative size");
+  if (n == 0) return;
+  swiglu_forward_kernel<<<blocks_for(n), kThreads, 0, s>>>(h1, h3, g, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void swiglu_backward(const float* h1, const float* h3, const float* dg, float* dh1, float* dh3, std::int64_t n,
+                     cudaStream_t s) {
+  require(n >= 0, "swiglu_backward: negative size");
+  if (n == 0) return;
+  swiglu_backward_kernel<<<blocks_for(n), kThreads, 0, s>>>(h1, h3, dg, dh1, dh3, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void cross_entropy_loss(const float* logits, const int* targets, float* row_loss, int N, int V, cudaStream_t s) {
+  require(N >= 0 && V > 0, "cross_entropy_loss: need N >= 0 and V > 0");
+  if (N == 0) return;
+  cross_entropy_loss_kernel<<<N, kThreads, 0, s>>>(logits, targets, row_loss, V);
+  CUDA_CHECK_LAUNCH();
+}
+
+void cross_entropy_backward(float* logits, const int* targets, int N, int V, float scale, cudaStream_t s) {
+  require(N >= 0 && V > 0, "cross_entropy_backward: need N >= 0 and V > 0");
+  if (N == 0) return;
+  cross_entropy_backward_kernel<<<N, kThreads, 0, s>>>(logits, targets, V, scale);
+  CUDA_CHECK_LAUNCH();
+}
+
+void add_inplace(float* y, const float* x, std::int64_t n, cudaStream_t s) {
+  require(n >= 0, "add_inplace: negative size");
+  if (n == 0) return;
+  add_kernel<<<blocks_for(n), kThreads, 0, s>>>(y, x, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+void to_bf16(const float* x, bf16* y, std::int64_t n, cudaStream_t s) {
+  require(n >= 0, "to_bf16: negative size");
+  if (n == 0) return;
+  to_bf16_kernel<<<blocks_for(n), kThreads, 0, s>>>(x, y, n);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace qlora::cuda
