@@ -2,6 +2,7 @@
 #include "finetune.hpp"
 
 #include "adamw.hpp"
+#include "adamw8bit.hpp"
 #include "atomic_file.hpp"
 #include "search_path.hpp"
 
@@ -15,6 +16,7 @@
 #include <iterator>
 #include <sstream>
 #include <stdexcept>
+#include <variant>
 
 #include <sys/resource.h>
 
@@ -106,14 +108,33 @@ float learning_rate(const FinetuneConfig& cfg, int step) {
   return cfg.lr;
 }
 
-double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int seq_len, int batch, int max_windows) {
+std::string to_string(OptimKind k) {
+  switch (k) {
+    case OptimKind::adamw: return "adamw_32bit";
+    case OptimKind::adamw8bit: return "adamw_8bit";
+    case OptimKind::paged_adamw: return "paged_adamw_32bit";
+    case OptimKind::paged_adamw8bit: return "paged_adamw_8bit";
+  }
+  return "?";
+}
+
+OptimKind parse_optim(const std::string& s) {
+  for (OptimKind k : {OptimKind::adamw, OptimKind::adamw8bit, OptimKind::paged_adamw, OptimKind::paged_adamw8bit})
+    if (s == to_string(k)) return k;
+  if (s == "adamw") return OptimKind::adamw;
+  if (s == "paged_adamw") return OptimKind::paged_adamw;
+  throw std::invalid_argument("unknown optimizer '" + s +
+                              "' (expected adamw_32bit, adamw_8bit, paged_adamw_32bit or paged_adamw_8bit)");
+}
+
+double validation_loss(const BatchLoss& loss, const std::vector<int>& tokens, int seq_len, int batch,
+                       int max_windows) {
   const auto T = static_cast<std::size_t>(seq_len);
   std::size_t windows = tokens.size() < 2 ? 0 : (tokens.size() - 1) / T;
   if (max_windows > 0) windows = std::min(windows, static_cast<std::size_t>(max_windows));
   if (windows == 0)
     throw std::invalid_argument("validation text (" + std::to_string(tokens.size()) +
                                 " tokens) is shorter than one window of --seq-len " + std::to_string(seq_len));
-  std::mt19937_64 rng(0);  // no dropout in evaluation, so never drawn from
   double sum = 0;
   for (std::size_t w0 = 0; w0 < windows; w0 += static_cast<std::size_t>(batch)) {
     const std::size_t nb = std::min(static_cast<std::size_t>(batch), windows - w0);
@@ -124,10 +145,15 @@ double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int se
         y[b * T + t] = tokens[(w0 + b) * T + t + 1];
       }
     // Every window is full, so the mean over a batch times its size sums window means.
-    sum += static_cast<double>(model.forward(x.data(), y.data(), static_cast<int>(nb), seq_len, false, rng)) *
-           static_cast<double>(nb);
+    sum += static_cast<double>(loss(x.data(), y.data(), static_cast<int>(nb), seq_len)) * static_cast<double>(nb);
   }
   return sum / static_cast<double>(windows);
+}
+
+double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int seq_len, int batch, int max_windows) {
+  std::mt19937_64 rng(0);  // no dropout in evaluation, so never drawn from
+  return validation_loss([&](const int* x, const int* y, int B, int T) { return model.forward(x, y, B, T, false, rng); },
+                         tokens, seq_len, batch, max_windows);
 }
 
 namespace {
@@ -162,16 +188,16 @@ std::vector<OptimParam> optim_params(LlamaModel& model) {
 
 // One checkpoint: the adapter and the optimizer state first, trainer_state.json last,
 // so a folder with trainer_state.json is complete (each file is written atomically).
-void save_checkpoint(const fs::path& dir, const LlamaModel& model, const AdamW& opt, int step,
-                     const std::mt19937_64& data_rng, const std::mt19937_64& dropout_rng) {
-  write_peft_adapter(dir, adapter_to_peft(model));
-  opt.save_state(dir / "optimizer.safetensors");
+void save_checkpoint(const fs::path& dir, Trainer& tr, int step, const std::mt19937_64& data_rng,
+                     const std::mt19937_64& dropout_rng) {
+  tr.sync_to_host();
+  write_peft_adapter(dir, adapter_to_peft(tr.model()));
+  tr.save_optimizer(dir / "optimizer.safetensors");
   nlohmann::json st = {{"step", step}, {"data_rng", rng_text(data_rng)}, {"dropout_rng", rng_text(dropout_rng)}};
   write_text_atomic(dir / "trainer_state.json", st.dump(2) + "\n");
 }
 
-int load_checkpoint(const fs::path& dir, LlamaModel& model, AdamW& opt, std::mt19937_64& data_rng,
-                    std::mt19937_64& dropout_rng) {
+int load_checkpoint(const fs::path& dir, Trainer& tr, std::mt19937_64& data_rng, std::mt19937_64& dropout_rng) {
   const auto state_file = dir / "trainer_state.json";
   std::ifstream in(state_file);
   if (!in) throw std::runtime_error("cannot read checkpoint state " + state_file.string());
@@ -183,19 +209,77 @@ int load_checkpoint(const fs::path& dir, LlamaModel& model, AdamW& opt, std::mt1
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error("corrupt checkpoint state " + state_file.string() + ": " + e.what());
   }
-  copy_adapter_values(model, read_peft_adapter(dir), "checkpoint " + dir.string());
-  opt.load_state(dir / "optimizer.safetensors");
+  copy_adapter_values(tr.model(), read_peft_adapter(dir), "checkpoint " + dir.string());
+  tr.sync_from_host();
+  tr.load_optimizer(dir / "optimizer.safetensors");
   const int step = st.value("step", -1);
-  if (step != opt.steps())
+  if (step != tr.optimizer_steps())
     throw std::runtime_error("checkpoint " + dir.string() + ": trainer step " + std::to_string(step) +
-                             " differs from the optimizer's " + std::to_string(opt.steps()));
+                             " differs from the optimizer's " + std::to_string(tr.optimizer_steps()));
   return step;
 }
 
 }  // namespace
 
+// --- the CPU trainer ---------------------------------------------------------------
+
+struct CpuTrainer::Optim {
+  std::variant<AdamW, AdamW8bit> opt;
+};
+
+CpuTrainer::CpuTrainer(LlamaModel& model, OptimKind optim, float weight_decay) : model_(model) {
+  if (!model.has_lora()) throw std::invalid_argument("finetune: the model has no LoRA adapters");
+  if (optim == OptimKind::paged_adamw || optim == OptimKind::paged_adamw8bit)
+    throw std::invalid_argument("--optim " + to_string(optim) + " pages optimizer state out of GPU memory: it needs --device cuda");
+  AdamWConfig acfg;
+  acfg.weight_decay = weight_decay;
+  model.zero_grad();
+  if (optim == OptimKind::adamw)
+    opt_.reset(new Optim{std::variant<AdamW, AdamW8bit>(std::in_place_type<AdamW>, optim_params(model), acfg)});
+  else
+    opt_.reset(new Optim{std::variant<AdamW, AdamW8bit>(std::in_place_type<AdamW8bit>, optim_params(model), acfg)});
+}
+
+CpuTrainer::~CpuTrainer() = default;
+
+float CpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) {
+  const float loss = model_.forward(x, y, B, T, true, dropout_rng);
+  model_.backward();
+  return loss;
+}
+
+float CpuTrainer::eval_batch(const int* x, const int* y, int B, int T) {
+  std::mt19937_64 unused(0);  // no dropout in evaluation
+  return model_.forward(x, y, B, T, false, unused);
+}
+
+void CpuTrainer::scale_grads(float s) {
+  for (auto& [name, a] : model_.named_adapters()) {
+    for (float& g : a->dA) g *= s;
+    for (float& g : a->dB) g *= s;
+  }
+}
+
+double CpuTrainer::clip_grad_norm(double max_norm) {
+  return std::visit([&](auto& o) { return o.clip_grad_norm(max_norm); }, opt_->opt);
+}
+void CpuTrainer::optimizer_step(float lr) {
+  std::visit([&](auto& o) { o.step(lr); }, opt_->opt);
+}
+std::int64_t CpuTrainer::optimizer_steps() const {
+  return std::visit([](const auto& o) { return o.steps(); }, opt_->opt);
+}
+void CpuTrainer::save_optimizer(const fs::path& file) const {
+  std::visit([&](const auto& o) { o.save_state(file); }, opt_->opt);
+}
+void CpuTrainer::load_optimizer(const fs::path& file) {
+  std::visit([&](auto& o) { o.load_state(file); }, opt_->opt);
+}
+double CpuTrainer::peak_memory_mb() const { return peak_rss_mb(); }
+
 //! [training_loop]
-std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, const FinetuneConfig& cfg) {
+std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const FinetuneConfig& cfg) {
+  const LlamaModel& model = tr.model();
   if (!model.has_lora()) throw std::invalid_argument("finetune: the model has no LoRA adapters");
   if (cfg.batch < 1 || cfg.seq_len < 2 || cfg.grad_accum < 1 || cfg.steps < 0)
     throw std::invalid_argument("finetune: --batch, --grad-accum must be >= 1 and --seq-len >= 2");
@@ -205,15 +289,12 @@ std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, co
   const auto T = static_cast<std::size_t>(cfg.seq_len);
   if (data.train.size() < T + 2) throw std::invalid_argument("training text is shorter than one --seq-len window");
 
-  AdamWConfig acfg;
-  acfg.weight_decay = cfg.weight_decay;
-  model.zero_grad();
-  AdamW opt(optim_params(model), acfg);
+  tr.zero_grad();
   // Two generators: one picks the data windows, one draws the dropout masks. Both are
   // saved in checkpoints, so a resumed run sees the same windows and masks.
   std::mt19937_64 data_rng(cfg.seed), dropout_rng(cfg.seed ^ 0x9E3779B97F4A7C15ull);
   int start = 0;
-  if (!cfg.resume.empty()) start = load_checkpoint(cfg.resume, model, opt, data_rng, dropout_rng);
+  if (!cfg.resume.empty()) start = load_checkpoint(cfg.resume, tr, data_rng, dropout_rng);
 
   std::ofstream log;
   if (!cfg.out.empty()) {
@@ -226,10 +307,11 @@ std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, co
   const double max_start = static_cast<double>(data.train.size() - T - 1);
   std::vector<int> x(B * T), y(B * T);
   std::vector<StepRecord> records;
+  const BatchLoss eval = [&](const int* ex, const int* ey, int eb, int et) { return tr.eval_batch(ex, ey, eb, et); };
   const auto t_begin = std::chrono::steady_clock::now();
   for (int step = start + 1; step <= cfg.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
-    model.zero_grad();
+    tr.zero_grad();
     double loss_sum = 0;
     for (int micro = 0; micro < cfg.grad_accum; ++micro) {
       for (std::size_t b = 0; b < B; ++b) {
@@ -239,47 +321,49 @@ std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, co
           y[b * T + t] = data.train[off + t + 1];
         }
       }
-      loss_sum += model.forward(x.data(), y.data(), cfg.batch, cfg.seq_len, true, dropout_rng);
-      model.backward();
+      loss_sum += tr.train_micro_batch(x.data(), y.data(), cfg.batch, cfg.seq_len, dropout_rng);
     }
     // backward gives the gradient of each micro-batch's mean loss; average them.
-    if (cfg.grad_accum > 1) {
-      const float inv = 1.0f / static_cast<float>(cfg.grad_accum);
-      for (const auto& p : opt.params())
-        for (std::size_t i = 0; i < p.size; ++i) p.grad[i] *= inv;
-    }
+    if (cfg.grad_accum > 1) tr.scale_grads(1.0f / static_cast<float>(cfg.grad_accum));
     StepRecord rec;
     rec.step = step;
     rec.loss = static_cast<float>(loss_sum / cfg.grad_accum);
-    rec.grad_norm = cfg.clip > 0 ? opt.clip_grad_norm(cfg.clip) : 0.0;
+    rec.grad_norm = cfg.clip > 0 ? tr.clip_grad_norm(cfg.clip) : 0.0;
     rec.lr = learning_rate(cfg, step);
-    opt.step(rec.lr);
+    tr.optimizer_step(rec.lr);
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     rec.tokens_per_s = static_cast<double>(B * T) * cfg.grad_accum / dt;
-    rec.peak_rss_mb = peak_rss_mb();
+    rec.peak_mem_mb = tr.peak_memory_mb();
     if (cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps))
-      rec.val_loss = static_cast<float>(validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+      rec.val_loss = static_cast<float>(validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
     if (log) {
       nlohmann::json j = {{"step", rec.step},           {"loss", rec.loss},
                           {"lr", rec.lr},               {"grad_norm", rec.grad_norm},
-                          {"tokens_per_s", rec.tokens_per_s}, {"peak_rss_mb", rec.peak_rss_mb}};
+                          {"tokens_per_s", rec.tokens_per_s}, {"peak_mem_mb", rec.peak_mem_mb},
+                          {"device", tr.device()}};
       if (rec.val_loss >= 0) j["val_loss"] = rec.val_loss;
       log << j.dump() << "\n" << std::flush;
     }
     if (cfg.save_every > 0 && !cfg.out.empty() && (step % cfg.save_every == 0 || step == cfg.steps))
-      save_checkpoint(cfg.out / ("checkpoint-" + std::to_string(step)), model, opt, step, data_rng, dropout_rng);
+      save_checkpoint(cfg.out / ("checkpoint-" + std::to_string(step)), tr, step, data_rng, dropout_rng);
     if (cfg.progress) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
       const double eta = elapsed / (step - start) * (cfg.steps - step);
       std::fprintf(stderr, "\rstep %d/%d  loss %.4f  lr %.2e  %.0f tok/s  mem %.0f MiB  ETA %.0fs   ", step, cfg.steps,
-                   rec.loss, static_cast<double>(rec.lr), rec.tokens_per_s, rec.peak_rss_mb, eta);
+                   rec.loss, static_cast<double>(rec.lr), rec.tokens_per_s, rec.peak_mem_mb, eta);
       if (rec.val_loss >= 0) std::fprintf(stderr, "  val %.4f\n", static_cast<double>(rec.val_loss));
       if (step == cfg.steps) std::fprintf(stderr, "\n");
     }
     records.push_back(rec);
   }
+  tr.sync_to_host();
   return records;
 }
 //! [training_loop]
+
+std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, const FinetuneConfig& cfg) {
+  CpuTrainer tr(model, cfg.optim, cfg.weight_decay);
+  return finetune(tr, data, cfg);
+}
 
 }  // namespace qlora

@@ -5,6 +5,8 @@
 // clipping, gradient accumulation), validation loss, a JSONL log of every step,
 // and checkpoints (PEFT adapter + optimizer state + trainer state) that --resume
 // continues from with the same data order, so the loss curve is identical.
+// The loop drives a Trainer: CpuTrainer here, cuda::GpuTrainer (kernels/gpu_trainer.cuh)
+// on the GPU; data order, logging and checkpoints are one code path for both.
 #pragma once
 #include "llama_model.hpp"
 #include "peft_adapter.hpp"
@@ -12,6 +14,8 @@
 
 #include <cstdint>
 #include <filesystem>
+#include <functional>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -42,6 +46,13 @@ PeftAdapter adapter_to_peft(const LlamaModel& model);
 /// Throws std::runtime_error naming the module when a tensor is missing or mis-shaped.
 void adapter_from_peft(LlamaModel& model, const PeftAdapter& adapter);
 
+/// The optimizers of chapter 6, by the names transformers' Trainer gives them.
+enum class OptimKind { adamw, adamw8bit, paged_adamw, paged_adamw8bit };
+/// "adamw_32bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit".
+std::string to_string(OptimKind k);
+/// Inverse of to_string (also "adamw", "paged_adamw"); throws std::invalid_argument naming the value.
+OptimKind parse_optim(const std::string& s);
+
 struct FinetuneConfig {
   int steps = 30;
   int batch = 2;
@@ -51,6 +62,7 @@ struct FinetuneConfig {
   int warmup = 0;        ///< steps of linear warmup (lr·step/warmup), then constant lr
   double clip = 0.3;     ///< global-norm gradient clipping; ≤ 0 turns it off
   float weight_decay = 0.0f;
+  OptimKind optim = OptimKind::adamw;
   int eval_every = 0;    ///< validation every N steps (0: never during training)
   int val_windows = 0;   ///< cap on validation windows (0: all)
   int save_every = 0;    ///< checkpoint every N steps into out/checkpoint-STEP (0: never)
@@ -67,22 +79,87 @@ struct StepRecord {
   float lr = 0;
   double grad_norm = 0;  ///< before clipping
   double tokens_per_s = 0;
-  double peak_rss_mb = 0;  ///< the process's peak resident memory so far (getrusage), MiB
+  double peak_mem_mb = 0;  ///< peak memory of the training device so far, MiB (Trainer::peak_memory_mb)
   float val_loss = -1;   ///< when validated at this step, else −1
 };
 
 /// Learning rate at 1-based step `step`: linear warmup over `warmup` steps, then constant.
 float learning_rate(const FinetuneConfig& cfg, int step);
 
+/// The mean loss of one batch (B×T inputs x, targets y), without dropout.
+using BatchLoss = std::function<float(const int* x, const int* y, int B, int T)>;
+
 /// Mean next-token loss over consecutive seq_len windows of `tokens` (at most
 /// max_windows when > 0), batched `batch` windows per forward, no dropout.
 /// Throws std::invalid_argument when not even one window fits.
+double validation_loss(const BatchLoss& loss, const std::vector<int>& tokens, int seq_len, int batch,
+                       int max_windows = 0);
+/// The same on the CPU model.
 double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int seq_len, int batch,
                        int max_windows = 0);
 
-/// Trains the model's adapters (the model must have LoRA). With cfg.resume, first
+//! [trainer]
+/// What the training loop drives: a model with LoRA adapters, their gradients and an
+/// optimizer over them, on some device. The adapters of the host model() are what
+/// checkpoints save and load; sync_to_host / sync_from_host move them when the
+/// trainer keeps its own copy (the GPU does, the CPU trains the host model in place).
+class Trainer {
+ public:
+  virtual ~Trainer() = default;
+  virtual LlamaModel& model() = 0;
+  virtual void zero_grad() = 0;
+  /// Forward and backward of one micro-batch; gradients accumulate. Returns its mean loss.
+  virtual float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) = 0;
+  /// Mean loss of one batch, no dropout, no gradients.
+  virtual float eval_batch(const int* x, const int* y, int B, int T) = 0;
+  virtual void scale_grads(float s) = 0;
+  /// Clips all gradients to global norm max_norm; returns the norm before clipping.
+  virtual double clip_grad_norm(double max_norm) = 0;
+  virtual void optimizer_step(float lr) = 0;
+  virtual std::int64_t optimizer_steps() const = 0;
+  virtual void save_optimizer(const std::filesystem::path& file) const = 0;
+  virtual void load_optimizer(const std::filesystem::path& file) = 0;
+  virtual void sync_to_host() = 0;
+  virtual void sync_from_host() = 0;
+  /// Peak memory so far, MiB: the process's peak RSS on the CPU, the GPU's peak used memory on a GPU.
+  virtual double peak_memory_mb() const = 0;
+  /// "cpu" or the GPU's name.
+  virtual std::string device() const = 0;
+};
+//! [trainer]
+
+/// Trains the host model's adapters in place on the CPU with the AdamW of chapter 6
+/// (32-bit or 8-bit; the paged optimizers need a GPU and are refused).
+class CpuTrainer final : public Trainer {
+ public:
+  CpuTrainer(LlamaModel& model, OptimKind optim, float weight_decay);
+  ~CpuTrainer() override;
+  LlamaModel& model() override { return model_; }
+  void zero_grad() override { model_.zero_grad(); }
+  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override;
+  float eval_batch(const int* x, const int* y, int B, int T) override;
+  void scale_grads(float s) override;
+  double clip_grad_norm(double max_norm) override;
+  void optimizer_step(float lr) override;
+  std::int64_t optimizer_steps() const override;
+  void save_optimizer(const std::filesystem::path& file) const override;
+  void load_optimizer(const std::filesystem::path& file) override;
+  void sync_to_host() override {}
+  void sync_from_host() override {}
+  double peak_memory_mb() const override;
+  std::string device() const override { return "cpu"; }
+
+ private:
+  struct Optim;
+  LlamaModel& model_;
+  std::unique_ptr<Optim> opt_;
+};
+
+/// Trains the trainer's adapters (its model must have LoRA). With cfg.resume, first
 /// loads the adapter, the optimizer state and the generator states of that checkpoint
 /// and continues from its step. Returns the records of the steps it ran.
+std::vector<StepRecord> finetune(Trainer& trainer, const FinetuneData& data, const FinetuneConfig& cfg);
+/// The same on the CPU (CpuTrainer with cfg.optim and cfg.weight_decay).
 std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, const FinetuneConfig& cfg);
 
 }  // namespace qlora

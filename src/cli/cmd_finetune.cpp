@@ -5,11 +5,16 @@
 #include "command.hpp"
 #include "finetune.hpp"
 #include "generate.hpp"
+#include "safetensors.hpp"
 #include "search_path.hpp"
 
 #include <cmath>
 #include <cstdio>
 #include <memory>
+
+#ifdef QLORA_HAVE_CUDA
+#include "gpu_trainer.cuh"
+#endif
 
 namespace {
 
@@ -45,6 +50,33 @@ void print_val(const char* when, double loss) {
   std::printf("%s: validation loss %.4f nats/token, perplexity %.2f\n", when, loss, std::exp(loss));
 }
 
+// The trainer for --device: cpu, cuda, or auto (cuda when this build has CUDA and a device is present).
+std::unique_ptr<Trainer> make_trainer(const std::string& device, LlamaModel& model, const FinetuneConfig& cfg) {
+#ifdef QLORA_HAVE_CUDA
+  if (device == "cuda" || (device == "auto" && cuda::cuda_device_present()))
+    return std::make_unique<cuda::GpuTrainer>(model, cfg.optim, cfg.weight_decay);
+#else
+  if (device == "cuda") throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
+#endif
+  return std::make_unique<CpuTrainer>(model, cfg.optim, cfg.weight_decay);
+}
+
+//! [gpu-recipe]
+// The defaults above are the CPU's shortened recipe (minutes on two cores). On a GPU
+// every flag the user did not set takes the chapter's reference recipe instead:
+// seq_len 256, batch 32, 400 steps, warmup 20, validation over every held-out window.
+void apply_gpu_recipe(const CLI::App& cmd, FinetuneConfig& cfg) {
+  auto unset = [&](const char* flag) { return cmd.count(flag) == 0; };
+  if (unset("--seq-len")) cfg.seq_len = 256;
+  if (unset("--batch")) cfg.batch = 32;
+  if (unset("--steps")) cfg.steps = 400;
+  if (unset("--warmup")) cfg.warmup = 20;
+  if (unset("--eval-every")) cfg.eval_every = 100;
+  if (unset("--save-every")) cfg.save_every = 200;
+  if (unset("--val-windows")) cfg.val_windows = 0;
+}
+//! [gpu-recipe]
+
 void print_sample(const char* when, LlamaModel& m, const Tokenizer& tok, int tokens) {
   SampleConfig s;
   s.max_tokens = tokens;
@@ -64,6 +96,8 @@ QLORA_COMMAND([](CLI::App& app) {
     FinetuneConfig cfg;
     std::string out = "finetune-out";
     std::string resume;
+    std::string device = "auto";
+    std::string optim = "adamw_32bit";
   };
   auto o = std::make_shared<Options>();
   o->cfg.steps = 100;
@@ -73,7 +107,7 @@ QLORA_COMMAND([](CLI::App& app) {
   o->cfg.eval_every = 50;
   o->cfg.save_every = 50;
   o->cfg.val_windows = 64;
-  auto* cmd = app.add_subcommand("finetune", "Chapter 7: QLoRA fine-tune of a LLaMA checkpoint on a text file (CPU)");
+  auto* cmd = app.add_subcommand("finetune", "Chapter 7: QLoRA fine-tune of a LLaMA checkpoint on a text file (CPU or GPU)");
   o->m.add(cmd, false);
   cmd->add_option("--data", o->data, "UTF-8 text file (name searched in the data path)")->capture_default_str();
   cmd->add_option("--rank,-r", o->rank, "LoRA rank")->capture_default_str()->check(CLI::PositiveNumber);
@@ -95,8 +129,13 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--out", o->out, "output folder: log.jsonl, checkpoint-N/, adapter/")->capture_default_str();
   cmd->add_option("--resume", o->resume, "checkpoint folder to continue from");
   cmd->add_option("--seed", o->cfg.seed, "seed of the LoRA init, data order and dropout")->capture_default_str();
+  cmd->add_option("--device", o->device, "cpu, cuda, or auto (cuda when a GPU is present)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  cmd->add_option("--optim", o->optim, "adamw_32bit, adamw_8bit, paged_adamw_32bit (GPU), paged_adamw_8bit (GPU)")
+      ->capture_default_str();
   cmd->add_option("--sample-tokens", o->sample_tokens, "length of the ROMEO: samples")->capture_default_str();
-  cmd->callback([o] {
+  cmd->callback([o, cmd] {
     const auto mp = o->m.model_path();
     auto tok = o->m.load_tok(mp);
     const auto data = load_finetune_data(require_data(o->data), *tok);
@@ -113,13 +152,21 @@ QLORA_COMMAND([](CLI::App& app) {
     auto& cfg = o->cfg;
     cfg.out = o->out;
     cfg.resume = o->resume;
+    cfg.optim = parse_optim(o->optim);
+    auto trainer = make_trainer(o->device, model, cfg);
+    if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
+    std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
+    const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
     if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
-      print_val("before", validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+      print_val("before", validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
       print_sample("before", model, *tok, o->sample_tokens);
       std::fflush(stdout);
     }
-    finetune(model, data, cfg);
-    print_val("after", validation_loss(model, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+    const auto records = finetune(*trainer, data, cfg);
+    print_val("after", validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+    if (!records.empty())
+      std::printf("last step: %.0f tokens/s, peak memory %.0f MiB (%s)\n", records.back().tokens_per_s,
+                  records.back().peak_mem_mb, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
     print_sample("after", model, *tok, o->sample_tokens);
     write_peft_adapter(cfg.out / "adapter", adapter_to_peft(model));
     std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
@@ -135,6 +182,7 @@ QLORA_COMMAND([](CLI::App& app) {
     int batch = 8;
     int windows = 0;
     bool held_out = false;
+    std::string dump_logits;
   };
   auto o = std::make_shared<Options>();
   auto* cmd = app.add_subcommand("eval", "Chapter 7: perplexity of a text file, optionally with a PEFT adapter");
@@ -144,6 +192,9 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--batch", o->batch, "windows per forward")->capture_default_str()->check(CLI::PositiveNumber);
   cmd->add_option("--windows", o->windows, "cap on windows (0: all)")->capture_default_str();
   cmd->add_flag("--held-out", o->held_out, "only the last 10% (finetune's validation split)");
+  cmd->add_option("--dump-logits", o->dump_logits,
+                  "write the first window's \"tokens\" (int32 [T]) and \"logits\" (float32 [T, vocab]) "
+                  "as safetensors, for tools/peft_check.py");
   cmd->callback([o] {
     const auto mp = o->m.model_path();
     auto tok = o->m.load_tok(mp);
@@ -156,6 +207,19 @@ QLORA_COMMAND([](CLI::App& app) {
     auto model = o->m.load(mp);
     const double loss = validation_loss(model, ids, o->seq_len, o->batch, o->windows);
     std::printf("%s: loss %.4f nats/token, perplexity %.2f\n", o->data.c_str(), loss, std::exp(loss));
+    if (!o->dump_logits.empty()) {  // validation_loss checked that one window fits
+      const std::vector<int> window(ids.begin(), ids.begin() + o->seq_len);
+      std::mt19937_64 no_dropout(0);
+      model.forward(window.data(), nullptr, 1, o->seq_len, false, no_dropout);
+      SafeTensors st;
+      Tensor tokens{DType::I32, {o->seq_len}, {}};
+      const auto* bytes = reinterpret_cast<const std::uint8_t*>(window.data());
+      tokens.data.assign(bytes, bytes + window.size() * sizeof(std::int32_t));
+      st.tensors["tokens"] = std::move(tokens);
+      st.tensors["logits"] = Tensor::from_f32(model.logits(), {o->seq_len, model.config().vocab_size});
+      write_safetensors(o->dump_logits, st);
+      std::printf("first window's tokens and logits: %s\n", o->dump_logits.c_str());
+    }
   });
 });
 

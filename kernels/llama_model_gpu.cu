@@ -1,0 +1,337 @@
+// The LLaMA model on the GPU (chapter 7). See llama_model_gpu.cuh; the CPU
+// reference is LlamaModel (src/llama_model.cpp), which this file follows step by
+// step: same layout (N = B·T rows, row b·T + t), same order of operations, same
+// order of dropout draws.
+#include "llama_model_gpu.cuh"
+
+#include "bf16.hpp"
+#include "llama_ops.cuh"
+#include "llama_ops.hpp"
+
+#include <algorithm>
+#include <numeric>
+#include <stdexcept>
+
+namespace qlora::cuda {
+
+namespace {
+std::size_t usz(std::int64_t a) { return static_cast<std::size_t>(a); }
+int I(Proj p) { return static_cast<int>(p); }
+
+DeviceBuffer<float> upload_f32(const std::vector<float>& v) { return to_device<float>(v); }
+DeviceBuffer<bf16> upload_bf16(const std::vector<float>& v) {
+  const std::vector<bf16> b = qlora::to_bf16(v);
+  return to_device<bf16>(b);
+}
+}  // namespace
+
+std::int64_t DeviceFrozenLinear::bytes() const {
+  return q4 ? q4->storage_bytes() : static_cast<std::int64_t>(w.bytes());
+}
+
+/// Everything one layer's forward keeps for its backward, in device memory.
+struct LlamaModelGpu::LayerActs {
+  DeviceFloats x, inv1, xn1, q, k, v, att, o, x2, inv2, xn2, h1, h3, g;
+  std::array<DeviceLoraCache, kNumProj> lc;
+};
+
+//! [gpu-model-upload]
+LlamaModelGpu::LlamaModelGpu(const LlamaModel& host) : cfg_(host.config()) {
+  CUDA_CHECK(cudaStreamCreate(&stream_));
+  tok_emb_ = upload_f32(host.tok_emb());
+  cls_ = upload_bf16(host.classifier());  // BF16-rounded on the host already: exact
+  rms_final_ = upload_f32(host.rms_final());
+  std::vector<float> cos_t, sin_t;
+  rope_tables(cfg_, cos_t, sin_t);
+  rope_cos_ = upload_f32(cos_t);
+  rope_sin_ = upload_f32(sin_t);
+  layers_.resize(usz(cfg_.n_layers));
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    Layer& L = layers_[usz(l)];
+    L.rms_att = upload_f32(host.rms_att(l));
+    L.rms_ffn = upload_f32(host.rms_ffn(l));
+    for (Proj p : kAllProj) {
+      const FrozenLinear& f = host.frozen(l, p);
+      DeviceFrozenLinear& d = L.w[usz(I(p))];
+      d.in = f.in;
+      d.out = f.out;
+      // The 4-bit formats travel as stored (codes + scales) and are dequantized per
+      // matmul; the others are BF16 on the device.
+      if (f.q4)
+        d.q4 = DeviceQuant4::upload(*f.q4);
+      else
+        d.w = upload_bf16(f.w);
+    }
+  }
+  if (host.has_lora()) {
+    lora_ = host.lora_setup();
+    adapters_.resize(usz(cfg_.n_layers));
+    for (int l = 0; l < cfg_.n_layers; ++l)
+      for (Proj p : kAllProj)
+        if (const LoraAdapter* a = host.adapter(l, p)) adapters_[usz(l)][usz(I(p))] = std::make_unique<DeviceLoraAdapter>(*a);
+  }
+}
+//! [gpu-model-upload]
+
+LlamaModelGpu::~LlamaModelGpu() {
+  if (stream_) cudaStreamDestroy(stream_);  // destructors must not throw
+}
+
+std::int64_t LlamaModelGpu::frozen_bytes() const {
+  std::int64_t n = static_cast<std::int64_t>(tok_emb_.size()) * 2 + static_cast<std::int64_t>(rms_final_.size()) * 2;
+  if (!cfg_.shared_classifier) n += static_cast<std::int64_t>(cls_.bytes());
+  for (const Layer& L : layers_) {
+    n += static_cast<std::int64_t>(L.rms_att.size() + L.rms_ffn.size()) * 2;
+    for (const auto& w : L.w) n += w.bytes();
+  }
+  return n;
+}
+
+DeviceLoraAdapter* LlamaModelGpu::adapter(int l, Proj p) const {
+  if (!lora_) return nullptr;
+  return adapters_[usz(l)][usz(I(p))].get();
+}
+
+std::vector<std::pair<std::string, DeviceLoraAdapter*>> LlamaModelGpu::named_adapters() {
+  std::vector<std::pair<std::string, DeviceLoraAdapter*>> out;
+  for (int l = 0; l < cfg_.n_layers; ++l)
+    for (Proj p : kAllProj)
+      if (DeviceLoraAdapter* a = adapter(l, p)) out.emplace_back(hf_module_name(l, p), a);
+  return out;
+}
+
+void LlamaModelGpu::zero_grad() {
+  for (auto& [name, a] : named_adapters()) {
+    CUDA_CHECK(cudaMemsetAsync(a->dA.data(), 0, a->dA.size() * sizeof(float), stream_));
+    CUDA_CHECK(cudaMemsetAsync(a->dB.data(), 0, a->dB.size() * sizeof(float), stream_));
+  }
+}
+
+void LlamaModelGpu::download_adapters(LlamaModel& host) const {
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  for (int l = 0; l < cfg_.n_layers; ++l)
+    for (Proj p : kAllProj) {
+      const DeviceLoraAdapter* d = adapter(l, p);
+      LoraAdapter* h = host.adapter(l, p);
+      if (!d && !h) continue;
+      if (!d || !h) throw std::invalid_argument("download_adapters: the host model's adapters differ from the GPU model's");
+      d->download(*h);
+    }
+}
+
+void LlamaModelGpu::upload_adapters(const LlamaModel& host) {
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  for (int l = 0; l < cfg_.n_layers; ++l)
+    for (Proj p : kAllProj) {
+      DeviceLoraAdapter* d = adapter(l, p);
+      const LoraAdapter* h = host.adapter(l, p);
+      if (!d && !h) continue;
+      if (!d || !h) throw std::invalid_argument("upload_adapters: the host model's adapters differ from the GPU model's");
+      d->upload(*h);
+    }
+}
+
+// --- one projection -----------------------------------------------------------------
+
+//! [gpu-linear]
+// y = x·deq(W)ᵀ (BF16 inputs, float32 accumulation and output) + the LoRA term (float32).
+void LlamaModelGpu::linear(int l, Proj p, const float* x, float* y, int N, bool training, std::mt19937_64& rng,
+                           DeviceLoraCache& lc) {
+  const DeviceFrozenLinear& f = layers_[usz(l)].w[usz(I(p))];
+  if (xb_.size() < usz(N) * f.in) xb_ = DeviceBuffer<bf16>(usz(N) * f.in);
+  to_bf16(x, xb_.data(), static_cast<std::int64_t>(N) * f.in, stream_);
+  if (f.q4)
+    linear4_forward(cublas_, *f.q4, xb_.data(), N, y, OutType::f32, scratch_, false, stream_);
+  else
+    gemm_bf16_xwt(cublas_, xb_.data(), f.w.data(), y, OutType::f32, N, f.in, f.out, false, stream_);
+  if (const DeviceLoraAdapter* a = adapter(l, p))
+    lora_forward_cuda(cublas_.get(), stream_, *a, lora_->config, x, y, N, training, rng, lc);
+}
+
+// dx (=|+=) dy·deq(W) + the LoRA path's dx; the adapter accumulates dA, dB.
+void LlamaModelGpu::linear_backward(int l, Proj p, const float* x, const float* dy, float* dx, int N, bool accumulate,
+                                    DeviceLoraCache& lc) {
+  const DeviceFrozenLinear& f = layers_[usz(l)].w[usz(I(p))];
+  if (yb_.size() < usz(N) * f.out) yb_ = DeviceBuffer<bf16>(usz(N) * f.out);
+  to_bf16(dy, yb_.data(), static_cast<std::int64_t>(N) * f.out, stream_);
+  if (f.q4)
+    linear4_backward_input(cublas_, *f.q4, yb_.data(), N, dx, OutType::f32, scratch_, accumulate, stream_);
+  else
+    gemm_bf16_dyw(cublas_, yb_.data(), f.w.data(), dx, OutType::f32, N, f.in, f.out, accumulate, stream_);
+  if (DeviceLoraAdapter* a = adapter(l, p)) lora_backward_cuda(cublas_.get(), stream_, *a, lora_->config, x, dy, dx, N, lc);
+}
+//! [gpu-linear]
+
+// --- one transformer layer ------------------------------------------------------------
+
+//! [gpu-layer-forward]
+void LlamaModelGpu::layer_forward(int l, const float* x_in, float* x_out, bool training, std::mt19937_64& rng,
+                                  LayerActs& a) {
+  const int N = B_ * T_, D = cfg_.dim, KV = cfg_.kv_dim(), HD = cfg_.hidden_dim;
+  const int H = cfg_.n_heads, KVH = cfg_.n_kv_heads, hs = cfg_.head_size();
+  const Layer& L = layers_[usz(l)];
+  const std::size_t nD = usz(N) * D, nKV = usz(N) * KV, nH = usz(N) * HD;
+  a.x.resize(nD);
+  CUDA_CHECK(cudaMemcpyAsync(a.x.data(), x_in, nD * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  a.inv1.resize(usz(N));
+  a.xn1.resize(nD);
+  rmsnorm_forward(a.x.data(), L.rms_att.data(), a.xn1.data(), a.inv1.data(), N, D, cfg_.norm_eps, stream_);
+
+  a.q.resize(nD);
+  a.k.resize(nKV);
+  a.v.resize(nKV);
+  linear(l, Proj::q, a.xn1.data(), a.q.data(), N, training, rng, a.lc[usz(I(Proj::q))]);
+  linear(l, Proj::k, a.xn1.data(), a.k.data(), N, training, rng, a.lc[usz(I(Proj::k))]);
+  linear(l, Proj::v, a.xn1.data(), a.v.data(), N, training, rng, a.lc[usz(I(Proj::v))]);
+  rope(a.q.data(), N, T_, H, hs, rope_cos_.data(), rope_sin_.data(), false, stream_);
+  rope(a.k.data(), N, T_, KVH, hs, rope_cos_.data(), rope_sin_.data(), false, stream_);
+  a.att.resize(usz(B_) * H * T_ * T_);
+  a.o.resize(nD);
+  attention_forward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H, KVH, hs, stream_);
+  tmp_.resize(nD);
+  linear(l, Proj::o, a.o.data(), tmp_.data(), N, training, rng, a.lc[usz(I(Proj::o))]);
+  a.x2.resize(nD);
+  CUDA_CHECK(cudaMemcpyAsync(a.x2.data(), a.x.data(), nD * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  add_inplace(a.x2.data(), tmp_.data(), static_cast<std::int64_t>(nD), stream_);
+
+  a.inv2.resize(usz(N));
+  a.xn2.resize(nD);
+  rmsnorm_forward(a.x2.data(), L.rms_ffn.data(), a.xn2.data(), a.inv2.data(), N, D, cfg_.norm_eps, stream_);
+  a.h1.resize(nH);
+  a.h3.resize(nH);
+  a.g.resize(nH);
+  linear(l, Proj::gate, a.xn2.data(), a.h1.data(), N, training, rng, a.lc[usz(I(Proj::gate))]);
+  linear(l, Proj::up, a.xn2.data(), a.h3.data(), N, training, rng, a.lc[usz(I(Proj::up))]);
+  swiglu_forward(a.h1.data(), a.h3.data(), a.g.data(), static_cast<std::int64_t>(nH), stream_);
+  linear(l, Proj::down, a.g.data(), tmp_.data(), N, training, rng, a.lc[usz(I(Proj::down))]);
+  CUDA_CHECK(cudaMemcpyAsync(x_out, a.x2.data(), nD * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  add_inplace(x_out, tmp_.data(), static_cast<std::int64_t>(nD), stream_);
+}
+//! [gpu-layer-forward]
+
+//! [gpu-layer-backward]
+void LlamaModelGpu::layer_backward(int l, LayerActs& a, float* dx) {
+  const int N = B_ * T_, D = cfg_.dim, KV = cfg_.kv_dim(), HD = cfg_.hidden_dim;
+  const int H = cfg_.n_heads, KVH = cfg_.n_kv_heads, hs = cfg_.head_size();
+  const Layer& L = layers_[usz(l)];
+  const std::size_t nD = usz(N) * D, nKV = usz(N) * KV, nH = usz(N) * HD;
+
+  // MLP. dx is both d(x2) via the skip path and d(down output).
+  dg_.resize(nH);
+  dh1_.resize(nH);
+  dh3_.resize(nH);
+  dxn_.resize(nD);
+  linear_backward(l, Proj::down, a.g.data(), dx, dg_.data(), N, false, a.lc[usz(I(Proj::down))]);
+  swiglu_backward(a.h1.data(), a.h3.data(), dg_.data(), dh1_.data(), dh3_.data(), static_cast<std::int64_t>(nH), stream_);
+  linear_backward(l, Proj::gate, a.xn2.data(), dh1_.data(), dxn_.data(), N, false, a.lc[usz(I(Proj::gate))]);
+  linear_backward(l, Proj::up, a.xn2.data(), dh3_.data(), dxn_.data(), N, true, a.lc[usz(I(Proj::up))]);
+  rmsnorm_backward(a.x2.data(), L.rms_ffn.data(), a.inv2.data(), dxn_.data(), dx, N, D, stream_);
+
+  // Attention. dx is now d(x2): the skip path and d(o_proj output).
+  dout_.resize(nD);
+  dq_.resize(nD);
+  dk_.resize(nKV);
+  dv_.resize(nKV);
+  ds_.resize(a.att.size());
+  linear_backward(l, Proj::o, a.o.data(), dx, dout_.data(), N, false, a.lc[usz(I(Proj::o))]);
+  attention_backward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), dout_.data(), ds_.data(), dq_.data(), dk_.data(),
+                     dv_.data(), B_, T_, H, KVH, hs, stream_);
+  rope(dq_.data(), N, T_, H, hs, rope_cos_.data(), rope_sin_.data(), true, stream_);
+  rope(dk_.data(), N, T_, KVH, hs, rope_cos_.data(), rope_sin_.data(), true, stream_);
+  linear_backward(l, Proj::q, a.xn1.data(), dq_.data(), dxn_.data(), N, false, a.lc[usz(I(Proj::q))]);
+  linear_backward(l, Proj::k, a.xn1.data(), dk_.data(), dxn_.data(), N, true, a.lc[usz(I(Proj::k))]);
+  linear_backward(l, Proj::v, a.xn1.data(), dv_.data(), dxn_.data(), N, true, a.lc[usz(I(Proj::v))]);
+  rmsnorm_backward(a.x.data(), L.rms_att.data(), a.inv1.data(), dxn_.data(), dx, N, D, stream_);
+}
+//! [gpu-layer-backward]
+
+// --- whole model ---------------------------------------------------------------------
+
+float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng) {
+  if (B <= 0 || T <= 0 || T > cfg_.seq_len)
+    throw std::invalid_argument("LlamaModelGpu::forward: need B > 0 and 0 < T <= seq_len " +
+                                std::to_string(cfg_.seq_len) + " (got B=" + std::to_string(B) +
+                                ", T=" + std::to_string(T) + ")");
+  const int N = B * T, D = cfg_.dim, V = cfg_.vocab_size;
+  target_count_ = 0;
+  for (int n = 0; n < N; ++n) {
+    if (tokens[n] < 0 || tokens[n] >= V)
+      throw std::out_of_range("token id " + std::to_string(tokens[n]) + " at index " + std::to_string(n) +
+                              " is outside the vocabulary [0, " + std::to_string(V) + ")");
+    if (targets && targets[n] >= V)
+      throw std::out_of_range("target id " + std::to_string(targets[n]) + " at index " + std::to_string(n) +
+                              " is outside the vocabulary");
+    if (targets && targets[n] >= 0) ++target_count_;
+  }
+  B_ = B;
+  T_ = T;
+  backward_pending_ = targets != nullptr;
+  if (tokens_.size() < usz(N)) tokens_ = DeviceBuffer<int>(usz(N));
+  if (targets_.size() < usz(N)) targets_ = DeviceBuffer<int>(usz(N));
+  CUDA_CHECK(cudaMemcpyAsync(tokens_.data(), tokens, usz(N) * sizeof(int), cudaMemcpyHostToDevice, stream_));
+  if (targets)
+    CUDA_CHECK(cudaMemcpyAsync(targets_.data(), targets, usz(N) * sizeof(int), cudaMemcpyHostToDevice, stream_));
+
+  const std::size_t nD = usz(N) * D;
+  x_final_.resize(nD);
+  embedding_forward(tok_emb_.data(), tokens_.data(), x_final_.data(), N, D, stream_);
+  acts_.resize(usz(cfg_.n_layers));
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    if (!acts_[usz(l)]) acts_[usz(l)] = std::make_unique<LayerActs>();
+    // The layer copies its input into its cache first, so input and output may alias.
+    layer_forward(l, x_final_.data(), x_final_.data(), training, rng, *acts_[usz(l)]);
+  }
+  inv_final_.resize(usz(N));
+  xn_final_.resize(nD);
+  rmsnorm_forward(x_final_.data(), rms_final_.data(), xn_final_.data(), inv_final_.data(), N, D, cfg_.norm_eps, stream_);
+  if (xb_.size() < nD) xb_ = DeviceBuffer<bf16>(nD);
+  to_bf16(xn_final_.data(), xb_.data(), static_cast<std::int64_t>(nD), stream_);
+  logits_.resize(usz(N) * V);
+  gemm_bf16_xwt(cublas_, xb_.data(), cls_.data(), logits_.data(), OutType::f32, N, D, V, false, stream_);
+  if (!targets || target_count_ == 0) {
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return 0.0f;
+  }
+  row_loss_.resize(usz(N));
+  cross_entropy_loss(logits_.data(), targets_.data(), row_loss_.data(), N, V, stream_);
+  std::vector<float> losses(usz(N));
+  CUDA_CHECK(cudaMemcpyAsync(losses.data(), row_loss_.data(), usz(N) * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  double sum = 0.0;
+  for (float v : losses) sum += v;
+  return static_cast<float>(sum / target_count_);
+}
+
+//! [gpu-model-backward]
+void LlamaModelGpu::backward() {
+  if (acts_.empty() || T_ == 0) throw std::logic_error("LlamaModelGpu::backward: no forward pass to differentiate");
+  if (!backward_pending_) throw std::logic_error("LlamaModelGpu::backward: no pending forward with targets");
+  backward_pending_ = false;
+  if (!lora_) throw std::logic_error("LlamaModelGpu::backward: the model has no LoRA adapters");
+  const int N = B_ * T_, D = cfg_.dim, V = cfg_.vocab_size;
+  const std::size_t nD = usz(N) * D;
+  if (target_count_ > 0)
+    cross_entropy_backward(logits_.data(), targets_.data(), N, V, 1.0f / static_cast<float>(target_count_), stream_);
+  else
+    CUDA_CHECK(cudaMemsetAsync(logits_.data(), 0, logits_.size() * sizeof(float), stream_));
+  // dxn = dlogits·Wcls through a BF16 GEMM, like every frozen matrix.
+  if (yb_.size() < usz(N) * V) yb_ = DeviceBuffer<bf16>(usz(N) * V);
+  to_bf16(logits_.data(), yb_.data(), static_cast<std::int64_t>(N) * V, stream_);
+  dxn_.resize(nD);
+  gemm_bf16_dyw(cublas_, yb_.data(), cls_.data(), dxn_.data(), OutType::f32, N, D, V, false, stream_);
+  dx_.resize(nD);
+  CUDA_CHECK(cudaMemsetAsync(dx_.data(), 0, nD * sizeof(float), stream_));
+  rmsnorm_backward(x_final_.data(), rms_final_.data(), inv_final_.data(), dxn_.data(), dx_.data(), N, D, stream_);
+  for (int l = cfg_.n_layers - 1; l >= 0; --l) layer_backward(l, *acts_[usz(l)], dx_.data());
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+//! [gpu-model-backward]
+
+std::vector<float> LlamaModelGpu::logits() const {
+  std::vector<float> out(logits_.size());
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  logits_.download(out.data(), out.size());
+  return out;
+}
+
+}  // namespace qlora::cuda

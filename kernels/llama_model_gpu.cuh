@@ -1,0 +1,104 @@
+// The LLaMA model on the GPU (chapter 7, "The model on the GPU"): the same forward
+// and LoRA-only backward as LlamaModel (src/llama_model.hpp, the CPU reference),
+// built from chapter 5's dequantize + cuBLAS linear, chapter 4's CUDA LoRA and the
+// building blocks of kernels/llama_ops.cuh.
+//
+// Precision, as QLoRA computes: the frozen projections stay in their stored form on
+// the device (NF4/FP4 ± double quantization) and are dequantized to BF16 per matmul;
+// the matmul inputs are rounded to BF16 and cuBLAS accumulates in float32. BF16
+// storage multiplies its BF16 weights directly; F32 and Int4 storage (the exactness
+// and baseline formats) are rounded to BF16 once at upload, so the GPU computes
+// every base matmul in BF16. Everything else (residual stream, norms, attention,
+// softmax, LoRA, gradients) is float32. Hence the tests' tolerance: a relative error
+// of a few 1e-3 against the CPU's float32 model, not 1e-6.
+#pragma once
+#include "device_buffer.cuh"
+#include "linear4.cuh"
+#include "llama_model.hpp"
+#include "lora.cuh"
+
+#include <array>
+#include <memory>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace qlora::cuda {
+
+/// One frozen projection on the device: its 4-bit form, or BF16 values.
+struct DeviceFrozenLinear {
+  int in = 0, out = 0;
+  std::optional<DeviceQuant4> q4;  ///< nf4 / fp4 storage, ± double quantization
+  DeviceBuffer<bf16> w;            ///< every other storage, rounded to BF16
+  std::int64_t bytes() const;
+};
+
+class LlamaModelGpu {
+ public:
+  /// Uploads the frozen weights of `host` in their stored form and its adapters (if any).
+  explicit LlamaModelGpu(const LlamaModel& host);
+  ~LlamaModelGpu();
+  LlamaModelGpu(const LlamaModelGpu&) = delete;
+  LlamaModelGpu& operator=(const LlamaModelGpu&) = delete;
+
+  const LlamaConfig& config() const { return cfg_; }
+  /// Bytes of the frozen weights on the device (what QLoRA's 4-bit storage saves).
+  std::int64_t frozen_bytes() const;
+
+  /// As LlamaModel::forward: host token/target arrays (B×T), the mean cross-entropy
+  /// over non-negative targets. Dropout masks come from `rng` in the CPU model's order.
+  float forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng);
+  /// As LlamaModel::backward: accumulates dA, dB of every adapter.
+  void backward();
+  /// Logits of the last forward on the host, (B·T)×vocab (dLoss/dlogits after backward).
+  std::vector<float> logits() const;
+
+  // --- the adapters ------------------------------------------------------------
+  /// The device adapters in (layer, proj) order with their HF module names, as
+  /// LlamaModel::named_adapters: the optimizer's tensors and the checkpoint order.
+  std::vector<std::pair<std::string, DeviceLoraAdapter*>> named_adapters();
+  void zero_grad();
+  /// Copies A, B, dA, dB to the host model's adapters (same setup required).
+  void download_adapters(LlamaModel& host) const;
+  /// Copies A, B, dA, dB from the host model's adapters.
+  void upload_adapters(const LlamaModel& host);
+
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  struct LayerActs;
+  struct Layer {
+    DeviceBuffer<float> rms_att, rms_ffn;
+    std::array<DeviceFrozenLinear, kNumProj> w;
+  };
+  LlamaConfig cfg_;
+  std::optional<LoraSetup> lora_;
+  cudaStream_t stream_ = nullptr;
+  CublasHandle cublas_;
+  DequantScratch scratch_;
+  DeviceBuffer<float> tok_emb_, rms_final_, rope_cos_, rope_sin_;
+  DeviceBuffer<bf16> cls_;  ///< the classifier (the embedding when shared), BF16
+  std::vector<Layer> layers_;
+  std::vector<std::array<std::unique_ptr<DeviceLoraAdapter>, kNumProj>> adapters_;
+
+  // Last forward's state.
+  int B_ = 0, T_ = 0;
+  bool backward_pending_ = false;
+  int target_count_ = 0;
+  DeviceBuffer<int> tokens_, targets_;
+  std::vector<std::unique_ptr<LayerActs>> acts_;
+  DeviceFloats x_final_, inv_final_, xn_final_, logits_, row_loss_;
+  DeviceBuffer<bf16> xb_, yb_;  ///< BF16 copies of matmul inputs (forward) and output gradients (backward)
+  DeviceFloats tmp_, dx_, dxn_, dg_, dh1_, dh3_, dout_, dq_, dk_, dv_, ds_;
+
+  void linear(int l, Proj p, const float* x, float* y, int N, bool training, std::mt19937_64& rng,
+              DeviceLoraCache& lc);
+  void linear_backward(int l, Proj p, const float* x, const float* dy, float* dx, int N, bool accumulate,
+                       DeviceLoraCache& lc);
+  void layer_forward(int l, const float* x_in, float* x_out, bool training, std::mt19937_64& rng, LayerActs& a);
+  void layer_backward(int l, LayerActs& a, float* dx);
+  DeviceLoraAdapter* adapter(int l, Proj p) const;
+};
+
+}  // namespace qlora::cuda

@@ -1,0 +1,228 @@
+// Chapter 7 on the GPU: LlamaModelGpu against the CPU model (its reference) on the
+// shared checkpoints — loss, logits, LoRA gradients, dropout — and GpuTrainer
+// against CpuTrainer over the first optimizer steps of a fine-tune, including a
+// resume across devices.
+//
+// Tolerances. The GPU computes every frozen matmul in BF16 (inputs rounded to 8
+// significant bits, relative error ≤ 2⁻⁹ ≈ 2e-3 each) with float32 accumulation,
+// as QLoRA does; the CPU model multiplies the same stored weights in float32. Each
+// matmul output therefore carries a relative error of about 2e-3/√(fan-in) per term
+// summed incoherently — ~1e-3 relative per layer — and the errors of 5–6 layers add
+// up to a few 1e-3. We allow 2e-2 relative (max-abs over the tensor) for logits and
+// 1e-2 absolute for the loss (≈ 7 nats): ten times the estimate, a hundred times
+// smaller than what a wrong kernel gives (errors of order 1). Gradients pass through
+// every layer twice (forward and backward) and are checked in relative Frobenius
+// norm at 5e-2.
+#include "file_helpers.hpp"
+#include "finetune.hpp"
+#include "gpu_trainer.cuh"
+#include "llama_model.hpp"
+#include "llama_model_gpu.cuh"
+#include "tokenizer.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <random>
+
+using namespace qlora;
+using qlora::test::model_or_warn;
+
+namespace {
+
+std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int> t(static_cast<std::size_t>(n));
+  for (int& x : t) x = static_cast<int>(rng() % static_cast<std::uint64_t>(vocab));
+  return t;
+}
+
+std::vector<int> next_targets(const std::vector<int>& tokens, int B, int T) {
+  std::vector<int> y(tokens.size(), -1);  // the last position of each sequence has no target
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t + 1 < T; ++t) y[static_cast<std::size_t>(b * T + t)] = tokens[static_cast<std::size_t>(b * T + t + 1)];
+  return y;
+}
+
+double max_abs(const std::vector<float>& a) {
+  double m = 0;
+  for (float x : a) m = std::max(m, std::fabs(static_cast<double>(x)));
+  return m;
+}
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  double m = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    REQUIRE(std::isfinite(a[i]));  // a NaN means an element the GPU never wrote
+    m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
+  }
+  return m;
+}
+
+double rel_frobenius(const std::vector<float>& a, const std::vector<float>& ref) {
+  REQUIRE(a.size() == ref.size());
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    REQUIRE(std::isfinite(a[i]));
+    num += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
+    den += static_cast<double>(ref[i]) * ref[i];
+  }
+  return std::sqrt(num / den);
+}
+
+// Adapters with random non-zero B (PEFT starts B at 0, which would leave dA = 0 and
+// hide half the backward).
+void add_random_lora(LlamaModel& m, float dropout, std::uint64_t seed) {
+  LoraSetup s;
+  s.config.r = 4;
+  s.config.alpha = 8.0f;
+  s.config.dropout = dropout;
+  std::mt19937_64 rng(seed);
+  m.add_lora(s, rng);
+  std::normal_distribution<float> nd(0.0f, 0.02f);
+  for (auto& [name, a] : m.named_adapters())
+    for (float& b : a->B) b = nd(rng);
+}
+
+std::vector<float> host_grads(LlamaModel& m) {
+  std::vector<float> g;
+  for (auto& [name, a] : m.named_adapters()) {
+    g.insert(g.end(), a->dA.begin(), a->dA.end());
+    g.insert(g.end(), a->dB.begin(), a->dB.end());
+  }
+  return g;
+}
+
+}  // namespace
+
+TEST_CASE("GPU model matches the CPU model: loss, logits, LoRA gradients (every base storage)", "[ch07][gpu]") {
+  for (const char* name : {"stories260K.bin", "kjv15M.bin"}) {
+    const auto path = model_or_warn(name);
+    if (!path) continue;
+    const LlamaWeights w = load_llama_weights(*path);
+    for (BaseStorage st : {BaseStorage::nf4_dq, BaseStorage::bfloat16, BaseStorage::fp4, BaseStorage::int4}) {
+      for (const float dropout : {0.0f, 0.1f}) {
+        CAPTURE(name, to_string(st), dropout);
+        LlamaModel cpu(w, st);
+        add_random_lora(cpu, dropout, 3);
+        cuda::LlamaModelGpu gpu(cpu);
+        const int B = 3, T = std::min(37, w.config.seq_len);  // odd sizes on purpose
+        const auto tokens = random_tokens(B * T, w.config.vocab_size, 11);
+        const auto targets = next_targets(tokens, B, T);
+        // Same seed, same order of draws: the CPU and the GPU drop the same elements.
+        std::mt19937_64 rng_cpu(5), rng_gpu(5);
+        cpu.zero_grad();
+        const float loss_cpu = cpu.forward(tokens.data(), targets.data(), B, T, true, rng_cpu);
+        const std::vector<float> logits_cpu = cpu.logits();
+        cpu.backward();
+        const std::vector<float> g_cpu = host_grads(cpu);
+
+        gpu.zero_grad();
+        const float loss_gpu = gpu.forward(tokens.data(), targets.data(), B, T, true, rng_gpu);
+        const std::vector<float> logits_gpu = gpu.logits();
+        gpu.backward();
+        LlamaModel back(w, BaseStorage::bfloat16);  // a host model with the same adapter setup to download into
+        add_random_lora(back, dropout, 3);
+        gpu.download_adapters(back);
+        const std::vector<float> g_gpu = host_grads(back);
+
+        INFO("loss CPU " << loss_cpu << " GPU " << loss_gpu);
+        CHECK(rng_cpu() == rng_gpu());  // both consumed the same number of draws
+        CHECK(std::fabs(loss_gpu - loss_cpu) < 1e-2);
+        CHECK(max_abs_diff(logits_gpu, logits_cpu) < 2e-2 * max_abs(logits_cpu));
+        REQUIRE(max_abs(g_cpu) > 0.0);
+        CHECK(rel_frobenius(g_gpu, g_cpu) < 5e-2);
+      }
+    }
+  }
+}
+
+TEST_CASE("GPU model: bad input is refused with a clear error", "[ch07][gpu]") {
+  const auto path = model_or_warn("stories260K.bin");
+  if (!path) return;
+  LlamaModel cpu(load_llama_weights(*path), BaseStorage::nf4_dq);
+  add_random_lora(cpu, 0.0f, 1);
+  cuda::LlamaModelGpu gpu(cpu);
+  std::mt19937_64 rng(1);
+  std::vector<int> bad = {1, 2, 100000};
+  CHECK_THROWS_WITH(gpu.forward(bad.data(), nullptr, 1, 3, false, rng), Catch::Contains("outside the vocabulary"));
+  std::vector<int> ok = {1, 2, 3};
+  CHECK_THROWS_WITH(gpu.forward(ok.data(), nullptr, 1, 0, false, rng), Catch::Contains("0 < T"));
+  gpu.forward(ok.data(), nullptr, 1, 3, false, rng);
+  CHECK_THROWS_AS(gpu.backward(), std::logic_error);  // no targets, nothing to differentiate
+}
+
+TEST_CASE("GPU fine-tune follows the CPU fine-tune over its first steps and resumes across devices", "[ch07][gpu]") {
+  const auto path = model_or_warn("kjv15M.bin");
+  if (!path) return;
+  const auto tok = load_tokenizer(qlora::find_tokenizer_for(*path));
+  const auto data = load_finetune_data(require_data("tinyshakespeare.txt"), *tok);
+  const LlamaWeights w = load_llama_weights(*path);
+  FinetuneConfig cfg;
+  cfg.steps = 4;
+  cfg.batch = 4;
+  cfg.seq_len = 64;
+  cfg.lr = 1e-3f;
+  cfg.warmup = 2;
+  cfg.progress = false;
+  auto fresh = [&] {
+    LlamaModel m(w, BaseStorage::nf4_dq);
+    LoraSetup s;
+    s.config.r = 8;
+    s.config.alpha = 16.0f;
+    s.config.dropout = 0.05f;
+    std::mt19937_64 init(cfg.seed);
+    m.add_lora(s, init);
+    return m;
+  };
+  LlamaModel cpu_model = fresh();
+  const auto cpu_recs = finetune(cpu_model, data, cfg);
+  LlamaModel gpu_host = fresh();
+  cfg.out = qlora::test::temp_path("ch07_gpu", "run");
+  cfg.save_every = 2;
+  const auto gpu_recs = [&] {
+    cuda::GpuTrainer tr(gpu_host, OptimKind::adamw, cfg.weight_decay);
+    return finetune(tr, data, cfg);
+  }();
+  REQUIRE(gpu_recs.size() == cpu_recs.size());
+  for (std::size_t i = 0; i < cpu_recs.size(); ++i) {
+    INFO("step " << i + 1 << ": CPU loss " << cpu_recs[i].loss << ", GPU loss " << gpu_recs[i].loss);
+    // Same windows, same dropout masks, same optimizer: only BF16 rounding differs.
+    CHECK(std::fabs(gpu_recs[i].loss - cpu_recs[i].loss) < 1e-2);
+    CHECK(gpu_recs[i].grad_norm == Approx(cpu_recs[i].grad_norm).epsilon(5e-2));
+  }
+  // The GPU's checkpoint at step 2 resumes on the CPU and lands near the GPU's step 4.
+  LlamaModel resumed = fresh();
+  FinetuneConfig rcfg = cfg;
+  rcfg.out.clear();
+  rcfg.save_every = 0;
+  rcfg.resume = cfg.out / "checkpoint-2";
+  const auto rec = finetune(resumed, data, rcfg);
+  REQUIRE(rec.size() == 2);
+  CHECK(std::fabs(rec.back().loss - gpu_recs.back().loss) < 1e-2);
+}
+
+TEST_CASE("GPU fine-tune with the paged 8-bit optimizer trains", "[ch07][gpu]") {
+  const auto path = model_or_warn("kjv15M.bin");
+  if (!path) return;
+  const auto tok = load_tokenizer(qlora::find_tokenizer_for(*path));
+  const auto data = load_finetune_data(require_data("tinyshakespeare.txt"), *tok);
+  LlamaModel m(load_llama_weights(*path), BaseStorage::nf4_dq);
+  LoraSetup s;
+  std::mt19937_64 init(1);
+  m.add_lora(s, init);
+  FinetuneConfig cfg;
+  cfg.steps = 20;
+  cfg.batch = 8;
+  cfg.seq_len = 128;
+  cfg.lr = 1e-3f;
+  cfg.progress = false;
+  cuda::GpuTrainer tr(m, OptimKind::paged_adamw8bit, 0.0f);
+  const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return tr.eval_batch(x, y, B, T); };
+  const double before = validation_loss(eval, data.val, 128, 8, 16);
+  finetune(tr, data, cfg);
+  const double after = validation_loss(eval, data.val, 128, 8, 16);
+  INFO("validation loss " << before << " -> " << after);
+  CHECK(after < before - 0.5);  // the CPU test's margin for 30 tiny steps; these 20 steps are 8x larger
+}
