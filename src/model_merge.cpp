@@ -1,0 +1,72 @@
+// Merging a PEFT adapter into the base and exporting the merged model (chapter 7). See model_merge.hpp.
+#include "model_merge.hpp"
+
+#include "atomic_file.hpp"
+#include "hf_llama.hpp"
+#include "tokenizer.hpp"
+
+#include <fstream>
+#include <iterator>
+#include <set>
+#include <stdexcept>
+
+namespace qlora {
+
+namespace fs = std::filesystem;
+
+//! [merge-peft]
+int merge_peft_adapter(LlamaWeights& weights, const PeftAdapter& adapter, const std::string& where) {
+  const LlamaConfig& c = weights.config;
+  std::set<std::string> merged;
+  for (int l = 0; l < c.n_layers; ++l)
+    for (Proj p : kAllProj) {
+      const std::string name = hf_module_name(l, p);
+      auto it = adapter.modules.find(name);
+      if (it == adapter.modules.end()) continue;
+      const LoraAdapter& a = it->second;
+      const auto [out, in] = weights.proj_shape(p);
+      if (a.in != in || a.out != out)
+        throw std::runtime_error(where + ": module " + name + " adapts a " + std::to_string(a.out) + "×" +
+                                 std::to_string(a.in) + " weight, but the model's is " + std::to_string(out) + "×" +
+                                 std::to_string(in) + " (adapter trained on another model?)");
+      // q/k: B's rows from PEFT's rotate-half order to our interleaved weight rows.
+      LoraAdapter interleaved(a.in, a.out, a.r);
+      interleaved.A = a.A;
+      interleaved.B = lora_B_from_hf(c, p, a.B, a.r);
+      lora_merge(interleaved, adapter.config, weights.layers[static_cast<std::size_t>(l)].w[static_cast<int>(p)].data());
+      merged.insert(name);
+    }
+  for (const auto& [name, a] : adapter.modules)
+    if (!merged.count(name))
+      throw std::runtime_error(where + ": module " + name + " is not a projection of this model (" +
+                               std::to_string(c.n_layers) + " layers; adapter trained on another model?)");
+  return static_cast<int>(merged.size());
+}
+//! [merge-peft]
+
+namespace {
+
+// tokenizer.model next to the base, if its vocabulary is the model's (llama2.c folders
+// hold models with different tokenizers side by side, e.g. stories260K's 512 tokens).
+bool copy_tokenizer(const fs::path& model, int vocab_size, const fs::path& out_dir) {
+  const auto src = (fs::is_directory(model) ? model : model.parent_path()) / "tokenizer.model";
+  if (!fs::exists(src) || load_tokenizer(src)->vocab_size() != vocab_size) return false;
+  std::ifstream in(src, std::ios::binary);
+  const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+  if (!in && !in.eof()) throw std::runtime_error("cannot read " + src.string());
+  write_file_atomic(out_dir / "tokenizer.model", std::span<const char>(bytes.data(), bytes.size()));
+  return true;
+}
+
+}  // namespace
+
+MergeSummary merge_model(const fs::path& model, const fs::path& adapter_dir, const fs::path& out_dir) {
+  LlamaWeights weights = load_llama_weights(model);
+  MergeSummary s;
+  s.modules = merge_peft_adapter(weights, read_peft_adapter(adapter_dir), "adapter " + adapter_dir.string());
+  write_hf_llama(out_dir, checkpoint_from_weights(weights));
+  s.tokenizer_copied = copy_tokenizer(model, weights.config.vocab_size, out_dir);
+  return s;
+}
+
+}  // namespace qlora
