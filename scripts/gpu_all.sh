@@ -1,29 +1,54 @@
 #!/usr/bin/env bash
-# One batched run on a lent GPU machine (see docs/benchmarks.md): reference
-# fixtures from PyTorch/transformers, every `gpu` test, the chapter-5 and
-# chapter-6 scripts. Expects a CUDA build carried as .carry/build-cuda (built
-# here at /work/main/build/cuda), our shared libraries in .carry/libs.tar.xz and
-# the models in .carry/shared. Everything lands in $OUT/results.tgz.
+# One batched run on a lent GPU machine (see docs/benchmarks.md). Expects a CUDA
+# build carried as .carry/build-cuda (built here at /work/main/build/cuda), our
+# shared libraries in .carry/libs.tar.xz and the models in .carry/shared.
+# Usage: scripts/gpu_all.sh [PHASE...]; phases, in order (default: all):
+#   fixtures  reference outputs from PyTorch/transformers (tools/make_*_fixtures.py)
+#   ctest     every `gpu` test
+#   kernels   chapter 5: scripts/gpu_kernels.sh (tests + benchmark)
+#   optim     chapter 6: scripts/gpu_optim.sh (tests + benchmark)
+#   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage)
+#   peft      chapter 7: our adapter in PEFT gives our logits (tools/peft_check.py)
+# Everything lands in $OUT/results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 res=/tmp/results
 mkdir -p "$res"
+phases=("$@")
+[[ ${#phases[@]} -gt 0 ]] || phases=(fixtures ctest kernels optim recipe peft)
 # The CTest files name absolute paths of the build machine: recreate them.
 [[ -e /work/main ]] || { mkdir -p /work && ln -s "$root" /work/main; }
 mkdir -p build && [[ -e build/cuda ]] || ln -s "$root/.carry/build-cuda" build/cuda
 tar xJf .carry/libs.tar.xz -C /tmp && export LD_LIBRARY_PATH=/tmp/libs:${LD_LIBRARY_PATH:-}
 export QLORA_MODELS_DIR=$root/.carry/shared/models QLORA_DATA_DIR=$root/.carry/shared/data
-{ date -u; nvidia-smi; python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)';
-  python3 -c 'import bitsandbytes' 2>&1 | tail -1; } > "$res/device.txt" 2>&1
-cat "$res/device.txt" | head -20
-timeout 120 python3 tools/make_quant_fixtures.py --out "$res/quant" > "$res/fixtures_quant.log" 2>&1; echo "quant fixtures: $?"
-timeout 180 python3 tools/make_llama_fixtures.py --kjv15m-hf .carry/shared/models/kjv15M-hf \
-  --stories260k .carry/shared/models/stories260K.bin --out "$res/llama" > "$res/fixtures_llama.log" 2>&1; echo "llama fixtures: $?"
-timeout 200 ctest --test-dir /work/main/build/cuda -L gpu --output-on-failure > "$res/ctest_gpu.log" 2>&1; echo "ctest gpu: $?"
-tail -15 "$res/ctest_gpu.log"
-OUT=$res/ch05 timeout 330 bash scripts/gpu_kernels.sh build/cuda > "$res/gpu_kernels.log" 2>&1; echo "gpu_kernels: $?"
-OUT=$res/ch06 timeout 90 bash scripts/gpu_optim.sh build/cuda > "$res/gpu_optim.log" 2>&1; echo "gpu_optim: $?"
-grep -A40 "^=== bench" "$res/gpu_kernels.log" | tail -45
-tail -25 "$res/gpu_optim.log"
+{ date -u; nvidia-smi; python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'; } \
+  > "$res/device.txt" 2>&1
+head -20 "$res/device.txt"
+for phase in "${phases[@]}"; do
+  echo "=== $phase $(date -u +%T)"
+  case $phase in
+    fixtures)
+      timeout 120 python3 tools/make_quant_fixtures.py --out "$res/quant" > "$res/fixtures_quant.log" 2>&1; echo "quant fixtures: $?"
+      timeout 180 python3 tools/make_llama_fixtures.py --kjv15m-hf .carry/shared/models/kjv15M-hf \
+        --stories260k .carry/shared/models/stories260K.bin --out "$res/llama" > "$res/fixtures_llama.log" 2>&1
+      echo "llama fixtures: $?" ;;
+    ctest)
+      timeout 330 ctest --test-dir /work/main/build/cuda -L gpu --output-on-failure > "$res/ctest_gpu.log" 2>&1
+      echo "ctest gpu: $?"; grep -E "tests passed|Test +#|Failed|FAILED" "$res/ctest_gpu.log" | tail -30 ;;
+    kernels)
+      OUT=$res/ch05 timeout 300 bash scripts/gpu_kernels.sh build/cuda > "$res/gpu_kernels.log" 2>&1; echo "gpu_kernels: $?"
+      grep -A40 "^=== bench" "$res/gpu_kernels.log" | tail -45 ;;
+    optim)
+      OUT=$res/ch06 timeout 120 bash scripts/gpu_optim.sh build/cuda > "$res/gpu_optim.log" 2>&1; echo "gpu_optim: $?"
+      tail -25 "$res/gpu_optim.log" ;;
+    recipe)
+      OUT=$res timeout ${RECIPE_TIMEOUT:-400} bash scripts/gpu_recipe.sh build/cuda ${RECIPE_STORAGES:-} \
+        > "$res/gpu_recipe.log" 2>&1; echo "gpu_recipe: $?"; cat "$res/gpu_recipe.log"
+      python3 tools/recipe_table.py "$res/recipe" --json "$res/recipe.json" --png "$res/recipe.png" ;;
+    peft)
+      timeout 120 bash scripts/gpu_peft_check.sh build/cuda "$res/recipe/nf4-dq/adapter" > "$res/peft_check.log" 2>&1
+      echo "peft check: $?"; tail -15 "$res/peft_check.log" ;;
+  esac
+done
 tar czf "$OUT/results.tgz" -C /tmp results

@@ -97,7 +97,7 @@ std::vector<float> host_grads(LlamaModel& m) {
 }  // namespace
 
 TEST_CASE("GPU model matches the CPU model: loss, logits, LoRA gradients (every base storage)", "[ch07][gpu]") {
-  for (const char* name : {"stories260K.bin", "kjv15M.bin"}) {
+  for (const char* name : {"stories260K.bin", "kjv15M-hf"}) {
     const auto path = model_or_warn(name);
     if (!path) continue;
     const LlamaWeights w = load_llama_weights(*path);
@@ -154,7 +154,7 @@ TEST_CASE("GPU model: bad input is refused with a clear error", "[ch07][gpu]") {
 }
 
 TEST_CASE("GPU fine-tune follows the CPU fine-tune over its first steps and resumes across devices", "[ch07][gpu]") {
-  const auto path = model_or_warn("kjv15M.bin");
+  const auto path = model_or_warn("kjv15M-hf");
   if (!path) return;
   const auto tok = load_tokenizer(qlora::find_tokenizer_for(*path));
   const auto data = load_finetune_data(require_data("tinyshakespeare.txt"), *tok);
@@ -204,7 +204,7 @@ TEST_CASE("GPU fine-tune follows the CPU fine-tune over its first steps and resu
 }
 
 TEST_CASE("GPU fine-tune with the paged 8-bit optimizer trains", "[ch07][gpu]") {
-  const auto path = model_or_warn("kjv15M.bin");
+  const auto path = model_or_warn("kjv15M-hf");
   if (!path) return;
   const auto tok = load_tokenizer(qlora::find_tokenizer_for(*path));
   const auto data = load_finetune_data(require_data("tinyshakespeare.txt"), *tok);

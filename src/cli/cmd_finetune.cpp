@@ -2,12 +2,16 @@
 // LLaMA checkpoint on a text file, perplexity of a text file, and text generation,
 // each with or without a PEFT adapter. The work is in finetune.hpp and generate.hpp;
 // this file only parses flags and prints.
+#include "atomic_file.hpp"
 #include "command.hpp"
 #include "finetune.hpp"
 #include "generate.hpp"
 #include "safetensors.hpp"
 #include "search_path.hpp"
 
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -157,16 +161,37 @@ QLORA_COMMAND([](CLI::App& app) {
     if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
     std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
     const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
+    double before = -1;
     if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
-      print_val("before", validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+      before = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
+      print_val("before", before);
       print_sample("before", model, *tok, o->sample_tokens);
       std::fflush(stdout);
     }
     const auto records = finetune(*trainer, data, cfg);
-    print_val("after", validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+    const double after = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
+    print_val("after", after);
+    // Throughput over the whole run: tokens trained / seconds spent in training steps.
+    double tokens = 0, seconds = 0, peak = 0;
+    for (const auto& r : records) {
+      const double n = static_cast<double>(cfg.batch) * cfg.seq_len * cfg.grad_accum;
+      tokens += n;
+      seconds += n / r.tokens_per_s;
+      peak = std::max(peak, r.peak_mem_mb);
+    }
     if (!records.empty())
-      std::printf("last step: %.0f tokens/s, peak memory %.0f MiB (%s)\n", records.back().tokens_per_s,
-                  records.back().peak_mem_mb, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
+      std::printf("%d steps in %.1f s: %.0f tokens/s, peak memory %.0f MiB (%s)\n", static_cast<int>(records.size()),
+                  seconds, tokens / seconds, peak, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
+    const nlohmann::json summary = {
+        {"model", mp.filename().string()}, {"storage", to_string(model.storage())}, {"device", trainer->device()},
+        {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
+        {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
+        {"lr", cfg.lr}, {"warmup", cfg.warmup}, {"clip", cfg.clip}, {"weight_decay", cfg.weight_decay},
+        {"val_windows", cfg.val_windows}, {"val_loss_before", before}, {"val_loss_after", after},
+        {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
+        {"peak_mem_mb", peak}, {"frozen_bytes", model.frozen_storage_bytes()},
+        {"lora_parameters", model.lora_parameter_count()}};
+    write_text_atomic(cfg.out / "summary.json", summary.dump(2) + "\n");
     print_sample("after", model, *tok, o->sample_tokens);
     write_peft_adapter(cfg.out / "adapter", adapter_to_peft(model));
     std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
