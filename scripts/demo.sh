@@ -10,4 +10,8 @@ cmake --build "$build" -j "$(nproc)" --target qlora
 "$build/qlora" demo
 # Chapter 7: QLoRA fine-tune of kjv15M on tinyshakespeare (CPU recipe, a few minutes on 2 cores):
 # validation perplexity and a greedy "ROMEO:" sample before and after, adapter + JSONL log in out/.
-exec "$build/qlora" finetune --out out/demo "$@"
+"$build/qlora" finetune --out out/demo "$@"
+# The loss curve of that run (matplotlib from Debian's python3-matplotlib, see setup.sh).
+py=/usr/bin/python3
+[ -x "$py" ] || py=python3
+"$py" tools/plot_loss.py out/demo/log.jsonl out/demo/loss.png --title "qlora finetune (scripts/demo.sh)"

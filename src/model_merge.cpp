@@ -61,6 +61,12 @@ bool copy_tokenizer(const fs::path& model, int vocab_size, const fs::path& out_d
 }  // namespace
 
 MergeSummary merge_model(const fs::path& model, const fs::path& adapter_dir, const fs::path& out_dir) {
+  if (fs::exists(out_dir) && fs::exists(model) && fs::equivalent(out_dir, model))
+    throw std::invalid_argument("merge: --out " + out_dir.string() + " is the base model itself; choose a new folder");
+  // A reader would prefer a stale shard index over the model.safetensors written here.
+  if (fs::exists(out_dir / "model.safetensors.index.json"))
+    throw std::invalid_argument("merge: --out " + out_dir.string() +
+                                " holds a sharded checkpoint (model.safetensors.index.json); choose a new folder");
   LlamaWeights weights = load_llama_weights(model);
   MergeSummary s;
   s.modules = merge_peft_adapter(weights, read_peft_adapter(adapter_dir), "adapter " + adapter_dir.string());

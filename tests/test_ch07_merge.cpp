@@ -174,6 +174,12 @@ TEST_CASE("merge: an adapter of another model is refused naming the module", "[c
   CHECK(rc != 0);
   CHECK(text.find("/nonexistent/adapter") != std::string::npos);
   CHECK(!fs::exists(out_dir / "model.safetensors"));
+
+  // Writing over the base is refused.
+  auto [rc_self, text_self] = qlora_cli("merge --model '" + base_dir.string() + "' --adapter /nonexistent/adapter --out '" +
+                                        base_dir.string() + "'");
+  CHECK(rc_self != 0);
+  CHECK(text_self.find("is the base model itself") != std::string::npos);
 }
 
 TEST_CASE("qlora eval --dump-logits writes the first window's tokens and logits", "[ch07][merge][cli]") {
