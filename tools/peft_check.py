@@ -28,10 +28,10 @@ Tolerances (relative Frobenius norm of the logit difference):
     order (OpenBLAS vs torch's kernels) and in how RoPE angles are rounded, a few
     float32 ulps (~1e-7) per operation, which through 6 layers stay orders of magnitude
     below 1e-4. A wrong q/k row order or a missed module moves logits by O(1e-2 .. 1).
-  - merged (BF16), 2e-2: every merged weight is rounded to BF16 (≤ 2^-9 relative, ~1e-3
-    rms); a token's logits pass ~19 rounded matmuls (3 in sequence per layer × 6 layers
-    + classifier), ~sqrt(19)·1e-3 ≈ 4e-3, with room for attention/SwiGLU amplification
-    (tests/test_ch07_merge.cpp measures 5e-3 on a tiny model).
+  - merged (BF16), 1e-2: every merged weight is rounded to BF16 (≤ 2^-9 relative, ~1e-3
+    rms), which moves the logits by ~1e-3 relative: qlora.cpp itself measures 5.3e-3 on
+    the tiny model of tests/test_ch07_merge.cpp and 7.9e-4 on kjv15M-hf + the CPU demo
+    adapter (`qlora eval --dump-logits` of the merged folder vs base + adapter).
 """
 import argparse
 import sys
@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 ADAPTER_TOL = 1e-4
-MERGED_TOL = 2e-2
+MERGED_TOL = 1e-2
 
 
 def load_base(folder, device):
