@@ -14,7 +14,8 @@ constexpr int kThreads = 256;
 
 //! [dequant-naive]
 /// Version 1: one thread per packed byte, i.e. per pair of values. Every thread
-/// decodes its block's scale on its own and makes two 2-byte stores.
+/// decodes its block's scale on its own and makes two 2-byte stores. It handles the
+/// bytes [byte_begin, byte_end); `out` holds the values from 2·byte_begin on.
 __global__ void dequant4_naive_kernel(Quant4View q, __nv_bfloat16* __restrict__ out, std::int64_t byte_begin,
                                       std::int64_t byte_end) {
   const std::int64_t p = byte_begin + static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -22,8 +23,9 @@ __global__ void dequant4_naive_kernel(Quant4View q, __nv_bfloat16* __restrict__ 
   const std::uint8_t byte = q.packed[p];
   const std::int64_t i = 2 * p;  // the high nibble holds value i, the low nibble value i + 1
   const float absmax = block_absmax_d(q, q.nested_map, i >> q.log2_blocksize);
-  out[i] = __float2bfloat16_rn(dequant_value_d(q.table[byte >> 4], absmax));
-  if (i + 1 < q.numel) out[i + 1] = __float2bfloat16_rn(dequant_value_d(q.table[byte & 0x0f], absmax));
+  __nv_bfloat16* o = out + (i - 2 * byte_begin);
+  o[0] = __float2bfloat16_rn(dequant_value_d(q.table[byte >> 4], absmax));
+  if (i + 1 < q.numel) o[1] = __float2bfloat16_rn(dequant_value_d(q.table[byte & 0x0f], absmax));
 }
 //! [dequant-naive]
 
@@ -79,6 +81,50 @@ __global__ void __launch_bounds__(kThreads)
 }
 //! [dequant-vectorized]
 
+//! [dequant-coalesced]
+constexpr int kWordsPerThread = 4;  // independent 4-byte code loads per thread, all issued before any use
+constexpr int kCoalescedBlocksPerSM = 6;  // caps registers at 40: 1536 threads per SM resident
+
+/// Version 3: thread -> output mapping. Word w of the codes (4 bytes, values 8w .. 8w+7)
+/// becomes output piece w (16 bytes). Thread t of a block takes words t, t + 256, ...:
+/// each load instruction of a warp reads 128 contiguous bytes and each store writes 512,
+/// so every 32-byte sector is read or written whole, by one instruction. A word never
+/// straddles a block (blocksize >= 32), so its scale is decoded once per 8 values. All
+/// loads (codes and raw scales) are issued before the tables are staged and before any
+/// of them is used: the block's first memory round trip overlaps its set-up.
+__global__ void __launch_bounds__(kThreads, kCoalescedBlocksPerSM)
+    dequant4_coalesced_kernel(Quant4View q, uint4* __restrict__ out, std::int64_t num_words) {
+  __shared__ float s_table[16];
+  __shared__ float s_map[256];
+  const auto* words = reinterpret_cast<const std::uint32_t*>(q.packed);
+  const std::int64_t first = static_cast<std::int64_t>(blockIdx.x) * kThreads * kWordsPerThread + threadIdx.x;
+  std::uint32_t w[kWordsPerThread];
+  RawScale scale[kWordsPerThread];
+#pragma unroll
+  for (int k = 0; k < kWordsPerThread; ++k) {
+    // Past the end, re-read the last word (always valid): no branch keeps the loads together.
+    const std::int64_t word = min(first + k * kThreads, num_words - 1);
+    w[k] = __ldg(words + word);
+    scale[k] = load_scale(q, (word * 8) >> q.log2_blocksize);
+  }
+  if (threadIdx.x < 16) s_table[threadIdx.x] = q.table[threadIdx.x];
+  if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kThreads == 256
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < kWordsPerThread; ++k) {
+    const std::int64_t word = first + k * kThreads;
+    if (word >= num_words) break;
+    const float absmax = decode_scale(q, s_map, scale[k]);
+    uint4 v;  // byte j of the word -> values 8w + 2j, 8w + 2j + 1 -> 32-bit lane j of the store
+    v.x = decode_byte(w[k] & 0xff, s_table, absmax);
+    v.y = decode_byte((w[k] >> 8) & 0xff, s_table, absmax);
+    v.z = decode_byte((w[k] >> 16) & 0xff, s_table, absmax);
+    v.w = decode_byte(w[k] >> 24, s_table, absmax);
+    out[word] = v;
+  }
+}
+//! [dequant-coalesced]
+
 static void launch_naive(const Quant4View& v, __nv_bfloat16* out, std::int64_t byte_begin, std::int64_t byte_end,
                          cudaStream_t stream) {
   if (byte_end <= byte_begin) return;
@@ -87,26 +133,48 @@ static void launch_naive(const Quant4View& v, __nv_bfloat16* out, std::int64_t b
   CUDA_CHECK_LAUNCH();
 }
 
+static void require_aligned(const void* out, const char* what) {
+  if (reinterpret_cast<std::uintptr_t>(out) % 16 != 0) {
+    throw std::invalid_argument(std::string(what) + ": the output must be 16-byte aligned");
+  }
+}
+
 void dequantize4(const DeviceQuant4& q, bf16* out, DequantVersion version, cudaStream_t stream) {
   if (q.numel == 0) return;
   if (out == nullptr) throw std::invalid_argument("dequantize4: output pointer is null");
   const Quant4View v = q.view();
   auto* out_bf16 = reinterpret_cast<__nv_bfloat16*>(out);
   const std::int64_t bytes = (q.numel + 1) / 2;
-  if (version == DequantVersion::naive) {
-    launch_naive(v, out_bf16, 0, bytes, stream);
-    return;
+  switch (version) {
+    case DequantVersion::naive: launch_naive(v, out_bf16, 0, bytes, stream); return;
+    case DequantVersion::vectorized: {
+      require_aligned(out, "dequantize4 (vectorized)");
+      const std::int64_t num_chunks = q.numel / kChunk;
+      if (num_chunks > 0) {
+        const auto grid =
+            static_cast<unsigned>((num_chunks + kThreads * kLoadsInFlight - 1) / (kThreads * kLoadsInFlight));
+        dequant4_vectorized_kernel<<<grid, kThreads, 0, stream>>>(v, reinterpret_cast<uint4*>(out), num_chunks);
+        CUDA_CHECK_LAUNCH();
+      }
+      // The last numel % 32 values.
+      launch_naive(v, out_bf16 + num_chunks * kChunk, num_chunks * kChunk / 2, bytes, stream);
+      return;
+    }
+    case DequantVersion::coalesced: {
+      require_aligned(out, "dequantize4 (coalesced)");
+      const std::int64_t num_words = q.numel / 8;
+      if (num_words > 0) {
+        constexpr std::int64_t per_block = kThreads * kWordsPerThread;
+        const auto grid = static_cast<unsigned>((num_words + per_block - 1) / per_block);
+        dequant4_coalesced_kernel<<<grid, kThreads, 0, stream>>>(v, reinterpret_cast<uint4*>(out), num_words);
+        CUDA_CHECK_LAUNCH();
+      }
+      // The last numel % 8 values (fewer than one word) go to the naive kernel.
+      launch_naive(v, out_bf16 + 8 * num_words, 4 * num_words, bytes, stream);
+      return;
+    }
   }
-  if (reinterpret_cast<std::uintptr_t>(out) % 16 != 0) {
-    throw std::invalid_argument("dequantize4 (vectorized): the output must be 16-byte aligned");
-  }
-  const std::int64_t num_chunks = q.numel / kChunk;
-  if (num_chunks > 0) {
-    const auto grid = static_cast<unsigned>((num_chunks + kThreads * kLoadsInFlight - 1) / (kThreads * kLoadsInFlight));
-    dequant4_vectorized_kernel<<<grid, kThreads, 0, stream>>>(v, reinterpret_cast<uint4*>(out), num_chunks);
-    CUDA_CHECK_LAUNCH();
-  }
-  launch_naive(v, out_bf16, num_chunks * kChunk / 2, bytes, stream);  // the last numel % 32 values
+  throw std::invalid_argument("dequantize4: unknown version " + std::to_string(static_cast<int>(version)));
 }
 
 }  // namespace qlora::cuda

@@ -1,6 +1,8 @@
-// The fused 4-bit GEMV (chapter 5). See gemv4.cuh.
+// The fused 4-bit GEMV (chapter 5), three versions side by side. See gemv4.cuh.
 // CPU reference: matmul_xwt_ref() on dequantize_4bit_bf16() weights.
 #include "gemv4.cuh"
+
+#include "dequant4.cuh"
 
 #include <cuda_bf16.h>
 
@@ -8,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace qlora::cuda {
 
@@ -60,6 +63,20 @@ static __device__ __forceinline__ int swizzle(int chunk) { return chunk ^ ((chun
 
 static __device__ __forceinline__ std::uint32_t word_of(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+/// The end of both fused versions: each lane holds partial sums for kRows rows and
+/// kTokens tokens; a shuffle tree adds them over the warp, lane 0 writes rows that exist.
+template <int kRows, int kTokens>
+static __device__ __forceinline__ void store_rows(const float (&acc)[kRows][kTokens], __nv_bfloat16* y, int row0,
+                                                  int out, int lane) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int t = 0; t < kTokens; ++t) {
+      const float sum = warp_sum(acc[r][t]);
+      if (lane == 0 && row0 + r < out) y[static_cast<std::int64_t>(t) * out + row0 + r] = __float2bfloat16_rn(sum);
+    }
 }
 
 //! [gemv-fused]
@@ -135,16 +152,123 @@ __global__ void __launch_bounds__(kGemvThreads)
           for (int t = 0; t < kTokens; ++t) acc[r][t] = fmaf(part[r][t], weight * absmax[l][r], acc[r][t]);
       }
     }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int t = 0; t < kTokens; ++t) {
-        const float sum = warp_sum(acc[r][t]);
-        if (lane == 0 && row0 + r < out) y[static_cast<std::int64_t>(t) * out + row0 + r] = __float2bfloat16_rn(sum);
-      }
+    store_rows<kRows, kTokens>(acc, y, row0, out, lane);
   }
 }
 //! [gemv-fused]
+
+//! [gemv-multirow]
+/// The 16-entry table at a byte offset (4 × code): see nibble_offsets().
+static __device__ __forceinline__ float table_at(const float* s_table, std::uint32_t byte_offset) {
+  return *reinterpret_cast<const float*>(reinterpret_cast<const char*>(s_table) + byte_offset);
+}
+
+/// Byte m of the result is 4 × the high (hi) or low (lo) nibble of byte m of the code
+/// word: the shared-memory byte offset of that code's table entry. Two instructions
+/// per 8 codes; then one byte extract (__byte_perm) per code, instead of a shift, a
+/// mask and an address multiply per code.
+struct NibbleOffsets {
+  std::uint32_t hi, lo;
+};
+static __device__ __forceinline__ NibbleOffsets nibble_offsets(std::uint32_t word) {
+  return {(word >> 2) & 0x3c3c3c3cu, (word << 2) & 0x3c3c3c3cu};
+}
+static __device__ __forceinline__ std::uint32_t byte_of(std::uint32_t v, int m) {
+  return __byte_perm(v, 0u, 0x4440u | static_cast<std::uint32_t>(m));
+}
+
+/// Version 3. Same data layout as version 2 (16-byte code chunks, x swizzled in shared
+/// memory, the scale factored out of each chunk's partial sum), with the instructions per
+/// weight cut from about six to about three and a half, since at one token version 2 was
+/// bound by instruction issue rather than by bytes:
+///  - each warp owns kRows rows for the whole kernel (no persistent loop), and every x
+///    value, read and converted to float once, serves all kRows rows;
+///  - table offsets come from nibble_offsets() (see there);
+///  - the scales' loads are split from their arithmetic (load_scale / decode_scale), and
+///    the first step's loads are issued before x is staged, so the block's first memory
+///    round trip overlaps the staging.
+template <int kTokens, int kRows, int kLoads>
+__global__ void __launch_bounds__(kGemvThreads, 2)
+    gemv4_multirow_kernel(Quant4View q, const uint4* __restrict__ x, __nv_bfloat16* __restrict__ y, int out, int in) {
+  extern __shared__ uint4 s_x[];
+  __shared__ float s_table[16];
+  __shared__ float s_map[256];
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int row_chunks = in / 32;  // 16-byte chunks of codes per row
+  const int x_row_chunks = in / 8;  // 16-byte chunks of x per token
+  const int row0 = (blockIdx.x * kGemvWarps + warp) * kRows;
+  const auto* codes = reinterpret_cast<const uint4*>(q.packed);
+
+  uint4 w[kLoads][kRows];
+  RawScale scale[kLoads][kRows];
+  // One step: kLoads chunks of each of kRows rows per lane. Past the last row or the row's
+  // end, a valid chunk is re-read (rows clamped to out - 1, chunks to row_chunks - 1) and
+  // weighted 0 below, so the loads need no branch. Every lane runs the same steps.
+  auto load_step = [&](int base) {
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l)
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int c = min(base + lane + 32 * l, row_chunks - 1);
+        const std::int64_t chunk = static_cast<std::int64_t>(min(row0 + r, out - 1)) * row_chunks + c;
+        w[l][r] = __ldg(codes + chunk);
+        scale[l][r] = load_scale(q, (chunk * 32) >> q.log2_blocksize);
+      }
+  };
+  load_step(0);
+  for (int g = threadIdx.x; g < kTokens * x_row_chunks; g += kGemvThreads) s_x[swizzle(g)] = x[g];
+  if (threadIdx.x < 16) s_table[threadIdx.x] = q.table[threadIdx.x];
+  if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kGemvThreads == 256
+  __syncthreads();
+
+  float acc[kRows][kTokens] = {};
+  for (int base = 0; base < row_chunks; base += 32 * kLoads) {
+    if (base > 0) load_step(base);
+#pragma unroll
+    for (int l = 0; l < kLoads; ++l) {
+      const int c = min(base + lane + 32 * l, row_chunks - 1);
+      float part[kRows][kTokens] = {};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {  // code word j of the chunk: values 8j .. 8j+7
+        float xf[kTokens][8];        // those 8 values of x, for every token, as float
+#pragma unroll
+        for (int t = 0; t < kTokens; ++t) {
+          const uint4 xv = s_x[swizzle(t * x_row_chunks + 4 * c + j)];
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {  // bf16 pair m: value 2m in the low half, 2m+1 in the high half
+            const std::uint32_t xw = word_of(xv, m);
+            xf[t][2 * m] = __uint_as_float(xw << 16);
+            xf[t][2 * m + 1] = __uint_as_float(xw & 0xffff0000u);
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+          const NibbleOffsets off = nibble_offsets(word_of(w[l][r], j));
+#pragma unroll
+          for (int m = 0; m < 4; ++m) {  // byte m: high nibble = value 2m, low nibble = value 2m+1
+            const float w_first = table_at(s_table, byte_of(off.hi, m));
+            const float w_second = table_at(s_table, byte_of(off.lo, m));
+#pragma unroll
+            for (int t = 0; t < kTokens; ++t) {
+              part[r][t] = fmaf(w_first, xf[t][2 * m], part[r][t]);
+              part[r][t] = fmaf(w_second, xf[t][2 * m + 1], part[r][t]);
+            }
+          }
+        }
+      }
+      const bool in_row = base + lane + 32 * l < row_chunks;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const float a = in_row ? decode_scale(q, s_map, scale[l][r]) : 0.0f;
+#pragma unroll
+        for (int t = 0; t < kTokens; ++t) acc[r][t] = fmaf(part[r][t], a, acc[r][t]);
+      }
+    }
+  }
+  store_rows<kRows, kTokens>(acc, y, row0, out, lane);
+}
+//! [gemv-multirow]
 
 // ---------------------------------------------------------------------------------------------
 // Host side.
@@ -192,6 +316,40 @@ static void launch_fused(const Quant4View& v, const bf16* x, bf16* y, int out, i
   CUDA_CHECK_LAUNCH();
 }
 
+template <int kTokens>
+static void launch_multirow(const Quant4View& v, const bf16* x, bf16* y, int out, int in, cudaStream_t stream) {
+  // Four rows per warp share every x value; past four tokens the float copies of x
+  // (8 per token) would crowd the registers, so two. Two chunks per row in flight
+  // while a step's registers allow it.
+  constexpr int kRows = kTokens <= 4 ? 4 : 2;
+  constexpr int kLoads = kTokens <= 2 ? 2 : 1;
+  auto kernel = gemv4_multirow_kernel<kTokens, kRows, kLoads>;
+  const std::size_t smem = fused_smem_bytes(in, kTokens);
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // One row group per warp: enough blocks to cover every row, each staging x itself
+  // (from the L2 cache: x is small and every block reads the same one).
+  const int rows_per_block = kGemvWarps * kRows;
+  const auto grid = static_cast<unsigned>((out + rows_per_block - 1) / rows_per_block);
+  kernel<<<grid, kGemvThreads, smem, stream>>>(v, reinterpret_cast<const uint4*>(x),
+                                               reinterpret_cast<__nv_bfloat16*>(y), out, in);
+  CUDA_CHECK_LAUNCH();
+}
+
+/// The kernels are templates on the token count: calls f(std::integral_constant<int, tokens>).
+template <class F>
+static void with_token_count(int tokens, F&& f) {
+  switch (tokens) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersion version, cudaStream_t stream) {
   const std::int64_t out64 = W.rows("gemv4"), in64 = W.cols("gemv4");
   if (tokens < 1 || tokens > kMaxGemvTokens) {
@@ -203,30 +361,24 @@ void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersio
   if (out64 == 0) return;
   const int out = static_cast<int>(out64), in = static_cast<int>(in64);
   const Quant4View v = W.view();
-  if (version == GemvVersion::automatic) {
-    version = gemv4_fused_supported(W, tokens) && reinterpret_cast<std::uintptr_t>(x) % 16 == 0 ? GemvVersion::fused
-                                                                                               : GemvVersion::naive;
-  }
+  const bool fast_ok = gemv4_fused_supported(W, tokens) && reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
+  if (version == GemvVersion::automatic) version = fast_ok ? GemvVersion::multirow : GemvVersion::naive;
   if (version == GemvVersion::naive) {
     gemv4_naive_kernel<<<(out + kGemvWarps - 1) / kGemvWarps, kGemvThreads, 0, stream>>>(
         v, reinterpret_cast<const __nv_bfloat16*>(x), reinterpret_cast<__nv_bfloat16*>(y), out, in, tokens);
     CUDA_CHECK_LAUNCH();
     return;
   }
-  if (!gemv4_fused_supported(W, tokens) || reinterpret_cast<std::uintptr_t>(x) % 16 != 0) {
-    throw std::invalid_argument("gemv4 (fused): needs in % 32 == 0, a 16-byte aligned x and " +
-                                std::to_string(tokens) + " x " + std::to_string(in) +
-                                " bf16 values of x in shared memory; got in = " + std::to_string(in));
+  if (!fast_ok) {
+    throw std::invalid_argument("gemv4 (v" + std::to_string(static_cast<int>(version)) +
+                                "): needs in % 32 == 0, a 16-byte aligned x and " + std::to_string(tokens) + " x " +
+                                std::to_string(in) + " bf16 values of x in shared memory; got in = " +
+                                std::to_string(in));
   }
-  switch (tokens) {
-    case 1: launch_fused<1>(v, x, y, out, in, stream); break;
-    case 2: launch_fused<2>(v, x, y, out, in, stream); break;
-    case 3: launch_fused<3>(v, x, y, out, in, stream); break;
-    case 4: launch_fused<4>(v, x, y, out, in, stream); break;
-    case 5: launch_fused<5>(v, x, y, out, in, stream); break;
-    case 6: launch_fused<6>(v, x, y, out, in, stream); break;
-    case 7: launch_fused<7>(v, x, y, out, in, stream); break;
-    default: launch_fused<8>(v, x, y, out, in, stream); break;
+  if (version == GemvVersion::fused) {
+    with_token_count(tokens, [&](auto t) { launch_fused<decltype(t)::value>(v, x, y, out, in, stream); });
+  } else {
+    with_token_count(tokens, [&](auto t) { launch_multirow<decltype(t)::value>(v, x, y, out, in, stream); });
   }
 }
 

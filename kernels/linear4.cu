@@ -77,7 +77,7 @@ void linear4_forward(CublasHandle& h, const DeviceQuant4& W, const bf16* X, int 
   const int out = checked_int(W.rows("linear4_forward"), "linear4_forward");
   const int in = checked_int(W.cols("linear4_forward"), "linear4_forward");
   bf16* w = scratch.reserve(W.numel);
-  dequantize4(W, w, DequantVersion::vectorized, stream);  // same stream: the GEMM waits for it
+  dequantize4(W, w, DequantVersion::coalesced, stream);  // same stream: the GEMM waits for it
   gemm_bf16_xwt(h, X, w, Y, y_type, tokens, in, out, accumulate, stream);
 }
 
@@ -86,7 +86,7 @@ void linear4_backward_input(CublasHandle& h, const DeviceQuant4& W, const bf16* 
   const int out = checked_int(W.rows("linear4_backward_input"), "linear4_backward_input");
   const int in = checked_int(W.cols("linear4_backward_input"), "linear4_backward_input");
   bf16* w = scratch.reserve(W.numel);
-  dequantize4(W, w, DequantVersion::vectorized, stream);
+  dequantize4(W, w, DequantVersion::coalesced, stream);
   gemm_bf16_dyw(h, dY, w, dX, dx_type, tokens, in, out, accumulate, stream);
 }
 //! [linear4]

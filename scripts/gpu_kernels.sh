@@ -3,6 +3,7 @@
 # (memcheck and racecheck) on the test binary, then `qlora bench kernels`.
 #   scripts/gpu_kernels.sh [BUILD_DIR]      (default build/cuda, already built with CUDA)
 # Logs (and kernels-h100.json) go to $OUT when it is set, else to BUILD_DIR/gpu_kernels.
+# NCU=1 adds an Nsight Compute profile of the fast kernels on 8192x8192 (about a minute).
 # Every step runs even if an earlier one fails; the exit status is nonzero if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,10 +40,27 @@ step ctest 90 ctest --test-dir "$build" -L gpu -R ch05 --output-on-failure
 step tests 90 "$test_bin" "[ch05]" --durations yes
 step bench 180 "$qlora_bin" bench kernels --json "$logs/kernels-h100.json"
 # memcheck: every case (cuBLAS included). racecheck: the kernels that use shared
-# memory (quantize, dequantize v2, fused GEMV); cuBLAS' own kernels are not ours.
+# memory (quantize, dequantize v2 and v3, fused GEMVs); cuBLAS' own kernels are not ours.
 step memcheck 120 "$sanitizer" --tool memcheck --error-exitcode 1 "$test_bin" "[ch05]"
 step racecheck 90 "$sanitizer" --tool racecheck --error-exitcode 1 "$test_bin" \
   "*GPU quantize is*,*GPU dequantize*,*GEMV*"
+
+# Optional (NCU=1 in the environment): Nsight Compute on one shape, each of our dequantize
+# kernels and fused GEMVs once (--profile times nothing, so every launch is a validation
+# run). The store sectors per request tell coalesced from half-sector stores; dram bytes
+# check the benchmark's byte accounting; issue and warp-state stats show what bounds the GEMV.
+if [[ ${NCU:-0} == 1 ]]; then
+  ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  if [[ -x $ncu_bin ]]; then
+    step ncu 150 "$ncu_bin" -k 'regex:dequant4_|gemv4_(fused|multirow)' \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section SchedulerStats --section WarpStateStats \
+      --metrics l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum,l1tex__t_requests_pipe_lsu_mem_global_op_st.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,dram__bytes_read.sum,dram__bytes_write.sum,smsp__inst_executed.sum \
+      "$qlora_bin" bench kernels --profile --shape 8192x8192
+  else
+    echo "=== ncu: not found (looked for ncu on PATH and $ncu_bin); skipped"
+  fi
+fi
 
 # The machine code (this machine has cuobjdump): registers/spills of every chapter-5
 # kernel, and the 16-byte loads and stores (LDG.E.128 / STG.E.128) of the fast versions.

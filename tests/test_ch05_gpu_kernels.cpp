@@ -274,15 +274,18 @@ TEST_CASE("ch05: GPU quantize rejects NaN/Inf and bad blocksizes with clear erro
   REQUIRE_THROWS_WITH(quantize4(dx.data(), {-1}, QuantType::nf4, 64, false), Catch::Contains("negative dimension"));
 }
 
-TEST_CASE("ch05: GPU dequantize (both versions) is byte-identical to dequantize_4bit_bf16", "[ch05][gpu]") {
+TEST_CASE("ch05: GPU dequantize (every version) is byte-identical to dequantize_4bit_bf16", "[ch05][gpu]") {
   struct Case {
     std::int64_t numel;
     int blocksize;
   };
-  // Multiples of 32 and not (the vectorized kernel hands the last numel % 32 values to
-  // the naive one), odd lengths, fewer values than one 16-byte load, > 256 blocks.
-  const Case cases[] = {{64 * 513 + 45, 64}, {128 * 1024, 128}, {4096 * 3 + 1000, 4096},
-                        {32 * 777 + 17, 32},  {7, 64},           {64 * 256 * 3, 64}};
+  // Multiples of 32 and not (version 2 hands the last numel % 32 values to the naive
+  // kernel, version 3 the last numel % 8), odd lengths, fewer values than one 16-byte
+  // load or one 4-byte word, exactly one word, a last version-3 block that is partly
+  // past the end (4109 words = 4 blocks of 1024 and 13), > 256 blocks.
+  const Case cases[] = {{64 * 513 + 45, 64}, {128 * 1024, 128}, {4096 * 3 + 1000, 4096}, {32 * 777 + 17, 32},
+                        {7, 64},             {8, 32},           {15, 32},               {64 * 256 * 3, 64},
+                        {32 * 129 + 4, 32}};
   for (const auto& c : cases) {
     for (QuantType type : {QuantType::nf4, QuantType::fp4}) {
       for (bool dq : {false, true}) {
@@ -290,7 +293,7 @@ TEST_CASE("ch05: GPU dequantize (both versions) is byte-identical to dequantize_
         const auto q = quantize_4bit(x, {c.numel}, type, c.blocksize, dq);
         const auto want = dequantize_4bit_bf16(q);
         const auto dq_dev = DeviceQuant4::upload(q);
-        for (auto version : {DequantVersion::naive, DequantVersion::vectorized}) {
+        for (auto version : {DequantVersion::naive, DequantVersion::vectorized, DequantVersion::coalesced}) {
           std::printf("dequantize v%d %s blocksize %d numel %lld dq %d\n", static_cast<int>(version),
                       to_string(type).c_str(), c.blocksize, static_cast<long long>(c.numel), int{dq});
           INFO("version " << static_cast<int>(version) << " " << to_string(type) << " blocksize " << c.blocksize
@@ -306,14 +309,24 @@ TEST_CASE("ch05: GPU dequantize (both versions) is byte-identical to dequantize_
   }
 }
 
-TEST_CASE("ch05: GEMV (naive and fused) matches the FP64 reference", "[ch05][gpu]") {
+TEST_CASE("ch05: dequantize versions 2 and 3 reject a misaligned output", "[ch05][gpu]") {
+  const auto q = DeviceQuant4::upload(quantize_4bit(awkward_values(1000, 64), {1000}, QuantType::nf4, 64, true));
+  DeviceBuffer<bf16> out(1008);
+  for (auto version : {DequantVersion::vectorized, DequantVersion::coalesced}) {
+    REQUIRE_THROWS_WITH(dequantize4(q, out.data() + 1, version), Catch::Contains("16-byte aligned"));
+  }
+}
+
+TEST_CASE("ch05: GEMV (naive and both fused versions) matches the FP64 reference", "[ch05][gpu]") {
   struct Case {
     int out, in, blocksize;
     QuantType type;
     bool dq;
   };
-  // out never a multiple of 64; in = 1001 (odd: rows start mid-byte and blocks straddle
-  // rows) only the naive kernel can take; the others run both versions.
+  // out never a multiple of 64 nor of the 32 rows a version-3 block takes; in = 1001 (odd:
+  // rows start mid-byte and blocks straddle rows) only the naive kernel can take; the
+  // others run every version. in = 2080 (65 chunks) leaves a row's last step mostly past
+  // its end; blocksize 4096 spans several rows.
   const Case cases[] = {{1000, 4096, 64, QuantType::nf4, true},  {333, 2080, 128, QuantType::nf4, true},
                         {77, 96, 32, QuantType::fp4, false},      {513, 1024, 4096, QuantType::nf4, false},
                         {129, 1001, 64, QuantType::nf4, true}};
@@ -328,9 +341,9 @@ TEST_CASE("ch05: GEMV (naive and fused) matches the FP64 reference", "[ch05][gpu
       matmul_xwt_ref(x.data(), w.deq.data(), ref.data(), tokens, c.in, c.out, false);
       const auto x_abs = abs_of(x);
       matmul_xwt_ref(x_abs.data(), w_abs.data(), abs_sum.data(), tokens, c.in, c.out, false);
-      for (auto version : {GemvVersion::naive, GemvVersion::fused, GemvVersion::automatic}) {
+      for (auto version : {GemvVersion::naive, GemvVersion::fused, GemvVersion::multirow, GemvVersion::automatic}) {
         const bool fused_ok = gemv4_fused_supported(w.device, tokens);
-        if (version == GemvVersion::fused && !fused_ok) {
+        if ((version == GemvVersion::fused || version == GemvVersion::multirow) && !fused_ok) {
           REQUIRE(c.in % 32 != 0);  // only the odd shape may refuse the fused kernel
           DeviceBuffer<bf16> y(ref.size());
           REQUIRE_THROWS_AS(gemv4(w.device, dx.data(), y.data(), tokens, version), std::invalid_argument);

@@ -3,6 +3,7 @@
 // weight shapes of 7B-70B LLaMA layers (out × in): 4096×4096, 11008×4096,
 // 8192×8192, 28672×8192, NF4 with blocksize 64 and double quantization.
 //  - copy bandwidth: cudaMemcpy device-to-device of a large buffer, bytes read + written;
+//  - write bandwidth: cudaMemset of the same buffer (dequantize's traffic is mostly writes);
 //  - dequantize (each version): GB/s over packed codes + scales + bf16 output, and % of copy;
 //  - GEMV at 1, 4, 8 tokens (each version): µs and speedup over cuBLAS bf16 GEMV on the
 //    original bf16 weights;
@@ -23,6 +24,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #ifdef QLORA_HAVE_CUDA
 #include "bf16.hpp"
@@ -38,7 +40,7 @@
 #include <cstring>
 #include <ctime>
 #include <functional>
-#include <vector>
+#include <limits>
 #endif
 
 namespace {
@@ -46,6 +48,8 @@ namespace {
 struct BenchKernelsArgs {
   std::string json;
   bool quick = false;
+  bool profile = false;
+  std::vector<std::string> shapes;
 };
 
 #ifdef QLORA_HAVE_CUDA
@@ -100,6 +104,7 @@ struct Events {
 /// back to back (one event pair) to last ~0.5 ms, so launch gaps and event
 /// resolution stay out of µs-scale numbers.
 double median_us(const std::function<void(int)>& call, int reps) {
+  if (reps == 0) return std::numeric_limits<double>::quiet_NaN();  // --profile: no timing launches at all
   Events ev;
   int counter = 0;
   call(counter++);  // warm-up: module load, cuBLAS heuristics, first-touch
@@ -218,6 +223,14 @@ double copy_bandwidth_gbs(std::size_t bytes, int reps) {
 }
 //! [bench-copy]
 
+/// Write-only bandwidth (cudaMemset): dequantize's traffic is 80% writes, so this is
+/// its second yardstick, reported next to the copy bandwidth.
+double write_bandwidth_gbs(std::size_t bytes, int reps) {
+  DeviceBuffer<std::uint8_t> a(bytes);
+  const double us = median_us([&](int i) { CUDA_CHECK(cudaMemsetAsync(a.data(), i & 0xff, bytes)); }, reps);
+  return static_cast<double>(bytes) / (us * 1e3);
+}
+
 /// Everything measured on one weight shape.
 struct Shape {
   int out = 0, in = 0;
@@ -234,9 +247,11 @@ json bench_dequant(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>&
     qs.push_back(q.clone());
     outs.emplace_back(n);
   }
-  for (auto version : {DequantVersion::naive, DequantVersion::vectorized}) {
+  for (auto version : {DequantVersion::naive, DequantVersion::vectorized, DequantVersion::coalesced}) {
     const int v = static_cast<int>(version);
-    const char* name = version == DequantVersion::naive ? "naive" : "vectorized";
+    const char* name = version == DequantVersion::naive        ? "naive"
+                       : version == DequantVersion::vectorized ? "vectorized"
+                                                               : "coalesced";
     std::printf("  dequantize v%d (%s)\n", v, name);
     std::fflush(stdout);
     json row = {{"version", v}, {"name", name}};
@@ -347,9 +362,9 @@ json bench_gemv(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& w_
       entry["cublas"] = failed(std::string("cuBLAS reference: ") + e.what());
     }
     json variants = json::array();
-    for (auto version : {GemvVersion::naive, GemvVersion::fused}) {
+    for (auto version : {GemvVersion::naive, GemvVersion::fused, GemvVersion::multirow}) {
       const int v = static_cast<int>(version);
-      const char* name = version == GemvVersion::naive ? "naive" : "fused";
+      const char* name = version == GemvVersion::naive ? "naive" : version == GemvVersion::fused ? "fused" : "multirow";
       std::printf("  gemv %d token(s): v%d (%s)\n", tokens, v, name);
       std::fflush(stdout);
       json row = {{"version", v}, {"name", name}};
@@ -402,7 +417,8 @@ json bench_linear(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& 
       const double us = checked_time_us(
           ctx, [&](int) { linear4_forward(ctx.cublas, q, x_dev.data(), tokens, y.data(), OutType::bf16, scratch); },
           y, x, w_deq, tokens, s, worst);
-      entry.update({{"valid", true}, {"linear4_us", us}, {"worst_error_over_bound", worst}});
+      entry.update({{"valid", true}, {"linear4_us", us}, {"worst_error_over_bound", worst},
+                    {"dequant_version", static_cast<int>(DequantVersion::coalesced)}});
       if (cublas_us > 0.0) entry["ratio_vs_cublas"] = us / cublas_us;
     } catch (const std::exception& e) {
       entry.update(failed(e.what()));
@@ -459,9 +475,9 @@ std::string num(const json& row, const char* key, const char* fmt) {
 }
 
 void print_table(const json& doc) {
-  std::printf("\nqlora bench kernels — %s, %s; copy bandwidth %.0f GB/s (read + write)\n",
+  std::printf("\nqlora bench kernels — %s, %s; copy bandwidth %.0f GB/s (read + write), write bandwidth %.0f GB/s\n",
               doc["device"].get<std::string>().c_str(), doc["date"].get<std::string>().c_str(),
-              doc["copy_bandwidth_gbs"].get<double>());
+              doc["copy_bandwidth_gbs"].get<double>(), doc["write_bandwidth_gbs"].get<double>());
   std::printf("\n%-12s %-10s %10s %10s %8s\n", "shape", "dequant", "µs", "GB/s", "% copy");
   for (const auto& s : doc["shapes"]) {
     const std::string shape = std::to_string(s["out"].get<int>()) + "x" + std::to_string(s["in"].get<int>());
@@ -500,21 +516,45 @@ void print_table(const json& doc) {
                                                    : (std::to_string(failures) + " variant(s) FAILED, see above").c_str());
 }
 
+/// "OUTxIN" (e.g. 8192x8192) -> Shape.
+Shape parse_shape(const std::string& text) {
+  const auto x = text.find('x');
+  std::size_t end_out = 0, end_in = 0;
+  int out = 0, in = 0;
+  try {
+    if (x == std::string::npos) throw std::invalid_argument("no x");
+    out = std::stoi(text.substr(0, x), &end_out);
+    in = std::stoi(text.substr(x + 1), &end_in);
+  } catch (const std::exception&) {
+    end_out = 0;
+  }
+  if (end_out == 0 || end_out != x || end_in != text.size() - x - 1 || out <= 0 || in <= 0) {
+    throw std::invalid_argument("--shape: expected OUTxIN with positive sizes, e.g. 8192x8192; got '" + text + "'");
+  }
+  return {out, in};
+}
+
 void run_bench_kernels(const BenchKernelsArgs& a) {
+  std::vector<Shape> shapes = a.quick ? std::vector<Shape>{{4096, 4096}, {8192, 8192}}
+                                      : std::vector<Shape>{{4096, 4096}, {11008, 4096}, {8192, 8192}, {28672, 8192}};
+  if (!a.shapes.empty()) {  // checked before the device is touched: a typo fails at once
+    shapes.clear();
+    for (const auto& text : a.shapes) shapes.push_back(parse_shape(text));
+  }
   int device = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
   Context ctx;
   ctx.l2_bytes = static_cast<std::size_t>(prop.l2CacheSize);
-  ctx.reps = a.quick ? 7 : 15;
-  std::printf("qlora bench kernels on %s (%d SMs, L2 %zu MiB)%s\n", prop.name, prop.multiProcessorCount,
-              ctx.l2_bytes >> 20, a.quick ? ", quick" : "");
+  ctx.reps = a.profile ? 0 : a.quick ? 7 : 15;
+  std::printf("qlora bench kernels on %s (%d SMs, L2 %zu MiB)%s%s\n", prop.name, prop.multiProcessorCount,
+              ctx.l2_bytes >> 20, a.quick ? ", quick" : "", a.profile ? ", profile (no timing)" : "");
   ctx.copy_gbs = copy_bandwidth_gbs(std::size_t{1} << (a.quick ? 29 : 30), ctx.reps);
   std::printf("copy bandwidth (cudaMemcpy D2D, read + write): %.0f GB/s\n", ctx.copy_gbs);
+  const double write_gbs = write_bandwidth_gbs(std::size_t{1} << (a.quick ? 29 : 30), ctx.reps);
+  std::printf("write bandwidth (cudaMemset): %.0f GB/s\n", write_gbs);
 
-  const std::vector<Shape> shapes = a.quick ? std::vector<Shape>{{4096, 4096}, {8192, 8192}}
-                                            : std::vector<Shape>{{4096, 4096}, {11008, 4096}, {8192, 8192}, {28672, 8192}};
   char date[32];
   const std::time_t now = std::time(nullptr);
   std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&now));
@@ -526,13 +566,18 @@ void run_bench_kernels(const BenchKernelsArgs& a) {
               {"quick", a.quick},
               {"repetitions", ctx.reps},
               {"copy_bandwidth_gbs", ctx.copy_gbs},
+              {"write_bandwidth_gbs", write_gbs},
               {"shapes", json::array()}};
   // The JSON is rewritten after every shape ("complete": false until the end), so a run
   // cut short by a time limit still leaves what it measured.
   doc["complete"] = false;
   for (const auto& s : shapes) {
     doc["shapes"].push_back(bench_shape(ctx, s, a.quick));
-    if (!a.json.empty()) qlora::write_text_atomic(a.json, doc.dump(2) + "\n");
+    if (!a.json.empty() && !a.profile) qlora::write_text_atomic(a.json, doc.dump(2) + "\n");
+  }
+  if (a.profile) {
+    std::printf("\nprofile run: every variant ran once (its validation), nothing was timed, no JSON written\n");
+    return;
   }
   doc["complete"] = true;
   print_table(doc);
@@ -562,5 +607,8 @@ QLORA_COMMAND([](CLI::App& app) {
       "and dequantize+GEMM linear on LLaMA weight shapes, each validated before it is timed (needs a CUDA GPU)");
   cmd->add_option("--json", a->json, "also write the results as JSON to this file");
   cmd->add_flag("--quick", a->quick, "two shapes, fewer repetitions, linear at 512 tokens only");
+  cmd->add_option("--shape", a->shapes, "only these weight shapes, OUTxIN (repeatable), e.g. --shape 8192x8192");
+  cmd->add_flag("--profile", a->profile,
+                "for a profiler (ncu): run every variant once, for its validation, and time nothing");
   cmd->callback([a] { run_bench_kernels(*a); });
 });
