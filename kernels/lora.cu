@@ -90,6 +90,22 @@ __global__ void add_mul_kernel(const float* __restrict__ v, const float* __restr
 constexpr int kThreads = 256;
 unsigned blocks_for(long n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
+//! [lora-dropout-cuda]
+// One thread per element, the integer hash of lora_dropout_mask_hashed (src/lora.cpp):
+// u = top 24 bits of splitmix64(seed + (i+1)·golden) · 2⁻²⁴, kept iff u >= p. Integer
+// arithmetic and an exact float u: the GPU mask equals the CPU mask bit for bit.
+__global__ void dropout_mask_kernel(float* __restrict__ mask, long n, float p, float keep_scale, std::uint64_t seed) {
+  const long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  std::uint64_t z = seed + static_cast<std::uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  const float u = static_cast<float>(z >> 40) * 0x1.0p-24f;
+  mask[i] = u >= p ? keep_scale : 0.0f;
+}
+//! [lora-dropout-cuda]
+
 void check_shapes(const DeviceLoraAdapter& ad, const LoraConfig& cfg, int T) {
   if (ad.r != cfg.r)
     throw std::invalid_argument("LoRA (CUDA): adapter rank " + std::to_string(ad.r) + " differs from config r " +
@@ -98,6 +114,17 @@ void check_shapes(const DeviceLoraAdapter& ad, const LoraConfig& cfg, int T) {
 }
 
 }  // namespace
+
+void lora_dropout_mask_cuda(float* mask, std::int64_t n, float p, std::uint64_t seed, cudaStream_t s) {
+  if (!(p >= 0.0f && p < 1.0f))
+    throw std::invalid_argument("LoRA (CUDA) dropout must be in [0, 1), got " + std::to_string(p));
+  if (n < 0) throw std::invalid_argument("LoRA (CUDA) dropout mask: negative size " + std::to_string(n));
+  if (n == 0) return;
+  const float keep_scale = 1.0f / (1.0f - p);  // computed on the host exactly as the CPU path does
+  dropout_mask_kernel<<<blocks_for(static_cast<long>(n)), kThreads, 0, s>>>(mask, static_cast<long>(n), p, keep_scale,
+                                                                           seed);
+  CUDA_CHECK_LAUNCH();
+}
 
 //! [lora-forward-cuda]
 void lora_forward_cuda(cublasHandle_t handle, cudaStream_t stream, const DeviceLoraAdapter& ad, const LoraConfig& cfg,
@@ -109,10 +136,12 @@ void lora_forward_cuda(cublasHandle_t handle, cudaStream_t stream, const DeviceL
   cache.masked = training && cfg.dropout > 0.0f;
   const float* xin = x;
   if (cache.masked) {
-    // Same call, same rng, same order as the CPU path: the masks are identical.
-    const std::vector<float> mask = lora_dropout_mask(n, cfg.dropout, rng);
-    CUDA_CHECK(cudaStreamSynchronize(stream));  // the upload below is synchronous; keep the order plain
-    cache.mask.upload(mask.data(), mask.size());
+    // One draw from rng, as the CPU path makes: the seed of the hashed mask, which the
+    // device builds in place. Same seed, same hash: the masks are identical, and nothing
+    // is drawn element by element on the host or uploaded.
+    const std::uint64_t seed = rng();
+    cache.mask.resize(static_cast<std::size_t>(n));
+    lora_dropout_mask_cuda(cache.mask.data(), n, cfg.dropout, seed, stream);
     cache.xd.resize(static_cast<std::size_t>(n));
     mul_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, cache.mask.data(), cache.xd.data(), n);
     CUDA_CHECK_LAUNCH();

@@ -4,8 +4,9 @@
 // mirrors it (forward ADDS the LoRA term to y, backward accumulates dA, dB and
 // ADDS into dx), so the frozen base path can be anything: a BF16 GEMM or the
 // chapter-5 NF4 kernel. Activations, A, B and gradients are float32.
-// The dropout mask is drawn on the host by lora_dropout_mask with the caller's
-// rng, exactly as the CPU path draws it, and uploaded: both drop the same elements.
+// The dropout mask is a hash of (seed, element index) (lora_dropout_mask_hashed):
+// forward draws one seed from the caller's rng, exactly as the CPU path does, and
+// the device computes the mask in place, so both drop the same elements.
 // All pointers passed in are device pointers; work is issued on `stream`.
 #pragma once
 
@@ -13,6 +14,7 @@
 #include "lora.hpp"
 
 #include <cstddef>
+#include <cstdint>
 #include <random>
 #include <utility>
 
@@ -64,12 +66,15 @@ struct DeviceLoraAdapter {
 struct DeviceLoraCache {
   int T = 0;
   bool masked = false;  ///< dropout was applied: mask holds T×in values
-  DeviceFloats mask;    ///< 0 or 1/(1-p), drawn on the host
+  DeviceFloats mask;    ///< 0 or 1/(1-p), computed on the device from one seed
   DeviceFloats xa;      ///< T×r: dropout(x)·Aᵀ
   DeviceFloats xd;      ///< T×in scratch: x⊙mask
   DeviceFloats dxa;     ///< T×r scratch: s·dy·B
   DeviceFloats dxd;     ///< T×in scratch: dxa·A before the mask
 };
+
+/// mask[i] = 1/(1-p) or 0 for i < n, bit for bit lora_dropout_mask_hashed(n, p, seed). Asynchronous on s.
+void lora_dropout_mask_cuda(float* mask, std::int64_t n, float p, std::uint64_t seed, cudaStream_t s);
 
 /// y[T×out] += s·(dropout(x)·Aᵀ)·Bᵀ. Draws the mask from rng exactly when the CPU path would.
 void lora_forward_cuda(cublasHandle_t handle, cudaStream_t stream, const DeviceLoraAdapter& ad, const LoraConfig& cfg,

@@ -6,6 +6,7 @@
 
 #include "bf16.hpp"
 #include "hf_llama.hpp"
+#include "llama_ops.hpp"
 #include "matmul.hpp"
 
 #include <algorithm>
@@ -263,104 +264,11 @@ FrozenLinear make_frozen_linear(const std::vector<float>& w, int out, int in, Ba
 //! [frozen-linear]
 
 // ===========================================================================
-// The building blocks, each with its backward. Plain loops: these are cheap next to
-// the matmuls, and the same code serves the reference and the BLAS path.
+// The building blocks (RMSNorm, RoPE, attention, SwiGLU, cross-entropy) live in
+// llama_ops.cpp, where the GPU kernels' tests find them too.
 
 namespace {
-
 using Vec = std::vector<float>;
-
-//! [rmsnorm]
-// y = x / rms(x) · w,  rms(x) = sqrt(mean(x²) + eps). Keeps 1/rms per row for backward.
-void rmsnorm_forward(const float* x, const float* w, float* y, float* inv_rms, int N, int D, float eps) {
-  for (int n = 0; n < N; ++n) {
-    const float* xr = x + usz(n) * D;
-    double ss = 0.0;
-    for (int i = 0; i < D; ++i) ss += static_cast<double>(xr[i]) * xr[i];
-    const float r = static_cast<float>(1.0 / std::sqrt(ss / D + eps));
-    inv_rms[n] = r;
-    for (int i = 0; i < D; ++i) y[usz(n) * D + i] = xr[i] * r * w[i];
-  }
-}
-//! [rmsnorm]
-
-//! [rmsnorm-backward]
-// dx_i = r·w_i·dy_i − x_i·r³/D · Σ_j dy_j·w_j·x_j   (the weight w is frozen: no dw).
-// ADDS into dx (the residual stream already carries the gradient of the skip path).
-void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy, float* dx, int N, int D) {
-  for (int n = 0; n < N; ++n) {
-    const float* xr = x + usz(n) * D;
-    const float* dyr = dy + usz(n) * D;
-    double dot = 0.0;
-    for (int i = 0; i < D; ++i) dot += static_cast<double>(dyr[i]) * w[i] * xr[i];
-    const double r = inv_rms[n];
-    const double c = dot * r * r * r / D;
-    for (int i = 0; i < D; ++i) dx[usz(n) * D + i] += static_cast<float>(r * w[i] * dyr[i] - xr[i] * c);
-  }
-}
-//! [rmsnorm-backward]
-
-//! [rope]
-// RoPE, llama2.c convention: in every head, the pair (x[2i], x[2i+1]) is rotated by
-// the angle pos·θ^(−2i/head_size). Row n holds position pos0 + n % T. `inverse` rotates
-// by −angle: the transpose of the rotation, which is RoPE's backward.
-void rope(float* v, int N, int T, int pos0, int n_heads, int hs, const Vec& cos_t, const Vec& sin_t, bool inverse) {
-  const int half = hs / 2;
-  for (int n = 0; n < N; ++n) {
-    const int pos = pos0 + n % T;
-    const float* c = &cos_t[usz(pos) * half];
-    const float* s = &sin_t[usz(pos) * half];
-    for (int h = 0; h < n_heads; ++h) {
-      float* x = v + (usz(n) * n_heads + h) * hs;
-      for (int i = 0; i < half; ++i) {
-        const float x0 = x[2 * i], x1 = x[2 * i + 1];
-        const float si = inverse ? -s[i] : s[i];
-        x[2 * i] = x0 * c[i] - x1 * si;
-        x[2 * i + 1] = x0 * si + x1 * c[i];
-      }
-    }
-  }
-}
-//! [rope]
-
-//! [attention-one]
-// One query head attending to n_keys keys of its kv head (grouped-query attention:
-// several query heads share one kv head). K, V point at key 0 of that kv head; rows
-// are `stride` floats apart. p gets the softmax weights, out the weighted sum of V.
-void attend(const float* q, const float* K, const float* V, int n_keys, int stride, int hs, float* p, float* out) {
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
-  double mx = -INFINITY;
-  thread_local std::vector<double> sc;  // scores, reused across calls
-  sc.resize(usz(n_keys));
-  for (int s = 0; s < n_keys; ++s) {
-    double d = 0.0;
-    for (int i = 0; i < hs; ++i) d += static_cast<double>(q[i]) * K[usz(s) * stride + i];
-    sc[s] = d * scale;
-    mx = std::max(mx, sc[s]);
-  }
-  double sum = 0.0;
-  for (int s = 0; s < n_keys; ++s) sum += (sc[s] = std::exp(sc[s] - mx));
-  for (int i = 0; i < hs; ++i) out[i] = 0.0f;
-  for (int s = 0; s < n_keys; ++s) {
-    p[s] = static_cast<float>(sc[s] / sum);
-    for (int i = 0; i < hs; ++i) out[i] += p[s] * V[usz(s) * stride + i];
-  }
-}
-//! [attention-one]
-
-float silu(float z) { return z / (1.0f + std::exp(-z)); }
-
-void cross_entropy_backward_row(float* logits, int V, int target, float weight) {
-  // Overwrites one row of logits with d(loss)/d(logits) = weight·(softmax − onehot).
-  // float exp (the vocabulary is large; each term has relative error ~1e-7), sums in double.
-  const float mx = *std::max_element(logits, logits + V);
-  double sum = 0.0;
-  for (int v = 0; v < V; ++v) sum += (logits[v] = std::exp(logits[v] - mx));
-  const float w = static_cast<float>(weight / sum);
-  for (int v = 0; v < V; ++v) logits[v] *= w;
-  logits[target] -= weight;
-}
-
 }  // namespace
 
 // ===========================================================================
@@ -412,16 +320,7 @@ LlamaModel::LlamaModel(const LlamaWeights& w, BaseStorage storage) : cfg_(w.conf
       layers_[l].w[static_cast<int>(p)] = make_frozen_linear(w.layers[l].w[static_cast<int>(p)], out, in, storage);
     }
   }
-  // RoPE angle tables for every position, computed in double then rounded once.
-  const int half = cfg_.head_size() / 2;
-  rope_cos_.resize(usz(cfg_.seq_len) * half);
-  rope_sin_.resize(rope_cos_.size());
-  for (int pos = 0; pos < cfg_.seq_len; ++pos)
-    for (int i = 0; i < half; ++i) {
-      const double freq = std::pow(static_cast<double>(cfg_.rope_theta), -2.0 * i / cfg_.head_size());
-      rope_cos_[usz(pos) * half + i] = static_cast<float>(std::cos(pos * freq));
-      rope_sin_[usz(pos) * half + i] = static_cast<float>(std::sin(pos * freq));
-    }
+  rope_tables(cfg_, rope_cos_, rope_sin_);
   adapters_.resize(cfg_.n_layers);
 }
 
@@ -513,7 +412,7 @@ void LlamaModel::linear_backward(int l, Proj p, const float* x, const float* dy,
 //! [layer-forward]
 void LlamaModel::layer_forward(int l, float* x_out, bool training, std::mt19937_64& rng, LayerCache& c) const {
   const int N = B_ * T_, D = cfg_.dim, KV = cfg_.kv_dim(), HD = cfg_.hidden_dim;
-  const int H = cfg_.n_heads, hs = cfg_.head_size(), group = cfg_.n_heads / cfg_.n_kv_heads;
+  const int H = cfg_.n_heads, hs = cfg_.head_size();
   const Layer& L = layers_[l];
   auto& lc = c.lc;
   auto I = [](Proj p) { return static_cast<int>(p); };
@@ -530,17 +429,9 @@ void LlamaModel::layer_forward(int l, float* x_out, bool training, std::mt19937_
   linear(l, Proj::v, c.xn1.data(), c.v.data(), N, training, rng, lc[I(Proj::v)]);
   rope(c.q.data(), N, T_, 0, H, hs, rope_cos_, rope_sin_, false);
   rope(c.k.data(), N, T_, 0, cfg_.n_kv_heads, hs, rope_cos_, rope_sin_, false);
-  c.att.assign(usz(B_) * H * T_ * T_, 0.0f);
+  c.att.resize(usz(B_) * H * T_ * T_);
   c.o.resize(usz(N) * D);
-  for (int b = 0; b < B_; ++b)
-    for (int h = 0; h < H; ++h) {
-      const std::size_t kv_off = usz(b) * T_ * KV + usz(h / group) * hs;
-      for (int t = 0; t < T_; ++t) {
-        const std::size_t row = usz(b) * T_ + t;
-        attend(&c.q[row * D + usz(h) * hs], &c.k[kv_off], &c.v[kv_off], t + 1, KV, hs,
-               &c.att[((usz(b) * H + h) * T_ + t) * T_], &c.o[row * D + usz(h) * hs]);
-      }
-    }
+  attention_forward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), c.o.data(), B_, T_, H, cfg_.n_kv_heads, hs);
   Vec tmp(usz(N) * D);
   linear(l, Proj::o, c.o.data(), tmp.data(), N, training, rng, lc[I(Proj::o)]);
   c.x2.resize(usz(N) * D);
@@ -555,7 +446,7 @@ void LlamaModel::layer_forward(int l, float* x_out, bool training, std::mt19937_
   c.g.resize(usz(N) * HD);
   linear(l, Proj::gate, c.xn2.data(), c.h1.data(), N, training, rng, lc[I(Proj::gate)]);
   linear(l, Proj::up, c.xn2.data(), c.h3.data(), N, training, rng, lc[I(Proj::up)]);
-  for (std::size_t i = 0; i < c.g.size(); ++i) c.g[i] = silu(c.h1[i]) * c.h3[i];
+  swiglu_forward(c.h1.data(), c.h3.data(), c.g.data(), static_cast<std::int64_t>(c.g.size()));
   linear(l, Proj::down, c.g.data(), tmp.data(), N, training, rng, lc[I(Proj::down)]);
   for (std::size_t i = 0; i < tmp.size(); ++i) x_out[i] = c.x2[i] + tmp[i];
 }
@@ -567,7 +458,7 @@ void LlamaModel::layer_forward(int l, float* x_out, bool training, std::mt19937_
 // adapters collect parameter gradients.
 void LlamaModel::layer_backward(int l, const LayerCache& c, float* dx) {
   const int N = B_ * T_, D = cfg_.dim, KV = cfg_.kv_dim(), HD = cfg_.hidden_dim;
-  const int H = cfg_.n_heads, hs = cfg_.head_size(), group = cfg_.n_heads / cfg_.n_kv_heads;
+  const int H = cfg_.n_heads, hs = cfg_.head_size();
   const Layer& L = layers_[l];
   const auto& lc = c.lc;
   auto I = [](Proj p) { return static_cast<int>(p); };
@@ -575,55 +466,17 @@ void LlamaModel::layer_backward(int l, const LayerCache& c, float* dx) {
   // MLP. dx is both d(x2) via the skip path and d(down output).
   Vec dg(usz(N) * HD), dh1(usz(N) * HD), dh3(usz(N) * HD);
   linear_backward(l, Proj::down, c.g.data(), dx, dg.data(), N, false, lc[I(Proj::down)]);
-  for (std::size_t i = 0; i < dg.size(); ++i) {
-    const float z = c.h1[i], sig = 1.0f / (1.0f + std::exp(-z));
-    dh3[i] = dg[i] * z * sig;                                   // d/d(up)   = silu(gate)
-    dh1[i] = dg[i] * c.h3[i] * sig * (1.0f + z * (1.0f - sig));  // d/d(gate) = up · silu'(gate)
-  }
+  swiglu_backward(c.h1.data(), c.h3.data(), dg.data(), dh1.data(), dh3.data(), static_cast<std::int64_t>(dg.size()));
   Vec dxn(usz(N) * D);
   linear_backward(l, Proj::gate, c.xn2.data(), dh1.data(), dxn.data(), N, false, lc[I(Proj::gate)]);
   linear_backward(l, Proj::up, c.xn2.data(), dh3.data(), dxn.data(), N, true, lc[I(Proj::up)]);
   rmsnorm_backward(c.x2.data(), L.rms_ffn.data(), c.inv2.data(), dxn.data(), dx, N, D);
 
   // Attention. dx is now d(x2): the skip path and d(o_proj output).
-  Vec dout(usz(N) * D), dq(usz(N) * D, 0.0f), dk(usz(N) * KV, 0.0f), dv(usz(N) * KV, 0.0f);
+  Vec dout(usz(N) * D), dq(usz(N) * D), dk(usz(N) * KV), dv(usz(N) * KV);
   linear_backward(l, Proj::o, c.o.data(), dx, dout.data(), N, false, lc[I(Proj::o)]);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
-  std::vector<double> dp(usz(T_));
-  for (int b = 0; b < B_; ++b)
-    for (int h = 0; h < H; ++h) {
-      const std::size_t kv_off = usz(b) * T_ * KV + usz(h / group) * hs;
-      for (int t = 0; t < T_; ++t) {
-        const std::size_t row = usz(b) * T_ + t;
-        const float* p = &c.att[((usz(b) * H + h) * T_ + t) * T_];
-        const float* dor = &dout[row * D + usz(h) * hs];
-        const float* qr = &c.q[row * D + usz(h) * hs];
-        float* dqr = &dq[row * D + usz(h) * hs];
-        // out_t = Σ_s p_s v_s  →  dv_s += p_s·dout_t, dp_s = dout_t·v_s.
-        double pdp = 0.0;
-        for (int s = 0; s <= t; ++s) {
-          const float* vs = &c.v[kv_off + usz(s) * KV];
-          float* dvs = &dv[kv_off + usz(s) * KV];
-          double d = 0.0;
-          for (int i = 0; i < hs; ++i) {
-            d += static_cast<double>(dor[i]) * vs[i];
-            dvs[i] += p[s] * dor[i];
-          }
-          dp[s] = d;
-          pdp += p[s] * d;
-        }
-        // Softmax backward: dscore_s = p_s (dp_s − Σ p·dp); score = q·k·scale.
-        for (int s = 0; s <= t; ++s) {
-          const float ds = static_cast<float>(p[s] * (dp[s] - pdp) * scale);
-          const float* ks = &c.k[kv_off + usz(s) * KV];
-          float* dks = &dk[kv_off + usz(s) * KV];
-          for (int i = 0; i < hs; ++i) {
-            dqr[i] += ds * ks[i];
-            dks[i] += ds * qr[i];
-          }
-        }
-      }
-    }
+  attention_backward(c.q.data(), c.k.data(), c.v.data(), c.att.data(), dout.data(), dq.data(), dk.data(), dv.data(), B_,
+                     T_, H, cfg_.n_kv_heads, hs);
   rope(dq.data(), N, T_, 0, H, hs, rope_cos_, rope_sin_, true);
   rope(dk.data(), N, T_, 0, cfg_.n_kv_heads, hs, rope_cos_, rope_sin_, true);
   linear_backward(l, Proj::q, c.xn1.data(), dq.data(), dxn.data(), N, false, lc[I(Proj::q)]);
@@ -693,11 +546,7 @@ float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, b
   int count = 0;
   for (int n = 0; n < N && targets; ++n) {
     if (targets[n] < 0) continue;
-    const float* lr = &logits_[usz(n) * V];
-    const float mx = *std::max_element(lr, lr + V);
-    double sum = 0.0;
-    for (int v = 0; v < V; ++v) sum += std::exp(lr[v] - mx);  // float exp, double sum
-    loss += mx + std::log(sum) - lr[targets[n]];
+    loss += cross_entropy_loss_row(&logits_[usz(n) * V], V, targets[n]);
     ++count;
   }
   return count ? static_cast<float>(loss / count) : 0.0f;

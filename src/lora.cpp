@@ -49,15 +49,32 @@ void LoraAdapter::zero_grad() {
 }
 
 //! [lora-dropout]
-std::vector<float> lora_dropout_mask(std::int64_t n, float p, std::mt19937_64& rng) {
+// Counter-based randomness: element i's uniform number is a hash of (seed, i), not the
+// i-th draw of a sequential generator. Any element can be computed on its own — on the
+// CPU in a loop, or in one GPU thread each — so the GPU makes the very same mask in
+// place without a host-side draw or an upload. splitmix64 (Steele et al., 2014) is the
+// hash: its finalizer mixes every input bit into every output bit.
+std::vector<float> lora_dropout_mask_hashed(std::int64_t n, float p, std::uint64_t seed) {
   if (!(p >= 0.0f && p < 1.0f)) throw std::invalid_argument("LoRA dropout must be in [0, 1), got " + std::to_string(p));
+  if (n < 0) throw std::invalid_argument("LoRA dropout mask: negative size " + std::to_string(n));
   // Inverted dropout: kept values are scaled by 1/(1-p) so E[mask·x] = x and
   // nothing needs rescaling at inference time.
   const float keep_scale = 1.0f / (1.0f - p);
-  const double keep = 1.0 - static_cast<double>(p);
   std::vector<float> mask(static_cast<std::size_t>(n));
-  for (float& m : mask) m = uniform01(rng) < keep ? keep_scale : 0.0f;
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::uint64_t z = seed + static_cast<std::uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    // 24 random bits: u is exact in float, so the CPU and GPU comparisons agree.
+    const float u = static_cast<float>(z >> 40) * 0x1.0p-24f;
+    mask[static_cast<std::size_t>(i)] = u >= p ? keep_scale : 0.0f;
+  }
   return mask;
+}
+
+std::vector<float> lora_dropout_mask(std::int64_t n, float p, std::mt19937_64& rng) {
+  return lora_dropout_mask_hashed(n, p, rng());
 }
 //! [lora-dropout]
 

@@ -37,10 +37,15 @@ struct LoraAdapter {
 /// std::uniform_real_distribution) so the numbers are the same with every standard library.
 double uniform01(std::mt19937_64& rng);
 
-/// Inverted-dropout mask of n values, one rng draw each in index order: an element is
-/// kept (value 1/(1-p)) when its draw is < 1-p, dropped (0) otherwise. p must be in [0, 1).
-/// The GPU path calls this too and uploads the mask, so CPU and GPU drop the same elements.
+/// Inverted-dropout mask of n values: draws ONE 64-bit seed = rng() and returns
+/// lora_dropout_mask_hashed(n, p, seed). p must be in [0, 1). The GPU path draws its
+/// seed the same way, so CPU and GPU drop the same elements for the same rng.
 std::vector<float> lora_dropout_mask(std::int64_t n, float p, std::mt19937_64& rng);
+
+/// The dropout mask as a function of (seed, index): element i is kept (value 1/(1-p))
+/// iff u_i >= p, with u_i = (splitmix64(seed + (i+1)·0x9E3779B97F4A7C15) >> 40)·2⁻²⁴,
+/// dropped (0) otherwise. kernels/lora.cu computes the same integer hash per thread.
+std::vector<float> lora_dropout_mask_hashed(std::int64_t n, float p, std::uint64_t seed);
 
 /// What forward keeps for backward: the dropout mask and the rank-r activations.
 struct LoraCache {

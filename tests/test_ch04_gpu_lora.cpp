@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -125,7 +126,7 @@ TEST_CASE("CUDA LoRA forward/backward match the CPU reference", "[ch04][gpu]") {
   lora_backward_cuda(h.h, nullptr, dad, cfg, xg.data(), dy_d.data(), dxg.data(), sh.T, cache);
   CUDA_CHECK(cudaDeviceSynchronize());
 
-  // The mask is drawn on the host from the same rng: identical, not just close.
+  // The device hashes the mask from the same seed (one rng draw): identical, not just close.
   if (sh.p > 0.0f)
     CHECK(to_host(cache.mask, cache_ref.mask.size()) == cache_ref.mask);
   else
@@ -145,6 +146,24 @@ TEST_CASE("CUDA LoRA forward/backward match the CPU reference", "[ch04][gpu]") {
   check_close(got.dA, ref.dA, tol, "dA");
   check_close(got.dB, ref.dB, tol, "dB");
   check_close(to_host(dxg, dx_ref.size()), dx_ref, tol, "dx");
+}
+
+TEST_CASE("CUDA hashed dropout mask equals the CPU mask bit for bit", "[ch04][gpu]") {
+  // n not a multiple of the block size, a fresh seed every run, p from small to large.
+  const std::int64_t n = GENERATE(1, 255, 1000003);
+  const float p = GENERATE(0.05f, 0.1f, 0.5f, 0.9f);
+  const std::uint64_t seed = std::random_device{}() * 0x100000001ull + std::random_device{}();
+  CAPTURE(n, p, seed);
+  const std::vector<float> ref = lora_dropout_mask_hashed(n, p, seed);
+  DeviceFloats mask(static_cast<std::size_t>(n));
+  poison(mask);
+  lora_dropout_mask_cuda(mask.data(), n, p, seed, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> got = to_host(mask, static_cast<std::size_t>(n));
+  std::int64_t differ = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) differ += std::memcmp(&got[i], &ref[i], sizeof(float)) != 0;
+  CHECK(differ == 0);
+  CHECK_THROWS_AS(lora_dropout_mask_cuda(mask.data(), n, 1.0f, seed, nullptr), std::invalid_argument);
 }
 
 TEST_CASE("CUDA LoRA rejects a rank that differs from the config", "[ch04][gpu]") {

@@ -313,9 +313,12 @@ TEST_CASE("Dropout mask: statistics, scaling and determinism", "[ch04][lora]") {
   CHECK(other_values == 0);  // every value is 0 or exactly 1/(1−p)
   // Kept fraction: Binomial(n, 1−p)/n with σ = √(p(1−p)/n) = 3e-4; allow 5σ.
   CHECK(std::fabs((double)kept / n - (1.0 - p)) < 5.0 * std::sqrt(p * (1.0 - p) / n));
-  // The draw order is fixed: element k is kept iff the k-th uniform draw is < 1−p.
+  // One rng draw is the seed of the hashed mask; the rng moves on by exactly one draw.
   std::mt19937_64 replay(42);
-  for (std::int64_t k = 0; k < 1000; ++k) CHECK((mask[k] != 0.0f) == (uniform01(replay) < 1.0 - p));
+  CHECK(lora_dropout_mask_hashed(n, p, replay()) == mask);
+  std::mt19937_64 after(42);
+  after.discard(1);
+  CHECK(replay() == after());
   std::mt19937_64 again(42), other(43);
   CHECK(lora_dropout_mask(n, p, again) == mask);
   CHECK(lora_dropout_mask(n, p, other) != mask);
@@ -334,6 +337,29 @@ TEST_CASE("Dropout mask: statistics, scaling and determinism", "[ch04][lora]") {
   CHECK(r1() == r2());
   CHECK_THROWS_AS(lora_dropout_mask(10, 1.0f, rng), std::invalid_argument);
   CHECK_THROWS_AS(lora_dropout_mask(10, -0.1f, rng), std::invalid_argument);
+}
+
+TEST_CASE("Hashed dropout mask follows the published splitmix64 sequence", "[ch04][lora]") {
+  // Element i's uniform number is the (i+1)-th output of the splitmix64 generator seeded
+  // with `seed`, top 24 bits. The reference outputs for seed 1234567 are the published
+  // test vector of splitmix64 (Vigna's splitmix64.c, as used by its Java/JS ports).
+  const std::uint64_t seed = 1234567;
+  const std::uint64_t expected[5] = {6457827717110365317ull, 3203168211198807973ull, 9817491932198370423ull,
+                                     4593380528125082431ull, 16408922859458223821ull};
+  for (float p : {0.05f, 0.3f, 0.5f, 0.7f, 0.95f}) {
+    const std::vector<float> mask = lora_dropout_mask_hashed(5, p, seed);
+    for (int i = 0; i < 5; ++i) {
+      const float u = static_cast<float>(expected[i] >> 40) * 0x1.0p-24f;
+      INFO("p = " << p << ", element " << i << ", u = " << u);
+      CHECK(mask[static_cast<std::size_t>(i)] == (u >= p ? 1.0f / (1.0f - p) : 0.0f));
+    }
+  }
+  // Counter-based: a prefix of a longer mask is the shorter mask, element for element.
+  const std::vector<float> long_mask = lora_dropout_mask_hashed(1000, 0.4f, 99);
+  const std::vector<float> short_mask = lora_dropout_mask_hashed(10, 0.4f, 99);
+  CHECK(std::equal(short_mask.begin(), short_mask.end(), long_mask.begin()));
+  CHECK(lora_dropout_mask_hashed(0, 0.4f, 99).empty());
+  CHECK_THROWS_AS(lora_dropout_mask_hashed(10, 1.0f, 99), std::invalid_argument);
 }
 
 TEST_CASE("LoRA rejects inconsistent shapes", "[ch04][lora]") {

@@ -1,0 +1,324 @@
+// Chapter 7 GPU tests: every kernel of kernels/llama_ops.cu against its CPU
+// reference in src/llama_ops.cpp (or src/bf16.cpp), on fresh random inputs
+// (a new seed every run, never zeros), awkward shapes (row counts that are not
+// multiples of 32, grouped-query heads, a kjv15M-sized layer), with every
+// output poisoned to NaN (0xFF bytes) before the launch, so an element the
+// kernel forgets to write fails the comparison.
+//
+// Tolerances. The kernels sum in float32 where the references sum in double,
+// so the difference is the float32 rounding of the GPU's sums (u = 2⁻²⁴ ≈ 6e-8
+// per operation): a sum of K terms is off by at most ≈ K·u·Σ|terms| (random
+// signs make it ≈ √K·u in practice). Each check bounds max|gpu − cpu| by
+// tol·max|cpu|; the tol of each kernel is argued at its check.
+#include "device_buffer.cuh"
+#include "llama_ops.cuh"
+#include "llama_ops.hpp"
+#include "lora.hpp"
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <span>
+#include <vector>
+
+using namespace qlora;
+namespace gpu = qlora::cuda;
+using gpu::DeviceBuffer;
+
+namespace {
+
+std::mt19937_64 fresh_rng() { return std::mt19937_64(std::random_device{}() * 0x100000001ull + std::random_device{}()); }
+
+std::vector<float> random_vec(std::size_t n, std::mt19937_64& rng, double lo = -1.0, double hi = 1.0) {
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * uniform01(rng));
+  return v;
+}
+
+template <class T>
+DeviceBuffer<T> dev(const std::vector<T>& v) {
+  return gpu::to_device(std::span<const T>(v));
+}
+
+// A device output of n floats, poisoned: 0xFFFFFFFF is a NaN.
+DeviceBuffer<float> poisoned(std::size_t n) {
+  DeviceBuffer<float> d(n);
+  d.poison();
+  return d;
+}
+
+std::vector<float> host(const DeviceBuffer<float>& d) {
+  CUDA_CHECK(cudaDeviceSynchronize());
+  return d.download();
+}
+
+// Every element finite and max|gpu − ref| ≤ tol·max|ref|; the relative Frobenius
+// error is printed for the record.
+void check_close(const std::vector<float>& got, const std::vector<float>& ref, double tol, const char* what) {
+  REQUIRE(got.size() == ref.size());
+  double scale = 0.0, worst = 0.0, num = 0.0, den = 0.0;
+  std::size_t not_finite = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    scale = std::max(scale, (double)std::fabs(ref[i]));
+    not_finite += !std::isfinite(got[i]);
+    const double d = (double)got[i] - ref[i];
+    worst = std::max(worst, std::fabs(d));
+    num += d * d;
+    den += (double)ref[i] * ref[i];
+  }
+  INFO(what << ": max |gpu - cpu| = " << worst << ", max |cpu| = " << scale
+            << ", relative Frobenius = " << std::sqrt(num / std::max(den, 1e-300)));
+  CHECK(not_finite == 0);
+  CHECK(scale > 0.0);  // a reference of zeros would prove nothing
+  CHECK(worst <= tol * scale);
+}
+
+void check_equal(const std::vector<float>& got, const std::vector<float>& ref, const char* what) {
+  REQUIRE(got.size() == ref.size());
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) differ += std::memcmp(&got[i], &ref[i], sizeof(float)) != 0;
+  INFO(what << ": " << differ << " of " << ref.size() << " values differ");
+  CHECK(differ == 0);
+}
+
+}  // namespace
+
+TEST_CASE("GPU embedding copies the table rows of the tokens", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  const int V = 515, D = 72, N = 77;  // N not a multiple of 32
+  const auto table = random_vec(static_cast<std::size_t>(V) * D, rng);
+  std::vector<int> tokens(N);
+  for (int& t : tokens) t = static_cast<int>(rng() % V);
+  std::vector<float> ref(static_cast<std::size_t>(N) * D);
+  for (int n = 0; n < N; ++n) std::copy_n(&table[static_cast<std::size_t>(tokens[n]) * D], D, &ref[static_cast<std::size_t>(n) * D]);
+  auto d_table = dev(table);
+  auto d_tok = dev(tokens);
+  auto x = poisoned(ref.size());
+  gpu::embedding_forward(d_table.data(), d_tok.data(), x.data(), N, D, nullptr);
+  check_equal(host(x), ref, "embedding");  // a copy: exact
+}
+
+TEST_CASE("GPU RMSNorm forward and backward match the CPU reference", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  struct Shape { int N, D; };
+  const auto sh = GENERATE(Shape{37, 64}, Shape{1000, 288}, Shape{5, 1030});
+  CAPTURE(sh.N, sh.D);
+  const std::size_t n = static_cast<std::size_t>(sh.N) * sh.D;
+  const auto x = random_vec(n, rng, -2.0, 2.0);
+  const auto w = random_vec(static_cast<std::size_t>(sh.D), rng, 0.5, 1.5);
+  const auto dy = random_vec(n, rng);
+  const auto dx0 = random_vec(n, rng);  // backward ADDS into dx: start from nonzero values
+  const float eps = 1e-5f;
+  std::vector<float> y_ref(n), inv_ref(static_cast<std::size_t>(sh.N)), dx_ref = dx0;
+  rmsnorm_forward(x.data(), w.data(), y_ref.data(), inv_ref.data(), sh.N, sh.D, eps);
+  rmsnorm_backward(x.data(), w.data(), inv_ref.data(), dy.data(), dx_ref.data(), sh.N, sh.D);
+
+  auto d_x = dev(x), d_w = dev(w), d_dy = dev(dy), d_dx = dev(dx0), d_inv_in = dev(inv_ref);
+  auto d_y = poisoned(n), d_inv = poisoned(static_cast<std::size_t>(sh.N));
+  gpu::rmsnorm_forward(d_x.data(), d_w.data(), d_y.data(), d_inv.data(), sh.N, sh.D, eps, nullptr);
+  // The sum of D ≤ 1030 squares (positive terms) is off by ≤ D·u ≈ 6e-5 relative in the
+  // worst case, ≈ √D·u ≈ 2e-6 with per-thread partial sums and a tree; 1/√ halves it,
+  // and y = x·r·w adds two roundings. Bound: 2e-5.
+  check_close(host(d_inv), inv_ref, 2e-5, "inv_rms");
+  check_close(host(d_y), y_ref, 2e-5, "y");
+  // Backward from the reference's inv_rms, so only the backward's own rounding counts:
+  // one D-term dot product (same bound) and r³ (three roundings).
+  gpu::rmsnorm_backward(d_x.data(), d_w.data(), d_inv_in.data(), d_dy.data(), d_dx.data(), sh.N, sh.D, nullptr);
+  check_close(host(d_dx), dx_ref, 2e-5, "dx");
+}
+
+TEST_CASE("GPU RoPE matches the CPU reference, forward and inverse", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  struct Shape { int B, T, heads, hs; };
+  const auto sh = GENERATE(Shape{3, 37, 6, 48}, Shape{2, 256, 6, 48}, Shape{5, 19, 4, 8});
+  CAPTURE(sh.B, sh.T, sh.heads, sh.hs);
+  LlamaConfig c;
+  c.n_heads = c.n_kv_heads = sh.heads;
+  c.dim = sh.heads * sh.hs;
+  c.seq_len = 256;
+  std::vector<float> cos_t, sin_t;
+  rope_tables(c, cos_t, sin_t);
+  auto d_cos = dev(cos_t), d_sin = dev(sin_t);
+  const int N = sh.B * sh.T;
+  const auto v0 = random_vec(static_cast<std::size_t>(N) * sh.heads * sh.hs, rng);
+  for (bool inverse : {false, true}) {
+    std::vector<float> ref = v0;
+    rope(ref.data(), N, sh.T, 0, sh.heads, sh.hs, cos_t, sin_t, inverse);
+    auto d_v = dev(v0);
+    gpu::rope(d_v.data(), N, sh.T, sh.heads, sh.hs, d_cos.data(), d_sin.data(), inverse, nullptr);
+    // Two products and a sum per value: a few ulp (an FMA may fuse one rounding away).
+    check_close(host(d_v), ref, 1e-6, inverse ? "rope inverse" : "rope");
+  }
+}
+
+TEST_CASE("GPU attention forward and backward match the CPU reference", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  struct Shape { int B, T, H, KVH, hs; };
+  // stories260K-like GQA (8 query heads on 4 kv heads, hs 8), an odd T with 2:1 and
+  // 3:1 groups, and a kjv15M layer (6 heads of 48) at T = 256.
+  const auto sh = GENERATE(Shape{3, 37, 8, 4, 8}, Shape{2, 45, 6, 2, 16}, Shape{2, 256, 6, 6, 48},
+                           Shape{1, 1, 2, 1, 4});
+  CAPTURE(sh.B, sh.T, sh.H, sh.KVH, sh.hs);
+  const int N = sh.B * sh.T, D = sh.H * sh.hs, KV = sh.KVH * sh.hs;
+  const std::size_t natt = static_cast<std::size_t>(sh.B) * sh.H * sh.T * sh.T;
+  const auto q = random_vec(static_cast<std::size_t>(N) * D, rng, -2.0, 2.0);
+  const auto k = random_vec(static_cast<std::size_t>(N) * KV, rng, -2.0, 2.0);
+  const auto v = random_vec(static_cast<std::size_t>(N) * KV, rng);
+  const auto dout = random_vec(static_cast<std::size_t>(N) * D, rng);
+  std::vector<float> att_ref(natt), out_ref(static_cast<std::size_t>(N) * D);
+  attention_forward(q.data(), k.data(), v.data(), att_ref.data(), out_ref.data(), sh.B, sh.T, sh.H, sh.KVH, sh.hs);
+  std::vector<float> dq_ref(q.size()), dk_ref(k.size()), dv_ref(v.size());
+  attention_backward(q.data(), k.data(), v.data(), att_ref.data(), dout.data(), dq_ref.data(), dk_ref.data(),
+                     dv_ref.data(), sh.B, sh.T, sh.H, sh.KVH, sh.hs);
+
+  auto d_q = dev(q), d_k = dev(k), d_v = dev(v), d_dout = dev(dout), d_att_ref = dev(att_ref);
+  auto d_att = poisoned(natt), d_out = poisoned(out_ref.size());
+  gpu::attention_forward(d_q.data(), d_k.data(), d_v.data(), d_att.data(), d_out.data(), sh.B, sh.T, sh.H, sh.KVH,
+                         sh.hs, nullptr);
+  // Scores: hs-term dot products, |q·k| ≤ 4·hs, error ≤ hs·u·4·hs·scale ≈ 5e-5 for hs 48 in the
+  // worst case, ≈ 1e-6 typically; softmax turns an absolute score error e into a relative
+  // weight error e. out sums ≤ T weights ≤ 1 times |v| ≤ 1: ≤ T·u ≈ 1.5e-5 at T 256, far less
+  // with random signs. Bound: 5e-5 of the largest value.
+  const auto att = host(d_att);
+  check_close(att, att_ref, 5e-5, "att");
+  check_close(host(d_out), out_ref, 5e-5, "out");
+  std::size_t future_nonzero = 0;  // the causal mask: exact zeros above the diagonal
+  for (std::size_t r = 0; r < natt / sh.T; ++r)
+    for (int s = static_cast<int>(r % sh.T) + 1; s < sh.T; ++s) future_nonzero += att[r * sh.T + s] != 0.0f;
+  CHECK(future_nonzero == 0);
+
+  // Backward from the reference's att, so the comparison sees only the backward's rounding.
+  auto d_ds = poisoned(natt), d_dq = poisoned(q.size()), d_dk = poisoned(k.size()), d_dv = poisoned(v.size());
+  gpu::attention_backward(d_q.data(), d_k.data(), d_v.data(), d_att_ref.data(), d_dout.data(), d_ds.data(),
+                          d_dq.data(), d_dk.data(), d_dv.data(), sh.B, sh.T, sh.H, sh.KVH, sh.hs, nullptr);
+  // dv_s and dk_s sum group·(T − s) ≤ 3·256 float terms, dq_t sums t + 1 terms, each term
+  // from an hs-term dot product. Worst case ≈ K·u·Σ|terms| with Σ|terms| up to ~6× the
+  // largest gradient (Σ_t p_ts ≈ ln T for the first key): ≈ 256·6e-8·6 ≈ 1e-4 of it;
+  // typical ≈ √K·u ≈ 1e-6. Bound: 1e-4.
+  const auto dq = host(d_dq), dk = host(d_dk), dv = host(d_dv);
+  check_close(dq, dq_ref, 1e-4, "dq");
+  check_close(dk, dk_ref, 1e-4, "dk");
+  check_close(dv, dv_ref, 1e-4, "dv");
+  // Deterministic: no atomics, so a second run gives the same bits.
+  d_dq.poison();
+  d_dk.poison();
+  d_dv.poison();
+  gpu::attention_backward(d_q.data(), d_k.data(), d_v.data(), d_att_ref.data(), d_dout.data(), d_ds.data(),
+                          d_dq.data(), d_dk.data(), d_dv.data(), sh.B, sh.T, sh.H, sh.KVH, sh.hs, nullptr);
+  check_equal(host(d_dq), dq, "dq, second run");
+  check_equal(host(d_dk), dk, "dk, second run");
+  check_equal(host(d_dv), dv, "dv, second run");
+}
+
+TEST_CASE("GPU attention rejects shapes it does not support", "[ch07][gpu]") {
+  DeviceBuffer<float> buf(16);
+  float* p = buf.data();
+  CHECK_THROWS_AS(gpu::attention_forward(p, p, p, p, p, 1, 1025, 1, 1, 4, nullptr), std::invalid_argument);
+  CHECK_THROWS_AS(gpu::attention_forward(p, p, p, p, p, 1, 4, 6, 4, 4, nullptr), std::invalid_argument);
+  CHECK_THROWS_AS(gpu::attention_backward(p, p, p, p, p, p, p, p, p, 1, 1025, 1, 1, 4, nullptr),
+                  std::invalid_argument);
+  CHECK_THROWS_AS(gpu::rope(p, 1, 1, 1, 3, p, p, false, nullptr), std::invalid_argument);
+}
+
+TEST_CASE("GPU SwiGLU forward and backward match the CPU reference", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  const std::int64_t n = GENERATE(std::int64_t{1}, std::int64_t{1001}, std::int64_t{8192} * 768 + 5);
+  CAPTURE(n);
+  const auto h1 = random_vec(static_cast<std::size_t>(n), rng, -6.0, 6.0);
+  const auto h3 = random_vec(static_cast<std::size_t>(n), rng, -2.0, 2.0);
+  const auto dg = random_vec(static_cast<std::size_t>(n), rng);
+  std::vector<float> g_ref(static_cast<std::size_t>(n)), dh1_ref(static_cast<std::size_t>(n)), dh3_ref(static_cast<std::size_t>(n));
+  swiglu_forward(h1.data(), h3.data(), g_ref.data(), n);
+  swiglu_backward(h1.data(), h3.data(), dg.data(), dh1_ref.data(), dh3_ref.data(), n);
+  auto d_h1 = dev(h1), d_h3 = dev(h3), d_dg = dev(dg);
+  auto d_g = poisoned(static_cast<std::size_t>(n)), d_dh1 = poisoned(static_cast<std::size_t>(n)), d_dh3 = poisoned(static_cast<std::size_t>(n));
+  gpu::swiglu_forward(d_h1.data(), d_h3.data(), d_g.data(), n, nullptr);
+  gpu::swiglu_backward(d_h1.data(), d_h3.data(), d_dg.data(), d_dh1.data(), d_dh3.data(), n, nullptr);
+  // Elementwise: expf (≤ 2 ulp on the GPU, ≤ 1 on the CPU) and ≤ 6 roundings per value, each
+  // ≤ u relative: ≈ 8·6e-8 ≈ 5e-7 of the value. Bound: 2e-6 of the largest value.
+  check_close(host(d_g), g_ref, 2e-6, "g");
+  check_close(host(d_dh1), dh1_ref, 2e-6, "dh1");
+  check_close(host(d_dh3), dh3_ref, 2e-6, "dh3");
+}
+
+TEST_CASE("GPU cross-entropy loss and backward match the CPU reference", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  struct Shape { int N, V; };
+  const auto sh = GENERATE(Shape{37, 32000}, Shape{70, 512}, Shape{3, 7});
+  CAPTURE(sh.N, sh.V);
+  const std::size_t n = static_cast<std::size_t>(sh.N) * sh.V;
+  const auto logits = random_vec(n, rng, -8.0, 8.0);
+  std::vector<int> targets(static_cast<std::size_t>(sh.N));
+  for (int& t : targets) t = static_cast<int>(rng() % sh.V);
+  targets[0] = -1;  // ignored rows, first and in the middle
+  targets[static_cast<std::size_t>(sh.N) / 2] = -1;
+  const float scale = 1.0f / static_cast<float>(sh.N - 2);
+  std::vector<float> loss_ref(static_cast<std::size_t>(sh.N)), grad_ref = logits;
+  for (int r = 0; r < sh.N; ++r) {
+    float* row = &grad_ref[static_cast<std::size_t>(r) * sh.V];
+    if (targets[r] < 0) {
+      loss_ref[r] = 0.0f;
+      std::fill_n(row, sh.V, 0.0f);
+    } else {
+      loss_ref[r] = static_cast<float>(cross_entropy_loss_row(&logits[static_cast<std::size_t>(r) * sh.V], sh.V, targets[r]));
+      cross_entropy_backward_row(row, sh.V, targets[r], scale);
+    }
+  }
+  auto d_logits = dev(logits);
+  auto d_targets = dev(targets);
+  auto d_loss = poisoned(static_cast<std::size_t>(sh.N));
+  gpu::cross_entropy_loss(d_logits.data(), d_targets.data(), d_loss.data(), sh.N, sh.V, nullptr);
+  // Σ exp over V ≤ 32000 positive terms: each of 256 threads adds ≤ 125 (≤ 125·u relative),
+  // then a tree of 8 levels: ≤ 1e-5 relative on the sum, so ≤ 1e-5 absolute on its log; the
+  // loss is ≥ ~1 (here ≈ ln V + 8). Bound: 1e-5 of the largest loss.
+  check_close(host(d_loss), loss_ref, 1e-5, "row loss");
+  gpu::cross_entropy_backward(d_logits.data(), d_targets.data(), sh.N, sh.V, scale, nullptr);
+  // softmax·scale with the same sum (≤ 1e-5 relative) and expf: bound 1e-5 of the largest
+  // gradient (the target's −scale·(1 − p)).
+  const auto grad = host(d_logits);
+  check_close(grad, grad_ref, 1e-5, "dlogits");
+  std::size_t ignored_nonzero = 0;
+  for (int r : {0, sh.N / 2})
+    for (int v = 0; v < sh.V; ++v) ignored_nonzero += grad[static_cast<std::size_t>(r) * sh.V + v] != 0.0f;
+  CHECK(ignored_nonzero == 0);
+}
+
+TEST_CASE("GPU add_inplace adds exactly", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  const std::int64_t n = 300007;
+  const auto y0 = random_vec(static_cast<std::size_t>(n), rng), x = random_vec(static_cast<std::size_t>(n), rng);
+  std::vector<float> ref(static_cast<std::size_t>(n));
+  for (std::size_t i = 0; i < ref.size(); ++i) ref[i] = y0[i] + x[i];
+  auto d_y = dev(y0), d_x = dev(x);
+  gpu::add_inplace(d_y.data(), d_x.data(), n, nullptr);
+  check_equal(host(d_y), ref, "y + x");  // one float addition each: the same on both sides
+}
+
+TEST_CASE("GPU to_bf16 rounds exactly like f32_to_bf16", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  std::vector<float> x = random_vec(100003, rng, -1e3, 1e3);
+  // Random bit patterns cover every exponent, subnormals, infinities and NaNs; then the edge cases.
+  for (std::size_t i = 0; i < 50000; ++i) {
+    const auto bits = static_cast<std::uint32_t>(rng());
+    std::memcpy(&x[i], &bits, sizeof bits);
+  }
+  const std::uint32_t edges[] = {0x3f808000u /* tie, even below */, 0x3f818000u /* tie, odd below */,
+                                 0x7f7fffffu /* rounds to inf */,   0x7f800000u, 0xff800000u,
+                                 0x7f800001u /* signalling NaN */,  0x00000001u, 0x80000000u};
+  for (std::size_t i = 0; i < std::size(edges); ++i) std::memcpy(&x[i], &edges[i], sizeof(float));
+  const std::vector<bf16> ref = qlora::to_bf16(x);
+  auto d_x = dev(x);
+  DeviceBuffer<bf16> d_y(x.size());
+  d_y.poison();
+  gpu::to_bf16(d_x.data(), d_y.data(), static_cast<std::int64_t>(x.size()), nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<bf16> got = d_y.download();
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) differ += got[i] != ref[i];
+  CHECK(differ == 0);
+}
