@@ -251,13 +251,19 @@ double GradClipper::clip(double max_norm, cudaStream_t stream) {
 
 namespace {
 
-void check_device_params(const std::vector<DeviceParam>& params) {
-  std::vector<OptimParam> host;  // same rules as the CPU optimizers (names, null pointers)
-  for (const auto& p : params) host.push_back({p.name, p.value, p.grad, p.size});
-  validate_params(host);
+// The parameter list in the CPU optimizers' terms: the same validation and the same state files.
+std::vector<OptimParam> as_optim_params(const std::vector<DeviceParam>& params) {
+  std::vector<OptimParam> out;
+  for (const auto& p : params) out.push_back({p.name, p.value, p.grad, p.size});
+  return out;
 }
 
-void copy_to_host(void* dst, const void* src, std::size_t bytes) {
+void check_device_params(const std::vector<DeviceParam>& params) { validate_params(as_optim_params(params)); }
+
+// State to or from the host. cudaMemcpyDefault works for device and managed state alike,
+// wherever the managed pages are; the synchronize first waits for update kernels still in
+// flight on any stream.
+void copy_state(void* dst, const void* src, std::size_t bytes) {
   CUDA_CHECK(cudaDeviceSynchronize());
   CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
 }
@@ -292,14 +298,32 @@ void CudaAdamW::step(float lr, cudaStream_t stream) {
 
 std::vector<float> CudaAdamW::exp_avg(std::size_t i) const {
   std::vector<float> out(params_.at(i).size);
-  copy_to_host(out.data(), m(i), out.size() * sizeof(float));
+  copy_state(out.data(), m(i), out.size() * sizeof(float));
   return out;
 }
 
 std::vector<float> CudaAdamW::exp_avg_sq(std::size_t i) const {
   std::vector<float> out(params_.at(i).size);
-  copy_to_host(out.data(), v(i), out.size() * sizeof(float));
+  copy_state(out.data(), v(i), out.size() * sizeof(float));
   return out;
+}
+
+void CudaAdamW::save_state(const std::filesystem::path& path) const {
+  std::vector<std::vector<float>> m, v;
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    m.push_back(exp_avg(i));
+    v.push_back(exp_avg_sq(i));
+  }
+  save_adamw_state(path, cfg_, as_optim_params(params_), t_, m, v);
+}
+
+void CudaAdamW::load_state(const std::filesystem::path& path) {
+  const AdamWStateData d = load_adamw_state(path, as_optim_params(params_));  // throws before any copy
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    copy_state(m(i), d.m[i].data(), d.m[i].size() * sizeof(float));
+    copy_state(v(i), d.v[i].data(), d.v[i].size() * sizeof(float));
+  }
+  t_ = d.step;
 }
 
 CudaAdamW8bit::CudaAdamW8bit(std::vector<DeviceParam> params, AdamWConfig cfg, StatePlacement placement)
@@ -362,17 +386,42 @@ AdamW8bit::State CudaAdamW8bit::state(std::size_t i) const {
     s.c2.resize(n);
     s.absmax1.resize(blocks);
     s.absmax2.resize(blocks);
-    copy_to_host(s.c1.data(), base + l.c1, n);
-    copy_to_host(s.c2.data(), base + l.c2, n);
-    copy_to_host(s.absmax1.data(), base + l.absmax1, blocks * sizeof(float));
-    copy_to_host(s.absmax2.data(), base + l.absmax2, blocks * sizeof(float));
+    copy_state(s.c1.data(), base + l.c1, n);
+    copy_state(s.c2.data(), base + l.c2, n);
+    copy_state(s.absmax1.data(), base + l.absmax1, blocks * sizeof(float));
+    copy_state(s.absmax2.data(), base + l.absmax2, blocks * sizeof(float));
   } else {
     s.m32.resize(n);
     s.v32.resize(n);
-    copy_to_host(s.m32.data(), base + l.m, n * sizeof(float));
-    copy_to_host(s.v32.data(), base + l.v, n * sizeof(float));
+    copy_state(s.m32.data(), base + l.m, n * sizeof(float));
+    copy_state(s.v32.data(), base + l.v, n * sizeof(float));
   }
   return s;
+}
+
+void CudaAdamW8bit::save_state(const std::filesystem::path& path) const {
+  std::vector<AdamW8bit::State> states;
+  for (std::size_t i = 0; i < params_.size(); ++i) states.push_back(state(i));
+  save_adamw8bit_state(path, cfg_, as_optim_params(params_), t_, states);
+}
+
+void CudaAdamW8bit::load_state(const std::filesystem::path& path) {
+  const AdamW8bitStateData d = load_adamw8bit_state(path, as_optim_params(params_));  // throws before any copy
+  auto* base = static_cast<std::uint8_t*>(states_.data());
+  for (std::size_t i = 0; i < params_.size(); ++i) {
+    const AdamW8bit::State& s = d.states[i];
+    const Layout& l = layout_[i];
+    if (params_[i].size >= kMin8bitSize) {
+      copy_state(base + l.c1, s.c1.data(), s.c1.size());
+      copy_state(base + l.c2, s.c2.data(), s.c2.size());
+      copy_state(base + l.absmax1, s.absmax1.data(), s.absmax1.size() * sizeof(float));
+      copy_state(base + l.absmax2, s.absmax2.data(), s.absmax2.size() * sizeof(float));
+    } else {
+      copy_state(base + l.m, s.m32.data(), s.m32.size() * sizeof(float));
+      copy_state(base + l.v, s.v32.data(), s.v32.size() * sizeof(float));
+    }
+  }
+  t_ = d.step;
 }
 
 }  // namespace qlora::cuda

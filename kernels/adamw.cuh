@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -78,7 +79,15 @@ class CudaAdamW {
   void page_out(cudaStream_t stream = nullptr) { states_.page_out(stream); }
   void page_in(cudaStream_t stream = nullptr) { states_.page_in(stream); }
   std::size_t state_bytes() const { return states_.bytes(); }
+  /// Where the states were last prefetched to (StateBuffer::last_prefetch_location).
+  PrefetchLocation state_location() const { return states_.last_prefetch_location(); }
   std::int64_t steps() const { return t_; }
+  /// Writes the states in AdamW::save_state's format (same tensor names), atomically, so the
+  /// checkpoint resumes on the CPU too (synchronizes).
+  void save_state(const std::filesystem::path& path) const;
+  /// Reads a state written by save_state or by the CPU AdamW. Throws std::runtime_error naming
+  /// the file and the tensor on any mismatch; a failed load leaves the optimizer unchanged.
+  void load_state(const std::filesystem::path& path);
   /// Copies of tensor i's states on the host (synchronizes).
   std::vector<float> exp_avg(std::size_t i) const;
   std::vector<float> exp_avg_sq(std::size_t i) const;
@@ -105,7 +114,11 @@ class CudaAdamW8bit {
   void page_out(cudaStream_t stream = nullptr) { states_.page_out(stream); }
   void page_in(cudaStream_t stream = nullptr) { states_.page_in(stream); }
   std::size_t state_bytes() const { return states_.bytes(); }
+  PrefetchLocation state_location() const { return states_.last_prefetch_location(); }
   std::int64_t steps() const { return t_; }
+  /// Same file format and tensor names as AdamW8bit::save_state / load_state (see CudaAdamW).
+  void save_state(const std::filesystem::path& path) const;
+  void load_state(const std::filesystem::path& path);
   /// Tensor i's raw state copied to the host (synchronizes), in the CPU reference's layout.
   AdamW8bit::State state(std::size_t i) const;
 

@@ -2,6 +2,7 @@
 // See paged.cuh.
 #include "paged.cuh"
 
+#include <fstream>
 #include <stdexcept>
 #include <utility>
 
@@ -29,6 +30,23 @@ void check_managed_request(std::size_t bytes, std::size_t margin, const std::str
     throw std::runtime_error(what + ": refusing to allocate " + mib(bytes) + " of managed memory: the GPU has " +
                              mib(m.free) + " free of " + mib(m.total) + " and " + mib(margin) +
                              " must stay free (paged states never oversubscribe the device)");
+}
+
+std::string uvm_module_parameter(const std::string& name) {
+  std::ifstream in("/sys/module/nvidia_uvm/parameters/" + name);
+  std::string value;
+  if (!(in >> value)) return {};
+  return value;
+}
+
+const char* to_string(cudaMemLocationType t) {
+  switch (t) {
+    case cudaMemLocationTypeDevice: return "device";
+    case cudaMemLocationTypeHost: return "host";
+    case cudaMemLocationTypeHostNuma: return "host NUMA node";
+    case cudaMemLocationTypeHostNumaCurrent: return "host NUMA node (current)";
+    default: return "mixed or none";
+  }
 }
 
 const char* to_string(StatePlacement p) { return p == StatePlacement::Paged ? "paged" : "device"; }
@@ -68,6 +86,31 @@ void StateBuffer::page_out(cudaStream_t stream) {
   on_device_ = false;
 }
 //! [state_buffer]
+
+namespace {
+
+// One cudaMemRangeGetAttribute pair (type, id) over the whole buffer.
+PrefetchLocation range_location(const void* ptr, std::size_t bytes, cudaMemRangeAttribute type_attr,
+                                cudaMemRangeAttribute id_attr) {
+  PrefetchLocation loc;
+  CUDA_CHECK(cudaMemRangeGetAttribute(&loc.type, sizeof loc.type, type_attr, ptr, bytes));
+  CUDA_CHECK(cudaMemRangeGetAttribute(&loc.id, sizeof loc.id, id_attr, ptr, bytes));
+  return loc;
+}
+
+}  // namespace
+
+PrefetchLocation StateBuffer::last_prefetch_location() const {
+  if (placement_ != StatePlacement::Paged || ptr_ == nullptr) return {cudaMemLocationTypeDevice, device_};
+  return range_location(ptr_, bytes_, cudaMemRangeAttributeLastPrefetchLocationType,
+                        cudaMemRangeAttributeLastPrefetchLocationId);
+}
+
+PrefetchLocation StateBuffer::preferred_location() const {
+  if (placement_ != StatePlacement::Paged || ptr_ == nullptr) return {cudaMemLocationTypeDevice, device_};
+  return range_location(ptr_, bytes_, cudaMemRangeAttributePreferredLocationType,
+                        cudaMemRangeAttributePreferredLocationId);
+}
 
 void StateBuffer::release() noexcept {
   if (ptr_ != nullptr) cudaFree(ptr_);  // no throw from a destructor; a failed free leaks

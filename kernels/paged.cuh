@@ -7,8 +7,15 @@
 // in one place at a time and migrate on demand (a page fault) or when asked to
 // (cudaMemPrefetchAsync). We never rely on faults: page_in() prefetches the whole
 // state to the GPU before the update kernels, page_out() prefetches it to host RAM
-// when the caller needs room on the GPU (before a long-sequence forward pass), so
-// the GPU's peak memory drops by the size of the state.
+// when the caller needs room on the GPU (before a long-sequence forward pass).
+//
+// What page_out() does and does not do to "free memory" (chapter 6 has the sources): the
+// data moves to host RAM, but the driver (nvidia-uvm) keeps the GPU pages that held it
+// allocated, marked unused; cudaMemGetInfo therefore still counts them as used. They are
+// the first memory the driver evicts when cudaMalloc (or anything else) needs room, and
+// evicting them costs no copy since their data already lives on the host. So the room is
+// real but shows only when someone asks for it; residency is checked with
+// last_prefetch_location(), not with cudaMemGetInfo.
 //
 // Rule of this project: never ask for more managed memory than the card has free.
 // The constructor checks cudaMemGetInfo first and refuses (std::runtime_error, no
@@ -36,6 +43,20 @@ DeviceMemory device_memory();
 /// Throws std::runtime_error, naming `what` and the sizes in MiB, when bytes + margin
 /// exceeds the device's free memory. Allocates nothing.
 void check_managed_request(std::size_t bytes, std::size_t margin, const std::string& what);
+
+/// The nvidia-uvm kernel module parameter `name` (/sys/module/nvidia_uvm/parameters/NAME),
+/// e.g. uvm_global_oversubscription, which must be 1 for cudaMalloc to be able to evict
+/// managed pages; empty when it cannot be read (another OS, another driver).
+std::string uvm_module_parameter(const std::string& name);
+
+/// A cudaMemLocation as the driver reports it for a range.
+struct PrefetchLocation {
+  cudaMemLocationType type = cudaMemLocationTypeInvalid;
+  int id = 0;
+  bool is_device() const { return type == cudaMemLocationTypeDevice; }
+  bool is_host() const { return type == cudaMemLocationTypeHost; }
+};
+const char* to_string(cudaMemLocationType t);
 
 /// Where an optimizer keeps its states.
 enum class StatePlacement {
@@ -70,6 +91,12 @@ class StateBuffer {
   void page_out(cudaStream_t stream);
   /// Where page_in/page_out last sent the buffer (true for Device placement).
   bool on_device() const { return on_device_; }
+  /// Paged: where the driver records the whole buffer was last prefetched to
+  /// (cudaMemRangeAttributeLastPrefetchLocationType/Id): what was asked for, not proof that
+  /// the migration finished, so synchronize first. Device placement: this device.
+  PrefetchLocation last_prefetch_location() const;
+  /// Paged: the preferred location advised at allocation (the GPU). Device placement: this device.
+  PrefetchLocation preferred_location() const;
 
  private:
   void release() noexcept;

@@ -96,17 +96,23 @@ std::string float_text(float x) {
   return buf;
 }
 
-void AdamW::save_state(const std::filesystem::path& path) const {
+void save_adamw_state(const std::filesystem::path& path, const AdamWConfig& cfg,
+                      const std::vector<OptimParam>& params, std::int64_t step,
+                      const std::vector<std::vector<float>>& m, const std::vector<std::vector<float>>& v) {
   SafeTensors st;
-  st.metadata = {{"optimizer", "adamw"},         {"step", std::to_string(t_)},
-                 {"beta1", float_text(cfg_.beta1)}, {"beta2", float_text(cfg_.beta2)},
-                 {"eps", float_text(cfg_.eps)},     {"weight_decay", float_text(cfg_.weight_decay)}};
-  for (std::size_t i = 0; i < params_.size(); ++i) {
-    const auto n = static_cast<std::int64_t>(params_[i].size);
-    st.tensors[params_[i].name + ".exp_avg"] = Tensor::from_f32(m_[i], {n});
-    st.tensors[params_[i].name + ".exp_avg_sq"] = Tensor::from_f32(v_[i], {n});
+  st.metadata = {{"optimizer", "adamw"},        {"step", std::to_string(step)},
+                 {"beta1", float_text(cfg.beta1)}, {"beta2", float_text(cfg.beta2)},
+                 {"eps", float_text(cfg.eps)},     {"weight_decay", float_text(cfg.weight_decay)}};
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const auto n = static_cast<std::int64_t>(params[i].size);
+    st.tensors[params[i].name + ".exp_avg"] = Tensor::from_f32(m.at(i), {n});
+    st.tensors[params[i].name + ".exp_avg_sq"] = Tensor::from_f32(v.at(i), {n});
   }
   write_safetensors(path, st);
+}
+
+void AdamW::save_state(const std::filesystem::path& path) const {
+  save_adamw_state(path, cfg_, params_, t_, m_, v_);
 }
 
 std::int64_t read_state_step(const SafeTensors& st, const std::filesystem::path& path,
@@ -145,22 +151,27 @@ std::vector<float> read_state_f32(const SafeTensors& st, const std::filesystem::
   return t.to_f32();
 }
 
-void AdamW::load_state(const std::filesystem::path& path) {
+AdamWStateData load_adamw_state(const std::filesystem::path& path, const std::vector<OptimParam>& params) {
   const SafeTensors st = read_safetensors(path);
-  const std::int64_t step = read_state_step(st, path, "adamw");
-  if (st.tensors.size() != 2 * params_.size())
+  AdamWStateData d;
+  d.step = read_state_step(st, path, "adamw");
+  if (st.tensors.size() != 2 * params.size())
     throw std::runtime_error("optimizer state " + path.string() + ": holds " + std::to_string(st.tensors.size()) +
-                             " tensors, expected " + std::to_string(2 * params_.size()) +
+                             " tensors, expected " + std::to_string(2 * params.size()) +
                              " (exp_avg and exp_avg_sq of each parameter)");
-  // Read everything before touching the live state, so a bad file leaves the optimizer as it was.
-  std::vector<std::vector<float>> m, v;
-  for (const auto& p : params_) {
-    m.push_back(read_state_f32(st, path, p.name + ".exp_avg", p.size));
-    v.push_back(read_state_f32(st, path, p.name + ".exp_avg_sq", p.size));
+  for (const auto& p : params) {
+    d.m.push_back(read_state_f32(st, path, p.name + ".exp_avg", p.size));
+    d.v.push_back(read_state_f32(st, path, p.name + ".exp_avg_sq", p.size));
   }
-  m_ = std::move(m);
-  v_ = std::move(v);
-  t_ = step;
+  return d;
+}
+
+void AdamW::load_state(const std::filesystem::path& path) {
+  // Everything is read before the live state changes, so a bad file leaves the optimizer as it was.
+  AdamWStateData d = load_adamw_state(path, params_);
+  m_ = std::move(d.m);
+  v_ = std::move(d.v);
+  t_ = d.step;
 }
 
 }  // namespace qlora

@@ -94,6 +94,23 @@ class AdamW {
   std::vector<std::vector<float>> m_, v_;
 };
 
+// The state file format, shared by AdamW and cuda::CudaAdamW (kernels/adamw.cuh), so a
+// checkpoint written on the GPU resumes on the CPU and vice versa. Only the name and size
+// of each OptimParam are used.
+
+/// AdamW state as read from a file: the step count and m, v of every parameter, in order.
+struct AdamWStateData {
+  std::int64_t step = 0;
+  std::vector<std::vector<float>> m, v;
+};
+/// Writes step, hyperparameters and "NAME.exp_avg" / "NAME.exp_avg_sq" (F32) atomically.
+void save_adamw_state(const std::filesystem::path& path, const AdamWConfig& cfg,
+                      const std::vector<OptimParam>& params, std::int64_t step,
+                      const std::vector<std::vector<float>>& m, const std::vector<std::vector<float>>& v);
+/// Reads a file written by save_adamw_state for exactly these parameters (names and sizes);
+/// throws std::runtime_error naming the file and the tensor otherwise.
+AdamWStateData load_adamw_state(const std::filesystem::path& path, const std::vector<OptimParam>& params);
+
 // Helpers shared by the optimizers (adamw8bit.cpp uses them too).
 struct SafeTensors;
 /// Checks a parameter list (non-null pointers, unique non-empty names).

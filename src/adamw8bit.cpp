@@ -142,20 +142,22 @@ std::size_t AdamW8bit::state_bytes() const {
   return total;
 }
 
-void AdamW8bit::save_state(const std::filesystem::path& path) const {
+void save_adamw8bit_state(const std::filesystem::path& path, const AdamWConfig& cfg,
+                          const std::vector<OptimParam>& params, std::int64_t step,
+                          const std::vector<AdamW8bit::State>& states) {
   SafeTensors st;
   st.metadata = {{"optimizer", "adamw8bit"},
-                 {"step", std::to_string(t_)},
+                 {"step", std::to_string(step)},
                  {"block_size", std::to_string(kOptimBlock)},
-                 {"beta1", float_text(cfg_.beta1)},
-                 {"beta2", float_text(cfg_.beta2)},
-                 {"eps", float_text(cfg_.eps)},
-                 {"weight_decay", float_text(cfg_.weight_decay)}};
-  for (std::size_t i = 0; i < params_.size(); ++i) {
-    const std::string& name = params_[i].name;
-    const State& s = state_[i];
-    const auto n = static_cast<std::int64_t>(params_[i].size);
-    if (is_8bit(i)) {
+                 {"beta1", float_text(cfg.beta1)},
+                 {"beta2", float_text(cfg.beta2)},
+                 {"eps", float_text(cfg.eps)},
+                 {"weight_decay", float_text(cfg.weight_decay)}};
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    const std::string& name = params[i].name;
+    const AdamW8bit::State& s = states.at(i);
+    const auto n = static_cast<std::int64_t>(params[i].size);
+    if (params[i].size >= kMin8bitSize) {
       const auto blocks = static_cast<std::int64_t>(s.absmax1.size());
       st.tensors[name + ".state1"] = Tensor::from_u8(s.c1, {n});
       st.tensors[name + ".state2"] = Tensor::from_u8(s.c2, {n});
@@ -167,6 +169,10 @@ void AdamW8bit::save_state(const std::filesystem::path& path) const {
     }
   }
   write_safetensors(path, st);
+}
+
+void AdamW8bit::save_state(const std::filesystem::path& path) const {
+  save_adamw8bit_state(path, cfg_, params_, t_, state_);
 }
 
 namespace {
@@ -192,40 +198,44 @@ void check_absmax(const std::vector<float>& absmax, const std::filesystem::path&
 
 }  // namespace
 
-void AdamW8bit::load_state(const std::filesystem::path& path) {
+AdamW8bitStateData load_adamw8bit_state(const std::filesystem::path& path, const std::vector<OptimParam>& params) {
   const SafeTensors st = read_safetensors(path);
-  const std::int64_t step = read_state_step(st, path, "adamw8bit");
+  AdamW8bitStateData d;
+  d.step = read_state_step(st, path, "adamw8bit");
   auto it = st.metadata.find("block_size");
   if (it == st.metadata.end() || it->second != std::to_string(kOptimBlock))
     throw std::runtime_error("optimizer state " + path.string() + ": block_size must be " +
                              std::to_string(kOptimBlock));
   std::size_t expected = 0;
-  std::vector<State> loaded;
-  for (std::size_t i = 0; i < params_.size(); ++i) {
-    const std::string& name = params_[i].name;
-    const std::size_t n = params_[i].size;
-    State s;
-    if (is_8bit(i)) {
+  for (const auto& p : params) {
+    const std::size_t n = p.size;
+    AdamW8bit::State s;
+    if (n >= kMin8bitSize) {
       const std::size_t blocks = (n + kOptimBlock - 1) / kOptimBlock;
-      s.c1 = read_codes(st, path, name + ".state1", n);
-      s.c2 = read_codes(st, path, name + ".state2", n);
-      s.absmax1 = read_state_f32(st, path, name + ".absmax1", blocks);
-      s.absmax2 = read_state_f32(st, path, name + ".absmax2", blocks);
-      check_absmax(s.absmax1, path, name + ".absmax1");
-      check_absmax(s.absmax2, path, name + ".absmax2");
+      s.c1 = read_codes(st, path, p.name + ".state1", n);
+      s.c2 = read_codes(st, path, p.name + ".state2", n);
+      s.absmax1 = read_state_f32(st, path, p.name + ".absmax1", blocks);
+      s.absmax2 = read_state_f32(st, path, p.name + ".absmax2", blocks);
+      check_absmax(s.absmax1, path, p.name + ".absmax1");
+      check_absmax(s.absmax2, path, p.name + ".absmax2");
       expected += 4;
     } else {
-      s.m32 = read_state_f32(st, path, name + ".exp_avg", n);
-      s.v32 = read_state_f32(st, path, name + ".exp_avg_sq", n);
+      s.m32 = read_state_f32(st, path, p.name + ".exp_avg", n);
+      s.v32 = read_state_f32(st, path, p.name + ".exp_avg_sq", n);
       expected += 2;
     }
-    loaded.push_back(std::move(s));
+    d.states.push_back(std::move(s));
   }
   if (st.tensors.size() != expected)
     throw std::runtime_error("optimizer state " + path.string() + ": holds " + std::to_string(st.tensors.size()) +
                              " tensors, expected " + std::to_string(expected));
-  state_ = std::move(loaded);
-  t_ = step;
+  return d;
+}
+
+void AdamW8bit::load_state(const std::filesystem::path& path) {
+  AdamW8bitStateData d = load_adamw8bit_state(path, params_);  // a bad file throws before anything changes
+  state_ = std::move(d.states);
+  t_ = d.step;
 }
 
 }  // namespace qlora

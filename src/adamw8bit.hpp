@@ -104,4 +104,20 @@ class AdamW8bit {
   std::vector<State> state_;
 };
 
+// The 8-bit state file format, shared by AdamW8bit and cuda::CudaAdamW8bit (kernels/adamw.cuh)
+// so a checkpoint from either resumes on the other. Only name and size of each OptimParam are used;
+// tensors of at least kMin8bitSize elements have 8-bit states, the others FP32.
+
+/// Writes step, block size, hyperparameters and every tensor's state atomically (see save_state).
+void save_adamw8bit_state(const std::filesystem::path& path, const AdamWConfig& cfg,
+                          const std::vector<OptimParam>& params, std::int64_t step,
+                          const std::vector<AdamW8bit::State>& states);
+/// A file written by save_adamw8bit_state for exactly these parameters: the step count and states.
+struct AdamW8bitStateData {
+  std::int64_t step = 0;
+  std::vector<AdamW8bit::State> states;
+};
+/// Throws std::runtime_error naming the file and the tensor on any mismatch.
+AdamW8bitStateData load_adamw8bit_state(const std::filesystem::path& path, const std::vector<OptimParam>& params);
+
 }  // namespace qlora

@@ -3,10 +3,17 @@
 // cudaMallocs its activation buffer, writes it and frees it) runs with three optimizers
 // over the same parameters: AdamW with states in cudaMalloc memory, paged AdamW 32-bit
 // and paged AdamW 8-bit, the paged ones moving their states to host memory before each
-// long step. Reported per optimizer: peak device memory above the run's baseline, both
-// as cudaMemGetInfo sees it and by our own accounting, and the time of the optimizer
-// step and of the page-out. The numbers go to docs/benchmarks.md and the notebook
-// notebooks/06-paged-optimizers.ipynb plots the JSON.
+// long step. Reported per optimizer, each iteration measured at its activation peak:
+//  - "used": cudaMemGetInfo's total − free above the run's baseline. It counts every page
+//    the driver holds, including the GPU pages nvidia-uvm keeps for managed memory that
+//    page_out() moved to the host (they stay allocated, marked unused, and are evicted
+//    first when cudaMalloc needs room; chapter 6), so it does NOT show what paging saves;
+//  - "resident" (JSON key accounted_mib): what actually occupies the GPU: parameters,
+//    gradients and activations (cudaMalloc) plus the states when the driver records their
+//    last prefetch as the GPU (cudaMemRangeAttributeLastPrefetchLocationType, read after a
+//    synchronize, so the prefetch has completed);
+// and the time of the optimizer step and of the page-out. The numbers go to
+// docs/benchmarks.md and the notebook notebooks/06-paged-optimizers.ipynb plots the JSON.
 #include "command.hpp"
 
 #include "atomic_file.hpp"
@@ -97,6 +104,7 @@ struct AnyOptimizer {
   void step(float lr) { a32 ? a32->step(lr) : a8->step(lr); }
   void page_out() { a32 ? a32->page_out() : a8->page_out(); }
   std::size_t state_bytes() const { return a32 ? a32->state_bytes() : a8->state_bytes(); }
+  qlora::cuda::PrefetchLocation state_location() const { return a32 ? a32->state_location() : a8->state_location(); }
 };
 
 struct Variant {
@@ -137,7 +145,7 @@ nlohmann::json run_variant(const Variant& v, const BenchOptimArgs& a) {
   nlohmann::json samples = nlohmann::json::array();
   std::size_t peak_used = 0, peak_accounted = 0;
   double step_ms_sum = 0, step_after_out_sum = 0, out_ms_sum = 0, iter_ms_sum = 0;
-  int after_out = 0, outs = 0;
+  int after_out = 0, outs = 0, location_surprises = 0;
   for (int it = 0; it < a.iters; ++it) {
     const bool is_long = it % 2 == 1;
     const auto t0 = std::chrono::steady_clock::now();
@@ -158,7 +166,9 @@ nlohmann::json run_variant(const Variant& v, const BenchOptimArgs& a) {
     CUDA_CHECK(cudaMemset(activations, it & 0xff, act));
     CUDA_CHECK(cudaDeviceSynchronize());
     const std::size_t used = used_bytes() - baseline;  // the peak moment of the iteration
-    const std::size_t accounted = model.bytes() + (states_out ? 0 : opt.state_bytes()) + act;
+    const qlora::cuda::PrefetchLocation where = opt.state_location();  // the page-out has completed
+    if (states_out == where.is_device()) ++location_surprises;  // reported, not hidden
+    const std::size_t accounted = model.bytes() + (where.is_device() ? opt.state_bytes() : 0) + act;
     CUDA_CHECK(cudaFree(activations));
     // Optimizer step (a paged optimizer prefetches its states back first).
     CUDA_CHECK(cudaEventRecord(e0));
@@ -178,6 +188,7 @@ nlohmann::json run_variant(const Variant& v, const BenchOptimArgs& a) {
                        {"activation_mib", double(act) / kMiB},
                        {"used_mib", double(used) / kMiB},
                        {"accounted_mib", double(accounted) / kMiB},
+                       {"states_last_prefetch", qlora::cuda::to_string(where.type)},
                        {"used_after_step_mib", double(used_after) / kMiB},
                        {"step_ms", step_ms},
                        {"iter_ms", iter_ms}});
@@ -195,6 +206,7 @@ nlohmann::json run_variant(const Variant& v, const BenchOptimArgs& a) {
           {"mean_step_ms_after_page_out", after_out ? step_after_out_sum / after_out : 0.0},
           {"mean_page_out_ms", outs ? out_ms_sum / outs : 0.0},
           {"mean_iter_ms", iter_ms_sum / a.iters},
+          {"location_surprises", location_surprises},  // iterations whose recorded location was not the requested one
           {"samples", samples}};
 }
 //! [bench_iteration]
@@ -216,6 +228,8 @@ void run_bench_optim(const BenchOptimArgs& a) {
                               {"paged AdamW 32-bit", false, StatePlacement::Paged},
                               {"paged AdamW 8-bit", true, StatePlacement::Paged}};
   nlohmann::json results = nlohmann::json::array();
+  // 1 lets cudaMalloc evict managed pages (nvidia-uvm's PMA eviction): the condition for paging to help.
+  const std::string oversub = qlora::cuda::uvm_module_parameter("uvm_global_oversubscription");
   std::printf("qlora bench optim on %s: %d M parameters (FP32, 8 tensors), activations %d MiB (short) / %d MiB "
               "(long), %d iterations\n",
               prop.name, a.params_m, a.short_mib, a.long_mib, a.iters);
@@ -225,13 +239,21 @@ void run_bench_optim(const BenchOptimArgs& a) {
     results.push_back(run_variant(v, a));
   }
   std::printf("\n%-34s %10s %14s %14s %12s %14s %12s\n", "optimizer", "state MiB", "peak used MiB",
-              "peak acct MiB", "step ms", "page-out ms", "iter ms");
-  for (const auto& r : results)
+              "resident MiB", "step ms", "page-out ms", "iter ms");
+  for (const auto& r : results) {
+    if (r["location_surprises"].get<int>() > 0)
+      std::printf("WARNING: %s: %d iterations found the states' recorded prefetch location differing from the "
+                  "one requested\n",
+                  r["name"].get<std::string>().c_str(), r["location_surprises"].get<int>());
     std::printf("%-34s %10.0f %14.0f %14.0f %12.3f %14.3f %12.3f\n", r["name"].get<std::string>().c_str(),
                 r["state_mib"].get<double>(), r["peak_used_mib"].get<double>(), r["peak_accounted_mib"].get<double>(),
                 r["mean_step_ms"].get<double>(), r["mean_page_out_ms"].get<double>(), r["mean_iter_ms"].get<double>());
-  std::printf("(peak used: cudaMemGetInfo above the baseline before the run; acct: params + grads + states on the "
-              "GPU + activations)\n");
+  }
+  std::printf("(peak used: cudaMemGetInfo total - free above the baseline, which still counts the GPU pages the "
+              "driver keeps\n for paged-out managed memory; resident: params + grads + activations (cudaMalloc) + "
+              "states whose last\n prefetch went to the GPU, i.e. what occupies the GPU; nvidia_uvm "
+              "uvm_global_oversubscription=%s)\n",
+              oversub.empty() ? "unreadable" : oversub.c_str());
 
   if (!a.json.empty()) {
     char date[32];
@@ -244,6 +266,13 @@ void run_bench_optim(const BenchOptimArgs& a) {
                                 {"short_activation_mib", a.short_mib},
                                 {"long_activation_mib", a.long_mib},
                                 {"iters", a.iters},
+                                {"uvm_global_oversubscription", oversub},
+                                {"memory_measures",
+                                 {{"used_mib", "cudaMemGetInfo total - free above the baseline before the run, at the "
+                                               "activation peak; includes GPU pages nvidia-uvm keeps for paged-out "
+                                               "managed memory"},
+                                  {"accounted_mib", "resident: params + grads + activations (cudaMalloc) + optimizer "
+                                                    "states whose last prefetch went to the GPU"}}},
                                 {"variants", results}};
     qlora::write_text_atomic(a.json, doc.dump(2) + "\n");
     std::printf("wrote %s\n", a.json.c_str());
