@@ -50,5 +50,5 @@ for phase in "${phases[@]}"; do
       timeout 120 bash scripts/gpu_peft_check.sh build/cuda "$res/recipe/nf4-dq/adapter" > "$res/peft_check.log" 2>&1
       echo "peft check: $?"; tail -15 "$res/peft_check.log" ;;
   esac
+  tar czf "$OUT/results.tgz" -C /tmp results  # after every phase: a run cut short still returns what it did
 done
-tar czf "$OUT/results.tgz" -C /tmp results
