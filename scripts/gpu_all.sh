@@ -9,6 +9,7 @@
 #   optim     chapter 6: scripts/gpu_optim.sh (tests + benchmark)
 #   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage)
 #   peft      chapter 7: our adapter in PEFT gives our logits (tools/peft_check.py)
+#   hfspeed   chapter 7: transformers + PEFT training the same recipe, the speed reference
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,6 +50,9 @@ for phase in "${phases[@]}"; do
     peft)
       timeout 120 bash scripts/gpu_peft_check.sh build/cuda "$res/recipe/nf4-dq/adapter" > "$res/peft_check.log" 2>&1
       echo "peft check: $?"; tail -15 "$res/peft_check.log" ;;
+    hfspeed)
+      timeout 180 python3 tools/hf_recipe_bench.py --base .carry/shared/models/kjv15M-hf --json "$res/hf_recipe_bench.json" \
+        > "$res/hf_recipe_bench.log" 2>&1; echo "hf speed: $?"; tail -14 "$res/hf_recipe_bench.log" ;;
   esac
   tar czf "$OUT/results.tgz" -C /tmp results  # after every phase: a run cut short still returns what it did
 done

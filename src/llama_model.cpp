@@ -387,12 +387,32 @@ void LlamaModel::zero_grad() {
 
 // --- linear layers -------------------------------------------------------------
 
+namespace {
+std::vector<float> rounded_bf16(const float* x, std::size_t n) {
+  std::vector<float> r(n);
+  for (std::size_t i = 0; i < n; ++i) r[i] = round_to_bf16(x[i]);
+  return r;
+}
+}  // namespace
+
+void LlamaModel::frozen_xwt(const float* x, const float* w, float* y, int N, int in, int out) const {
+  const auto mm = reference_ ? matmul_xwt_ref : matmul_xwt;
+  if (!bf16_compute_) return mm(x, w, y, N, in, out, false);
+  mm(rounded_bf16(x, usz(N) * in).data(), rounded_bf16(w, usz(out) * in).data(), y, N, in, out, false);
+}
+
+void LlamaModel::frozen_dyw(const float* dy, const float* w, float* dx, int N, int in, int out, bool accumulate) const {
+  const auto mm = reference_ ? matmul_dyw_ref : matmul_dyw;
+  if (!bf16_compute_) return mm(dy, w, dx, N, in, out, accumulate);
+  mm(rounded_bf16(dy, usz(N) * out).data(), rounded_bf16(w, usz(out) * in).data(), dx, N, in, out, accumulate);
+}
+
 //! [linear]
 // y = x·Wᵀ (+ the LoRA term). W is the float32 cache of the frozen weight.
 void LlamaModel::linear(int l, Proj p, const float* x, float* y, int N, bool training, std::mt19937_64& rng,
                         LoraCache& lc) const {
   const FrozenLinear& f = frozen(l, p);
-  (reference_ ? matmul_xwt_ref : matmul_xwt)(x, f.w.data(), y, N, f.in, f.out, false);
+  frozen_xwt(x, f.w.data(), y, N, f.in, f.out);
   if (const LoraAdapter* a = adapter(l, p))
     (reference_ ? lora_forward_ref : lora_forward)(*a, lora_->config, x, y, N, training, rng, lc);
 }
@@ -401,7 +421,7 @@ void LlamaModel::linear(int l, Proj p, const float* x, float* y, int N, bool tra
 void LlamaModel::linear_backward(int l, Proj p, const float* x, const float* dy, float* dx, int N, bool accumulate,
                                  const LoraCache& lc) {
   const FrozenLinear& f = frozen(l, p);
-  (reference_ ? matmul_dyw_ref : matmul_dyw)(dy, f.w.data(), dx, N, f.in, f.out, accumulate);
+  frozen_dyw(dy, f.w.data(), dx, N, f.in, f.out, accumulate);
   if (LoraAdapter* a = adapter(l, p))
     (reference_ ? lora_backward_ref : lora_backward)(*a, lora_->config, x, dy, dx, N, lc);
 }
@@ -538,7 +558,7 @@ float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, b
   xn_final_.resize(usz(N) * D);
   rmsnorm_forward(x_final_.data(), rms_final_.data(), xn_final_.data(), inv_rms_final_.data(), N, D, cfg_.norm_eps);
   logits_.resize(usz(N) * V);
-  (reference_ ? matmul_xwt_ref : matmul_xwt)(xn_final_.data(), classifier().data(), logits_.data(), N, D, V, false);
+  frozen_xwt(xn_final_.data(), classifier().data(), logits_.data(), N, D, V);
   peak_act_bytes_ = cached_bytes();
 
   // Mean cross-entropy over the targets that are not ignored.
@@ -570,7 +590,7 @@ void LlamaModel::backward() {
       cross_entropy_backward_row(lr, V, targets_[n], 1.0f / static_cast<float>(count));
   }
   Vec dxn(usz(N) * D), dx(usz(N) * D, 0.0f);
-  (reference_ ? matmul_dyw_ref : matmul_dyw)(logits_.data(), classifier().data(), dxn.data(), N, D, V, false);
+  frozen_dyw(logits_.data(), classifier().data(), dxn.data(), N, D, V, false);
   rmsnorm_backward(x_final_.data(), rms_final_.data(), inv_rms_final_.data(), dxn.data(), dx.data(), N, D);
 
   for (int l = cfg_.n_layers - 1; l >= 0; --l) {
@@ -652,7 +672,7 @@ const std::vector<float>& LlamaModel::decode_step(int token, int pos) {
   }
   rmsnorm_forward(x.data(), rms_final_.data(), xn.data(), &inv, 1, D, cfg_.norm_eps);
   dec_logits_.resize(usz(V));
-  (reference_ ? matmul_xwt_ref : matmul_xwt)(xn.data(), classifier().data(), dec_logits_.data(), 1, D, V, false);
+  frozen_xwt(xn.data(), classifier().data(), dec_logits_.data(), 1, D, V);
   return dec_logits_;
 }
 //! [decode-step]

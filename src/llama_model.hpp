@@ -168,6 +168,10 @@ class LlamaModel {
   void set_reference(bool on) { reference_ = on; }
   /// Per-layer gradient checkpointing: forward keeps only each layer's input, backward recomputes the layer.
   void set_checkpointing(bool on) { checkpointing_ = on; }
+  /// Rounds both operands of every frozen matmul (activations or output gradients, and
+  /// the weights) to BF16 before multiplying them in float32: what the GPU model computes
+  /// (BF16 tensor cores, float32 accumulation), so its tests can compare like with like.
+  void set_bf16_compute(bool on) { bf16_compute_ = on; }
   bool checkpointing() const { return checkpointing_; }
 
   // --- training -----------------------------------------------------------
@@ -213,6 +217,7 @@ class LlamaModel {
   std::vector<std::array<std::unique_ptr<LoraAdapter>, kNumProj>> adapters_;
   bool reference_ = false;
   bool checkpointing_ = false;
+  bool bf16_compute_ = false;
 
   std::vector<float> rope_cos_, rope_sin_;  ///< seq_len × head_size/2 angle tables
 
@@ -232,6 +237,10 @@ class LlamaModel {
   std::vector<std::vector<float>> kcache_, vcache_;
   std::vector<float> dec_logits_;
 
+  /// y (=|+=) x·Wᵀ and dx (=|+=) dy·W for a frozen W: the reference loops or BLAS, on
+  /// BF16-rounded operands when bf16_compute_.
+  void frozen_xwt(const float* x, const float* w, float* y, int N, int in, int out) const;
+  void frozen_dyw(const float* dy, const float* w, float* dx, int N, int in, int out, bool accumulate) const;
   void linear(int layer, Proj p, const float* x, float* y, int N, bool training, std::mt19937_64& rng,
               LoraCache& lc) const;
   void linear_backward(int layer, Proj p, const float* x, const float* dy, float* dx, int N, bool accumulate,

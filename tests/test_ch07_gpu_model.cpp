@@ -3,16 +3,19 @@
 // against CpuTrainer over the first optimizer steps of a fine-tune, including a
 // resume across devices.
 //
-// Tolerances. The GPU computes every frozen matmul in BF16 (inputs rounded to 8
-// significant bits, relative error ≤ 2⁻⁹ ≈ 2e-3 each) with float32 accumulation,
-// as QLoRA does; the CPU model multiplies the same stored weights in float32. Each
-// matmul output therefore carries a relative error of about 2e-3/√(fan-in) per term
-// summed incoherently — ~1e-3 relative per layer — and the errors of 5–6 layers add
-// up to a few 1e-3. We allow 2e-2 relative (max-abs over the tensor) for logits and
-// 1e-2 absolute for the loss (≈ 7 nats): ten times the estimate, a hundred times
-// smaller than what a wrong kernel gives (errors of order 1). Gradients pass through
-// every layer twice (forward and backward) and are checked in relative Frobenius
-// norm at 5e-2.
+// Tolerances. The GPU computes every frozen matmul on BF16 operands (the activation
+// or output gradient, and the weight dequantized to BF16) with float32 accumulation, as
+// QLoRA does. The reference is therefore the CPU model in BF16-compute mode
+// (LlamaModel::set_bf16_compute), which rounds the same operands the same way and
+// multiplies them in float32: the two differ only in float32 summation order (~1e-6
+// relative per matmul) and in the rare operand that lands on the other side of a BF16
+// rounding boundary because of that (probability ~1e-6/2⁻⁹ per element, each costing
+// 2⁻⁹ of one term). Through 5–6 layers and attention softmaxes on random tokens (large,
+// peaked logits) we allow 2e-3 of the largest logit, 2e-3 on the loss and 5e-3 relative
+// Frobenius on the gradients; a wrong kernel gives errors of order 1. (Against the
+// float32 CPU model the BF16 operands alone move logits by up to ~6% on these random,
+// out-of-distribution inputs — measured on the H100, 2026-11-23 — which is why float32
+// is not the reference here.)
 #include "file_helpers.hpp"
 #include "finetune.hpp"
 #include "gpu_trainer.cuh"
@@ -96,7 +99,7 @@ std::vector<float> host_grads(LlamaModel& m) {
 
 }  // namespace
 
-TEST_CASE("GPU model matches the CPU model: loss, logits, LoRA gradients (every base storage)", "[ch07][gpu]") {
+TEST_CASE("GPU model matches the CPU model computing in BF16: loss, logits, LoRA gradients (four storages)", "[ch07][gpu]") {
   for (const char* name : {"stories260K.bin", "kjv15M-hf"}) {
     const auto path = model_or_warn(name);
     if (!path) continue;
@@ -105,6 +108,7 @@ TEST_CASE("GPU model matches the CPU model: loss, logits, LoRA gradients (every 
       for (const float dropout : {0.0f, 0.1f}) {
         CAPTURE(name, to_string(st), dropout);
         LlamaModel cpu(w, st);
+        cpu.set_bf16_compute(true);
         add_random_lora(cpu, dropout, 3);
         cuda::LlamaModelGpu gpu(cpu);
         const int B = 3, T = std::min(37, w.config.seq_len);  // odd sizes on purpose
@@ -129,10 +133,10 @@ TEST_CASE("GPU model matches the CPU model: loss, logits, LoRA gradients (every 
 
         INFO("loss CPU " << loss_cpu << " GPU " << loss_gpu);
         CHECK(rng_cpu() == rng_gpu());  // both consumed the same number of draws
-        CHECK(std::fabs(loss_gpu - loss_cpu) < 1e-2);
-        CHECK(max_abs_diff(logits_gpu, logits_cpu) < 2e-2 * max_abs(logits_cpu));
+        CHECK(std::fabs(loss_gpu - loss_cpu) < 2e-3);
+        CHECK(max_abs_diff(logits_gpu, logits_cpu) < 2e-3 * max_abs(logits_cpu));
         REQUIRE(max_abs(g_cpu) > 0.0);
-        CHECK(rel_frobenius(g_gpu, g_cpu) < 5e-2);
+        CHECK(rel_frobenius(g_gpu, g_cpu) < 5e-3);
       }
     }
   }
@@ -177,6 +181,7 @@ TEST_CASE("GPU fine-tune follows the CPU fine-tune over its first steps and resu
     return m;
   };
   LlamaModel cpu_model = fresh();
+  cpu_model.set_bf16_compute(true);  // like for like: the GPU's BF16 operands
   const auto cpu_recs = finetune(cpu_model, data, cfg);
   LlamaModel gpu_host = fresh();
   cfg.out = qlora::test::temp_path("ch07_gpu", "run");
@@ -188,7 +193,8 @@ TEST_CASE("GPU fine-tune follows the CPU fine-tune over its first steps and resu
   REQUIRE(gpu_recs.size() == cpu_recs.size());
   for (std::size_t i = 0; i < cpu_recs.size(); ++i) {
     INFO("step " << i + 1 << ": CPU loss " << cpu_recs[i].loss << ", GPU loss " << gpu_recs[i].loss);
-    // Same windows, same dropout masks, same optimizer: only BF16 rounding differs.
+    // Same windows, same dropout masks, same optimizer, same BF16 operands: only float32
+    // summation order differs, and what it does to the trajectory over 4 steps.
     CHECK(std::fabs(gpu_recs[i].loss - cpu_recs[i].loss) < 1e-2);
     CHECK(gpu_recs[i].grad_norm == Approx(cpu_recs[i].grad_norm).epsilon(5e-2));
   }
