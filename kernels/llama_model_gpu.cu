@@ -253,16 +253,7 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
                                 std::to_string(cfg_.seq_len) + " (got B=" + std::to_string(B) +
                                 ", T=" + std::to_string(T) + ")");
   const int N = B * T, D = cfg_.dim, V = cfg_.vocab_size;
-  target_count_ = 0;
-  for (int n = 0; n < N; ++n) {
-    if (tokens[n] < 0 || tokens[n] >= V)
-      throw std::out_of_range("token id " + std::to_string(tokens[n]) + " at index " + std::to_string(n) +
-                              " is outside the vocabulary [0, " + std::to_string(V) + ")");
-    if (targets && targets[n] >= V)
-      throw std::out_of_range("target id " + std::to_string(targets[n]) + " at index " + std::to_string(n) +
-                              " is outside the vocabulary");
-    if (targets && targets[n] >= 0) ++target_count_;
-  }
+  target_count_ = check_batch_ids(tokens, targets, N, V);
   B_ = B;
   T_ = T;
   backward_pending_ = targets != nullptr;

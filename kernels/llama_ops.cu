@@ -207,6 +207,30 @@ __global__ void cross_entropy_backward_kernel(float* __restrict__ logits, const 
 // ---------------------------------------------------------------------------------
 // Attention: one warp per query row (b, h, t), or per key row (b, kv head, s).
 
+// Where the tensors of query row id = (b·H + h)·T + t start (the same for forward and backward).
+struct QueryRow {
+  std::int64_t act;  // its head's slice of q, out, dout: (b·T + t)·D + h·hs
+  std::int64_t kv;   // key/value 0 of its kv head (grouped-query: h / (H / KVH)): b·T·KV + g·hs
+  int t;
+};
+
+__device__ __forceinline__ QueryRow query_row(std::int64_t id, int T, int H, int KVH, int hs) {
+  const int t = static_cast<int>(id % T), h = static_cast<int>(id / T % H), b = static_cast<int>(id / T / H);
+  const std::int64_t D = (std::int64_t)H * hs, KV = (std::int64_t)KVH * hs;
+  return {((std::int64_t)b * T + t) * D + (std::int64_t)h * hs, (std::int64_t)b * T * KV + (std::int64_t)(h / (H / KVH)) * hs,
+          t};
+}
+
+// out[i] = Σ_{s ≤ t} w[s]·rows[s·stride + i]; lane takes the head dimensions i = lane, lane+32, …
+__device__ __forceinline__ void weighted_rows(const float* w, const float* rows, int t, int stride, int hs,
+                                              float* out, int lane) {
+  for (int i = lane; i < hs; i += 32) {
+    float acc = 0.0f;
+    for (int s = 0; s <= t; ++s) acc += w[s] * rows[(std::int64_t)s * stride + i];
+    out[i] = acc;
+  }
+}
+
 //! [attention-forward-cuda]
 // The lanes take the keys s = lane, lane+32, … for the scores and softmax (att's row is
 // the scratch), then the head dimensions i = lane, lane+32, … for out = Σ_s p_s·v_s.
@@ -217,13 +241,10 @@ __global__ void attention_forward_kernel(const float* __restrict__ q, const floa
   const std::int64_t row_id = (std::int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row_id >= (std::int64_t)B * H * T) return;  // uniform over the warp
-  const int t = static_cast<int>(row_id % T), h = static_cast<int>(row_id / T % H), b = static_cast<int>(row_id / T / H);
-  const int D = H * hs, KV = KVH * hs;
-  const std::int64_t row = (std::int64_t)b * T + t;
-  const float* qr = q + row * D + (std::int64_t)h * hs;
-  const std::int64_t kv_off = (std::int64_t)b * T * KV + (std::int64_t)(h / (H / KVH)) * hs;
-  const float* K = k + kv_off;
-  const float* V = v + kv_off;
+  const QueryRow r = query_row(row_id, T, H, KVH, hs);
+  const int t = r.t, KV = KVH * hs;
+  const float* qr = q + r.act;
+  const float* K = k + r.kv;
   float* p = att + row_id * T;  // row_id = (b·H + h)·T + t
 
   float mx = -INFINITY;
@@ -244,12 +265,7 @@ __global__ void attention_forward_kernel(const float* __restrict__ q, const floa
   const float inv = 1.0f / warp_sum(sum);
   for (int s = lane; s < T; s += 32) p[s] = s <= t ? p[s] * inv : 0.0f;
   __syncwarp();  // every lane now reads every p[s]
-  float* o = out + row * D + (std::int64_t)h * hs;
-  for (int i = lane; i < hs; i += 32) {
-    float acc = 0.0f;
-    for (int s = 0; s <= t; ++s) acc += p[s] * V[(std::int64_t)s * KV + i];
-    o[i] = acc;
-  }
+  weighted_rows(p, v + r.kv, t, KV, hs, out + r.act, lane);
 }
 //! [attention-forward-cuda]
 
@@ -264,13 +280,10 @@ __global__ void attention_backward_q_kernel(const float* __restrict__ q, const f
   const std::int64_t row_id = (std::int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row_id >= (std::int64_t)B * H * T) return;
-  const int t = static_cast<int>(row_id % T), h = static_cast<int>(row_id / T % H), b = static_cast<int>(row_id / T / H);
-  const int D = H * hs, KV = KVH * hs;
-  const std::int64_t row = (std::int64_t)b * T + t;
-  const std::int64_t kv_off = (std::int64_t)b * T * KV + (std::int64_t)(h / (H / KVH)) * hs;
-  const float* K = k + kv_off;
-  const float* V = v + kv_off;
-  const float* dor = dout + row * D + (std::int64_t)h * hs;
+  const QueryRow r = query_row(row_id, T, H, KVH, hs);
+  const int t = r.t, KV = KVH * hs;
+  const float* V = v + r.kv;
+  const float* dor = dout + r.act;
   const float* p = att + row_id * T;
   float* dsr = ds + row_id * T;
 
@@ -284,12 +297,7 @@ __global__ void attention_backward_q_kernel(const float* __restrict__ q, const f
   pdp = warp_sum(pdp);
   for (int s = lane; s < T; s += 32) dsr[s] = s <= t ? p[s] * (dsr[s] - pdp) * scale : 0.0f;
   __syncwarp();
-  float* dqr = dq + row * D + (std::int64_t)h * hs;
-  for (int i = lane; i < hs; i += 32) {
-    float acc = 0.0f;
-    for (int s = 0; s <= t; ++s) acc += dsr[s] * K[(std::int64_t)s * KV + i];
-    dqr[i] = acc;
-  }
+  weighted_rows(dsr, k + r.kv, t, KV, hs, dq + r.act, lane);
 }
 
 // Pass 2, per key row s of kv head g: dk_s = Σ_h Σ_{t≥s} ds[h,t,s]·q_t,h and

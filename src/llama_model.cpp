@@ -274,6 +274,20 @@ using Vec = std::vector<float>;
 // ===========================================================================
 // The model
 
+int check_batch_ids(const int* tokens, const int* targets, int N, int vocab) {
+  int count = 0;
+  for (int n = 0; n < N; ++n) {
+    if (tokens[n] < 0 || tokens[n] >= vocab)
+      throw std::out_of_range("token id " + std::to_string(tokens[n]) + " at index " + std::to_string(n) +
+                              " is outside the vocabulary [0, " + std::to_string(vocab) + ")");
+    if (targets && targets[n] >= vocab)
+      throw std::out_of_range("target id " + std::to_string(targets[n]) + " at index " + std::to_string(n) +
+                              " is outside the vocabulary");
+    count += targets && targets[n] >= 0;
+  }
+  return count;
+}
+
 /// Everything one layer's forward keeps for its backward (N = B·T rows).
 struct LlamaModel::LayerCache {
   Vec x;           ///< N×D layer input (the residual stream)
@@ -514,14 +528,7 @@ float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, b
     throw std::invalid_argument("LlamaModel::forward: need B > 0 and 0 < T <= seq_len " + std::to_string(cfg_.seq_len) +
                                 " (got B=" + std::to_string(B) + ", T=" + std::to_string(T) + ")");
   const int N = B * T, D = cfg_.dim, V = cfg_.vocab_size;
-  for (int n = 0; n < N; ++n) {
-    if (tokens[n] < 0 || tokens[n] >= V)
-      throw std::out_of_range("token id " + std::to_string(tokens[n]) + " at index " + std::to_string(n) +
-                              " is outside the vocabulary [0, " + std::to_string(V) + ")");
-    if (targets && targets[n] >= V)
-      throw std::out_of_range("target id " + std::to_string(targets[n]) + " at index " + std::to_string(n) +
-                              " is outside the vocabulary");
-  }
+  check_batch_ids(tokens, targets, N, V);
   B_ = B;
   T_ = T;
   training_ = training;

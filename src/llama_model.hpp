@@ -130,6 +130,11 @@ struct LoraSetup {
 // ---------------------------------------------------------------------------
 // The model
 
+/// Checks a batch's ids (tokens in [0, vocab), targets < vocab; negative targets are
+/// ignored positions) and returns the number of targets that count. Throws
+/// std::out_of_range naming the first bad id and its index.
+int check_batch_ids(const int* tokens, const int* targets, int N, int vocab);
+
 class LlamaModel {
  public:
   /// Freezes `weights` into `storage` (linear projections) and BF16 (embeddings,
