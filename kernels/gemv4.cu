@@ -1,4 +1,4 @@
-// The fused 4-bit GEMV (chapter 5), three versions side by side. See gemv4.cuh.
+// The fused 4-bit GEMV (chapter 5), four versions side by side. See gemv4.cuh.
 // CPU reference: matmul_xwt_ref() on dequantize_4bit_bf16() weights.
 #include "gemv4.cuh"
 
@@ -187,7 +187,12 @@ static __device__ __forceinline__ std::uint32_t byte_of(std::uint32_t v, int m) 
 ///  - the scales' loads are split from their arithmetic (load_scale / decode_scale), and
 ///    the first step's loads are issued before x is staged, so the block's first memory
 ///    round trip overlaps the staging.
-template <int kTokens, int kRows, int kLoads>
+///
+/// Version 4 (kPrefetch) is version 3 with a second register buffer: the next step's loads
+/// are issued before this step's arithmetic, so each warp has loads in flight while it
+/// computes. Version 3 waits a full memory round trip at the start of every step, and at
+/// 8192 rows there are too few warps per multiprocessor (about 16) to hide it.
+template <int kTokens, int kRows, int kLoads, bool kPrefetch>
 __global__ void __launch_bounds__(kGemvThreads, 2)
     gemv4_multirow_kernel(Quant4View q, const uint4* __restrict__ x, __nv_bfloat16* __restrict__ y, int out, int in) {
   extern __shared__ uint4 s_x[];
@@ -199,13 +204,14 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
   const int x_row_chunks = in / 8;  // 16-byte chunks of x per token
   const int row0 = (blockIdx.x * kGemvWarps + warp) * kRows;
   const auto* codes = reinterpret_cast<const uint4*>(q.packed);
+  constexpr int kStep = 32 * kLoads;  // chunks of a row one step covers (whole warp)
+  using Codes = uint4[kLoads][kRows];
+  using Scales = RawScale[kLoads][kRows];
 
-  uint4 w[kLoads][kRows];
-  RawScale scale[kLoads][kRows];
   // One step: kLoads chunks of each of kRows rows per lane. Past the last row or the row's
   // end, a valid chunk is re-read (rows clamped to out - 1, chunks to row_chunks - 1) and
   // weighted 0 below, so the loads need no branch. Every lane runs the same steps.
-  auto load_step = [&](int base) {
+  auto load_step = [&](int base, Codes& w, Scales& scale) {
 #pragma unroll
     for (int l = 0; l < kLoads; ++l)
 #pragma unroll
@@ -216,15 +222,16 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
         scale[l][r] = load_scale(q, (chunk * 32) >> q.log2_blocksize);
       }
   };
-  load_step(0);
+  Codes w0, w1;  // w1: version 4's second buffer (unused, and removed, in version 3)
+  Scales scale0, scale1;
+  load_step(0, w0, scale0);
   for (int g = threadIdx.x; g < kTokens * x_row_chunks; g += kGemvThreads) s_x[swizzle(g)] = x[g];
   if (threadIdx.x < 16) s_table[threadIdx.x] = q.table[threadIdx.x];
   if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kGemvThreads == 256
   __syncthreads();
 
   float acc[kRows][kTokens] = {};
-  for (int base = 0; base < row_chunks; base += 32 * kLoads) {
-    if (base > 0) load_step(base);
+  auto compute_step = [&](int base, const Codes& w, const Scales& scale) {
 #pragma unroll
     for (int l = 0; l < kLoads; ++l) {
       const int c = min(base + lane + 32 * l, row_chunks - 1);
@@ -264,6 +271,23 @@ __global__ void __launch_bounds__(kGemvThreads, 2)
 #pragma unroll
         for (int t = 0; t < kTokens; ++t) acc[r][t] = fmaf(part[r][t], a, acc[r][t]);
       }
+    }
+  };
+
+  if constexpr (kPrefetch) {
+    // Two buffers used in turn (two steps per iteration, so no register copies): while
+    // one step computes, the next one's loads are on their way.
+    for (int base = 0; base < row_chunks; base += 2 * kStep) {
+      if (base + kStep < row_chunks) load_step(base + kStep, w1, scale1);
+      compute_step(base, w0, scale0);
+      if (base + kStep >= row_chunks) break;
+      if (base + 2 * kStep < row_chunks) load_step(base + 2 * kStep, w0, scale0);
+      compute_step(base + kStep, w1, scale1);
+    }
+  } else {
+    for (int base = 0; base < row_chunks; base += kStep) {
+      if (base > 0) load_step(base, w0, scale0);
+      compute_step(base, w0, scale0);
     }
   }
   store_rows<kRows, kTokens>(acc, y, row0, out, lane);
@@ -316,14 +340,16 @@ static void launch_fused(const Quant4View& v, const bf16* x, bf16* y, int out, i
   CUDA_CHECK_LAUNCH();
 }
 
-template <int kTokens>
+template <int kTokens, bool kPrefetch>
 static void launch_multirow(const Quant4View& v, const bf16* x, bf16* y, int out, int in, cudaStream_t stream) {
   // Four rows per warp share every x value; past four tokens the float copies of x
   // (8 per token) would crowd the registers, so two. Two chunks per row in flight
-  // while a step's registers allow it.
-  constexpr int kRows = kTokens <= 4 ? 4 : 2;
-  constexpr int kLoads = kTokens <= 2 ? 2 : 1;
-  auto kernel = gemv4_multirow_kernel<kTokens, kRows, kLoads>;
+  // while a step's registers allow it. Version 4 holds two steps' chunks, so it takes
+  // two chunks per step only at 1 token and four rows only up to 2 tokens (at 3 and 4
+  // it would spill: nvcc -Xptxas -v).
+  constexpr int kRows = kTokens <= (kPrefetch ? 2 : 4) ? 4 : 2;
+  constexpr int kLoads = kTokens <= (kPrefetch ? 1 : 2) ? 2 : 1;
+  auto kernel = gemv4_multirow_kernel<kTokens, kRows, kLoads, kPrefetch>;
   const std::size_t smem = fused_smem_bytes(in, kTokens);
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   // One row group per warp: enough blocks to cover every row, each staging x itself
@@ -362,7 +388,11 @@ void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersio
   const int out = static_cast<int>(out64), in = static_cast<int>(in64);
   const Quant4View v = W.view();
   const bool fast_ok = gemv4_fused_supported(W, tokens) && reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
-  if (version == GemvVersion::automatic) version = fast_ok ? GemvVersion::multirow : GemvVersion::naive;
+  // Measured on an H100 (docs/benchmarks.md, 2026-11-23): version 3 was the faster of the
+  // fused versions up to 4 tokens on the large shapes, version 2 at 8 tokens.
+  if (version == GemvVersion::automatic) {
+    version = !fast_ok ? GemvVersion::naive : tokens <= 4 ? GemvVersion::multirow : GemvVersion::fused;
+  }
   if (version == GemvVersion::naive) {
     gemv4_naive_kernel<<<(out + kGemvWarps - 1) / kGemvWarps, kGemvThreads, 0, stream>>>(
         v, reinterpret_cast<const __nv_bfloat16*>(x), reinterpret_cast<__nv_bfloat16*>(y), out, in, tokens);
@@ -377,8 +407,10 @@ void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersio
   }
   if (version == GemvVersion::fused) {
     with_token_count(tokens, [&](auto t) { launch_fused<decltype(t)::value>(v, x, y, out, in, stream); });
+  } else if (version == GemvVersion::multirow) {
+    with_token_count(tokens, [&](auto t) { launch_multirow<decltype(t)::value, false>(v, x, y, out, in, stream); });
   } else {
-    with_token_count(tokens, [&](auto t) { launch_multirow<decltype(t)::value>(v, x, y, out, in, stream); });
+    with_token_count(tokens, [&](auto t) { launch_multirow<decltype(t)::value, true>(v, x, y, out, in, stream); });
   }
 }
 

@@ -317,7 +317,7 @@ TEST_CASE("ch05: dequantize versions 2 and 3 reject a misaligned output", "[ch05
   }
 }
 
-TEST_CASE("ch05: GEMV (naive and both fused versions) matches the FP64 reference", "[ch05][gpu]") {
+TEST_CASE("ch05: GEMV (naive and the three fused versions) matches the FP64 reference", "[ch05][gpu]") {
   struct Case {
     int out, in, blocksize;
     QuantType type;
@@ -326,10 +326,12 @@ TEST_CASE("ch05: GEMV (naive and both fused versions) matches the FP64 reference
   // out never a multiple of 64 nor of the 32 rows a version-3 block takes; in = 1001 (odd:
   // rows start mid-byte and blocks straddle rows) only the naive kernel can take; the
   // others run every version. in = 2080 (65 chunks) leaves a row's last step mostly past
-  // its end; blocksize 4096 spans several rows.
+  // its end; blocksize 4096 spans several rows. Version 4 alternates two buffers, two steps
+  // per loop turn: in = 4096 gives it an even number of steps, 8224 (257 chunks: 5 or 9
+  // steps) and 2080 past one token (3 steps) an odd one, 1024 and 96 a single step.
   const Case cases[] = {{1000, 4096, 64, QuantType::nf4, true},  {333, 2080, 128, QuantType::nf4, true},
                         {77, 96, 32, QuantType::fp4, false},      {513, 1024, 4096, QuantType::nf4, false},
-                        {129, 1001, 64, QuantType::nf4, true}};
+                        {129, 1001, 64, QuantType::nf4, true},   {300, 8224, 256, QuantType::nf4, true}};
   for (const auto& c : cases) {
     const auto w = make_weight(c.out, c.in, c.type, c.blocksize, c.dq);
     const auto w_abs = abs_of(w.deq);
@@ -341,9 +343,10 @@ TEST_CASE("ch05: GEMV (naive and both fused versions) matches the FP64 reference
       matmul_xwt_ref(x.data(), w.deq.data(), ref.data(), tokens, c.in, c.out, false);
       const auto x_abs = abs_of(x);
       matmul_xwt_ref(x_abs.data(), w_abs.data(), abs_sum.data(), tokens, c.in, c.out, false);
-      for (auto version : {GemvVersion::naive, GemvVersion::fused, GemvVersion::multirow, GemvVersion::automatic}) {
+      for (auto version : {GemvVersion::naive, GemvVersion::fused, GemvVersion::multirow, GemvVersion::prefetch,
+                           GemvVersion::automatic}) {
         const bool fused_ok = gemv4_fused_supported(w.device, tokens);
-        if ((version == GemvVersion::fused || version == GemvVersion::multirow) && !fused_ok) {
+        if (version != GemvVersion::naive && version != GemvVersion::automatic && !fused_ok) {
           REQUIRE(c.in % 32 != 0);  // only the odd shape may refuse the fused kernel
           DeviceBuffer<bf16> y(ref.size());
           REQUIRE_THROWS_AS(gemv4(w.device, dx.data(), y.data(), tokens, version), std::invalid_argument);

@@ -362,9 +362,10 @@ json bench_gemv(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& w_
       entry["cublas"] = failed(std::string("cuBLAS reference: ") + e.what());
     }
     json variants = json::array();
-    for (auto version : {GemvVersion::naive, GemvVersion::fused, GemvVersion::multirow}) {
+    for (auto version : {GemvVersion::naive, GemvVersion::fused, GemvVersion::multirow, GemvVersion::prefetch}) {
       const int v = static_cast<int>(version);
-      const char* name = version == GemvVersion::naive ? "naive" : version == GemvVersion::fused ? "fused" : "multirow";
+      const char* names[] = {"automatic", "naive", "fused", "multirow", "prefetch"};
+      const char* name = names[v];
       std::printf("  gemv %d token(s): v%d (%s)\n", tokens, v, name);
       std::fflush(stdout);
       json row = {{"version", v}, {"name", name}};
