@@ -54,5 +54,7 @@ for phase in "${phases[@]}"; do
       timeout 180 python3 tools/hf_recipe_bench.py --base .carry/shared/models/kjv15M-hf --json "$res/hf_recipe_bench.json" \
         > "$res/hf_recipe_bench.log" 2>&1; echo "hf speed: $?"; tail -14 "$res/hf_recipe_bench.log" ;;
   esac
-  tar czf "$OUT/results.tgz" -C /tmp results  # after every phase: a run cut short still returns what it did
+  # After every phase, so a run cut short still returns what it did; adapters and
+  # checkpoints of the recipe runs stay behind (too large to bring back, and not needed).
+  tar czf "$OUT/results.tgz" --exclude='checkpoint-*' --exclude='adapter' -C /tmp results
 done
