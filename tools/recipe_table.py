@@ -55,7 +55,9 @@ def main():
               f"{r['frozen_bytes'] / 2**20:.1f} | {r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} |")
     print(f"\nlargest |difference| from the reference: {worst:.3f} nats/token (bar: {TOLERANCE})")
     if a.json:
-        a.json.write_text(json.dumps(runs, indent=1) + "\n")
+        keep = ("step", "loss", "val_loss", "grad_norm", "tokens_per_s")
+        slim = [dict(r, log=[{k: e[k] for k in keep if k in e} for e in r["log"]]) for r in runs]
+        a.json.write_text(json.dumps(slim) + "\n")
     if a.png:
         import matplotlib
         matplotlib.use("Agg")
