@@ -1,5 +1,6 @@
 // Helpers shared by the tests that write, corrupt and read files: a per-process
-// temporary folder, whole-file byte I/O, and finding a model or skipping with a warning.
+// temporary folder, whole-file byte I/O, finding a model or skipping with a warning,
+// and running the qlora binary.
 #pragma once
 
 #include "search_path.hpp"
@@ -7,6 +8,8 @@
 #include <catch2/catch.hpp>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -14,6 +17,8 @@
 #include <string>
 #include <unistd.h>
 #include <vector>
+
+#include <sys/wait.h>
 
 namespace qlora::test {
 
@@ -39,6 +44,27 @@ inline std::optional<std::filesystem::path> model_or_warn(const std::string& nam
   auto p = find_model(name);
   if (!p) WARN("skipped: model '" << name << "' not found in the model search path (see scripts/fetch_models.sh)");
   return p;
+}
+
+/// What running the qlora binary gave: its exit status and its stdout and stderr.
+struct CliRun {
+  int rc;
+  std::string output;
+};
+
+/// Runs `$QLORA_BIN args` through the shell (ctest sets QLORA_BIN), stderr folded into stdout.
+inline CliRun run_qlora(const std::string& args) {
+  const char* bin = std::getenv("QLORA_BIN");
+  if (!bin) FAIL("QLORA_BIN is not set (ctest sets it to the qlora binary)");
+  std::string cmd = "'";
+  cmd.append(bin).append("' ").append(args).append(" 2>&1");  // append: GCC 12 misfires -Wrestrict on operator+
+  std::string out;
+  FILE* pipe = popen(cmd.c_str(), "r");
+  REQUIRE(pipe);
+  char buf[4096];
+  while (std::fgets(buf, sizeof buf, pipe)) out += buf;
+  const int status = pclose(pipe);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
 }
 
 }  // namespace qlora::test

@@ -28,23 +28,7 @@ namespace {
 
 fs::path temp_path(const std::string& name) { return test::temp_path("test_ch03_cli", name); }
 
-struct RunResult {
-  int rc;
-  std::string output;
-};
-
-// Runs `qlora <args>` and returns its exit status and combined stdout/stderr.
-RunResult run_qlora(const std::string& args) {
-  const char* bin = std::getenv("QLORA_BIN");
-  if (!bin) FAIL("QLORA_BIN is not set (ctest sets it to the qlora binary)");
-  auto log = temp_path("out.txt");
-  const std::string cmd = std::string("'") + bin + "' " + args + " > '" + log.string() + "' 2>&1";
-  int status = std::system(cmd.c_str());
-  std::ifstream in(log);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, ss.str()};
-}
+using test::run_qlora;
 
 // Single-quoted for the shell (the test paths hold no quotes).
 std::string q(const fs::path& p) {

@@ -13,7 +13,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <sys/wait.h>
 
 using namespace qlora;
 namespace fs = std::filesystem;
@@ -178,29 +177,12 @@ TEST_CASE("sample_token: greedy is argmax, top-p keeps the nucleus, temperature 
   CHECK(count[2] > 0);
 }
 
-namespace {
-// `qlora ARGS` through a pipe (stderr folded in): exit status and output.
-std::pair<int, std::string> qlora_cli(const std::string& args) {
-  const char* bin = std::getenv("QLORA_BIN");
-  if (!bin) FAIL("QLORA_BIN is not set (ctest sets it to the qlora binary)");
-  std::string cmd = "'";
-  cmd.append(bin).append("' ").append(args).append(" 2>&1");
-  std::string out;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  REQUIRE(pipe);
-  char buf[4096];
-  while (std::fgets(buf, sizeof buf, pipe)) out += buf;
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-}  // namespace
-
 TEST_CASE("qlora finetune / eval / generate run end to end and reject bad flags", "[ch07][finetune][cli]") {
   if (!fixture()) return;
   const auto out = test::temp_path("test_ch07_ft", "cli");
   const std::string tiny = " --steps 4 --batch 2 --seq-len 32 --rank 4 --val-windows 4 --eval-every 2"
                            " --save-every 2 --sample-tokens 4 --out '" + out.string() + "'";
-  auto [rc, text] = qlora_cli("finetune" + tiny);
+  auto [rc, text] = test::run_qlora("finetune" + tiny);
   INFO(text);
   REQUIRE(rc == 0);
   CHECK(text.find("before: validation loss") != std::string::npos);
@@ -208,17 +190,17 @@ TEST_CASE("qlora finetune / eval / generate run end to end and reject bad flags"
   CHECK(read_peft_adapter(out / "adapter").config.r == 4);
   CHECK(fs::exists(out / "checkpoint-2" / "optimizer.safetensors"));
 
-  auto [rc_eval, eval_text] = qlora_cli("eval --held-out --windows 2 --seq-len 32 --adapter '" +
+  auto [rc_eval, eval_text] = test::run_qlora("eval --held-out --windows 2 --seq-len 32 --adapter '" +
                                         (out / "adapter").string() + "'");
   INFO(eval_text);
   CHECK(rc_eval == 0);
   CHECK(eval_text.find("perplexity") != std::string::npos);
-  auto [rc_gen, gen_text] = qlora_cli("generate --max-tokens 4 --adapter '" + (out / "adapter").string() + "'");
+  auto [rc_gen, gen_text] = test::run_qlora("generate --max-tokens 4 --adapter '" + (out / "adapter").string() + "'");
   INFO(gen_text);
   CHECK(rc_gen == 0);
   CHECK(gen_text.rfind("ROMEO:", 0) == 0);
 
-  auto [rc_bad, bad_text] = qlora_cli("finetune --storage nf5 --out '" + out.string() + "'");
+  auto [rc_bad, bad_text] = test::run_qlora("finetune --storage nf5 --out '" + out.string() + "'");
   CHECK(rc_bad != 0);
   CHECK(bad_text.find("nf5") != std::string::npos);
 }

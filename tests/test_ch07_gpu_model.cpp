@@ -18,6 +18,7 @@
 // 5% on the gradients: about 3× the worst case seen, while a wrong kernel (a missed RoPE,
 // a wrong head group, a dropped adapter term) gives errors of order 1.
 #include "file_helpers.hpp"
+#include "model_helpers.hpp"
 #include "finetune.hpp"
 #include "gpu_trainer.cuh"
 #include "llama_model.hpp"
@@ -31,16 +32,10 @@
 #include <random>
 
 using namespace qlora;
+using qlora::test::random_tokens;
 using qlora::test::model_or_warn;
 
 namespace {
-
-std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int> t(static_cast<std::size_t>(n));
-  for (int& x : t) x = static_cast<int>(rng() % static_cast<std::uint64_t>(vocab));
-  return t;
-}
 
 std::vector<int> next_targets(const std::vector<int>& tokens, int B, int T) {
   std::vector<int> y(tokens.size(), -1);  // the last position of each sequence has no target

@@ -17,6 +17,7 @@
 #include "finetune.hpp"
 #include "hf_llama.hpp"
 #include "lora_merge.hpp"
+#include "model_helpers.hpp"
 #include "model_merge.hpp"
 #include "safetensors.hpp"
 
@@ -26,25 +27,12 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <sys/wait.h>
 
 using namespace qlora;
+using qlora::test::tiny_config;
 namespace fs = std::filesystem;
 
 namespace {
-
-LlamaConfig tiny_config(int n_kv_heads, bool shared) {
-  LlamaConfig c;
-  c.dim = 16;
-  c.hidden_dim = 24;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = n_kv_heads;
-  c.vocab_size = 32;
-  c.seq_len = 8;
-  c.shared_classifier = shared;
-  return c;
-}
 
 // A trained-looking adapter on all seven projections: A and B both random and non-zero,
 // B rows in PEFT's (rotate-half) order as in a file. s·B·A has rms ≈ 0.3 of the weights'.
@@ -83,20 +71,6 @@ double rel_frobenius(const std::vector<float>& x, const std::vector<float>& ref)
 
 const std::vector<int> kTokens = {1, 5, 9, 30, 2, 17, 4, 11};
 
-std::pair<int, std::string> qlora_cli(const std::string& args) {
-  const char* bin = std::getenv("QLORA_BIN");
-  if (!bin) FAIL("QLORA_BIN is not set (ctest sets it to the qlora binary)");
-  std::string cmd = "'";
-  cmd.append(bin).append("' ").append(args).append(" 2>&1");  // append: GCC 12 misfires -Wrestrict on operator+
-  std::string out;
-  FILE* pipe = popen(cmd.c_str(), "r");
-  REQUIRE(pipe);
-  char buf[4096];
-  while (std::fgets(buf, sizeof buf, pipe)) out += buf;
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
-}
-
 }  // namespace
 
 TEST_CASE("float32 merge: merged weights give the logits of base + adapter", "[ch07][merge]") {
@@ -134,7 +108,7 @@ TEST_CASE("qlora merge: HF base + adapter folder → BF16 HF folder with the sam
   adapter_from_peft(with_adapter, read_peft_adapter(adapter_dir));
   const auto ref = logits_of(std::move(with_adapter), kTokens);
 
-  auto [rc, text] = qlora_cli("merge --model '" + base_dir.string() + "' --adapter '" + adapter_dir.string() +
+  auto [rc, text] = test::run_qlora("merge --model '" + base_dir.string() + "' --adapter '" + adapter_dir.string() +
                               "' --out '" + out_dir.string() + "'");
   INFO(text);
   REQUIRE(rc == 0);
@@ -169,14 +143,14 @@ TEST_CASE("merge: an adapter of another model is refused naming the module", "[c
   write_hf_llama(base_dir, checkpoint_from_weights(base));
   const auto out_dir = test::temp_path("test_ch07_merge", "never");
   fs::remove_all(out_dir);
-  auto [rc, text] = qlora_cli("merge --model '" + base_dir.string() + "' --adapter /nonexistent/adapter --out '" +
+  auto [rc, text] = test::run_qlora("merge --model '" + base_dir.string() + "' --adapter /nonexistent/adapter --out '" +
                               out_dir.string() + "'");
   CHECK(rc != 0);
   CHECK(text.find("/nonexistent/adapter") != std::string::npos);
   CHECK(!fs::exists(out_dir / "model.safetensors"));
 
   // Writing over the base is refused.
-  auto [rc_self, text_self] = qlora_cli("merge --model '" + base_dir.string() + "' --adapter /nonexistent/adapter --out '" +
+  auto [rc_self, text_self] = test::run_qlora("merge --model '" + base_dir.string() + "' --adapter /nonexistent/adapter --out '" +
                                         base_dir.string() + "'");
   CHECK(rc_self != 0);
   CHECK(text_self.find("is the base model itself") != std::string::npos);
@@ -186,7 +160,7 @@ TEST_CASE("qlora eval --dump-logits writes the first window's tokens and logits"
   const auto model = test::model_or_warn("kjv15M.bin");
   if (!model) return;
   const auto file = test::temp_path("test_ch07_merge", "logits.safetensors");
-  auto [rc, text] = qlora_cli("eval --model '" + model->string() + "' --storage f32 --held-out --windows 1 --seq-len 16 "
+  auto [rc, text] = test::run_qlora("eval --model '" + model->string() + "' --storage f32 --held-out --windows 1 --seq-len 16 "
                               "--dump-logits '" + file.string() + "'");
   INFO(text);
   REQUIRE(rc == 0);

@@ -6,6 +6,7 @@
 #include "hf_llama.hpp"
 #include "llama2c.hpp"
 #include "llama_model.hpp"
+#include "model_helpers.hpp"
 #include "search_path.hpp"
 #include "tokenizer.hpp"
 
@@ -20,28 +21,10 @@
 #include <numeric>
 
 using namespace qlora;
+using qlora::test::tiny_config;
+using qlora::test::random_tokens;
 
 namespace {
-
-LlamaConfig tiny_config(int n_kv_heads, bool shared) {
-  LlamaConfig c;
-  c.dim = 16;
-  c.hidden_dim = 24;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = n_kv_heads;
-  c.vocab_size = 32;
-  c.seq_len = 8;
-  c.shared_classifier = shared;
-  return c;
-}
-
-std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::vector<int> t(static_cast<std::size_t>(n));
-  for (int& x : t) x = static_cast<int>(rng() % static_cast<std::uint64_t>(vocab));
-  return t;
-}
 
 // LoRA with non-zero B (PEFT's B = 0 would make every dA zero and hide bugs).
 void add_test_lora(LlamaModel& m, int r, float alpha, float dropout, std::uint64_t seed) {
