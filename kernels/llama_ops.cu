@@ -25,39 +25,41 @@ unsigned blocks_for(std::int64_t n) {
   return static_cast<unsigned>(std::min<std::int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// The two reductions the kernels need, as (combine, identity) pairs.
+struct Sum {
+  __device__ static float combine(float a, float b) { return a + b; }
+  __device__ static float identity() { return 0.0f; }
+};
+struct Max {
+  __device__ static float combine(float a, float b) { return fmaxf(a, b); }
+  __device__ static float identity() { return -INFINITY; }
+};
+
+// Over the 32 lanes of a warp (butterfly: every lane gets the result).
+template <class Op>
+__device__ __forceinline__ float warp_reduce(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = Op::combine(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-// Sum (or max) over the block, returned to every thread. `buf` holds 32 floats of
-// shared memory; the trailing barrier makes it safe to call again at once.
-__device__ float block_sum(float v, float* buf) {
+// Over the block, returned to every thread. `buf` holds 32 floats of shared memory;
+// the trailing barrier makes it safe to call again at once.
+template <class Op>
+__device__ float block_reduce(float v, float* buf) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_sum(v);
+  v = warp_reduce<Op>(v);
   if (lane == 0) buf[warp] = v;
   __syncthreads();
-  v = lane < static_cast<int>(blockDim.x / 32) ? buf[lane] : 0.0f;
-  v = warp_sum(v);  // every warp reduces the partial sums: no second broadcast needed
+  v = lane < static_cast<int>(blockDim.x / 32) ? buf[lane] : Op::identity();
+  v = warp_reduce<Op>(v);  // every warp reduces the partial results: no second broadcast needed
   __syncthreads();
   return v;
 }
 
-__device__ float block_max(float v, float* buf) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_max(v);
-  if (lane == 0) buf[warp] = v;
-  __syncthreads();
-  v = lane < static_cast<int>(blockDim.x / 32) ? buf[lane] : -INFINITY;
-  v = warp_max(v);
-  __syncthreads();
-  return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce<Sum>(v); }
+__device__ __forceinline__ float warp_max(float v) { return warp_reduce<Max>(v); }
+__device__ float block_sum(float v, float* buf) { return block_reduce<Sum>(v, buf); }
+__device__ float block_max(float v, float* buf) { return block_reduce<Max>(v, buf); }
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument(what);

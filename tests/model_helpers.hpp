@@ -1,8 +1,9 @@
-// Inputs shared by the chapter-7 model tests: a tiny LLaMA configuration for
-// exactness tests and seeded random token ids.
+// Inputs shared by the model tests: a tiny LLaMA configuration for exactness tests,
+// seeded random token ids and seeded uniform random values.
 #pragma once
 
 #include "llama2c.hpp"
+#include "quant_basics.hpp"
 
 #include <cstdint>
 #include <random>
@@ -30,6 +31,13 @@ inline std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
   std::vector<int> t(static_cast<std::size_t>(n));
   for (int& x : t) x = static_cast<int>(rng() % static_cast<std::uint64_t>(vocab));
   return t;
+}
+
+/// n values uniform in [lo, hi) from `rng` (chapter 1's uniform01: the same on every platform).
+inline std::vector<float> random_vec(std::size_t n, std::mt19937_64& rng, double lo = -1.0, double hi = 1.0) {
+  std::vector<float> v(n);
+  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * uniform01(rng));
+  return v;
 }
 
 }  // namespace qlora::test

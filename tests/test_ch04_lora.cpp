@@ -6,6 +6,7 @@
 #include "lora_merge.hpp"
 #include "matmul.hpp"
 #include "memory_plan.hpp"
+#include "model_helpers.hpp"
 #include "peft_adapter.hpp"
 #include "quant4.hpp"
 #include "safetensors.hpp"
@@ -25,14 +26,9 @@
 #include <vector>
 
 using namespace qlora;
+using qlora::test::random_vec;
 
 namespace {
-
-std::vector<float> random_vec(std::size_t n, std::mt19937_64& rng, double lo = -1.0, double hi = 1.0) {
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * uniform01(rng));
-  return v;
-}
 
 LoraAdapter random_adapter(int in, int out, int r, std::mt19937_64& rng) {
   LoraAdapter ad(in, out, r);

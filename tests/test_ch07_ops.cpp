@@ -5,6 +5,7 @@
 // log-softmax computed in long double.
 #include "llama_ops.hpp"
 #include "lora.hpp"
+#include "model_helpers.hpp"
 
 #include <catch2/catch.hpp>
 
@@ -15,14 +16,9 @@
 #include <vector>
 
 using namespace qlora;
+using qlora::test::random_vec;
 
 namespace {
-
-std::vector<float> random_vec(std::size_t n, std::mt19937_64& rng, double lo = -1.0, double hi = 1.0) {
-  std::vector<float> v(n);
-  for (float& x : v) x = static_cast<float>(lo + (hi - lo) * uniform01(rng));
-  return v;
-}
 
 // Largest |analytic − central difference| over every element of `param`, for the scalar
 // loss(); the step is h. Returns it relative to the largest |analytic| value.
