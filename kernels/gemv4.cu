@@ -177,6 +177,11 @@ static __device__ __forceinline__ std::uint32_t byte_of(std::uint32_t v, int m) 
   return __byte_perm(v, 0u, 0x4440u | static_cast<std::uint32_t>(m));
 }
 
+/// Blocks per multiprocessor that versions 3 and 4 size their registers for: 65536 / (256
+/// threads × blocks), so 128 per thread at 2 blocks, 80 at 3. Version 4 at one token asks
+/// for 3 (see launch_multirow()); at 4 (64 registers) it spills (nvcc -Xptxas -v).
+constexpr int multirow_min_blocks(int tokens, bool prefetch) { return prefetch && tokens == 1 ? 3 : 2; }
+
 /// Version 3. Same data layout as version 2 (16-byte code chunks, x swizzled in shared
 /// memory, the scale factored out of each chunk's partial sum), with the instructions per
 /// weight cut from about six to about three and a half, since at one token version 2 was
@@ -193,7 +198,7 @@ static __device__ __forceinline__ std::uint32_t byte_of(std::uint32_t v, int m) 
 /// computes. Version 3 waits a full memory round trip at the start of every step, and at
 /// 8192 rows there are too few warps per multiprocessor (about 16) to hide it.
 template <int kTokens, int kRows, int kLoads, bool kPrefetch>
-__global__ void __launch_bounds__(kGemvThreads, 2)
+__global__ void __launch_bounds__(kGemvThreads, multirow_min_blocks(kTokens, kPrefetch))
     gemv4_multirow_kernel(Quant4View q, const uint4* __restrict__ x, __nv_bfloat16* __restrict__ y, int out, int in) {
   extern __shared__ uint4 s_x[];
   __shared__ float s_table[16];
@@ -345,9 +350,15 @@ static void launch_multirow(const Quant4View& v, const bf16* x, bf16* y, int out
   // Four rows per warp share every x value; past four tokens the float copies of x
   // (8 per token) would crowd the registers, so two. Two chunks per row in flight
   // while a step's registers allow it. Version 4 holds two steps' chunks, so it takes
-  // two chunks per step only at 1 token and four rows only up to 2 tokens (at 3 and 4
+  // two chunks per step only at 1 token and four rows only at 2 tokens (at 3 and 4
   // it would spill: nvcc -Xptxas -v).
-  constexpr int kRows = kTokens <= (kPrefetch ? 2 : 4) ? 4 : 2;
+  // Version 4 at one token takes two rows, not four: with four, ncu on the H100 (8192 ×
+  // 8192, docs/benchmarks.md third run) showed 128 registers, so 2 blocks (16 warps) per
+  // multiprocessor, 256 blocks in 0.97 waves, 23% achieved occupancy, 39% of cycles with
+  // no eligible warp and DRAM at ~42%: too few warps to hide the loads. Two rows fit in
+  // 80 registers without spilling, so 3 blocks (24 warps) per multiprocessor and twice
+  // the blocks. Version 3 keeps four rows (its measured configuration).
+  constexpr int kRows = kPrefetch && kTokens == 1 ? 2 : kTokens <= (kPrefetch ? 2 : 4) ? 4 : 2;
   constexpr int kLoads = kTokens <= (kPrefetch ? 1 : 2) ? 2 : 1;
   auto kernel = gemv4_multirow_kernel<kTokens, kRows, kLoads, kPrefetch>;
   const std::size_t smem = fused_smem_bytes(in, kTokens);

@@ -323,7 +323,8 @@ TEST_CASE("ch05: GEMV (naive and the three fused versions) matches the FP64 refe
     QuantType type;
     bool dq;
   };
-  // out never a multiple of 64 nor of the 32 rows a version-3 block takes; in = 1001 (odd:
+  // out never a multiple of 64 nor of the 32 rows a version-3 block takes (nor of 16: version
+  // 4 at one token and past 2 tokens, version 3 past 4); in = 1001 (odd:
   // rows start mid-byte and blocks straddle rows) only the naive kernel can take; the
   // others run every version. in = 2080 (65 chunks) leaves a row's last step mostly past
   // its end; blocksize 4096 spans several rows. Version 4 alternates two buffers, two steps
