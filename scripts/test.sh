@@ -7,4 +7,14 @@ bash scripts/setup.sh
 build=${QLORA_BUILD_DIR:-build/test}
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release
 cmake --build "$build" -j "$(nproc)"
-ctest --test-dir "$build" --output-on-failure -j "$(nproc)" "$@"
+status=0
+ctest --test-dir "$build" --output-on-failure -j "$(nproc)" "$@" || status=$?
+# CTest lists skipped tests only as "(Skipped)": print the reason the GPU tests give.
+for t in "$build"/tests/test_*_gpu_*; do
+  [[ -x $t ]] || continue
+  rc=0
+  msg=$("$t" 2>&1) || rc=$?
+  [[ $rc == 77 ]] && echo "gpu tests: ${msg%%$'\n'*}"
+  break
+done
+exit $status
