@@ -3,7 +3,7 @@
 #pragma once
 
 #include "llama2c.hpp"
-#include "quant_basics.hpp"
+#include "lora.hpp"
 
 #include <cstdint>
 #include <random>
@@ -33,7 +33,7 @@ inline std::vector<int> random_tokens(int n, int vocab, std::uint64_t seed) {
   return t;
 }
 
-/// n values uniform in [lo, hi) from `rng` (chapter 1's uniform01: the same on every platform).
+/// n values uniform in [lo, hi) from `rng` (chapter 4's uniform01: the same on every platform).
 inline std::vector<float> random_vec(std::size_t n, std::mt19937_64& rng, double lo = -1.0, double hi = 1.0) {
   std::vector<float> v(n);
   for (float& x : v) x = static_cast<float>(lo + (hi - lo) * uniform01(rng));
