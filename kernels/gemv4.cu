@@ -399,10 +399,13 @@ void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersio
   const int out = static_cast<int>(out64), in = static_cast<int>(in64);
   const Quant4View v = W.view();
   const bool fast_ok = gemv4_fused_supported(W, tokens) && reinterpret_cast<std::uintptr_t>(x) % 16 == 0;
-  // Measured on an H100 (docs/benchmarks.md, 2026-11-23): version 3 was the faster of the
-  // fused versions up to 4 tokens on the large shapes, version 2 at 8 tokens.
+  // Measured on an H100 (docs/benchmarks.md, 2026-11-23, fourth run): version 4 is the
+  // fastest at 1 token on every benchmarked shape, version 3 up to 4 tokens, version 2 at 8.
   if (version == GemvVersion::automatic) {
-    version = !fast_ok ? GemvVersion::naive : tokens <= 4 ? GemvVersion::multirow : GemvVersion::fused;
+    version = !fast_ok       ? GemvVersion::naive
+              : tokens == 1 ? GemvVersion::prefetch
+              : tokens <= 4 ? GemvVersion::multirow
+                            : GemvVersion::fused;
   }
   if (version == GemvVersion::naive) {
     gemv4_naive_kernel<<<(out + kGemvWarps - 1) / kGemvWarps, kGemvThreads, 0, stream>>>(

@@ -16,7 +16,7 @@ namespace qlora::cuda {
 inline constexpr int kMaxGemvTokens = 8;
 
 enum class GemvVersion {
-  automatic = 0,  ///< multirow up to 4 tokens, fused beyond, when the shape allows it; naive otherwise
+  automatic = 0,  ///< prefetch at 1 token, multirow up to 4, fused beyond, when the shape allows it; naive otherwise
   naive = 1,      ///< one warp per output row, one value at a time: any shape
   fused = 2,      ///< 16-byte code loads, x in shared memory: needs gemv4_fused_supported()
   multirow = 3,   ///< version 2 with fewer instructions per weight (x reused over 4 rows): same shapes
