@@ -165,7 +165,21 @@ __global__ void rmsnorm_backward_kernel(const float* __restrict__ x, const float
 }
 
 //! [cross-entropy-cuda]
-// max, then Σ exp(l − max): two passes over the row, both block reductions.
+// The max of a logits row, then Σ exp(l − max): two passes over the row, both block
+// reductions, both results returned to every thread. The stable log-sum-exp that the
+// loss and its gradient share.
+struct MaxSum {
+  float max, sum;
+};
+__device__ MaxSum row_max_sumexp(const float* l, int V, float* buf) {
+  float mx = -INFINITY;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, l[v]);
+  mx = block_max(mx, buf);
+  float sum = 0.0f;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - mx);
+  return {mx, block_sum(sum, buf)};
+}
+
 __global__ void cross_entropy_loss_kernel(const float* __restrict__ logits, const int* __restrict__ targets,
                                           float* __restrict__ row_loss, int V) {
   __shared__ float buf[32];
@@ -175,13 +189,8 @@ __global__ void cross_entropy_loss_kernel(const float* __restrict__ logits, cons
     return;
   }
   const float* l = logits + (std::int64_t)blockIdx.x * V;
-  float mx = -INFINITY;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, l[v]);
-  mx = block_max(mx, buf);
-  float sum = 0.0f;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - mx);
-  sum = block_sum(sum, buf);
-  if (threadIdx.x == 0) row_loss[blockIdx.x] = mx + logf(sum) - l[target];
+  const MaxSum ms = row_max_sumexp(l, V, buf);
+  if (threadIdx.x == 0) row_loss[blockIdx.x] = ms.max + logf(ms.sum) - l[target];
 }
 
 __global__ void cross_entropy_backward_kernel(float* __restrict__ logits, const int* __restrict__ targets, int V,
@@ -193,14 +202,9 @@ __global__ void cross_entropy_backward_kernel(float* __restrict__ logits, const 
     for (int v = threadIdx.x; v < V; v += blockDim.x) l[v] = 0.0f;
     return;
   }
-  float mx = -INFINITY;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, l[v]);
-  mx = block_max(mx, buf);
-  float sum = 0.0f;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) sum += expf(l[v] - mx);
-  sum = block_sum(sum, buf);
-  const float w = scale / sum;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) l[v] = expf(l[v] - mx) * w;
+  const MaxSum ms = row_max_sumexp(l, V, buf);
+  const float w = scale / ms.sum;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) l[v] = expf(l[v] - ms.max) * w;
   __syncthreads();  // the thread that wrote l[target] may not be thread 0
   if (threadIdx.x == 0) l[target] -= scale;
 }
