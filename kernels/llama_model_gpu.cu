@@ -33,10 +33,16 @@ std::int64_t DeviceFrozenLinear::bytes() const {
 struct LlamaModelGpu::LayerActs {
   DeviceFloats x, inv1, xn1, q, k, v, att, o, x2, inv2, xn2, h1, h3, g;
   std::array<DeviceLoraCache, kNumProj> lc;
+  std::int64_t bytes() const {
+    std::size_t n = 0;
+    for (const DeviceFloats* f : {&x, &inv1, &xn1, &q, &k, &v, &att, &o, &x2, &inv2, &xn2, &h1, &h3, &g}) n += f->size();
+    for (const DeviceLoraCache& c : lc) n += c.mask.size() + c.xa.size() + c.xd.size();
+    return static_cast<std::int64_t>(n * sizeof(float));
+  }
 };
 
 //! [gpu-model-upload]
-LlamaModelGpu::LlamaModelGpu(const LlamaModel& host) : cfg_(host.config()) {
+LlamaModelGpu::LlamaModelGpu(const LlamaModel& host) : cfg_(host.config()), checkpointing_(host.checkpointing()) {
   CUDA_CHECK(cudaStreamCreate(&stream_));
   tok_emb_ = upload_f32(host.tok_emb());
   cls_ = upload_bf16(host.classifier());  // BF16-rounded on the host already: exact
@@ -266,11 +272,25 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
   const std::size_t nD = usz(N) * D;
   x_final_.resize(nD);
   embedding_forward(tok_emb_.data(), tokens_.data(), x_final_.data(), N, D, stream_);
-  acts_.resize(usz(cfg_.n_layers));
+  // Without checkpointing every layer keeps its activations. With it, one set of
+  // buffers serves every layer, and each layer keeps only its input and the rng state,
+  // so that backward can recompute it with the same dropout masks.
+  fwd_checkpointed_ = checkpointing_;
+  training_ = training;
+  acts_.resize(checkpointing_ ? 1 : usz(cfg_.n_layers));
+  layer_inputs_.resize(checkpointing_ ? usz(cfg_.n_layers) : 0);
+  layer_rng_.assign(checkpointing_ ? usz(cfg_.n_layers) : 0, rng);
   for (int l = 0; l < cfg_.n_layers; ++l) {
-    if (!acts_[usz(l)]) acts_[usz(l)] = std::make_unique<LayerActs>();
+    auto& slot = acts_[checkpointing_ ? 0 : usz(l)];
+    if (!slot) slot = std::make_unique<LayerActs>();
+    if (checkpointing_) {
+      layer_rng_[usz(l)] = rng;
+      layer_inputs_[usz(l)].resize(nD);
+      CUDA_CHECK(cudaMemcpyAsync(layer_inputs_[usz(l)].data(), x_final_.data(), nD * sizeof(float),
+                                 cudaMemcpyDeviceToDevice, stream_));
+    }
     // The layer copies its input into its cache first, so input and output may alias.
-    layer_forward(l, x_final_.data(), x_final_.data(), training, rng, *acts_[usz(l)]);
+    layer_forward(l, x_final_.data(), x_final_.data(), training, rng, *slot);
   }
   inv_final_.resize(usz(N));
   xn_final_.resize(nD);
@@ -279,6 +299,7 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
   to_bf16(xn_final_.data(), xb_.data(), static_cast<std::int64_t>(nD), stream_);
   logits_.resize(usz(N) * V);
   gemm_bf16_xwt(cublas_, xb_.data(), cls_.data(), logits_.data(), OutType::f32, N, D, V, false, stream_);
+  peak_act_bytes_ = cached_bytes();
   if (!targets || target_count_ == 0) {
     CUDA_CHECK(cudaStreamSynchronize(stream_));
     return 0.0f;
@@ -313,10 +334,31 @@ void LlamaModelGpu::backward() {
   dx_.resize(nD);
   CUDA_CHECK(cudaMemsetAsync(dx_.data(), 0, nD * sizeof(float), stream_));
   rmsnorm_backward(x_final_.data(), rms_final_.data(), inv_final_.data(), dxn_.data(), dx_.data(), N, D, stream_);
-  for (int l = cfg_.n_layers - 1; l >= 0; --l) layer_backward(l, *acts_[usz(l)], dx_.data());
+  for (int l = cfg_.n_layers - 1; l >= 0; --l) {
+    if (fwd_checkpointed_) {
+      // Recompute this layer from its saved input and rng state, then differentiate it.
+      LayerActs& a = *acts_[0];
+      std::mt19937_64 rng = layer_rng_[usz(l)];
+      recompute_out_.resize(nD);
+      layer_forward(l, layer_inputs_[usz(l)].data(), recompute_out_.data(), training_, rng, a);
+      peak_act_bytes_ = std::max(peak_act_bytes_, cached_bytes());
+      layer_backward(l, a, dx_.data());
+    } else {
+      layer_backward(l, *acts_[usz(l)], dx_.data());
+    }
+  }
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 //! [gpu-model-backward]
+
+std::int64_t LlamaModelGpu::cached_bytes() const {
+  std::int64_t n = 0;
+  for (const auto& a : acts_)
+    if (a) n += a->bytes();
+  for (const DeviceFloats& x : layer_inputs_) n += static_cast<std::int64_t>(x.size() * sizeof(float));
+  for (const DeviceFloats* f : {&x_final_, &inv_final_, &xn_final_}) n += static_cast<std::int64_t>(f->size() * sizeof(float));
+  return n;
+}
 
 std::vector<float> LlamaModelGpu::logits() const {
   std::vector<float> out(logits_.size());

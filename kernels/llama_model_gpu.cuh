@@ -53,6 +53,14 @@ class LlamaModelGpu {
   void backward();
   /// Logits of the last forward on the host, (B·T)×vocab (dLoss/dlogits after backward).
   std::vector<float> logits() const;
+  /// Per-layer gradient checkpointing, as LlamaModel::set_checkpointing: forward keeps only
+  /// each layer's input and the generator state its dropout masks start from; backward
+  /// recomputes the layer into one reused set of buffers. (The constructor copies the
+  /// host model's setting.)
+  void set_checkpointing(bool on) { checkpointing_ = on; }
+  /// Bytes of device activations kept for backward at the peak of the last forward +
+  /// backward (the recomputed layer included; logits excluded): what checkpointing saves.
+  std::int64_t activation_bytes() const { return peak_act_bytes_; }
 
   // --- the adapters ------------------------------------------------------------
   /// The device adapters in (layer, proj) order with their HF module names, as
@@ -85,6 +93,13 @@ class LlamaModelGpu {
   // Last forward's state.
   int B_ = 0, T_ = 0;
   bool backward_pending_ = false;
+  bool checkpointing_ = false;
+  bool fwd_checkpointed_ = false;  ///< checkpointing as it was during the last forward
+  bool training_ = false;
+  std::vector<DeviceFloats> layer_inputs_;   ///< with checkpointing: each layer's input
+  std::vector<std::mt19937_64> layer_rng_;   ///< with checkpointing: the rng at each layer's start
+  DeviceFloats recompute_out_;               ///< the recomputed layer's (unused) output
+  std::int64_t peak_act_bytes_ = 0;
   int target_count_ = 0;
   DeviceBuffer<int> tokens_, targets_;
   std::vector<std::unique_ptr<LayerActs>> acts_;
@@ -99,6 +114,7 @@ class LlamaModelGpu {
   void layer_forward(int l, const float* x_in, float* x_out, bool training, std::mt19937_64& rng, LayerActs& a);
   void layer_backward(int l, LayerActs& a, float* dx);
   DeviceLoraAdapter* adapter(int l, Proj p) const;
+  std::int64_t cached_bytes() const;
 };
 
 }  // namespace qlora::cuda

@@ -102,6 +102,7 @@ QLORA_COMMAND([](CLI::App& app) {
     std::string resume;
     std::string device = "auto";
     std::string optim = "adamw_32bit";
+    bool checkpointing = false;
   };
   auto o = std::make_shared<Options>();
   o->cfg.steps = 100;
@@ -138,6 +139,8 @@ QLORA_COMMAND([](CLI::App& app) {
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
   cmd->add_option("--optim", o->optim, "adamw_32bit, adamw_8bit, paged_adamw_32bit (GPU), paged_adamw_8bit (GPU)")
       ->capture_default_str();
+  cmd->add_flag("--gradient-checkpointing", o->checkpointing,
+                "keep only each layer's input, recompute the layer in backward (less memory, more time)");
   cmd->add_option("--sample-tokens", o->sample_tokens, "length of the ROMEO: samples")->capture_default_str();
   cmd->callback([o, cmd] {
     const auto mp = o->m.model_path();
@@ -157,6 +160,7 @@ QLORA_COMMAND([](CLI::App& app) {
     cfg.out = o->out;
     cfg.resume = o->resume;
     cfg.optim = parse_optim(o->optim);
+    model.set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
     auto trainer = make_trainer(o->device, model, cfg);
     if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
     std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
@@ -187,7 +191,7 @@ QLORA_COMMAND([](CLI::App& app) {
         {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
         {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
         {"lr", cfg.lr}, {"warmup", cfg.warmup}, {"clip", cfg.clip}, {"weight_decay", cfg.weight_decay},
-        {"val_windows", cfg.val_windows}, {"val_loss_before", before}, {"val_loss_after", after},
+        {"val_windows", cfg.val_windows}, {"gradient_checkpointing", o->checkpointing}, {"val_loss_before", before}, {"val_loss_after", after},
         {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
         {"peak_mem_mb", peak}, {"frozen_bytes", model.frozen_storage_bytes()},
         {"lora_parameters", model.lora_parameter_count()}};
