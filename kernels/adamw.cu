@@ -1,6 +1,8 @@
 // AdamW kernels and GPU optimizers (chapter 6). See adamw.cuh.
 #include "adamw.cuh"
 
+#include "dynamic_map.hpp"
+
 #include <cmath>
 #include <stdexcept>
 
@@ -62,34 +64,11 @@ void adamw32_update(float* p, const float* g, float* m, float* v, std::size_t n,
 // 8-bit blockwise AdamW. Reference: src/adamw8bit.cpp:adamw8bit_update.
 // One thread block per quantization block of 256 values, one value per thread.
 
-// Nearest code by binary search: the device twin of src/dynamic_map.cpp:quantize_dynamic
-// (bitsandbytes' dQuantize<0>), which is host-only; the GPU test checks they agree.
-__device__ std::uint8_t quantize_code(float x, const float* map) {
-  int pivot = 127, upper_pivot = 255, lower_pivot = 0;
-  float lower = -1.0f, upper = 1.0f;
-  float val = map[pivot];
-  for (int step = 64; step > 0; step >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot;
-      lower = val;
-      pivot += step;
-    } else {
-      upper_pivot = pivot;
-      upper = val;
-      pivot -= step;
-    }
-    val = map[pivot];
-  }
-  if (upper_pivot == 255) upper = map[255];
-  if (lower_pivot == 0) lower = map[0];
-  if (x > val) return static_cast<std::uint8_t>(x > mul(add(upper, val), 0.5f) ? upper_pivot : pivot);
-  return static_cast<std::uint8_t>(x < mul(add(lower, val), 0.5f) ? lower_pivot : pivot);
-}
 
 // Reference: src/adamw8bit.cpp:requantize_state.
 __device__ std::uint8_t requantize(float s, float absmax, const float* map, bool fix_sign) {
   const float x = absmax > 0.0f ? div(s, absmax) : 0.0f;
-  std::uint8_t c = quantize_code(x, map);
+  std::uint8_t c = dynamic_code(x, map);
   if (fix_sign && signbit(map[c]) != signbit(s)) c = static_cast<std::uint8_t>(s > 0.0f ? c + 1 : c - 1);
   return c;
 }

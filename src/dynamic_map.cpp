@@ -46,41 +46,6 @@ std::array<float, 256> dynamic_map(bool is_signed) {
 }
 //! [dynamic-map]
 
-//! [dynamic-quantize]
-std::uint8_t quantize_dynamic(float x, const std::array<float, 256>& map) {
-  // Binary search: after 7 halving steps `pivot` is a neighbour of x and
-  // lower_pivot / upper_pivot the last indices seen below / above it.
-  int pivot = 127;
-  int upper_pivot = 255;
-  int lower_pivot = 0;
-  float lower = -1.0f;
-  float upper = 1.0f;
-  float val = map[pivot];
-  for (int step = 64; step > 0; step >>= 1) {
-    if (x > val) {
-      lower_pivot = pivot;
-      lower = val;
-      pivot += step;
-    } else {
-      upper_pivot = pivot;
-      upper = val;
-      pivot -= step;
-    }
-    val = map[static_cast<std::size_t>(pivot)];
-  }
-  // If the search never turned, the bracket is the end of the table.
-  if (upper_pivot == 255) upper = map[255];
-  if (lower_pivot == 0) lower = map[0];
-  // Round to the nearer neighbour through the float32 midpoint; ties stay at `pivot`.
-  if (x > val) {
-    const float midpoint = (upper + val) * 0.5f;
-    return static_cast<std::uint8_t>(x > midpoint ? upper_pivot : pivot);
-  }
-  const float midpoint = (lower + val) * 0.5f;
-  return static_cast<std::uint8_t>(x < midpoint ? lower_pivot : pivot);
-}
-//! [dynamic-quantize]
-
 static std::size_t num_blocks(std::size_t n, int blocksize) {
   return (n + static_cast<std::size_t>(blocksize) - 1) / static_cast<std::size_t>(blocksize);
 }
