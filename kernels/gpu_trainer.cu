@@ -44,6 +44,14 @@ GpuTrainer::GpuTrainer(LlamaModel& host, OptimKind optim, float weight_decay)
   acfg.weight_decay = weight_decay;
   opt_ = std::make_unique<Optim>(std::move(params), acfg, optim);
   clipper_ = std::make_unique<GradClipper>(std::move(grads));
+  // A paged optimizer's states wait in host memory while forward and backward need the
+  // room; the update prefetches them in and sends them out again (chapter 6).
+  if (paged_) std::visit([&](auto& o) { o.page_out(gpu_->stream()); }, opt_->opt);
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  device_name_ = prop.name;
 }
 
 GpuTrainer::~GpuTrainer() = default;
@@ -55,9 +63,6 @@ void GpuTrainer::sample_memory() {
 
 //! [gpu-train-step]
 float GpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) {
-  // A paged optimizer's states wait in host memory while the activations need the
-  // room; optimizer_step() prefetches them back (chapter 6).
-  if (paged_) std::visit([&](auto& o) { o.page_out(gpu_->stream()); }, opt_->opt);
   const float loss = gpu_->forward(x, y, B, T, true, dropout_rng);
   sample_memory();  // activations are at their peak between forward and backward
   gpu_->backward();
@@ -65,7 +70,11 @@ float GpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, st
 }
 
 void GpuTrainer::optimizer_step(float lr) {
-  std::visit([&](auto& o) { o.step(lr, gpu_->stream()); }, opt_->opt);
+  // step() pages paged states in first; out they go again, until the next update.
+  std::visit([&](auto& o) {
+    o.step(lr, gpu_->stream());
+    if (paged_) o.page_out(gpu_->stream());
+  }, opt_->opt);
   CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
 }
 //! [gpu-train-step]
@@ -73,16 +82,6 @@ void GpuTrainer::optimizer_step(float lr) {
 float GpuTrainer::eval_batch(const int* x, const int* y, int B, int T) {
   std::mt19937_64 unused(0);  // no dropout in evaluation
   return gpu_->forward(x, y, B, T, false, unused);
-}
-
-void GpuTrainer::scale_grads(float s) {
-  CublasHandle h;
-  CUBLAS_CHECK(cublasSetStream(h.get(), gpu_->stream()));
-  for (auto& [name, a] : gpu_->named_adapters()) {
-    CUBLAS_CHECK(cublasSscal(h.get(), static_cast<int>(a->dA.size()), &s, a->dA.data(), 1));
-    CUBLAS_CHECK(cublasSscal(h.get(), static_cast<int>(a->dB.size()), &s, a->dB.data(), 1));
-  }
-  CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
 }
 
 double GpuTrainer::clip_grad_norm(double max_norm) { return clipper_->clip(max_norm, gpu_->stream()); }
@@ -99,14 +98,6 @@ void GpuTrainer::save_optimizer(const std::filesystem::path& file) const {
 void GpuTrainer::load_optimizer(const std::filesystem::path& file) {
   CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
   std::visit([&](auto& o) { o.load_state(file); }, opt_->opt);
-}
-
-std::string GpuTrainer::device() const {
-  int dev = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  cudaDeviceProp prop{};
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
-  return prop.name;
 }
 
 }  // namespace qlora::cuda

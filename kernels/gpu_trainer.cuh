@@ -27,7 +27,7 @@ class GpuTrainer final : public Trainer {
   void zero_grad() override { gpu_->zero_grad(); }
   float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override;
   float eval_batch(const int* x, const int* y, int B, int T) override;
-  void scale_grads(float s) override;
+  void scale_grads(float s) override { gpu_->scale_grads(s); }
   double clip_grad_norm(double max_norm) override;
   void optimizer_step(float lr) override;
   std::int64_t optimizer_steps() const override;
@@ -37,7 +37,7 @@ class GpuTrainer final : public Trainer {
   void sync_from_host() override { gpu_->upload_adapters(host_); }
   /// The largest device memory in use (cudaMemGetInfo: total − free, all processes) seen after a forward pass.
   double peak_memory_mb() const override { return peak_used_mb_; }
-  std::string device() const override;
+  std::string device() const override { return device_name_; }
 
  private:
   struct Optim;
@@ -47,6 +47,7 @@ class GpuTrainer final : public Trainer {
   std::unique_ptr<GradClipper> clipper_;
   bool paged_ = false;
   double peak_used_mb_ = 0;
+  std::string device_name_;  ///< asked once: the loop logs it every step
   void sample_memory();
 };
 

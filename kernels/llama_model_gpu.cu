@@ -113,6 +113,14 @@ void LlamaModelGpu::zero_grad() {
   }
 }
 
+void LlamaModelGpu::scale_grads(float s) {
+  CUBLAS_CHECK(cublasSetStream(cublas_.get(), stream_));
+  for (auto& [name, a] : named_adapters()) {
+    CUBLAS_CHECK(cublasSscal(cublas_.get(), static_cast<int>(a->dA.size()), &s, a->dA.data(), 1));
+    CUBLAS_CHECK(cublasSscal(cublas_.get(), static_cast<int>(a->dB.size()), &s, a->dB.data(), 1));
+  }
+}
+
 void LlamaModelGpu::download_adapters(LlamaModel& host) const {
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   for (int l = 0; l < cfg_.n_layers; ++l)
@@ -141,15 +149,19 @@ void LlamaModelGpu::upload_adapters(const LlamaModel& host) {
 
 //! [gpu-linear]
 // y = x·deq(W)ᵀ (BF16 inputs, float32 accumulation and output) + the LoRA term (float32).
-void LlamaModelGpu::linear(int l, Proj p, const float* x, float* y, int N, bool training, std::mt19937_64& rng,
-                           DeviceLoraCache& lc) {
+const bf16* LlamaModelGpu::rounded(DeviceBuffer<bf16>& buf, const float* x, std::int64_t n) {
+  if (buf.size() < usz(n)) buf = DeviceBuffer<bf16>(usz(n));
+  to_bf16(x, buf.data(), n, stream_);
+  return buf.data();
+}
+
+void LlamaModelGpu::linear(int l, Proj p, const float* x, const bf16* xb, float* y, int N, bool training,
+                           std::mt19937_64& rng, DeviceLoraCache& lc) {
   const DeviceFrozenLinear& f = layers_[usz(l)].w[usz(I(p))];
-  if (xb_.size() < usz(N) * f.in) xb_ = DeviceBuffer<bf16>(usz(N) * f.in);
-  to_bf16(x, xb_.data(), static_cast<std::int64_t>(N) * f.in, stream_);
   if (f.q4)
-    linear4_forward(cublas_, *f.q4, xb_.data(), N, y, OutType::f32, scratch_, false, stream_);
+    linear4_forward(cublas_, *f.q4, xb, N, y, OutType::f32, scratch_, false, stream_);
   else
-    gemm_bf16_xwt(cublas_, xb_.data(), f.w.data(), y, OutType::f32, N, f.in, f.out, false, stream_);
+    gemm_bf16_xwt(cublas_, xb, f.w.data(), y, OutType::f32, N, f.in, f.out, false, stream_);
   if (const DeviceLoraAdapter* a = adapter(l, p))
     lora_forward_cuda(cublas_.get(), stream_, *a, lora_->config, x, y, N, training, rng, lc);
 }
@@ -158,12 +170,11 @@ void LlamaModelGpu::linear(int l, Proj p, const float* x, float* y, int N, bool 
 void LlamaModelGpu::linear_backward(int l, Proj p, const float* x, const float* dy, float* dx, int N, bool accumulate,
                                     DeviceLoraCache& lc) {
   const DeviceFrozenLinear& f = layers_[usz(l)].w[usz(I(p))];
-  if (yb_.size() < usz(N) * f.out) yb_ = DeviceBuffer<bf16>(usz(N) * f.out);
-  to_bf16(dy, yb_.data(), static_cast<std::int64_t>(N) * f.out, stream_);
+  const bf16* dyb = rounded(yb_, dy, static_cast<std::int64_t>(N) * f.out);
   if (f.q4)
-    linear4_backward_input(cublas_, *f.q4, yb_.data(), N, dx, OutType::f32, scratch_, accumulate, stream_);
+    linear4_backward_input(cublas_, *f.q4, dyb, N, dx, OutType::f32, scratch_, accumulate, stream_);
   else
-    gemm_bf16_dyw(cublas_, yb_.data(), f.w.data(), dx, OutType::f32, N, f.in, f.out, accumulate, stream_);
+    gemm_bf16_dyw(cublas_, dyb, f.w.data(), dx, OutType::f32, N, f.in, f.out, accumulate, stream_);
   if (DeviceLoraAdapter* a = adapter(l, p)) lora_backward_cuda(cublas_.get(), stream_, *a, lora_->config, x, dy, dx, N, lc);
 }
 //! [gpu-linear]
@@ -186,16 +197,17 @@ void LlamaModelGpu::layer_forward(int l, const float* x_in, float* x_out, bool t
   a.q.resize(nD);
   a.k.resize(nKV);
   a.v.resize(nKV);
-  linear(l, Proj::q, a.xn1.data(), a.q.data(), N, training, rng, a.lc[usz(I(Proj::q))]);
-  linear(l, Proj::k, a.xn1.data(), a.k.data(), N, training, rng, a.lc[usz(I(Proj::k))]);
-  linear(l, Proj::v, a.xn1.data(), a.v.data(), N, training, rng, a.lc[usz(I(Proj::v))]);
+  const bf16* xn1b = rounded(xb_, a.xn1.data(), static_cast<std::int64_t>(nD));  // once for q, k and v
+  linear(l, Proj::q, a.xn1.data(), xn1b, a.q.data(), N, training, rng, a.lc[usz(I(Proj::q))]);
+  linear(l, Proj::k, a.xn1.data(), xn1b, a.k.data(), N, training, rng, a.lc[usz(I(Proj::k))]);
+  linear(l, Proj::v, a.xn1.data(), xn1b, a.v.data(), N, training, rng, a.lc[usz(I(Proj::v))]);
   rope(a.q.data(), N, T_, H, hs, rope_cos_.data(), rope_sin_.data(), false, stream_);
   rope(a.k.data(), N, T_, KVH, hs, rope_cos_.data(), rope_sin_.data(), false, stream_);
   a.att.resize(usz(B_) * H * T_ * T_);
   a.o.resize(nD);
   attention_forward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H, KVH, hs, stream_);
   tmp_.resize(nD);
-  linear(l, Proj::o, a.o.data(), tmp_.data(), N, training, rng, a.lc[usz(I(Proj::o))]);
+  linear(l, Proj::o, a.o.data(), rounded(xb_, a.o.data(), static_cast<std::int64_t>(nD)), tmp_.data(), N, training, rng, a.lc[usz(I(Proj::o))]);
   a.x2.resize(nD);
   CUDA_CHECK(cudaMemcpyAsync(a.x2.data(), a.x.data(), nD * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
   add_inplace(a.x2.data(), tmp_.data(), static_cast<std::int64_t>(nD), stream_);
@@ -206,10 +218,11 @@ void LlamaModelGpu::layer_forward(int l, const float* x_in, float* x_out, bool t
   a.h1.resize(nH);
   a.h3.resize(nH);
   a.g.resize(nH);
-  linear(l, Proj::gate, a.xn2.data(), a.h1.data(), N, training, rng, a.lc[usz(I(Proj::gate))]);
-  linear(l, Proj::up, a.xn2.data(), a.h3.data(), N, training, rng, a.lc[usz(I(Proj::up))]);
+  const bf16* xn2b = rounded(xb_, a.xn2.data(), static_cast<std::int64_t>(nD));  // once for gate and up
+  linear(l, Proj::gate, a.xn2.data(), xn2b, a.h1.data(), N, training, rng, a.lc[usz(I(Proj::gate))]);
+  linear(l, Proj::up, a.xn2.data(), xn2b, a.h3.data(), N, training, rng, a.lc[usz(I(Proj::up))]);
   swiglu_forward(a.h1.data(), a.h3.data(), a.g.data(), static_cast<std::int64_t>(nH), stream_);
-  linear(l, Proj::down, a.g.data(), tmp_.data(), N, training, rng, a.lc[usz(I(Proj::down))]);
+  linear(l, Proj::down, a.g.data(), rounded(xb_, a.g.data(), static_cast<std::int64_t>(nH)), tmp_.data(), N, training, rng, a.lc[usz(I(Proj::down))]);
   CUDA_CHECK(cudaMemcpyAsync(x_out, a.x2.data(), nD * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
   add_inplace(x_out, tmp_.data(), static_cast<std::int64_t>(nD), stream_);
 }
@@ -295,10 +308,9 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
   inv_final_.resize(usz(N));
   xn_final_.resize(nD);
   rmsnorm_forward(x_final_.data(), rms_final_.data(), xn_final_.data(), inv_final_.data(), N, D, cfg_.norm_eps, stream_);
-  if (xb_.size() < nD) xb_ = DeviceBuffer<bf16>(nD);
-  to_bf16(xn_final_.data(), xb_.data(), static_cast<std::int64_t>(nD), stream_);
+  const bf16* xnb = rounded(xb_, xn_final_.data(), static_cast<std::int64_t>(nD));
   logits_.resize(usz(N) * V);
-  gemm_bf16_xwt(cublas_, xb_.data(), cls_.data(), logits_.data(), OutType::f32, N, D, V, false, stream_);
+  gemm_bf16_xwt(cublas_, xnb, cls_.data(), logits_.data(), OutType::f32, N, D, V, false, stream_);
   peak_act_bytes_ = cached_bytes();
   if (!targets || target_count_ == 0) {
     CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -327,10 +339,9 @@ void LlamaModelGpu::backward() {
   else
     CUDA_CHECK(cudaMemsetAsync(logits_.data(), 0, logits_.size() * sizeof(float), stream_));
   // dxn = dlogits·Wcls through a BF16 GEMM, like every frozen matrix.
-  if (yb_.size() < usz(N) * V) yb_ = DeviceBuffer<bf16>(usz(N) * V);
-  to_bf16(logits_.data(), yb_.data(), static_cast<std::int64_t>(N) * V, stream_);
+  const bf16* dlogits_b = rounded(yb_, logits_.data(), static_cast<std::int64_t>(N) * V);
   dxn_.resize(nD);
-  gemm_bf16_dyw(cublas_, yb_.data(), cls_.data(), dxn_.data(), OutType::f32, N, D, V, false, stream_);
+  gemm_bf16_dyw(cublas_, dlogits_b, cls_.data(), dxn_.data(), OutType::f32, N, D, V, false, stream_);
   dx_.resize(nD);
   CUDA_CHECK(cudaMemsetAsync(dx_.data(), 0, nD * sizeof(float), stream_));
   rmsnorm_backward(x_final_.data(), rms_final_.data(), inv_final_.data(), dxn_.data(), dx_.data(), N, D, stream_);

@@ -67,6 +67,8 @@ class LlamaModelGpu {
   /// LlamaModel::named_adapters: the optimizer's tensors and the checkpoint order.
   std::vector<std::pair<std::string, DeviceLoraAdapter*>> named_adapters();
   void zero_grad();
+  /// Multiplies every dA and dB by s (gradient accumulation's average).
+  void scale_grads(float s);
   /// Copies A, B, dA, dB to the host model's adapters (same setup required).
   void download_adapters(LlamaModel& host) const;
   /// Copies A, B, dA, dB from the host model's adapters.
@@ -107,7 +109,10 @@ class LlamaModelGpu {
   DeviceBuffer<bf16> xb_, yb_;  ///< BF16 copies of matmul inputs (forward) and output gradients (backward)
   DeviceFloats tmp_, dx_, dxn_, dg_, dh1_, dh3_, dout_, dq_, dk_, dv_, ds_;
 
-  void linear(int l, Proj p, const float* x, float* y, int N, bool training, std::mt19937_64& rng,
+  /// x rounded to BF16 into `buf` (grown as needed): the operand of a frozen matmul.
+  const bf16* rounded(DeviceBuffer<bf16>& buf, const float* x, std::int64_t n);
+  /// y = x·deq(W)ᵀ + LoRA; xb is x rounded to BF16 (shared by the projections of one input).
+  void linear(int l, Proj p, const float* x, const bf16* xb, float* y, int N, bool training, std::mt19937_64& rng,
               DeviceLoraCache& lc);
   void linear_backward(int l, Proj p, const float* x, const float* dy, float* dx, int N, bool accumulate,
                        DeviceLoraCache& lc);
