@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One batched run on a lent GPU machine (see docs/benchmarks.md). Expects a CUDA
-# build carried as .carry/build-cuda (built here at /work/main/build/cuda), our
-# shared libraries in .carry/libs.tar.xz and the models in .carry/shared.
+# One batched run on a lent GPU machine (see docs/benchmarks.md). Expects what
+# scripts/gpu_pack.sh puts in .carry: the CUDA build (built here at
+# /work/main/build/cuda), our shared libraries and the models.
 # Usage: scripts/gpu_all.sh [PHASE...]; phases, in order (default: all):
 #   fixtures  reference outputs from PyTorch/transformers (tools/make_*_fixtures.py)
 #   ctest     every `gpu` test
@@ -20,7 +20,8 @@ phases=("$@")
 [[ ${#phases[@]} -gt 0 ]] || phases=(fixtures ctest kernels optim recipe peft)
 # The CTest files name absolute paths of the build machine: recreate them.
 [[ -e /work/main ]] || { mkdir -p /work && ln -s "$root" /work/main; }
-mkdir -p build && [[ -e build/cuda ]] || ln -s "$root/.carry/build-cuda" build/cuda
+tar xJf .carry/build-cuda.tar.xz -C /tmp
+mkdir -p build && [[ -e build/cuda ]] || ln -s /tmp/build-cuda build/cuda
 tar xJf .carry/libs.tar.xz -C /tmp && export LD_LIBRARY_PATH=/tmp/libs:${LD_LIBRARY_PATH:-}
 export QLORA_MODELS_DIR=$root/.carry/shared/models QLORA_DATA_DIR=$root/.carry/shared/data
 { date -u; nvidia-smi; python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'; } \

@@ -342,10 +342,11 @@ TEST_CASE("ch06: Paged state: page_out moves the state to the host, cudaMemGetIn
   CHECK(after_in.id == device);
   // 2. The data really moved: 2 GiB cannot cross a CPU-GPU link in 2 ms (that is 1 TB/s, above
   //    PCIe 5 x16 and NVLink-C2C alike), while a prefetch of pages already in place only walks
-  //    the page tables.
+  //    the page tables. (Half, not less: the walk itself took 4-12 ms against 42-46 ms for the move
+  //    on the H100 runs of 2026-11-23, so a tighter ratio fails on a busy host.)
   CHECK(out_ms > 2.0);
   CHECK(in_ms > 2.0);
-  CHECK(again_ms * 4 < in_ms);
+  CHECK(again_ms * 2 < in_ms);
   // 3. Resident managed pages count as used in cudaMemGetInfo...
   CHECK(resident + bytes / 10 * 9 <= before);
   // 4. ...and stay counted after page_out: nvidia-uvm keeps the GPU pages of a migrated range
