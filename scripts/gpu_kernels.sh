@@ -2,7 +2,7 @@
 # Chapter 5 on a GPU machine, in one command: the GPU tests, compute-sanitizer
 # (memcheck and racecheck) on the test binary, then `qlora bench kernels`.
 #   scripts/gpu_kernels.sh [BUILD_DIR]      (default build/cuda, already built with CUDA)
-# Logs (and kernels-h100.json) go to $OUT when it is set, else to BUILD_DIR/gpu_kernels.
+# Logs (and kernels.json) go to $OUT when it is set, else to BUILD_DIR/gpu_kernels.
 # NCU=1 adds an Nsight Compute profile of the fast kernels on 8192x8192 (about a minute).
 # Every step runs even if an earlier one fails; the exit status is nonzero if any failed.
 set -uo pipefail
@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 # first mismatch) even when everything passes.
 step ctest 90 ctest --test-dir "$build" -L gpu -R ch05 --output-on-failure
 step tests 90 "$test_bin" "[ch05]" --durations yes
-step bench 180 "$qlora_bin" bench kernels --json "$logs/kernels-h100.json"
+step bench 180 "$qlora_bin" bench kernels --json "$logs/kernels.json"
 # memcheck: every case (cuBLAS included). racecheck: the kernels that use shared
 # memory (quantize, dequantize v2 and v3, fused GEMVs); cuBLAS' own kernels are not ours.
 step memcheck 120 "$sanitizer" --tool memcheck --error-exitcode 1 "$test_bin" "[ch05]"

@@ -2,7 +2,7 @@
 # Chapter 6 on a GPU machine: runs the paged-optimizer GPU tests and the optimizer
 # benchmark from an existing CUDA build. Usage: scripts/gpu_optim.sh [BUILD_DIR]
 # (default build/cuda, configured with -DQLORA_CUDA=ON and built). Logs and the
-# benchmark JSON (optim-h100.json, committed as docs/bench/optim-h100.json) go to
+# benchmark JSON (optim.json, committed as docs/bench/optim-<device>.json) go to
 # $OUT when it is set, else to BUILD_DIR/gpu_optim.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,6 @@ status=0
 ctest --test-dir "$build" -L gpu -R ch06 --output-on-failure 2>&1 | tee "$out/ctest-ch06-gpu.log" || status=1
 # The detailed report (every INFO line, e.g. how many values were bit-identical), passing or not.
 timeout 600 "$build/tests/test_ch06_gpu_optim" -s > "$out/test_ch06_gpu_optim-details.log" 2>&1 || true
-"$build/qlora" bench optim --json "$out/optim-h100.json" 2>&1 | tee "$out/bench-optim.log" || status=1
-echo "gpu_optim.sh: logs and optim-h100.json in $out (exit $status)"
+"$build/qlora" bench optim --json "$out/optim.json" 2>&1 | tee "$out/bench-optim.log" || status=1
+echo "gpu_optim.sh: logs and optim.json in $out (exit $status)"
 exit $status
