@@ -16,8 +16,8 @@ data=${QLORA_DATA_DIR:-../shared/data}
 rm -rf .carry/build-cuda .carry/build-cuda.tar.xz .carry/libs .carry/libs.tar.xz
 mkdir -p .carry/build-cuda .carry/libs .carry/shared/models .carry/shared/data
 # CTest needs the test binaries, the generated test lists and the CTestTestfile.cmake tree.
-(cd "$build" && find . -name CMakeFiles -prune -o -name '*.o' -prune -o \( -name 'test_*' -executable ! -name '*gpu*' \) -prune \
-   -o -name '*.a' ! -name libqlora_cuda.a -prune -o -type f -print | cpio -pdm --quiet "$OLDPWD/.carry/build-cuda")
+(cd "$build" && find . \( -name CMakeFiles -o -name html -o -name Testing -o -name notebooks \) -prune -o -name '*.o' -prune -o \( -name 'test_*' -executable ! -name '*gpu*' \) -prune \
+   -o -name '*.a' ! -name libqlora_cuda.a -prune -o -type f -print | tar cf - -T -) | tar xf - -C .carry/build-cuda
 mapfile -t bins < <(find "$build/tests" -maxdepth 1 -type f -executable -name 'test_*')
 bins+=("$build/qlora")
 find .carry/build-cuda -maxdepth 2 -type f -executable \( -name qlora -o -name 'test_*' \) -exec strip --strip-unneeded {} +
