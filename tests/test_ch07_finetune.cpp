@@ -1,17 +1,21 @@
 // Chapter 7: a short CPU fine-tune of kjv15M (NF4 + double quant) on tinyshakespeare:
 // validation loss drops by a stated margin, --resume reproduces the loss curve bit for
-// bit, and the trained adapter round-trips through a PEFT folder with identical logits.
+// bit (in one process, and through the CLI in a new one), and the trained adapter
+// round-trips through a PEFT folder with identical logits.
 // Also the sampler of `qlora generate`: greedy is argmax, top-p keeps the nucleus.
 #include "file_helpers.hpp"
 #include "finetune.hpp"
 #include "generate.hpp"
 
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <map>
 #include <memory>
 
 using namespace qlora;
@@ -203,4 +207,45 @@ TEST_CASE("qlora finetune / eval / generate run end to end and reject bad flags"
   auto [rc_bad, bad_text] = test::run_qlora("finetune --storage nf5 --out '" + out.string() + "'");
   CHECK(rc_bad != 0);
   CHECK(bad_text.find("nf5") != std::string::npos);
+}
+
+// The (loss, grad_norm) of every step in a finetune log.jsonl, by step.
+static std::map<int, std::pair<double, double>> logged_steps(const fs::path& log) {
+  std::ifstream in(log);
+  REQUIRE(in);
+  std::map<int, std::pair<double, double>> steps;
+  for (std::string line; std::getline(in, line);) {
+    const auto j = nlohmann::json::parse(line);
+    steps[j.at("step").get<int>()] = {j.at("loss").get<double>(), j.at("grad_norm").get<double>()};
+  }
+  return steps;
+}
+
+TEST_CASE("qlora finetune --resume in a new process continues the loss curve bit for bit", "[ch07][finetune][cli]") {
+  if (!fixture()) return;
+  // Everything a new process must restore: LoRA weights, AdamW moments and step, the data
+  // order's and the dropout's random streams. Dropout is on, so a wrong stream shows.
+  const std::string tiny = " --steps 6 --batch 2 --seq-len 32 --rank 4 --val-windows 2 --eval-every 0"
+                           " --save-every 3 --sample-tokens 1 --dropout 0.1";
+  const auto full = test::temp_path("test_ch07_ft", "resume_full");
+  const auto resumed = test::temp_path("test_ch07_ft", "resume_second");
+  auto [rc, text] = test::run_qlora("finetune" + tiny + " --out '" + full.string() + "'");
+  INFO(text);
+  REQUIRE(rc == 0);
+  auto [rc2, text2] = test::run_qlora("finetune" + tiny + " --out '" + resumed.string() + "' --resume '" +
+                                      (full / "checkpoint-3").string() + "'");
+  INFO(text2);
+  REQUIRE(rc2 == 0);
+  const auto a = logged_steps(full / "log.jsonl");
+  const auto b = logged_steps(resumed / "log.jsonl");
+  REQUIRE(a.size() == 6);
+  REQUIRE(b.size() == 3);
+  for (const auto& [step, values] : b) {
+    INFO("step " << step);
+    REQUIRE(a.count(step) == 1);
+    CHECK(values.first == a.at(step).first);  // nlohmann writes doubles that parse back exactly
+    CHECK(values.second == a.at(step).second);
+  }
+  CHECK(test::read_bytes(full / "adapter" / "adapter_model.safetensors") ==
+        test::read_bytes(resumed / "adapter" / "adapter_model.safetensors"));
 }
