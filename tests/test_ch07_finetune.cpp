@@ -207,6 +207,24 @@ TEST_CASE("qlora finetune / eval / generate run end to end and reject bad flags"
   auto [rc_bad, bad_text] = test::run_qlora("finetune --storage nf5 --out '" + out.string() + "'");
   CHECK(rc_bad != 0);
   CHECK(bad_text.find("nf5") != std::string::npos);
+  // Each refusal names the flag or the files, before anything is trained.
+  const std::string ft = "finetune --out '" + out.string() + "_refused'";
+  std::vector<std::pair<std::string, std::vector<std::string>>> refused = {
+      {ft + " --lr -1", {"--lr", "must be > 0"}},
+      {ft + " --seq-len 0", {"--seq-len", "0"}},
+      {ft + " --clip -0.5", {"--clip", "must be >= 0"}},
+      {ft + " --seq-len 300", {"--seq-len 300", "kjv15M.bin", "seq_len 256"}},
+      {"eval --seq-len 300", {"--seq-len 300", "seq_len 256"}},
+  };
+  if (find_model("stories260K.bin"))  // its own 512-token tokenizer is not shipped: the LLaMA-2 one is refused
+    refused.push_back({"generate --model stories260K.bin", {"tokenizer (32000 tokens)", "stories260K.bin", "512"}});
+  for (const auto& [args, words] : refused) {
+    auto [rc_r, text_r] = test::run_qlora(args);
+    INFO(args << "\n" << text_r);
+    CHECK(rc_r != 0);
+    for (const auto& w : words) CHECK(text_r.find(w) != std::string::npos);
+    CHECK(text_r.find("step 1/") == std::string::npos);
+  }
 }
 
 // The (loss, grad_norm) of every step in a finetune log.jsonl, by step.

@@ -15,6 +15,9 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
 
 #ifdef QLORA_HAVE_CUDA
 #include "gpu_trainer.cuh"
@@ -48,7 +51,27 @@ struct ModelOptions {
     if (!adapter.empty()) adapter_from_peft(m, read_peft_adapter(adapter));
     return m;
   }
+  /// The model, then its tokenizer, refused together when the tokenizer makes ids the model
+  /// has no embedding for (stories260K's 512 tokens with the LLaMA-2 tokenizer's 32000, say).
+  std::pair<LlamaModel, std::unique_ptr<Tokenizer>> load_with_tokenizer(const std::filesystem::path& mp) const {
+    LlamaModel m = load(mp);
+    auto tok = load_tok(mp);
+    if (tok->vocab_size() > m.config().vocab_size) {
+      throw std::invalid_argument("the tokenizer (" + std::to_string(tok->vocab_size()) + " tokens) does not fit " +
+                                  mp.string() + " (vocabulary " + std::to_string(m.config().vocab_size) +
+                                  "): give the model's own tokenizer with --tokenizer");
+    }
+    return {std::move(m), std::move(tok)};
+  }
 };
+
+// The model reads at most its context length of tokens at once (its RoPE tables end there).
+void check_seq_len(int seq_len, const LlamaModel& m, const std::filesystem::path& mp) {
+  if (seq_len > m.config().seq_len) {
+    throw std::invalid_argument("--seq-len " + std::to_string(seq_len) + " is longer than the context of " +
+                                mp.string() + " (seq_len " + std::to_string(m.config().seq_len) + ")");
+  }
+}
 
 void print_val(const char* when, double loss) {
   std::printf("%s: validation loss %.4f nats/token, perplexity %.2f\n", when, loss, std::exp(loss));
@@ -57,8 +80,9 @@ void print_val(const char* when, double loss) {
 // The trainer for --device: cpu, cuda, or auto (cuda when this build has CUDA and a device is present).
 std::unique_ptr<Trainer> make_trainer(const std::string& device, LlamaModel& model, const FinetuneConfig& cfg) {
 #ifdef QLORA_HAVE_CUDA
-  if (device == "cuda" || (device == "auto" && cuda::cuda_device_present()))
-    return std::make_unique<cuda::GpuTrainer>(model, cfg.optim, cfg.weight_decay);
+  const bool present = cuda::cuda_device_present();
+  if (device == "cuda" && !present) throw std::invalid_argument("--device cuda: no CUDA device is available here");
+  if (present && device != "cpu") return std::make_unique<cuda::GpuTrainer>(model, cfg.optim, cfg.weight_decay);
 #else
   if (device == "cuda") throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
 #endif
@@ -115,22 +139,33 @@ QLORA_COMMAND([](CLI::App& app) {
   auto* cmd = app.add_subcommand("finetune", "Chapter 7: QLoRA fine-tune of a LLaMA checkpoint on a text file (CPU or GPU)");
   o->m.add(cmd, false);
   cmd->add_option("--data", o->data, "UTF-8 text file (name searched in the data path)")->capture_default_str();
-  cmd->add_option("--rank,-r", o->rank, "LoRA rank")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--alpha", o->alpha, "LoRA alpha")->capture_default_str();
+  cmd->add_option("--rank,-r", o->rank, "LoRA rank")->capture_default_str()->check(qlora::cli::positive);
+  // Every number is checked here, before anything is loaded, so a bad flag is named at once.
+  cmd->add_option("--alpha", o->alpha, "LoRA alpha")->capture_default_str()->check(qlora::cli::positive);
   cmd->add_option("--dropout", o->dropout, "LoRA dropout")->capture_default_str()->check(CLI::Range(0.0, 0.99));
-  cmd->add_option("--lr", o->cfg.lr, "peak learning rate")->capture_default_str();
-  cmd->add_option("--warmup", o->cfg.warmup, "linear warmup steps")->capture_default_str();
-  cmd->add_option("--steps", o->cfg.steps, "optimizer steps")->capture_default_str();
-  cmd->add_option("--batch", o->cfg.batch, "sequences per micro-batch")->capture_default_str();
-  cmd->add_option("--seq-len", o->cfg.seq_len, "tokens per sequence")->capture_default_str();
-  cmd->add_option("--grad-accum", o->cfg.grad_accum, "micro-batches per step")->capture_default_str();
-  cmd->add_option("--clip", o->cfg.clip, "gradient clipping max norm (0: off)")->capture_default_str();
-  cmd->add_option("--weight-decay", o->cfg.weight_decay, "AdamW weight decay")->capture_default_str();
+  cmd->add_option("--lr", o->cfg.lr, "peak learning rate")->capture_default_str()->check(qlora::cli::positive);
+  cmd->add_option("--warmup", o->cfg.warmup, "linear warmup steps")->capture_default_str()->check(qlora::cli::non_negative);
+  cmd->add_option("--steps", o->cfg.steps, "optimizer steps")->capture_default_str()->check(qlora::cli::non_negative);
+  cmd->add_option("--batch", o->cfg.batch, "sequences per micro-batch")->capture_default_str()->check(qlora::cli::positive);
+  cmd->add_option("--seq-len", o->cfg.seq_len, "tokens per sequence")
+      ->capture_default_str()
+      ->check(CLI::Range(2, 1 << 20));  // a window predicts tokens 2..T from 1..T-1
+  cmd->add_option("--grad-accum", o->cfg.grad_accum, "micro-batches per step")->capture_default_str()->check(qlora::cli::positive);
+  cmd->add_option("--clip", o->cfg.clip, "gradient clipping max norm (0: off)")
+      ->capture_default_str()
+      ->check(qlora::cli::non_negative);
+  cmd->add_option("--weight-decay", o->cfg.weight_decay, "AdamW weight decay")
+      ->capture_default_str()
+      ->check(qlora::cli::non_negative);
   cmd->add_option("--eval-every", o->cfg.eval_every, "validate every N steps (0: only before/after)")
-      ->capture_default_str();
-  cmd->add_option("--val-windows", o->cfg.val_windows, "cap on validation windows (0: all)")->capture_default_str();
+      ->capture_default_str()
+      ->check(qlora::cli::non_negative);
+  cmd->add_option("--val-windows", o->cfg.val_windows, "cap on validation windows (0: all)")
+      ->capture_default_str()
+      ->check(qlora::cli::non_negative);
   cmd->add_option("--save-every", o->cfg.save_every, "checkpoint every N steps (0: only the final adapter)")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(qlora::cli::non_negative);
   cmd->add_option("--out", o->out, "output folder: log.jsonl, checkpoint-N/, adapter/")->capture_default_str();
   cmd->add_option("--resume", o->resume, "checkpoint folder to continue from");
   cmd->add_option("--seed", o->cfg.seed, "seed of the LoRA init, data order and dropout")->capture_default_str();
@@ -141,12 +176,13 @@ QLORA_COMMAND([](CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--gradient-checkpointing", o->checkpointing,
                 "keep only each layer's input, recompute the layer in backward (less memory, more time)");
-  cmd->add_option("--sample-tokens", o->sample_tokens, "length of the ROMEO: samples")->capture_default_str();
+  cmd->add_option("--sample-tokens", o->sample_tokens, "length of the ROMEO: samples")
+      ->capture_default_str()
+      ->check(qlora::cli::non_negative);
   cmd->callback([o, cmd] {
     const auto mp = o->m.model_path();
-    auto tok = o->m.load_tok(mp);
+    auto [model, tok] = o->m.load_with_tokenizer(mp);
     const auto data = load_finetune_data(require_data(o->data), *tok);
-    auto model = o->m.load(mp);
     LoraSetup setup;
     setup.config.r = o->rank;
     setup.config.alpha = o->alpha;
@@ -163,6 +199,7 @@ QLORA_COMMAND([](CLI::App& app) {
     model.set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
     auto trainer = make_trainer(o->device, model, cfg);
     if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
+    check_seq_len(cfg.seq_len, model, mp);
     std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
     const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
     double before = -1;
@@ -217,23 +254,23 @@ QLORA_COMMAND([](CLI::App& app) {
   auto* cmd = app.add_subcommand("eval", "Chapter 7: perplexity of a text file, optionally with a PEFT adapter");
   o->m.add(cmd, true);
   cmd->add_option("--data", o->data, "UTF-8 text file (name searched in the data path)")->capture_default_str();
-  cmd->add_option("--seq-len", o->seq_len, "tokens per window")->capture_default_str();
-  cmd->add_option("--batch", o->batch, "windows per forward")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--windows", o->windows, "cap on windows (0: all)")->capture_default_str();
+  cmd->add_option("--seq-len", o->seq_len, "tokens per window")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+  cmd->add_option("--batch", o->batch, "windows per forward")->capture_default_str()->check(qlora::cli::positive);
+  cmd->add_option("--windows", o->windows, "cap on windows (0: all)")->capture_default_str()->check(qlora::cli::non_negative);
   cmd->add_flag("--held-out", o->held_out, "only the last 10% (finetune's validation split)");
   cmd->add_option("--dump-logits", o->dump_logits,
                   "write the first window's \"tokens\" (int32 [T]) and \"logits\" (float32 [T, vocab]) "
                   "as safetensors, for tools/peft_check.py");
   cmd->callback([o] {
     const auto mp = o->m.model_path();
-    auto tok = o->m.load_tok(mp);
+    auto [model, tok] = o->m.load_with_tokenizer(mp);
+    check_seq_len(o->seq_len, model, mp);
     auto data = load_finetune_data(require_data(o->data), *tok);
     std::vector<int> ids = data.val;
     if (!o->held_out) {
       ids = data.train;
       ids.insert(ids.end(), data.val.begin(), data.val.end());
     }
-    auto model = o->m.load(mp);
     const double loss = validation_loss(model, ids, o->seq_len, o->batch, o->windows);
     std::printf("%s: loss %.4f nats/token, perplexity %.2f\n", o->data.c_str(), loss, std::exp(loss));
     if (!o->dump_logits.empty()) {  // validation_loss checked that one window fits
@@ -262,14 +299,13 @@ QLORA_COMMAND([](CLI::App& app) {
   auto* cmd = app.add_subcommand("generate", "Chapter 7: generate text, optionally with a PEFT adapter");
   o->m.add(cmd, true);
   cmd->add_option("--prompt", o->prompt, "prompt text")->capture_default_str();
-  cmd->add_option("--max-tokens", o->s.max_tokens, "tokens to generate")->capture_default_str();
-  cmd->add_option("--temperature", o->s.temperature, "0: greedy")->capture_default_str()->check(CLI::NonNegativeNumber);
+  cmd->add_option("--max-tokens", o->s.max_tokens, "tokens to generate")->capture_default_str()->check(qlora::cli::non_negative);
+  cmd->add_option("--temperature", o->s.temperature, "0: greedy")->capture_default_str()->check(qlora::cli::non_negative);
   cmd->add_option("--top-p", o->s.top_p, "nucleus sampling mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--seed", o->s.seed, "sampling seed")->capture_default_str();
   cmd->callback([o] {
     const auto mp = o->m.model_path();
-    auto tok = o->m.load_tok(mp);
-    auto model = o->m.load(mp);
+    auto [model, tok] = o->m.load_with_tokenizer(mp);
     std::printf("%s\n", generate_text(model, *tok, o->prompt, o->s).c_str());
   });
 });

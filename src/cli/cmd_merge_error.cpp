@@ -110,10 +110,10 @@ QLORA_COMMAND([](CLI::App& app) {
       "merge-error", "Chapter 4: error of merging LoRA into a 4-bit base (BF16 merge vs dequantize-merge-requantize)");
   cmd->add_option("--model", o->model, "checkpoint folder or .safetensors file (default: random weights)");
   cmd->add_option("--tensor", o->tensor, "weight matrix to use from --model")->capture_default_str();
-  cmd->add_option("--in", o->in, "random weights: input features")->capture_default_str()->check(CLI::PositiveNumber);
-  cmd->add_option("--out", o->out, "random weights: output features")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--in", o->in, "random weights: input features")->capture_default_str()->check(qlora::cli::positive);
+  cmd->add_option("--out", o->out, "random weights: output features")->capture_default_str()->check(qlora::cli::positive);
   cmd->add_option("--weight-std", o->weight_std, "random weights: standard deviation")->capture_default_str();
-  cmd->add_option("--rank,-r", o->r, "LoRA rank")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--rank,-r", o->r, "LoRA rank")->capture_default_str()->check(qlora::cli::positive);
   cmd->add_option("--alpha", o->alpha, "LoRA alpha")->capture_default_str();
   cmd->add_option("--ratio", o->ratios, "rms(s·B·A) / rms(W) of the synthetic adapters")->capture_default_str();
   cmd->add_option("--quant", o->quant, "nf4 or fp4")->capture_default_str();

@@ -75,7 +75,7 @@ QLORA_COMMAND([](CLI::App& app) {
   auto* cmd = app.add_subcommand(
       "plan", "Chapter 4: parameter counts and memory (BF16 / NF4 / NF4+DQ base, LoRA, full FT vs QLoRA) for LLaMA");
   cmd->add_option("--model", opt->models, "model sizes: 7B 13B 33B 65B")->capture_default_str();
-  cmd->add_option("--rank,-r", opt->ranks, "LoRA ranks")->capture_default_str()->check(CLI::PositiveNumber);
+  cmd->add_option("--rank,-r", opt->ranks, "LoRA ranks")->capture_default_str()->check(qlora::cli::positive);
   cmd->add_flag("--json", opt->json, "print JSON instead of a table");
   cmd->callback([opt] {
     std::vector<qlora::MemoryPlan> plans;

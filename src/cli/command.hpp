@@ -21,6 +21,21 @@ std::vector<CommandSetup>& command_registry();
 /// the rest add their own subcommands to the same group.
 CLI::App* command_group(CLI::App& app, const std::string& name, const std::string& description);
 
+/// Number checks with plain messages ("must be > 0, got -1"; the CLI11 2.1 checks print
+/// a range up to DBL_MAX). The flag's name is put in front by CLI11.
+inline CLI::Validator number_check(bool allow_zero) {
+  return CLI::Validator(
+      [allow_zero](std::string& text) -> std::string {
+        double v = 0;
+        if (!CLI::detail::lexical_cast(text, v)) return "not a number: '" + text + "'";
+        if (v > 0 || (allow_zero && v == 0)) return {};
+        return std::string(allow_zero ? "must be >= 0" : "must be > 0") + ", got " + text;
+      },
+      allow_zero ? "NONNEGATIVE" : "POSITIVE");
+}
+inline const CLI::Validator positive = number_check(false);
+inline const CLI::Validator non_negative = number_check(true);
+
 struct RegisterCommand {
   explicit RegisterCommand(CommandSetup setup) { command_registry().push_back(std::move(setup)); }
 };
