@@ -708,4 +708,7 @@ TEST_CASE("qlora merge-error runs and names a missing model", "[ch04][merge][cli
   CHECK(j.at("double_quant") == true);
   CHECK(run_cli(std::string("merge-error --model ") + QLORA_FIXTURES_DIR + "/no_such_model 2>&1", out) != 0);
   CHECK_THAT(out, Catch::Contains("no_such_model"));
+  // alpha 0 would scale every adapter to zero and divide by it: refused, naming the flag.
+  CHECK(run_cli("merge-error --alpha 0 2>&1", out) != 0);
+  CHECK_THAT(out, Catch::Contains("--alpha") && Catch::Contains("must be > 0"));
 }

@@ -112,10 +112,14 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--tensor", o->tensor, "weight matrix to use from --model")->capture_default_str();
   cmd->add_option("--in", o->in, "random weights: input features")->capture_default_str()->check(qlora::cli::positive);
   cmd->add_option("--out", o->out, "random weights: output features")->capture_default_str()->check(qlora::cli::positive);
-  cmd->add_option("--weight-std", o->weight_std, "random weights: standard deviation")->capture_default_str();
+  cmd->add_option("--weight-std", o->weight_std, "random weights: standard deviation")
+      ->capture_default_str()
+      ->check(qlora::cli::positive);
   cmd->add_option("--rank,-r", o->r, "LoRA rank")->capture_default_str()->check(qlora::cli::positive);
-  cmd->add_option("--alpha", o->alpha, "LoRA alpha")->capture_default_str();
-  cmd->add_option("--ratio", o->ratios, "rms(s·B·A) / rms(W) of the synthetic adapters")->capture_default_str();
+  cmd->add_option("--alpha", o->alpha, "LoRA alpha")->capture_default_str()->check(qlora::cli::positive);
+  cmd->add_option("--ratio", o->ratios, "rms(s·B·A) / rms(W) of the synthetic adapters")
+      ->capture_default_str()
+      ->check(qlora::cli::positive);
   cmd->add_option("--quant", o->quant, "nf4 or fp4")->capture_default_str();
   cmd->add_option("--blocksize", o->blocksize, "4-bit block size")->capture_default_str();
   cmd->add_flag("--no-double-quant", o->no_double_quant, "store the block absmax in float32");
