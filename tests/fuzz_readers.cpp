@@ -56,8 +56,6 @@ fs::path two_file_folder(const char* name, const char* json, const char* tensors
   return dir;
 }
 
-}  // namespace
-
 // The first byte picks the reader; the rest is the file (for tokenizer.bin, after a byte
 // that gives the vocabulary size). Returns "" when the file was read,
 // else the message of the exception that refused it (the right answer to a bad file).
@@ -108,6 +106,8 @@ std::string read_one(const std::uint8_t* data, std::size_t size) {
     return e.what();
   }
 }
+
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   (void)read_one(data, size);

@@ -80,9 +80,9 @@ void print_val(const char* when, double loss) {
 // The trainer for --device: cpu, cuda, or auto (cuda when this build has CUDA and a device is present).
 std::unique_ptr<Trainer> make_trainer(const std::string& device, LlamaModel& model, const FinetuneConfig& cfg) {
 #ifdef QLORA_HAVE_CUDA
-  const bool present = cuda::cuda_device_present();
+  const bool present = device != "cpu" && cuda::cuda_device_present();  // --device cpu never touches the driver
   if (device == "cuda" && !present) throw std::invalid_argument("--device cuda: no CUDA device is available here");
-  if (present && device != "cpu") return std::make_unique<cuda::GpuTrainer>(model, cfg.optim, cfg.weight_decay);
+  if (present) return std::make_unique<cuda::GpuTrainer>(model, cfg.optim, cfg.weight_decay);
 #else
   if (device == "cuda") throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
 #endif
@@ -139,8 +139,8 @@ QLORA_COMMAND([](CLI::App& app) {
   auto* cmd = app.add_subcommand("finetune", "Chapter 7: QLoRA fine-tune of a LLaMA checkpoint on a text file (CPU or GPU)");
   o->m.add(cmd, false);
   cmd->add_option("--data", o->data, "UTF-8 text file (name searched in the data path)")->capture_default_str();
-  cmd->add_option("--rank,-r", o->rank, "LoRA rank")->capture_default_str()->check(qlora::cli::positive);
   // Every number is checked here, before anything is loaded, so a bad flag is named at once.
+  cmd->add_option("--rank,-r", o->rank, "LoRA rank")->capture_default_str()->check(qlora::cli::positive);
   cmd->add_option("--alpha", o->alpha, "LoRA alpha")->capture_default_str()->check(qlora::cli::positive);
   cmd->add_option("--dropout", o->dropout, "LoRA dropout")->capture_default_str()->check(CLI::Range(0.0, 0.99));
   cmd->add_option("--lr", o->cfg.lr, "peak learning rate")->capture_default_str()->check(qlora::cli::positive);
