@@ -25,11 +25,21 @@ struct GpuTrainer::Optim {
   }
 };
 
-GpuTrainer::GpuTrainer(LlamaModel& host, OptimKind optim, float weight_decay)
-    : host_(host), paged_(optim == OptimKind::paged_adamw || optim == OptimKind::paged_adamw8bit) {
+GpuTrainer::GpuTrainer(LlamaModel& host, OptimKind optim, float weight_decay) : host_(&host) {
   if (!host.has_lora()) throw std::invalid_argument("finetune: the model has no LoRA adapters");
   host.zero_grad();
-  gpu_ = std::make_unique<LlamaModelGpu>(host);
+  init(std::make_unique<LlamaModelGpu>(host), optim, weight_decay);
+}
+
+GpuTrainer::GpuTrainer(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, float weight_decay) {
+  if (model->named_adapters().empty()) throw std::invalid_argument("finetune: the model has no LoRA adapters");
+  init(std::move(model), optim, weight_decay);
+  gpu_->zero_grad();
+}
+
+void GpuTrainer::init(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, float weight_decay) {
+  gpu_ = std::move(model);
+  paged_ = optim == OptimKind::paged_adamw || optim == OptimKind::paged_adamw8bit;
   // The same tensors, names and order as the CPU trainer's optimizer: state files
   // written on one device load on the other.
   std::vector<DeviceParam> params;
@@ -44,9 +54,6 @@ GpuTrainer::GpuTrainer(LlamaModel& host, OptimKind optim, float weight_decay)
   acfg.weight_decay = weight_decay;
   opt_ = std::make_unique<Optim>(std::move(params), acfg, optim);
   clipper_ = std::make_unique<GradClipper>(std::move(grads));
-  // A paged optimizer's states wait in host memory while forward and backward need the
-  // room; the update prefetches them in and sends them out again (chapter 6).
-  if (paged_) std::visit([&](auto& o) { o.page_out(gpu_->stream()); }, opt_->opt);
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
   cudaDeviceProp prop{};
@@ -54,26 +61,50 @@ GpuTrainer::GpuTrainer(LlamaModel& host, OptimKind optim, float weight_decay)
   device_name_ = prop.name;
 }
 
+LlamaModel& GpuTrainer::host() const {
+  if (!host_) throw std::logic_error("GpuTrainer: this model was streamed onto the GPU and has no host copy");
+  return *host_;
+}
+
 GpuTrainer::~GpuTrainer() = default;
 
-void GpuTrainer::sample_memory() {
+std::int64_t GpuTrainer::device_memory_used() {
   const DeviceMemory m = device_memory();
-  peak_used_mb_ = std::max(peak_used_mb_, static_cast<double>(m.total - m.free) / (1024.0 * 1024.0));
+  return static_cast<std::int64_t>(m.total - m.free);
+}
+
+std::int64_t GpuTrainer::sample_memory() {
+  const std::int64_t used = device_memory_used();
+  peak_used_mb_ = std::max(peak_used_mb_, static_cast<double>(used) / (1024.0 * 1024.0));
+  return used;
 }
 
 //! [gpu-train-step]
 float GpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) {
+  const std::int64_t before = device_memory_used();
   const float loss = gpu_->forward(x, y, B, T, true, dropout_rng);
-  sample_memory();  // activations are at their peak between forward and backward
+  std::int64_t peak = sample_memory();  // activations are at their peak between forward and backward
   gpu_->backward();
+  peak = std::max(peak, sample_memory());
+  // What this pass allocated on top of what was in use when it began (the model keeps
+  // its buffers, so after the first pass of a shape this is about zero).
+  pass_need_ = std::max<std::int64_t>(0, peak - before);
   return loss;
 }
 
 void GpuTrainer::optimizer_step(float lr) {
-  // step() pages paged states in first; out they go again, until the next update.
+  // step() pages paged states in first. Out they go again only when the next forward
+  // and backward need their room: the memory the last pass allocated, against what is
+  // free now, with a 5% margin. While it fits they stay, and the paged AdamW
+  // runs at the speed of the resident one.
   std::visit([&](auto& o) {
     o.step(lr, gpu_->stream());
-    if (paged_) o.page_out(gpu_->stream());
+    CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
+    if (paged_) {
+      const DeviceMemory m = device_memory();
+      paged_out_ = static_cast<double>(m.free) < 1.05 * static_cast<double>(pass_need_);
+      if (paged_out_) o.page_out(gpu_->stream());
+    }
   }, opt_->opt);
   CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
 }

@@ -21,8 +21,11 @@ class GpuTrainer final : public Trainer {
  public:
   /// Uploads `host` (frozen weights in their stored form, adapters) and builds the optimizer.
   GpuTrainer(LlamaModel& host, OptimKind optim, float weight_decay);
+  /// Trains a model that lives on the GPU only (streamed there; it needs adapters). It has
+  /// no host copy: model(), sync_to_host() and sync_from_host() throw std::logic_error.
+  GpuTrainer(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, float weight_decay);
   ~GpuTrainer() override;
-  LlamaModel& model() override { return host_; }
+  LlamaModel& model() override { return host(); }
   LlamaModelGpu& gpu_model() { return *gpu_; }
   void zero_grad() override { gpu_->zero_grad(); }
   float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override;
@@ -33,22 +36,29 @@ class GpuTrainer final : public Trainer {
   std::int64_t optimizer_steps() const override;
   void save_optimizer(const std::filesystem::path& file) const override;
   void load_optimizer(const std::filesystem::path& file) override;
-  void sync_to_host() override { gpu_->download_adapters(host_); }
-  void sync_from_host() override { gpu_->upload_adapters(host_); }
+  void sync_to_host() override { gpu_->download_adapters(host()); }
+  void sync_from_host() override { gpu_->upload_adapters(host()); }
   /// The largest device memory in use (cudaMemGetInfo: total − free, all processes) seen after a forward pass.
   double peak_memory_mb() const override { return peak_used_mb_; }
   std::string device() const override { return device_name_; }
+  /// Whether the last update sent paged optimizer states out of device memory.
+  bool states_paged_out() const { return paged_out_; }
 
  private:
   struct Optim;
-  LlamaModel& host_;
+  LlamaModel* host_ = nullptr;  ///< the host model, when there is one
   std::unique_ptr<LlamaModelGpu> gpu_;
   std::unique_ptr<Optim> opt_;
   std::unique_ptr<GradClipper> clipper_;
   bool paged_ = false;
+  bool paged_out_ = false;
+  std::int64_t pass_need_ = 0;  ///< bytes the last forward + backward allocated
   double peak_used_mb_ = 0;
   std::string device_name_;  ///< asked once: the loop logs it every step
-  void sample_memory();
+  void init(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, float weight_decay);
+  LlamaModel& host() const;
+  std::int64_t sample_memory();  ///< bytes in use now; updates the peak
+  static std::int64_t device_memory_used();
 };
 
 }  // namespace qlora::cuda

@@ -7,8 +7,11 @@
 #include "bf16.hpp"
 #include "llama_ops.cuh"
 #include "llama_ops.hpp"
+#include "quantize4.cuh"
 
 #include <algorithm>
+#include <chrono>
+#include <map>
 #include <numeric>
 #include <stdexcept>
 
@@ -44,13 +47,10 @@ struct LlamaModelGpu::LayerActs {
 //! [gpu-model-upload]
 LlamaModelGpu::LlamaModelGpu(const LlamaModel& host) : cfg_(host.config()), checkpointing_(host.checkpointing()) {
   CUDA_CHECK(cudaStreamCreate(&stream_));
-  tok_emb_ = upload_f32(host.tok_emb());
-  cls_ = upload_bf16(host.classifier());  // BF16-rounded on the host already: exact
+  tok_emb_ = upload_bf16(host.tok_emb());  // BF16-rounded on the host already (F32 storage: rounded here)
+  cls_ = upload_bf16(host.classifier());
   rms_final_ = upload_f32(host.rms_final());
-  std::vector<float> cos_t, sin_t;
-  rope_tables(cfg_, cos_t, sin_t);
-  rope_cos_ = upload_f32(cos_t);
-  rope_sin_ = upload_f32(sin_t);
+  init_rope();
   layers_.resize(usz(cfg_.n_layers));
   for (int l = 0; l < cfg_.n_layers; ++l) {
     Layer& L = layers_[usz(l)];
@@ -78,6 +78,119 @@ LlamaModelGpu::LlamaModelGpu(const LlamaModel& host) : cfg_(host.config()), chec
   }
 }
 //! [gpu-model-upload]
+
+void LlamaModelGpu::init_rope() {
+  std::vector<float> cos_t, sin_t;
+  rope_tables(cfg_, cos_t, sin_t);
+  rope_cos_ = upload_f32(cos_t);
+  rope_sin_ = upload_f32(sin_t);
+}
+
+//! [gpu-model-stream]
+LlamaModelGpu::LlamaModelGpu(const LlamaConfig& config, BaseStorage storage, const TensorFill& fill,
+                             const std::optional<LoraSetup>& lora, std::mt19937_64& lora_rng,
+                             const std::function<void(const LoadProgress&)>& progress)
+    : cfg_(config) {
+  validate_config(cfg_, "LlamaModelGpu");
+  const bool bf16_base = storage == BaseStorage::bfloat16;
+  const bool four_bit = storage == BaseStorage::nf4 || storage == BaseStorage::nf4_dq || storage == BaseStorage::fp4 ||
+                        storage == BaseStorage::fp4_dq;
+  if (!bf16_base && !four_bit)
+    throw std::invalid_argument("loading onto the GPU: storage " + to_string(storage) +
+                                " is a CPU reference format; use nf4, nf4-dq, fp4, fp4-dq or bf16");
+  const QuantType qtype = storage == BaseStorage::fp4 || storage == BaseStorage::fp4_dq ? QuantType::fp4 : QuantType::nf4;
+  const bool dq = storage == BaseStorage::nf4_dq || storage == BaseStorage::fp4_dq;
+  CUDA_CHECK(cudaStreamCreate(&stream_));
+  init_rope();
+
+  std::map<std::string, TensorSpec> specs;
+  LoadProgress prog;
+  for (TensorSpec& t : llama_tensor_specs(cfg_)) {
+    std::int64_t n = 1;
+    for (auto d : t.shape) n *= d;
+    prog.bytes_total += 2 * n;
+    ++prog.tensors_total;
+    specs.emplace(t.name, std::move(t));
+  }
+  const auto start = std::chrono::steady_clock::now();
+  auto done = [&](const TensorSpec& t) {
+    prog.bytes_done += 2 * static_cast<std::int64_t>(t.shape[0]) * (t.shape.size() > 1 ? t.shape[1] : 1);
+    ++prog.tensors_done;
+    prog.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (progress) progress(prog);
+  };
+  auto numel = [](const TensorSpec& t) { return usz(t.shape[0]) * usz(t.shape.size() > 1 ? t.shape[1] : 1); };
+  // Embedding and classifier: BF16 on the device, filled in place.
+  auto load_bf16 = [&](const std::string& name) {
+    const TensorSpec& t = specs.at(name);
+    DeviceBuffer<bf16> d(numel(t));
+    fill(t, d.data(), stream_);
+    done(t);
+    return d;
+  };
+  // Projections and norms pass through one staging buffer, reused.
+  DeviceBuffer<bf16> staging;
+  auto stage = [&](const TensorSpec& t) {
+    if (staging.size() < numel(t)) staging = DeviceBuffer<bf16>(numel(t));
+    fill(t, staging.data(), stream_);
+    return staging.data();
+  };
+  // Norm weights are tiny: widened to float32 on the host, as the CPU model keeps them.
+  auto load_norm = [&](const std::string& name) {
+    const TensorSpec& t = specs.at(name);
+    std::vector<bf16> h(numel(t));
+    const bf16* d = stage(t);
+    CUDA_CHECK(cudaMemcpyAsync(h.data(), d, h.size() * sizeof(bf16), cudaMemcpyDeviceToHost, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    done(t);
+    return upload_f32(qlora::from_bf16(h));
+  };
+
+  tok_emb_ = load_bf16("model.embed_tokens.weight");
+  layers_.resize(usz(cfg_.n_layers));
+  for (int l = 0; l < cfg_.n_layers; ++l) {
+    Layer& L = layers_[usz(l)];
+    const std::string pre = "model.layers." + std::to_string(l) + ".";
+    L.rms_att = load_norm(pre + "input_layernorm.weight");
+    for (Proj p : kAllProj) {
+      const TensorSpec& t = specs.at(hf_module_name(l, p) + ".weight");
+      DeviceFrozenLinear& d = L.w[usz(I(p))];
+      d.out = static_cast<int>(t.shape[0]);
+      d.in = static_cast<int>(t.shape[1]);
+      if (bf16_base) {
+        d.w = DeviceBuffer<bf16>(numel(t));
+        fill(t, d.w.data(), stream_);
+      } else {
+        d.q4 = quantize4(stage(t), t.shape, qtype, 64, dq, stream_);  // synchronizes: staging is free again
+      }
+      done(t);
+    }
+    L.rms_ffn = load_norm(pre + "post_attention_layernorm.weight");
+  }
+  rms_final_ = load_norm("model.norm.weight");
+  if (cfg_.shared_classifier) {
+    cls_ = DeviceBuffer<bf16>(tok_emb_.size());
+    CUDA_CHECK(cudaMemcpyAsync(cls_.data(), tok_emb_.data(), tok_emb_.bytes(), cudaMemcpyDeviceToDevice, stream_));
+  } else {
+    cls_ = load_bf16("lm_head.weight");
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+
+  if (lora) {
+    lora->config.scale();  // validates r
+    lora_ = lora;
+    adapters_.resize(usz(cfg_.n_layers));
+    for (int l = 0; l < cfg_.n_layers; ++l)
+      for (Proj p : kAllProj) {
+        if (!lora->targets[usz(I(p))]) continue;
+        const DeviceFrozenLinear& f = layers_[usz(l)].w[usz(I(p))];
+        LoraAdapter host(f.in, f.out, lora->config.r);  // one adapter's worth of host memory at a time
+        host.init_peft(lora_rng);
+        adapters_[usz(l)][usz(I(p))] = std::make_unique<DeviceLoraAdapter>(host);
+      }
+  }
+}
+//! [gpu-model-stream]
 
 LlamaModelGpu::~LlamaModelGpu() {
   if (stream_) cudaStreamDestroy(stream_);  // destructors must not throw

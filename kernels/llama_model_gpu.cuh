@@ -18,6 +18,7 @@
 #include "lora.cuh"
 
 #include <array>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <random>
@@ -34,10 +35,31 @@ struct DeviceFrozenLinear {
   std::int64_t bytes() const;
 };
 
+/// Writes one frozen tensor, named and shaped as in a Hugging Face folder
+/// (llama_tensor_specs), as BF16 into device memory on `stream`: how a streaming
+/// loader (kernels/model_stream.cuh) hands the model its weights one at a time.
+using TensorFill = std::function<void(const TensorSpec& spec, bf16* device_out, cudaStream_t stream)>;
+
+/// A streaming load's progress, reported after each tensor.
+struct LoadProgress {
+  int tensors_done = 0, tensors_total = 0;
+  std::int64_t bytes_done = 0, bytes_total = 0;  ///< BF16 bytes handed to the device
+  double seconds = 0;
+};
+
 class LlamaModelGpu {
  public:
   /// Uploads the frozen weights of `host` in their stored form and its adapters (if any).
   explicit LlamaModelGpu(const LlamaModel& host);
+  /// Builds the model directly in device memory, one tensor at a time (chapter 7,
+  /// "Loading a big model"): `fill` writes each tensor as BF16 into one reused device
+  /// buffer, the projections are quantized there into `storage` (nf4, nf4-dq, fp4, fp4-dq;
+  /// bf16 keeps them as they are), and embeddings, norms and the classifier stay BF16.
+  /// No float32 copy of the model exists anywhere. With `lora`, adapters are initialised
+  /// as LlamaModel::add_lora does from `lora_rng` (same draws, same order).
+  LlamaModelGpu(const LlamaConfig& config, BaseStorage storage, const TensorFill& fill,
+                const std::optional<LoraSetup>& lora, std::mt19937_64& lora_rng,
+                const std::function<void(const LoadProgress&)>& progress = {});
   ~LlamaModelGpu();
   LlamaModelGpu(const LlamaModelGpu&) = delete;
   LlamaModelGpu& operator=(const LlamaModelGpu&) = delete;
@@ -87,8 +109,9 @@ class LlamaModelGpu {
   cudaStream_t stream_ = nullptr;
   CublasHandle cublas_;
   DequantScratch scratch_;
-  DeviceBuffer<float> tok_emb_, rms_final_, rope_cos_, rope_sin_;
-  DeviceBuffer<bf16> cls_;  ///< the classifier (the embedding when shared), BF16
+  DeviceBuffer<float> rms_final_, rope_cos_, rope_sin_;
+  DeviceBuffer<bf16> tok_emb_;  ///< the embedding, BF16
+  DeviceBuffer<bf16> cls_;      ///< the classifier (a copy of the embedding when shared), BF16
   std::vector<Layer> layers_;
   std::vector<std::array<std::unique_ptr<DeviceLoraAdapter>, kNumProj>> adapters_;
 
@@ -119,6 +142,7 @@ class LlamaModelGpu {
   void layer_forward(int l, const float* x_in, float* x_out, bool training, std::mt19937_64& rng, LayerActs& a);
   void layer_backward(int l, LayerActs& a, float* dx);
   DeviceLoraAdapter* adapter(int l, Proj p) const;
+  void init_rope();
   std::int64_t cached_bytes() const;
 };
 

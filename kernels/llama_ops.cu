@@ -68,12 +68,12 @@ void require(bool ok, const std::string& what) {
 // ---------------------------------------------------------------------------------
 // Elementwise
 
-__global__ void embedding_kernel(const float* __restrict__ table, const int* __restrict__ tokens,
+__global__ void embedding_kernel(const bf16* __restrict__ table, const int* __restrict__ tokens,
                                  float* __restrict__ x, std::int64_t n, int D) {
   for (std::int64_t i = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; i < n;
        i += (std::int64_t)gridDim.x * blockDim.x) {
     const std::int64_t row = i / D;
-    x[i] = table[(std::int64_t)tokens[row] * D + (i - row * D)];
+    x[i] = __uint_as_float(static_cast<unsigned>(table[(std::int64_t)tokens[row] * D + (i - row * D)]) << 16);
   }
 }
 
@@ -349,7 +349,7 @@ unsigned warp_blocks(std::int64_t rows) { return static_cast<unsigned>((rows + k
 
 }  // namespace
 
-void embedding_forward(const float* table, const int* tokens, float* x, int N, int D, cudaStream_t s) {
+void embedding_forward(const bf16* table, const int* tokens, float* x, int N, int D, cudaStream_t s) {
   require(N >= 0 && D > 0, "embedding_forward: need N >= 0 and D > 0");
   const std::int64_t n = (std::int64_t)N * D;
   if (n == 0) return;

@@ -2,6 +2,8 @@
 // lora_backward_ref (src/lora.cpp). See lora.cuh.
 #include "lora.cuh"
 
+#include "counter_hash.hpp"
+
 #include <cstdio>
 #include <stdexcept>
 #include <string>
@@ -97,10 +99,7 @@ unsigned blocks_for(long n) { return static_cast<unsigned>((n + kThreads - 1) / 
 __global__ void dropout_mask_kernel(float* __restrict__ mask, long n, float p, float keep_scale, std::uint64_t seed) {
   const long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
   if (i >= n) return;
-  std::uint64_t z = seed + static_cast<std::uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
+  const std::uint64_t z = counter_hash(seed, static_cast<std::uint64_t>(i));
   const float u = static_cast<float>(z >> 40) * 0x1.0p-24f;
   mask[i] = u >= p ? keep_scale : 0.0f;
 }

@@ -10,6 +10,8 @@
 #   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage)
 #   peft      chapter 7: our adapter in PEFT gives our logits (tools/peft_check.py)
 #   hfspeed   chapter 7: transformers + PEFT training the same recipe, the speed reference
+#   bnb       build bitsandbytes from .carry/anchors (scripts/build_bnb.sh) for the phases after it
+#   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, 65B in 42 GiB
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -51,6 +53,10 @@ for phase in "${phases[@]}"; do
     peft)
       timeout 120 bash scripts/gpu_peft_check.sh build/cuda "$res/recipe/nf4-dq/adapter" > "$res/peft_check.log" 2>&1
       echo "peft check: $?"; tail -15 "$res/peft_check.log" ;;
+    bnb)
+      bash scripts/build_bnb.sh; echo "bnb build: $?" ;;
+    scale)
+      timeout ${SCALE_TIMEOUT:-540} bash scripts/gpu_scale.sh build/cuda "$res/scale"; echo "gpu_scale: $?" ;;
     hfspeed)
       timeout 180 python3 tools/hf_recipe_bench.py --base .carry/shared/models/kjv15M-hf --json "$res/hf_recipe_bench.json" \
         > "$res/hf_recipe_bench.log" 2>&1; echo "hf speed: $?"; tail -14 "$res/hf_recipe_bench.log" ;;

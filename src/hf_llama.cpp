@@ -3,6 +3,7 @@
 
 #include "atomic_file.hpp"
 #include "bf16.hpp"
+#include "hf_folder.hpp"
 #include "safetensors.hpp"
 
 #include <nlohmann/json.hpp>
@@ -66,7 +67,9 @@ T get_field(const nlohmann::json& cfg, const char* key, const std::string& where
   }
 }
 
-LlamaConfig parse_config(const std::filesystem::path& path) {
+}  // namespace
+
+LlamaConfig read_hf_config(const std::filesystem::path& path) {
   const std::string where = "Hugging Face config '" + path.string() + "'";
   std::ifstream in(path);
   if (!in) throw std::runtime_error("cannot open " + where);
@@ -107,39 +110,7 @@ LlamaConfig parse_config(const std::filesystem::path& path) {
   return c;
 }
 
-// All tensors of the folder with the file each came from (for error messages).
-std::map<std::string, std::pair<Tensor, std::filesystem::path>> read_weights(const std::filesystem::path& dir) {
-  std::vector<std::filesystem::path> files;
-  const auto index = dir / "model.safetensors.index.json";
-  if (std::filesystem::exists(index)) {
-    std::ifstream in(index);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(in);
-    } catch (const nlohmann::json::parse_error& e) {
-      throw std::runtime_error("shard index '" + index.string() + "': not valid JSON: " + e.what());
-    }
-    if (!j.is_object() || !j.contains("weight_map") || !j["weight_map"].is_object())
-      throw std::runtime_error("shard index '" + index.string() + "': no \"weight_map\" object");
-    std::set<std::string> shards;
-    for (const auto& [name, file] : j["weight_map"].items()) {
-      if (!file.is_string()) throw std::runtime_error("shard index '" + index.string() + "': bad entry for " + name);
-      shards.insert(file.get<std::string>());
-    }
-    for (const auto& s : shards) files.push_back(dir / s);
-  } else {
-    files.push_back(dir / "model.safetensors");
-  }
-  std::map<std::string, std::pair<Tensor, std::filesystem::path>> all;
-  for (const auto& f : files) {
-    auto st = read_safetensors(f);
-    for (auto& [name, t] : st.tensors) {
-      if (all.count(name)) throw std::runtime_error("tensor '" + name + "' appears in more than one shard of " + dir.string());
-      all.emplace(name, std::make_pair(std::move(t), f));
-    }
-  }
-  return all;
-}
+namespace {
 
 // The double whose shortest decimal is the float's shortest decimal: 1e-5f is written
 // as 1e-05, not as 9.99999974737875e-06.
@@ -179,34 +150,13 @@ void convert_rope_layout(LlamaCheckpoint& ck, RopeLayout target) {
 }
 
 LlamaCheckpoint read_hf_llama(const std::filesystem::path& dir) {
-  const std::string where = "Hugging Face checkpoint '" + dir.string() + "'";
-  if (!std::filesystem::is_directory(dir)) throw std::runtime_error(where + ": not a directory");
+  const HfLlamaFolder folder(dir);
   LlamaCheckpoint ck;
-  ck.config = parse_config(dir / "config.json");
+  ck.config = folder.config();
   ck.rope_layout = RopeLayout::rotate_half;
-  auto weights = read_weights(dir);
-
-  std::set<std::string> used;
   for (const auto& spec : llama_tensor_specs(ck.config)) {
-    auto it = weights.find(spec.name);
-    if (it == weights.end()) throw std::runtime_error(where + ": missing tensor '" + spec.name + "'");
-    const auto& [t, file] = it->second;
-    const std::string tw = "tensor '" + spec.name + "' in '" + file.string() + "'";
-    if (!is_floating(t.dtype) || t.dtype == DType::F64)
-      throw std::runtime_error(tw + ": dtype " + to_string(t.dtype) + " (expected BF16, F16 or F32)");
-    if (t.shape != spec.shape)
-      throw std::runtime_error(tw + ": shape " + shape_str(t.shape) + ", but config.json implies " + shape_str(spec.shape));
-    ck.tensors.push_back({spec.name, spec.shape, t.to_f32()});
-    used.insert(spec.name);
-  }
-  for (const auto& [name, value] : weights) {
-    if (used.count(name)) continue;
-    // Older exports carry the RoPE frequencies as buffers, and tied models may still
-    // store lm_head.weight; both are implied by the config.
-    if (name.ends_with(".self_attn.rotary_emb.inv_freq")) continue;
-    if (name == "lm_head.weight" && ck.config.shared_classifier) continue;
-    throw std::runtime_error(where + ": unexpected tensor '" + name + "' in '" + value.second.string() +
-                             "' (not part of a LLaMA model with this config)");
+    ck.tensors.push_back({spec.name, spec.shape, folder.tensor(spec.name).to_f32()});
+    folder.release(spec.name);
   }
   return ck;
 }
@@ -228,6 +178,11 @@ void write_hf_llama(const std::filesystem::path& dir, const LlamaCheckpoint& ck)
     st.tensors[spec.name] = Tensor::from_bf16(to_bf16(t.data), spec.shape);
   }
 
+  write_safetensors(dir / "model.safetensors", st);
+  write_hf_config(dir / "config.json", c);
+}
+
+void write_hf_config(const std::filesystem::path& path, const LlamaConfig& c) {
   nlohmann::ordered_json cfg;
   cfg["architectures"] = {"LlamaForCausalLM"};
   cfg["model_type"] = "llama";
@@ -248,8 +203,7 @@ void write_hf_llama(const std::filesystem::path& dir, const LlamaCheckpoint& ck)
   cfg["attention_bias"] = false;
   cfg["mlp_bias"] = false;
 
-  write_safetensors(dir / "model.safetensors", st);
-  write_text_atomic(dir / "config.json", cfg.dump(2) + "\n");
+  write_text_atomic(path, cfg.dump(2) + "\n");
 }
 
 }  // namespace qlora

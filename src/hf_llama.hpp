@@ -30,6 +30,13 @@ std::vector<float> rope_half_to_interleaved(std::span<const float> w, int n_head
 /// the checkpoint is already in that layout.
 void convert_rope_layout(LlamaCheckpoint& ck, RopeLayout target);
 
+/// The model configuration of a Hugging Face config.json. Throws std::runtime_error naming
+/// the file and the field on anything missing, malformed or not implemented here.
+LlamaConfig read_hf_config(const std::filesystem::path& config_json);
+
+/// Writes config.json for c (transformers' LlamaConfig spelling), atomically.
+void write_hf_config(const std::filesystem::path& path, const LlamaConfig& c);
+
 /// Reads a Hugging Face LLaMA folder (BF16, F16 or F32 tensors) into float32, layout
 /// rotate_half. Throws std::runtime_error naming the folder and the config field or tensor
 /// on anything unsupported or inconsistent (missing/extra tensors, wrong shapes, dtypes).

@@ -5,13 +5,18 @@
 #include "llama_model.hpp"
 
 #include "bf16.hpp"
+#include "hf_folder.hpp"
 #include "hf_llama.hpp"
 #include "llama_ops.hpp"
 #include "matmul.hpp"
+#include "model_shapes.hpp"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <fstream>
 #include <stdexcept>
+#include <string>
 
 namespace qlora {
 
@@ -135,8 +140,40 @@ std::vector<float> lora_B_from_hf(const LlamaConfig& c, Proj p, const std::vecto
   return B;
 }
 
+namespace {
+//! [cpu-memory-check]
+// The CPU model is the float32 reference: at its peak while loading it holds the
+// checkpoint in float32, the weights again, and each projection's float32 cache; a
+// 6.74 B-parameter model took 56 GB (8.3 bytes per parameter). Refuse what cannot fit
+// rather than let the machine swap or the kernel kill us.
+void check_host_memory(std::int64_t params, const std::filesystem::path& path) {
+  std::ifstream meminfo("/proc/meminfo");
+  std::string key;
+  std::int64_t kib = 0;
+  std::string unit;
+  while (meminfo >> key >> kib >> unit)
+    if (key == "MemAvailable:") break;
+  if (key != "MemAvailable:") return;  // not Linux: no estimate to compare with
+  const double need_gb = 8.3 * static_cast<double>(params) / 1e9, have_gb = static_cast<double>(kib) * 1024.0 / 1e9;
+  if (need_gb <= have_gb) return;
+  char msg[512];
+  std::snprintf(msg, sizeof msg,
+                "%s: a %.2f B-parameter model needs about %.0f GB of host memory in the CPU model (float32 weights "
+                "and their dequantized cache), and %.1f GB are available: use --device cuda, which streams it onto "
+                "the GPU in 4-bit",
+                path.c_str(), static_cast<double>(params) / 1e9, need_gb, have_gb);
+  throw std::runtime_error(msg);
+}
+//! [cpu-memory-check]
+}  // namespace
+
 LlamaWeights load_llama_weights(const std::filesystem::path& path) {
-  if (std::filesystem::is_directory(path)) return weights_from_checkpoint(read_hf_llama(path));
+  if (std::filesystem::is_directory(path)) {
+    check_host_memory(llama_parameter_count(HfLlamaFolder(path).config()), path);  // headers only
+    return weights_from_checkpoint(read_hf_llama(path));
+  }
+  if (std::filesystem::is_regular_file(path))
+    check_host_memory(static_cast<std::int64_t>(std::filesystem::file_size(path) / sizeof(float)), path);
   return weights_from_checkpoint(read_llama2c(path));
 }
 

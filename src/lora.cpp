@@ -4,6 +4,8 @@
 // the BLAS products of matmul.hpp (the CPU execution path). See lora.hpp.
 #include "lora.hpp"
 
+#include "counter_hash.hpp"
+
 #include "matmul.hpp"
 
 #include <cmath>
@@ -62,10 +64,7 @@ std::vector<float> lora_dropout_mask_hashed(std::int64_t n, float p, std::uint64
   const float keep_scale = 1.0f / (1.0f - p);
   std::vector<float> mask(static_cast<std::size_t>(n));
   for (std::int64_t i = 0; i < n; ++i) {
-    std::uint64_t z = seed + static_cast<std::uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
+    const std::uint64_t z = counter_hash(seed, static_cast<std::uint64_t>(i));
     // 24 random bits: u is exact in float, so the CPU and GPU comparisons agree.
     const float u = static_cast<float>(z >> 40) * 0x1.0p-24f;
     mask[static_cast<std::size_t>(i)] = u >= p ? keep_scale : 0.0f;

@@ -1,6 +1,8 @@
 // The memory planner's arithmetic (chapter 4). See memory_plan.hpp for the conventions.
 #include "memory_plan.hpp"
 
+#include "model_shapes.hpp"
+
 #include <algorithm>
 #include <cctype>
 #include <stdexcept>
@@ -8,12 +10,15 @@
 namespace qlora {
 
 const std::vector<LlamaShape>& llama_shapes() {
-  static const std::vector<LlamaShape> shapes = {
-      {"7B", 4096, 11008, 32, 32, 32000},
-      {"13B", 5120, 13824, 40, 40, 32000},
-      {"33B", 6656, 17920, 60, 52, 32000},
-      {"65B", 8192, 22016, 80, 64, 32000},
-  };
+  // The LLaMA-1 sizes of model_shapes.cpp, the one table of real shapes.
+  static const std::vector<LlamaShape> shapes = [] {
+    std::vector<LlamaShape> v;
+    for (const char* name : {"7B", "13B", "33B", "65B"}) {
+      const LlamaConfig c = model_shape(name);
+      v.push_back({name, c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.vocab_size});
+    }
+    return v;
+  }();
   return shapes;
 }
 

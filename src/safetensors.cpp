@@ -13,6 +13,13 @@
 #include <limits>
 #include <ostream>
 #include <stdexcept>
+#include <utility>
+
+#include <cerrno>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace qlora {
 
@@ -61,13 +68,6 @@ std::string shape_string(const std::vector<std::int64_t>& shape) {
   std::string s = "[";
   for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
-}
-
-template <class T>
-std::vector<T> as_values(const std::vector<std::uint8_t>& bytes) {
-  std::vector<T> v(bytes.size() / sizeof(T));
-  if (!v.empty()) std::memcpy(v.data(), bytes.data(), v.size() * sizeof(T));
-  return v;
 }
 
 struct Entry {
@@ -158,24 +158,8 @@ std::int64_t Tensor::numel() const {
 }
 
 std::vector<float> Tensor::to_f32() const {
-  switch (dtype) {
-    case DType::F32:
-      return as_values<float>(data);
-    case DType::BF16:
-      return qlora::from_bf16(as_values<bf16>(data));
-    case DType::F16: {
-      auto h = as_values<std::uint16_t>(data);
-      std::vector<float> out(h.size());
-      for (std::size_t i = 0; i < h.size(); ++i) out[i] = f16_to_f32(h[i]);
-      return out;
-    }
-    case DType::F64: {
-      auto d = as_values<double>(data);
-      return std::vector<float>(d.begin(), d.end());
-    }
-    default:
-      throw std::runtime_error("to_f32: dtype " + to_string(dtype) + " is not a floating type");
-  }
+  if (!is_floating(dtype)) throw std::runtime_error("to_f32: dtype " + to_string(dtype) + " is not a floating type");
+  return TensorView{dtype, shape, data}.to_f32();
 }
 
 namespace {
@@ -209,13 +193,17 @@ const Tensor& SafeTensors::at(const std::string& name) const {
   return it->second;
 }
 
-SafeTensors read_safetensors(const std::filesystem::path& path) {
-  const std::string file = "safetensors file '" + path.string() + "'";
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open " + file);
-  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) throw std::runtime_error("read error on " + file);
+namespace {
 
+// The checked header of a whole file's bytes: the entries (sorted by offset, tiling
+// the data section), the metadata and where the data section starts.
+struct Header {
+  std::vector<Entry> entries;
+  std::map<std::string, std::string> metadata;
+  std::uint64_t data_start = 0;
+};
+
+Header parse_header(std::span<const std::uint8_t> bytes, const std::string& file) {
   //! [safetensors-read]
   if (bytes.size() < 8)
     throw std::runtime_error(file + ": " + std::to_string(bytes.size()) +
@@ -235,17 +223,17 @@ SafeTensors read_safetensors(const std::filesystem::path& path) {
     throw std::runtime_error(file + ": header is not valid JSON: " + e.what());
   }
   if (!header.is_object()) throw std::runtime_error(file + ": header is not a JSON object");
-  const std::uint64_t data_start = 8 + n;
-  const std::uint64_t data_bytes = bytes.size() - data_start;
+  Header h;
+  h.data_start = 8 + n;
+  const std::uint64_t data_bytes = bytes.size() - h.data_start;
 
-  SafeTensors st;
-  std::vector<Entry> entries;
+  std::vector<Entry>& entries = h.entries;
   for (const auto& [name, value] : header.items()) {
     if (name == "__metadata__") {
       if (!value.is_object()) throw std::runtime_error(file + ": __metadata__ is not a JSON object");
       for (const auto& [k, v] : value.items()) {
         if (!v.is_string()) throw std::runtime_error(file + ": __metadata__ value of '" + k + "' is not a string");
-        st.metadata[k] = v.get<std::string>();
+        h.metadata[k] = v.get<std::string>();
       }
       continue;
     }
@@ -272,17 +260,138 @@ SafeTensors read_safetensors(const std::filesystem::path& path) {
     throw std::runtime_error(file + ": tensors cover " + std::to_string(pos) + " bytes but the data section has " +
                              std::to_string(data_bytes) + " (trailing bytes)");
   //! [safetensors-read]
+  return h;
+}
 
-  for (auto& e : entries) {
+std::string file_label(const std::filesystem::path& path) { return "safetensors file '" + path.string() + "'"; }
+
+}  // namespace
+
+SafeTensors read_safetensors(const std::filesystem::path& path) {
+  const std::string file = file_label(path);
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot open " + file);
+  std::vector<std::uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) throw std::runtime_error("read error on " + file);
+  Header h = parse_header(bytes, file);
+  SafeTensors st;
+  st.metadata = std::move(h.metadata);
+  for (auto& e : h.entries) {
     Tensor t;
     t.dtype = e.dtype;
     t.shape = std::move(e.shape);
-    auto first = bytes.begin() + static_cast<std::ptrdiff_t>(data_start + e.begin);
+    auto first = bytes.begin() + static_cast<std::ptrdiff_t>(h.data_start + e.begin);
     t.data.assign(first, first + static_cast<std::ptrdiff_t>(e.end - e.begin));
     st.tensors.emplace(e.name, std::move(t));
   }
   return st;
 }
+
+std::int64_t TensorView::numel() const {
+  std::int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+std::vector<float> TensorView::to_f32() const {
+  std::vector<float> out(static_cast<std::size_t>(numel()));
+  convert_floats(*this, std::span<float>(out));
+  return out;
+}
+
+//! [safetensors-map]
+MappedSafetensors::MappedSafetensors(const std::filesystem::path& path) : path_(path) {
+  const std::string file = file_label(path);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error("cannot open " + file + ": " + std::strerror(errno));
+  struct stat sb {};
+  if (::fstat(fd, &sb) != 0) {
+    ::close(fd);
+    throw std::runtime_error("cannot stat " + file);
+  }
+  size_ = static_cast<std::size_t>(sb.st_size);
+  // A read-only shared map: the pages are the kernel's page cache, read from disk on
+  // first touch, and dropped from this process again by release().
+  void* m = size_ ? ::mmap(nullptr, size_, PROT_READ, MAP_SHARED, fd, 0) : nullptr;
+  ::close(fd);  // the mapping keeps the file open
+  if (m == MAP_FAILED) throw std::runtime_error("cannot map " + file + ": " + std::strerror(errno));
+  base_ = static_cast<const std::uint8_t*>(m);
+  try {
+    Header h = parse_header(std::span<const std::uint8_t>(base_, size_), file);
+    metadata_ = std::move(h.metadata);
+    for (auto& e : h.entries)
+      tensors_.emplace(e.name, TensorView{e.dtype, std::move(e.shape),
+                                          std::span<const std::uint8_t>(base_ + h.data_start + e.begin, e.end - e.begin)});
+  } catch (...) {
+    unmap();
+    throw;
+  }
+}
+//! [safetensors-map]
+
+void MappedSafetensors::unmap() noexcept {
+  if (base_) ::munmap(const_cast<std::uint8_t*>(base_), size_);
+  base_ = nullptr;
+}
+
+MappedSafetensors::~MappedSafetensors() { unmap(); }
+
+MappedSafetensors::MappedSafetensors(MappedSafetensors&& o) noexcept
+    : path_(std::move(o.path_)), base_(std::exchange(o.base_, nullptr)), size_(o.size_),
+      tensors_(std::move(o.tensors_)), metadata_(std::move(o.metadata_)) {}
+
+const TensorView& MappedSafetensors::at(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) throw std::runtime_error(file_label(path_) + ": no tensor '" + name + "'");
+  return it->second;
+}
+
+void MappedSafetensors::release(const TensorView& t) const {
+  // Whole pages inside the tensor only: a page shared with a neighbour may still be needed.
+  const std::uintptr_t page = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<std::uintptr_t>(t.bytes.data());
+  const std::uintptr_t first = (begin + page - 1) / page * page;
+  const std::uintptr_t last = (begin + t.bytes.size()) / page * page;
+  if (last > first) ::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
+namespace {
+// Element i of a floating tensor's raw bytes as float32 (exact for F32, BF16 and F16).
+float element_f32(const TensorView& t, std::size_t i) {
+  const std::uint8_t* p = t.bytes.data();
+  switch (t.dtype) {
+    case DType::F32: { float f; std::memcpy(&f, p + 4 * i, 4); return f; }
+    case DType::BF16: { bf16 b; std::memcpy(&b, p + 2 * i, 2); return bf16_to_f32(b); }
+    case DType::F16: { std::uint16_t h; std::memcpy(&h, p + 2 * i, 2); return f16_to_f32(h); }
+    case DType::F64: { double d; std::memcpy(&d, p + 8 * i, 8); return static_cast<float>(d); }
+    default: throw std::runtime_error("dtype " + to_string(t.dtype) + " is not a floating type");
+  }
+}
+
+void check_count(const TensorView& t, std::size_t n, const char* what) {
+  if (!is_floating(t.dtype)) throw std::runtime_error(std::string(what) + ": dtype " + to_string(t.dtype) + " is not a floating type");
+  if (n != static_cast<std::size_t>(t.numel()))
+    throw std::invalid_argument(std::string(what) + ": " + std::to_string(n) + " outputs for " +
+                                std::to_string(t.numel()) + " values");
+}
+}  // namespace
+
+void convert_floats(const TensorView& t, std::span<float> out) {
+  check_count(t, out.size(), "convert_floats");
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = element_f32(t, i);
+}
+
+//! [convert-bf16]
+void convert_bf16(const TensorView& t, std::span<bf16> out) {
+  check_count(t, out.size(), "convert_bf16");
+  // BF16 travels as it is; F32 and F16 round to nearest even, as torch's .to(bfloat16) does.
+  if (t.dtype == DType::BF16) {
+    std::memcpy(out.data(), t.bytes.data(), t.bytes.size());
+    return;
+  }
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = f32_to_bf16(element_f32(t, i));
+}
+//! [convert-bf16]
 
 void write_safetensors(const std::filesystem::path& path, const SafeTensors& st) {
   std::vector<const std::pair<const std::string, Tensor>*> order;

@@ -56,6 +56,55 @@ struct SafeTensors {
 };
 
 SafeTensors read_safetensors(const std::filesystem::path& path);
+
+/// One tensor of a mapped file: dtype, shape and its bytes where they lie in the map.
+struct TensorView {
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  std::span<const std::uint8_t> bytes;
+
+  std::int64_t numel() const;
+  /// Values as float32 (floating dtypes only; throws otherwise).
+  std::vector<float> to_f32() const;
+};
+
+/// A floating tensor's values as float32 / BF16 into out (numel values). BF16 is copied as
+/// it is, F32 and F16 are rounded to nearest even. Throws for other dtypes or a wrong size.
+void convert_floats(const TensorView& t, std::span<float> out);
+void convert_bf16(const TensorView& t, std::span<bf16> out);
+
+/// A safetensors file mapped into memory (chapter 7, "Loading a big model"). The header is
+/// read and checked by the same rules as read_safetensors; the data is not read at all until
+/// a tensor's bytes are touched, when the kernel pages them in from its page cache, and
+/// release() drops those pages from this process again. Streaming a model through it one
+/// tensor at a time keeps host memory near one tensor, whatever the file's size.
+class MappedSafetensors {
+ public:
+  /// Throws std::runtime_error naming the file when it cannot be mapped or breaks a rule.
+  explicit MappedSafetensors(const std::filesystem::path& path);
+  ~MappedSafetensors();
+  MappedSafetensors(MappedSafetensors&& o) noexcept;
+  MappedSafetensors(const MappedSafetensors&) = delete;
+  MappedSafetensors& operator=(const MappedSafetensors&) = delete;
+  MappedSafetensors& operator=(MappedSafetensors&&) = delete;
+
+  const std::filesystem::path& path() const { return path_; }
+  const std::map<std::string, TensorView>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  bool contains(const std::string& name) const { return tensors_.count(name) != 0; }
+  const TensorView& at(const std::string& name) const;  ///< throws naming the file and tensor
+  /// Gives the pages of t back (madvise MADV_DONTNEED): they leave this process's resident
+  /// memory and stay in the kernel's page cache. t stays valid; touching it reads them again.
+  void release(const TensorView& t) const;
+
+ private:
+  std::filesystem::path path_;
+  const std::uint8_t* base_ = nullptr;
+  std::size_t size_ = 0;
+  std::map<std::string, TensorView> tensors_;
+  std::map<std::string, std::string> metadata_;
+  void unmap() noexcept;
+};
 /// Writes atomically: to path + ".tmp", then rename over path. Throws std::invalid_argument
 /// naming the tensor whose byte size does not match dtype × shape.
 void write_safetensors(const std::filesystem::path& path, const SafeTensors& st);

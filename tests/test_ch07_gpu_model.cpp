@@ -22,7 +22,10 @@
 #include "finetune.hpp"
 #include "gpu_trainer.cuh"
 #include "llama_model.hpp"
+#include "hf_folder.hpp"
+#include "hf_llama.hpp"
 #include "llama_model_gpu.cuh"
+#include "model_stream.cuh"
 #include "tokenizer.hpp"
 
 #include <catch2/catch.hpp>
@@ -267,4 +270,76 @@ TEST_CASE("GPU gradient checkpointing gives the same gradients and keeps fewer a
   CHECK(max_abs_diff(grads[1], grads[0]) == 0.0);
   // 6 layers kept against 1 recomputed (+ the inputs): well under half.
   CHECK(bytes[1] < bytes[0] / 2);
+}
+
+// Streaming (chapter 7, "Loading a big model"): the projections are quantized on the GPU
+// from the folder's BF16 values, the host path quantizes the same values on the CPU, and
+// chapter 5's quantize kernels are byte-identical to the CPU's; the embedding and norms
+// are the same BF16 values, and the adapters come from the same draws. So the two models
+// must compute exactly the same logits, not merely close ones.
+TEST_CASE("A model streamed onto the GPU from a folder equals the uploaded host model, bit for bit", "[ch07][gpu]") {
+  for (const bool shared : {true, false}) {
+    const LlamaConfig c = qlora::test::tiny_config(2, shared);
+    const auto dir = qlora::test::temp_path("ch07_gpu_stream", shared ? "tied" : "untied");
+    write_hf_llama(dir, checkpoint_from_weights(random_llama_weights(c, 21)));
+    for (BaseStorage st : {BaseStorage::nf4_dq, BaseStorage::fp4, BaseStorage::bfloat16}) {
+      CAPTURE(shared, to_string(st));
+      LoraSetup s;
+      s.config.r = 4;
+      s.config.dropout = 0.0f;
+      LlamaModel host(load_llama_weights(dir), st);
+      std::mt19937_64 r1(7), r2(7);
+      host.add_lora(s, r1);
+      cuda::LlamaModelGpu uploaded(host);
+      const HfLlamaFolder folder(dir);
+      int reported = 0;
+      cuda::LlamaModelGpu streamed(folder.config(), st, cuda::folder_fill(folder), s, r2,
+                                   [&](const cuda::LoadProgress& p) { reported = p.tensors_done; });
+      CHECK(reported == static_cast<int>(llama_tensor_specs(c).size()));
+      CHECK(streamed.frozen_bytes() == uploaded.frozen_bytes());
+      const int B = 2, T = 7;
+      const auto tokens = random_tokens(B * T, c.vocab_size, 3);
+      const auto targets = next_targets(tokens, B, T);
+      std::mt19937_64 d1(1), d2(1);
+      const float l1 = uploaded.forward(tokens.data(), targets.data(), B, T, false, d1);
+      const float l2 = streamed.forward(tokens.data(), targets.data(), B, T, false, d2);
+      CHECK(l1 == l2);
+      CHECK(uploaded.logits() == streamed.logits());
+    }
+  }
+}
+
+TEST_CASE("Storage formats the GPU does not stream into are refused by name", "[ch07][gpu]") {
+  const LlamaConfig c = qlora::test::tiny_config(2, true);
+  std::mt19937_64 rng(1);
+  for (BaseStorage st : {BaseStorage::float32, BaseStorage::int4}) {
+    CAPTURE(to_string(st));
+    CHECK_THROWS_WITH(cuda::LlamaModelGpu(c, st, cuda::random_fill(1), std::nullopt, rng),
+                      Catch::Contains(to_string(st)) && Catch::Contains("nf4-dq"));
+  }
+}
+
+// random_fill makes N(0, std²) values (norm weights around 1) on the device: with n values
+// the sample mean is within 5·std/√n of 0 and the sample standard deviation within
+// 5·std/√(2n) of std (five standard errors), and the same seed gives the same bits.
+TEST_CASE("Random weights on the device: normal with the asked deviation, reproducible", "[ch07][gpu]") {
+  const std::int64_t n = 1 << 20;
+  const TensorSpec w{"model.layers.0.mlp.up_proj.weight", {1024, 1024}};
+  const TensorSpec norm{"model.layers.0.input_layernorm.weight", {n}};
+  for (const TensorSpec* t : {&w, &norm}) {
+    cuda::DeviceBuffer<bf16> a(static_cast<std::size_t>(n)), b(static_cast<std::size_t>(n));
+    cuda::random_fill(42, 0.02f)(*t, a.data(), nullptr);
+    cuda::random_fill(42, 0.02f)(*t, b.data(), nullptr);
+    const std::vector<bf16> ha = a.download(), hb = b.download();
+    CHECK(ha == hb);
+    double sum = 0, sq = 0;
+    for (bf16 v : ha) sum += bf16_to_f32(v);
+    const double mean = sum / n;
+    for (bf16 v : ha) sq += (bf16_to_f32(v) - mean) * (bf16_to_f32(v) - mean);
+    const double sd = std::sqrt(sq / (n - 1));
+    const double centre = t == &norm ? 1.0 : 0.0;
+    CAPTURE(t->name, mean, sd);
+    CHECK(std::fabs(mean - centre) < 5 * 0.02 / std::sqrt(static_cast<double>(n)));
+    CHECK(std::fabs(sd - 0.02) < 5 * 0.02 / std::sqrt(2.0 * n) + 0.02 * 0x1.0p-8);  // + BF16 rounding of each value
+  }
 }

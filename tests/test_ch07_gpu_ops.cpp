@@ -91,11 +91,13 @@ void check_equal(const std::vector<float>& got, const std::vector<float>& ref, c
 TEST_CASE("GPU embedding copies the table rows of the tokens", "[ch07][gpu]") {
   auto rng = fresh_rng();
   const int V = 515, D = 72, N = 77;  // N not a multiple of 32
-  const auto table = random_vec(static_cast<std::size_t>(V) * D, rng);
+  const std::vector<bf16> table = to_bf16(random_vec(static_cast<std::size_t>(V) * D, rng));
   std::vector<int> tokens(N);
   for (int& t : tokens) t = static_cast<int>(rng() % V);
   std::vector<float> ref(static_cast<std::size_t>(N) * D);
-  for (int n = 0; n < N; ++n) std::copy_n(&table[static_cast<std::size_t>(tokens[n]) * D], D, &ref[static_cast<std::size_t>(n) * D]);
+  for (int n = 0; n < N; ++n)
+    for (int d = 0; d < D; ++d)
+      ref[static_cast<std::size_t>(n) * D + d] = bf16_to_f32(table[static_cast<std::size_t>(tokens[n]) * D + d]);
   auto d_table = dev(table);
   auto d_tok = dev(tokens);
   auto x = poisoned(ref.size());

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -21,6 +22,8 @@
 
 #ifdef QLORA_HAVE_CUDA
 #include "gpu_trainer.cuh"
+#include "hf_folder.hpp"
+#include "model_stream.cuh"
 #endif
 
 namespace {
@@ -56,20 +59,23 @@ struct ModelOptions {
   std::pair<LlamaModel, std::unique_ptr<Tokenizer>> load_with_tokenizer(const std::filesystem::path& mp) const {
     LlamaModel m = load(mp);
     auto tok = load_tok(mp);
-    if (tok->vocab_size() > m.config().vocab_size) {
-      throw std::invalid_argument("the tokenizer (" + std::to_string(tok->vocab_size()) + " tokens) does not fit " +
-                                  mp.string() + " (vocabulary " + std::to_string(m.config().vocab_size) +
+    check_tokenizer(*tok, m.config(), mp);
+    return {std::move(m), std::move(tok)};
+  }
+  static void check_tokenizer(const Tokenizer& tok, const LlamaConfig& c, const std::filesystem::path& mp) {
+    if (tok.vocab_size() > c.vocab_size) {
+      throw std::invalid_argument("the tokenizer (" + std::to_string(tok.vocab_size()) + " tokens) does not fit " +
+                                  mp.string() + " (vocabulary " + std::to_string(c.vocab_size) +
                                   "): give the model's own tokenizer with --tokenizer");
     }
-    return {std::move(m), std::move(tok)};
   }
 };
 
 // The model reads at most its context length of tokens at once (its RoPE tables end there).
-void check_seq_len(int seq_len, const LlamaModel& m, const std::filesystem::path& mp) {
-  if (seq_len > m.config().seq_len) {
+void check_seq_len(int seq_len, const LlamaConfig& c, const std::filesystem::path& mp) {
+  if (seq_len > c.seq_len) {
     throw std::invalid_argument("--seq-len " + std::to_string(seq_len) + " is longer than the context of " +
-                                mp.string() + " (seq_len " + std::to_string(m.config().seq_len) + ")");
+                                mp.string() + " (seq_len " + std::to_string(c.seq_len) + ")");
   }
 }
 
@@ -87,6 +93,38 @@ std::unique_ptr<Trainer> make_trainer(const std::string& device, LlamaModel& mod
   if (device == "cuda") throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
 #endif
   return std::make_unique<CpuTrainer>(model, cfg.optim, cfg.weight_decay);
+}
+
+// `qlora eval --device cuda`. A Hugging Face folder without an adapter streams onto the
+// GPU (no host copy of the model: this is how a 65B model is evaluated); anything else is
+// loaded on the host first and uploaded.
+double eval_on_gpu(const ModelOptions& m, const std::filesystem::path& mp, int seq_len, int batch, int windows,
+                   const std::function<std::vector<int>(const Tokenizer&)>& text_ids) {
+#ifdef QLORA_HAVE_CUDA
+  if (!cuda::cuda_device_present()) throw std::invalid_argument("--device cuda: no CUDA device is available here");
+  auto tok = m.load_tok(mp);
+  std::unique_ptr<cuda::LlamaModelGpu> gpu;
+  if (std::filesystem::is_directory(mp) && m.adapter.empty()) {
+    const HfLlamaFolder folder(mp);
+    ModelOptions::check_tokenizer(*tok, folder.config(), mp);
+    check_seq_len(seq_len, folder.config(), mp);
+    std::mt19937_64 no_adapters(0);
+    gpu = std::make_unique<cuda::LlamaModelGpu>(folder.config(), parse_base_storage(m.storage), cuda::folder_fill(folder),
+                                                std::nullopt, no_adapters, cuda::print_load_progress);
+  } else {
+    auto [host, t] = m.load_with_tokenizer(mp);
+    check_seq_len(seq_len, host.config(), mp);
+    gpu = std::make_unique<cuda::LlamaModelGpu>(host);
+  }
+  const BatchLoss loss = [&](const int* x, const int* y, int B, int T) {
+    std::mt19937_64 no_dropout(0);
+    return gpu->forward(x, y, B, T, false, no_dropout);
+  };
+  return validation_loss(loss, text_ids(*tok), seq_len, batch, windows);
+#else
+  (void)m, (void)mp, (void)seq_len, (void)batch, (void)windows, (void)text_ids;
+  throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
+#endif
 }
 
 //! [gpu-recipe]
@@ -199,7 +237,7 @@ QLORA_COMMAND([](CLI::App& app) {
     model.set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
     auto trainer = make_trainer(o->device, model, cfg);
     if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
-    check_seq_len(cfg.seq_len, model, mp);
+    check_seq_len(cfg.seq_len, model.config(), mp);
     std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
     const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
     double before = -1;
@@ -249,6 +287,7 @@ QLORA_COMMAND([](CLI::App& app) {
     int windows = 0;
     bool held_out = false;
     std::string dump_logits;
+    std::string device = "cpu";
   };
   auto o = std::make_shared<Options>();
   auto* cmd = app.add_subcommand("eval", "Chapter 7: perplexity of a text file, optionally with a PEFT adapter");
@@ -261,16 +300,30 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--dump-logits", o->dump_logits,
                   "write the first window's \"tokens\" (int32 [T]) and \"logits\" (float32 [T, vocab]) "
                   "as safetensors, for tools/peft_check.py");
-  cmd->callback([o] {
-    const auto mp = o->m.model_path();
-    auto [model, tok] = o->m.load_with_tokenizer(mp);
-    check_seq_len(o->seq_len, model, mp);
-    auto data = load_finetune_data(require_data(o->data), *tok);
+  cmd->add_option("--device", o->device,
+                  "cpu (the float32 reference), or cuda: a Hugging Face folder streams onto the GPU in --storage")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
+  auto text_ids = [o](const Tokenizer& tok) {
+    auto data = load_finetune_data(require_data(o->data), tok);
     std::vector<int> ids = data.val;
     if (!o->held_out) {
       ids = data.train;
       ids.insert(ids.end(), data.val.begin(), data.val.end());
     }
+    return ids;
+  };
+  cmd->callback([o, text_ids] {
+    const auto mp = o->m.model_path();
+    if (o->device == "cuda") {
+      if (!o->dump_logits.empty()) throw std::invalid_argument("--dump-logits: only with --device cpu");
+      const double loss = eval_on_gpu(o->m, mp, o->seq_len, o->batch, o->windows, text_ids);
+      std::printf("%s: loss %.4f nats/token, perplexity %.2f\n", o->data.c_str(), loss, std::exp(loss));
+      return;
+    }
+    auto [model, tok] = o->m.load_with_tokenizer(mp);
+    check_seq_len(o->seq_len, model.config(), mp);
+    const std::vector<int> ids = text_ids(*tok);
     const double loss = validation_loss(model, ids, o->seq_len, o->batch, o->windows);
     std::printf("%s: loss %.4f nats/token, perplexity %.2f\n", o->data.c_str(), loss, std::exp(loss));
     if (!o->dump_logits.empty()) {  // validation_loss checked that one window fits

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Chapter 7, "Loading a big model" and "Scaling up", on the GPU machine: a random LLaMA-7B
+# shape written as a sharded BF16 folder by our bench, streamed onto the GPU in NF4+DQ and
+# trained (`qlora bench train`: load time, host peak RSS, tokens/s, device memory), then
+# transformers + PEFT + bitsandbytes on the same folder and tokens in the same call
+# (tools/hf_train_bench.py), then the 65B shape in a 42 GiB ballast-limited card.
+# Needs bitsandbytes built (scripts/build_bnb.sh). Usage: scripts/gpu_scale.sh BUILD_DIR OUT_DIR
+set -uo pipefail
+cd "$(dirname "$0")/.."
+build=$1
+out=$2
+mkdir -p "$out"
+q=$build/qlora
+export PYTHONPATH=/tmp/site:/tmp/bnb${PYTHONPATH:+:$PYTHONPATH}
+settings=(--batch 4 --seq-len 512 --rank 64 --alpha 16 --dropout 0.05 --warmup 2 --steps ${SCALE_STEPS:-6})
+echo "--- write the 7B folder $(date -u +%T)"
+"$q" bench train --shape 7b --write-hf /tmp/m7b --json "$out/write_7b.json" 2>&1 | tail -3
+du -sh /tmp/m7b
+echo "--- ours: stream /tmp/m7b in NF4+DQ and train $(date -u +%T)"
+"$q" bench train --model /tmp/m7b --storage nf4-dq --optim paged_adamw_32bit "${settings[@]}" \
+  --tokens-out "$out/tokens_7b.json" --json "$out/ours_7b.json" > "$out/ours_7b.log" 2>&1
+echo "rc $?"; grep -E "^loading: .*tensors|^step|bench train|load|memory" "$out/ours_7b.log" | tail -16
+echo "--- transformers + PEFT + bitsandbytes on the same folder and tokens $(date -u +%T)"
+timeout 420 python3 tools/hf_train_bench.py --model /tmp/m7b --tokens "$out/tokens_7b.json" --batch 4 \
+  --json "$out/hf_7b.json" > "$out/hf_7b.log" 2>&1
+echo "rc $?"; tail -22 "$out/hf_7b.log"
+echo "--- ours, 65B shape in a 42 GiB card (ballast) $(date -u +%T)"
+"$q" bench train --shape 65b --storage nf4-dq --optim paged_adamw_32bit --batch 1 --seq-len 512 --rank 64 \
+  --warmup 1 --steps 2 --memory-limit-gib 42 --json "$out/ours_65b.json" > "$out/ours_65b.log" 2>&1
+echo "rc $?"; tail -8 "$out/ours_65b.log"
