@@ -1,10 +1,13 @@
 // GPU blockwise 4-bit quantization (chapter 5). See quantize4.cuh.
 // CPU reference: quantize_4bit() and quantize_blockwise_8bit() (src/quant4.cpp,
-// src/dynamic_map.cpp). Built without fast math: the IEEE reciprocal and the
-// explicit flushes below are exactly the reference's float32 operations.
+// src/dynamic_map.cpp). Built without fast math: the explicit flushes below are the
+// reference's float32 operations, and 1/absmax is bitsandbytes' own instruction,
+// rcp.approx.ftz.f32 (fast_math_reciprocal.cuh), which the CPU reproduces from a
+// measured table for a BF16 absmax and approximates by the IEEE quotient otherwise.
 #include "quantize4.cuh"
 
 #include "dynamic_map.hpp"
+#include "fast_math_reciprocal.cuh"
 #include "fp4.hpp"
 #include "nf4.hpp"
 
@@ -176,7 +179,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     m = fmaxf(m, fabsf(flush_subnormal_d(v)));
   }
   m = warp_max(m);
-  const float inv = __fdiv_rn(1.0f, m);  // IEEE 1/absmax; an all-zero block gives inf, and 0 * inf = NaN -> code 0
+  // bitsandbytes' fast-math 1/absmax; an all-zero block gives inf, and 0 * inf = NaN -> code 0
+  const float inv = rcp_approx_ftz_d(m);
 
   for (std::int64_t i = begin + 2 * lane; i < end; i += 64) {
     const float hi = flush_subnormal_d(to_f32(x[i]));
@@ -210,7 +214,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     m = fmaxf(m, fabsf(flush_subnormal_d(__fsub_rn(absmax[i], offset))));
   }
   m = warp_max(m);
-  const float inv = __fdiv_rn(1.0f, m);
+  const float inv = rcp_approx_ftz_d(m);  // the same instruction as bitsandbytes' 8-bit kernel
   for (std::int64_t i = begin + lane; i < end; i += 32) {
     const float centred = flush_subnormal_d(__fsub_rn(absmax[i], offset));
     codes[i] = static_cast<std::uint8_t>(threshold_rank<8>(flush_subnormal_d(__fmul_rn(centred, inv)), s_thresholds));

@@ -1,7 +1,11 @@
 // GPU blockwise 4-bit quantization, NF4 or FP4, with or without double
 // quantization (chapter 5, "BF16 dequant-matmul on the GPU"). CPU reference:
-// quantize_4bit() in src/quant4.cpp; the GPU result is byte-identical to it
-// (tests/test_ch05_gpu_kernels.cpp checks every array).
+// quantize_4bit() in src/quant4.cpp. Both compute 1/absmax as bitsandbytes' fast-math
+// build does (rcp.approx.ftz.f32); the CPU knows that instruction's result only for a
+// BF16 absmax, so the GPU result is byte-identical to the CPU's for BF16 input and, for
+// F32 input, wherever the CPU is given the device's reciprocal
+// (tests/test_ch05_gpu_kernels.cpp checks every array). Against bitsandbytes itself:
+// tests/test_ch05_gpu_bnb.cpp.
 //
 // The kernels do not repeat the CPU encoders' decision trees. Every encoder of the
 // format (nf4_encode, fp4_encode, quantize_dynamic) is a monotone step function of

@@ -64,7 +64,7 @@ static void check_sizes(const char* what, std::size_t n, int blocksize, std::siz
 
 //! [blockwise-8bit]
 void quantize_blockwise_8bit(std::span<const float> x, int blocksize, const std::array<float, 256>& map,
-                             std::span<std::uint8_t> codes, std::span<float> absmax) {
+                             std::span<std::uint8_t> codes, std::span<float> absmax, const Reciprocal& reciprocal) {
   check_sizes("quantize_blockwise_8bit", x.size(), blocksize, codes.size(), absmax.size());
   check_finite(x, "quantize_blockwise_8bit");
   const auto bs = static_cast<std::size_t>(blocksize);
@@ -73,9 +73,9 @@ void quantize_blockwise_8bit(std::span<const float> x, int blocksize, const std:
     const std::size_t end = std::min(begin + bs, x.size());
     const float m = block_absmax_flushed(x.subspan(begin, end - begin));
     absmax[b] = m;
-    // Like the CUDA kernel: multiply by the reciprocal. For an all-zero block this is
-    // 0 * inf = NaN, which the search sends to code 0; it dequantizes to 0 again.
-    const float inv = 1.0f / m;
+    // Like the CUDA kernel: multiply by the (fast-math) reciprocal. For an all-zero
+    // block this is 0 * inf = NaN, which the search sends to code 0; it dequantizes to 0 again.
+    const float inv = reciprocal(m);
     for (std::size_t i = begin; i < end; ++i) {
       codes[i] = quantize_dynamic(flush_subnormal(flush_subnormal(x[i]) * inv), map);
     }

@@ -5,6 +5,8 @@
 // so the type covers seven decades with more resolution near zero.
 #pragma once
 
+#include "fast_math_reciprocal.hpp"
+
 #include <array>
 #include <cstdint>
 #include <span>
@@ -66,12 +68,13 @@ QLORA_HOST_DEVICE inline std::uint8_t dynamic_code(float x, const float* map) {
 inline std::uint8_t quantize_dynamic(float x, const std::array<float, 256>& map) { return dynamic_code(x, map.data()); }
 
 /// Blockwise 8-bit quantization (kQuantizeBlockwise, General8bit): per block of
-/// `blocksize` values absmax[b] = max |x|, codes = quantize_dynamic(x * (1 / absmax[b])).
+/// `blocksize` values absmax[b] = max |x|, codes = quantize_dynamic(x * reciprocal(absmax[b])).
 /// codes.size() must equal x.size() and absmax.size() the number of blocks (the last
 /// block may be partial). Throws std::invalid_argument on bad sizes, blocksize < 1 or
 /// NaN/Inf input.
 void quantize_blockwise_8bit(std::span<const float> x, int blocksize, const std::array<float, 256>& map,
-                             std::span<std::uint8_t> codes, std::span<float> absmax);
+                             std::span<std::uint8_t> codes, std::span<float> absmax,
+                             const Reciprocal& reciprocal = fast_math_reciprocal);
 
 /// The inverse: out[i] = map[codes[i]] * absmax[i / blocksize], in float32.
 void dequantize_blockwise_8bit(std::span<const std::uint8_t> codes, int blocksize,

@@ -14,11 +14,14 @@
 //
 // bitsandbytes' CUDA library is compiled with --use_fast_math. Two consequences:
 // subnormals are flushed to zero (we do the same: flush_subnormal), and 1.0f / absmax
-// is an approximate reciprocal (at most 1 ulp off) where we use the IEEE quotient. The
-// codes can only differ when x / absmax falls within an ulp of a decision threshold.
+// is the approximate reciprocal rcp.approx.ftz.f32 (at most 1 ulp off). We use it where
+// the CPU knows it, for a BF16 absmax, and the IEEE quotient elsewhere
+// (fast_math_reciprocal.hpp); the codes can then only differ, for F16/F32 input, when
+// x / absmax falls within an ulp of a decision threshold.
 #include "quant4.hpp"
 
 #include "dynamic_map.hpp"
+#include "fast_math_reciprocal.hpp"
 #include "fp4.hpp"
 #include "nf4.hpp"
 #include "quant_basics.hpp"
@@ -77,7 +80,7 @@ float absmax_mean(std::span<const float> v) {
 
 //! [quantize-4bit]
 Quant4Tensor quantize_4bit(std::span<const float> x, std::vector<std::int64_t> shape, QuantType type, int blocksize,
-                           bool double_quant) {
+                           bool double_quant, const Reciprocal& reciprocal) {
   check_blocksize(blocksize);
   std::int64_t shape_numel = 1;
   for (auto d : shape) {
@@ -104,10 +107,11 @@ Quant4Tensor quantize_4bit(std::span<const float> x, std::vector<std::int64_t> s
     const std::size_t end = std::min(begin + bs, x.size());
     const float m = block_absmax_flushed(x.subspan(begin, end - begin));
     absmax[b] = m;
-    // Scale by the reciprocal, as the kernel does. An all-zero block has m = 0, so
-    // inv = inf and every scaled value is 0 * inf = NaN: NF4's tree sends NaN to code 0
-    // (-1.0, which times absmax 0 dequantizes to -0.0), FP4's to code 0 (+0.0).
-    const float inv = 1.0f / m;
+    // Scale by the reciprocal, as the kernel does: x * (1/absmax), not x / absmax, and
+    // 1/absmax is the fast-math build's rcp.approx where we know it. An all-zero block
+    // has m = 0, so inv = inf and every scaled value is 0 * inf = NaN: NF4's tree sends
+    // NaN to code 0 (-1.0, which times absmax 0 dequantizes to -0.0), FP4's to code 0 (+0.0).
+    const float inv = reciprocal(m);
     // A block starts at an even index (blocksize is even), so pairs never straddle
     // blocks. An odd last element is paired with a padding zero, quantized like the rest.
     for (std::size_t i = begin; i < end; i += 2) {
@@ -127,15 +131,22 @@ Quant4Tensor quantize_4bit(std::span<const float> x, std::vector<std::int64_t> s
   // shared float32 absmax per 256 scales, after removing its mean (absmax values
   // are all positive, so centring uses the signed map's full range).
   q.double_quant = true;
-  q.nested.blocksize = 256;
-  q.nested.offset = absmax_mean(absmax);
-  for (float& a : absmax) a -= q.nested.offset;
-  q.nested.codes.resize(absmax.size());
-  q.nested.absmax.resize((absmax.size() + 255) / 256);
-  quantize_blockwise_8bit(absmax, q.nested.blocksize, dynamic_map(true), q.nested.codes, q.nested.absmax);
+  q.nested = double_quantize(absmax, absmax_mean(absmax), reciprocal);
   return q;
 }
 //! [quantize-4bit]
+
+NestedScales double_quantize(std::span<const float> absmax, float offset, const Reciprocal& reciprocal) {
+  NestedScales n;
+  n.blocksize = 256;
+  n.offset = offset;
+  std::vector<float> centred(absmax.begin(), absmax.end());
+  for (float& a : centred) a -= offset;  // torch's `absmax - offset`: one float32 subtraction
+  n.codes.resize(centred.size());
+  n.absmax.resize((centred.size() + 255) / 256);
+  quantize_blockwise_8bit(centred, n.blocksize, dynamic_map(true), n.codes, n.absmax, reciprocal);
+  return n;
+}
 
 //! [block-absmax]
 std::vector<float> block_absmax(const Quant4Tensor& q) {

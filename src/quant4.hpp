@@ -4,7 +4,8 @@
 //  - the tensor is flattened and cut into blocks of `blocksize` values
 //    (32..4096, a power of two; the final block may be partial);
 //  - each block stores its absmax in float32 and its values as 4-bit codes of
-//    x * (1 / absmax), picked from the NF4 or FP4 table (nf4.hpp, fp4.hpp);
+//    x * (1 / absmax), picked from the NF4 or FP4 table (nf4.hpp, fp4.hpp), where
+//    1 / absmax is the fast-math reciprocal (fast_math_reciprocal.hpp);
 //  - two codes per byte, the first element in the HIGH nibble;
 //  - with double quantization the float32 absmax vector is stored as uint8
 //    codes of (absmax - mean) in 8-bit blockwise form (blocksize 256, the signed
@@ -13,6 +14,7 @@
 #pragma once
 
 #include "bf16.hpp"
+#include "fast_math_reciprocal.hpp"
 
 #include <cstdint>
 #include <span>
@@ -56,10 +58,18 @@ struct Quant4Tensor {
   double bits_per_parameter() const;
 };
 
-/// Quantizes float values (bf16 inputs are upcast exactly first). Throws
+/// Quantizes float values (bf16 and f16 inputs are upcast exactly first). Throws
 /// std::invalid_argument on NaN/Inf input, naming the index, or a bad blocksize.
+/// `reciprocal` computes 1/absmax for both levels (see fast_math_reciprocal.hpp).
 Quant4Tensor quantize_4bit(std::span<const float> x, std::vector<std::int64_t> shape, QuantType type,
-                           int blocksize = 64, bool double_quant = false);
+                           int blocksize = 64, bool double_quant = false,
+                           const Reciprocal& reciprocal = fast_math_reciprocal);
+
+/// Double quantization's second level with a given offset: 8-bit blockwise codes
+/// (blocksize 256, signed dynamic map) of absmax - offset. quantize_4bit passes
+/// absmax_mean(absmax); the fixture tests pass bitsandbytes' own offset.
+NestedScales double_quantize(std::span<const float> absmax, float offset,
+                             const Reciprocal& reciprocal = fast_math_reciprocal);
 
 /// The double-quantization offset: the mean of the absmax vector, summed in double and
 /// rounded once to float32 (PyTorch's float32 mean may differ in the last bit).

@@ -10,14 +10,13 @@ Writes into tests/fixtures/quant/ (or --out):
   absmax_mean_input.f32, absmax_mean.json
       a seeded float32 vector shaped like an absmax vector and torch.mean() of it on the
       CPU and (when present) on CUDA: the double-quantization offset.
-  bnb_cases.json, bnb_input.bf16, bnb_<case>.*   (only if bitsandbytes is importable)
-      bitsandbytes.functional.quantize_4bit / dequantize_4bit on a seeded BF16 tensor with
-      an odd number of elements: nf4/fp4, blocksize 64/128, with and without DQ.
   manifest.json
-      torch / bitsandbytes versions, CPU capability and device used.
+      torch version, CPU capability and device used.
+
+bitsandbytes' own outputs are made by tools/bnb_compare.py (tests/fixtures/bnb/).
 
 Run it from the repository root on a machine with PyTorch (a GPU is needed for the
-bitsandbytes part and the CUDA mean):  python3 tools/make_quant_fixtures.py
+CUDA mean):  python3 tools/make_quant_fixtures.py
 """
 import argparse
 import json
@@ -77,43 +76,6 @@ def main() -> int:
     meta = {"n": n, "torch_cpu_mean": absmax.mean().item(), "torch_cuda_mean": absmax.cuda().mean().item() if cuda else None}
     (out / "absmax_mean.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"wrote {out / 'absmax_mean.json'}: {meta}")
-
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as F
-    except ImportError as e:
-        print(f"bitsandbytes is absent ({e}); skipping the byte-for-byte quantize_4bit fixtures")
-        bnb = None
-    if bnb is not None and not cuda:
-        print("bitsandbytes is importable but there is no CUDA device; skipping quantize_4bit fixtures")
-        bnb = None
-    if bnb is not None:
-        manifest["bitsandbytes"] = bnb.__version__
-        shape = [37, 101]  # 3737 values: odd, and a partial last block for both blocksizes
-        g = torch.Generator().manual_seed(7)
-        x = (torch.randn(shape, generator=g, dtype=torch.float32) * 0.02).to(torch.bfloat16)
-        x[5, :64] = 0  # some values exactly zero
-        write(out / "bnb_input.bf16", x)
-        xc = x.cuda()
-        cases = []
-        for quant_type in ("nf4", "fp4"):
-            for blocksize in (64, 128):
-                for dq in (False, True):
-                    prefix = f"bnb_{quant_type}_{blocksize}_{'dq' if dq else 'nodq'}"
-                    packed, state = F.quantize_4bit(xc, blocksize=blocksize, quant_type=quant_type,
-                                                    compress_statistics=dq)
-                    write(out / f"{prefix}.packed.u8", packed.flatten())
-                    case = {"prefix": prefix, "quant_type": quant_type, "blocksize": blocksize, "double_quant": dq}
-                    if dq:
-                        write(out / f"{prefix}.absmax.u8", state.absmax)
-                        write(out / f"{prefix}.nested_absmax.f32", state.state2.absmax)
-                        case["offset"] = state.offset.item()
-                    else:
-                        write(out / f"{prefix}.absmax.f32", state.absmax)
-                    write(out / f"{prefix}.dequant.bf16", F.dequantize_4bit(packed, state).flatten())
-                    cases.append(case)
-        (out / "bnb_cases.json").write_text(json.dumps({"input": "bnb_input.bf16", "shape": shape, "cases": cases}, indent=1) + "\n")
-        print(f"wrote {out / 'bnb_cases.json'} ({len(cases)} cases)")
 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"wrote {out / 'manifest.json'}: {manifest}")
