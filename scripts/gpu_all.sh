@@ -11,6 +11,7 @@
 #   peft      chapter 7: our adapter in PEFT gives our logits (tools/peft_check.py)
 #   hfspeed   chapter 7: transformers + PEFT training the same recipe, the speed reference
 #   bnb       build bitsandbytes from .carry/anchors (scripts/build_bnb.sh) for the phases after it
+#   bnbcmp    chapter 3: our quantization against bitsandbytes' (scripts/gpu_bnb.sh: fixtures, rcp table)
 #   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, 65B in 42 GiB
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
@@ -55,6 +56,8 @@ for phase in "${phases[@]}"; do
       echo "peft check: $?"; tail -15 "$res/peft_check.log" ;;
     bnb)
       bash scripts/build_bnb.sh; echo "bnb build: $?" ;;
+    bnbcmp)
+      OUT=$res/bnb bash scripts/gpu_bnb.sh; echo "gpu_bnb: $?" ;;
     scale)
       timeout ${SCALE_TIMEOUT:-540} bash scripts/gpu_scale.sh build/cuda "$res/scale"; echo "gpu_scale: $?" ;;
     hfspeed)

@@ -29,9 +29,7 @@ Usage (repository root): python3 tools/bnb_compare.py [--tarball PATH] [--out DI
 """
 import argparse
 import json
-import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import time
@@ -58,25 +56,15 @@ def log(msg):
 
 
 def build_bitsandbytes(tarball: pathlib.Path, root: pathlib.Path) -> None:
-    """The build of ../shared/anchors/README.md: CUDA backend for sm_90, --use_fast_math."""
-    src = root / "bnb"
-    if not list((src / "bitsandbytes").glob("libbitsandbytes_cuda*.so")):
-        if not tarball.is_file():
-            sys.exit(f"bnb_compare.py: tarball {tarball} not found (--tarball)")
-        shutil.rmtree(src, ignore_errors=True)
-        subprocess.run(["tar", "xzf", str(tarball), "-C", str(root)], check=True)
-        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
-        t0 = time.time()
-        subprocess.run(["cmake", "-B", "build", *generator, "-DCOMPUTE_BACKEND=cuda", "-DCOMPUTE_CAPABILITY=90",
-                        "-S", "."], cwd=src, check=True, stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", "build", f"-j{os.cpu_count()}"], cwd=src, check=True,
-                       stdout=subprocess.DEVNULL)
-        log(f"built bitsandbytes in {time.time() - t0:.0f} s")
-    # torch finds the package through its metadata: a minimal one.
-    meta = root / "site" / "bitsandbytes-0.50.2.dev0.dist-info"
-    meta.mkdir(parents=True, exist_ok=True)
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 0.50.2.dev0\n")
-    sys.path[:0] = [str(root / "site"), str(src)]
+    """The build of ../shared/anchors/README.md (CUDA backend for sm_90, --use_fast_math), by
+    scripts/build_bnb.sh into /tmp/bnb, with the package metadata torch looks for in /tmp/site."""
+    if not tarball.is_file():
+        sys.exit(f"bnb_compare.py: tarball {tarball} not found (--tarball)")
+    t0 = time.time()
+    subprocess.run(["bash", str(pathlib.Path(__file__).resolve().parent.parent / "scripts" / "build_bnb.sh"),
+                    str(tarball)], check=True)
+    log(f"bitsandbytes ready in {time.time() - t0:.0f} s")
+    sys.path[:0] = [str(root / "site"), str(root / "bnb")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,11 +227,10 @@ def predicted_codes(x: np.ndarray, absmax: np.ndarray, inv: np.ndarray, quant_ty
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tarball", default=".carry/anchors/bitsandbytes-95f9af3.tar.gz")
-    ap.add_argument("--build-root", default="/tmp", help="where bnb/ is unpacked and built")
     ap.add_argument("--out", default="tests/fixtures/bnb")
     ap.add_argument("--table-out", default="src/fast_math_reciprocal_table.cpp")
     args = ap.parse_args()
-    build_bitsandbytes(pathlib.Path(args.tarball), pathlib.Path(args.build_root))
+    build_bitsandbytes(pathlib.Path(args.tarball), pathlib.Path("/tmp"))
 
     import torch
     from safetensors.torch import save_file
