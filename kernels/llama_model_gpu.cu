@@ -4,6 +4,8 @@
 // order of dropout draws.
 #include "llama_model_gpu.cuh"
 
+#include "attention_gemm.cuh"
+
 #include "bf16.hpp"
 #include "llama_ops.cuh"
 #include "llama_ops.hpp"
@@ -192,6 +194,11 @@ LlamaModelGpu::LlamaModelGpu(const LlamaConfig& config, BaseStorage storage, con
 }
 //! [gpu-model-stream]
 
+void LlamaModelGpu::set_attention_version(int v) {
+  if (v != 1 && v != 2) throw std::invalid_argument("attention version must be 1 or 2, got " + std::to_string(v));
+  attention_version_ = v;
+}
+
 LlamaModelGpu::~LlamaModelGpu() {
   if (stream_) cudaStreamDestroy(stream_);  // destructors must not throw
 }
@@ -318,7 +325,11 @@ void LlamaModelGpu::layer_forward(int l, const float* x_in, float* x_out, bool t
   rope(a.k.data(), N, T_, KVH, hs, rope_cos_.data(), rope_sin_.data(), false, stream_);
   a.att.resize(usz(B_) * H * T_ * T_);
   a.o.resize(nD);
-  attention_forward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H, KVH, hs, stream_);
+  if (attention_version_ == 1)
+    attention_forward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H, KVH, hs, stream_);
+  else
+    attention_forward_v2(cublas_.get(), a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H, KVH,
+                         hs, stream_);
   tmp_.resize(nD);
   linear(l, Proj::o, a.o.data(), rounded(xb_, a.o.data(), static_cast<std::int64_t>(nD)), tmp_.data(), N, training, rng, a.lc[usz(I(Proj::o))]);
   a.x2.resize(nD);
@@ -366,8 +377,12 @@ void LlamaModelGpu::layer_backward(int l, LayerActs& a, float* dx) {
   dv_.resize(nKV);
   ds_.resize(a.att.size());
   linear_backward(l, Proj::o, a.o.data(), dx, dout_.data(), N, false, a.lc[usz(I(Proj::o))]);
-  attention_backward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), dout_.data(), ds_.data(), dq_.data(), dk_.data(),
-                     dv_.data(), B_, T_, H, KVH, hs, stream_);
+  if (attention_version_ == 1)
+    attention_backward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), dout_.data(), ds_.data(), dq_.data(),
+                       dk_.data(), dv_.data(), B_, T_, H, KVH, hs, stream_);
+  else
+    attention_backward_v2(cublas_.get(), a.q.data(), a.k.data(), a.v.data(), a.att.data(), dout_.data(), ds_.data(),
+                          dq_.data(), dk_.data(), dv_.data(), B_, T_, H, KVH, hs, stream_);
   rope(dq_.data(), N, T_, H, hs, rope_cos_.data(), rope_sin_.data(), true, stream_);
   rope(dk_.data(), N, T_, KVH, hs, rope_cos_.data(), rope_sin_.data(), true, stream_);
   linear_backward(l, Proj::q, a.xn1.data(), dq_.data(), dxn_.data(), N, false, a.lc[usz(I(Proj::q))]);

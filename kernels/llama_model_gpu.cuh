@@ -80,6 +80,10 @@ class LlamaModelGpu {
   /// recomputes the layer into one reused set of buffers. (The constructor copies the
   /// host model's setting.)
   void set_checkpointing(bool on) { checkpointing_ = on; }
+  /// Which causal attention runs: 1, one warp per query row (kernels/llama_ops.cuh, the
+  /// first and simplest GPU version), or 2 (default), the products through cuBLAS
+  /// (kernels/attention_gemm.cuh). Both compute the CPU reference's function.
+  void set_attention_version(int v);
   /// Bytes of device activations kept for backward at the peak of the last forward +
   /// backward (the recomputed layer included; logits excluded): what checkpointing saves.
   std::int64_t activation_bytes() const { return peak_act_bytes_; }
@@ -119,6 +123,7 @@ class LlamaModelGpu {
   int B_ = 0, T_ = 0;
   bool backward_pending_ = false;
   bool checkpointing_ = false;
+  int attention_version_ = 2;
   bool fwd_checkpointed_ = false;  ///< checkpointing as it was during the last forward
   bool training_ = false;
   std::vector<DeviceFloats> layer_inputs_;   ///< with checkpointing: each layer's input

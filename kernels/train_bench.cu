@@ -89,6 +89,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
                                 std::to_string(cfg.seq_len));
   auto model = std::make_unique<LlamaModelGpu>(cfg, o.storage, fill, lora, rng, print_load_progress);
   model->set_checkpointing(o.checkpointing);
+  model->set_attention_version(o.attention);
   const double load_s = seconds_since(t_load);
   const double rss_load = peak_rss_gib();
   folder.reset();  // unmaps the shards
@@ -156,7 +157,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
       {"parameters", params},
       {"storage", to_string(o.storage)},
       {"batch", B}, {"seq_len", T}, {"rank", o.rank}, {"alpha", o.alpha}, {"dropout", o.dropout},
-      {"optim", to_string(o.optim)}, {"gradient_checkpointing", o.checkpointing},
+      {"optim", to_string(o.optim)}, {"gradient_checkpointing", o.checkpointing}, {"attention_version", o.attention},
       {"warmup_steps", o.warmup}, {"timed_steps", o.steps},
       {"load_seconds", load_s}, {"load_peak_rss_gib", rss_load},
       {"tokens_per_s", tokens_per_s}, {"model_tflops", tflops},

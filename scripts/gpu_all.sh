@@ -11,6 +11,7 @@
 #   peft      chapter 7: our adapter in PEFT gives our logits (tools/peft_check.py)
 #   hfspeed   chapter 7: transformers + PEFT training the same recipe, the speed reference
 #   bnb       build bitsandbytes from .carry/anchors (scripts/build_bnb.sh) for the phases after it
+#   configfix chapter 7: tiny transformers models of each config style and their logits (tools/make_config_fixtures.py)
 #   bnbcmp    chapter 3: our quantization against bitsandbytes' (scripts/gpu_bnb.sh: fixtures, rcp table)
 #   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, 65B in 42 GiB
 # Everything lands in $OUT/results.tgz.
@@ -56,6 +57,9 @@ for phase in "${phases[@]}"; do
       echo "peft check: $?"; tail -15 "$res/peft_check.log" ;;
     bnb)
       bash scripts/build_bnb.sh; echo "bnb build: $?" ;;
+    configfix)
+      timeout 240 python3 tools/make_config_fixtures.py --out "$res/configs" > "$res/config_fixtures.log" 2>&1
+      echo "config fixtures: $?"; tail -12 "$res/config_fixtures.log" ;;
     bnbcmp)
       OUT=$res/bnb bash scripts/gpu_bnb.sh; echo "gpu_bnb: $?" ;;
     scale)

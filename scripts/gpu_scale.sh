@@ -12,14 +12,17 @@ out=$2
 mkdir -p "$out"
 q=$build/qlora
 export PYTHONPATH=/tmp/site:/tmp/bnb${PYTHONPATH:+:$PYTHONPATH}
-settings=(--batch 4 --seq-len 512 --rank 64 --alpha 16 --dropout 0.05 --warmup 2 --steps ${SCALE_STEPS:-6})
+settings=(--batch 4 --seq-len 512 --rank 64 --alpha 16 --dropout 0.05 --warmup 2)
 echo "--- write the 7B folder $(date -u +%T)"
 "$q" bench train --shape 7b --write-hf /tmp/m7b --json "$out/write_7b.json" 2>&1 | tail -3
 du -sh /tmp/m7b
 echo "--- ours: stream /tmp/m7b in NF4+DQ and train $(date -u +%T)"
-"$q" bench train --model /tmp/m7b --storage nf4-dq --optim paged_adamw_32bit "${settings[@]}" \
+"$q" bench train --model /tmp/m7b --storage nf4-dq --optim paged_adamw_32bit "${settings[@]}" --steps ${SCALE_STEPS:-6} \
   --tokens-out "$out/tokens_7b.json" --json "$out/ours_7b.json" > "$out/ours_7b.log" 2>&1
 echo "rc $?"; grep -E "^loading: .*tensors|^step|bench train|load|memory" "$out/ours_7b.log" | tail -16
+echo "--- ours with attention version 1 (a warp per query row), random weights $(date -u +%T)"
+"$q" bench train --shape 7b --storage nf4-dq --attention 1 "${settings[@]}" --steps 3 \
+  --json "$out/ours_7b_attn1.json" 2>&1 | tail -3
 echo "--- transformers + PEFT + bitsandbytes on the same folder and tokens $(date -u +%T)"
 timeout 420 python3 tools/hf_train_bench.py --model /tmp/m7b --tokens "$out/tokens_7b.json" --batch 4 \
   --json "$out/hf_7b.json" > "$out/hf_7b.log" 2>&1

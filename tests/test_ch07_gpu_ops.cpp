@@ -10,7 +10,9 @@
 // per operation): a sum of K terms is off by at most ≈ K·u·Σ|terms| (random
 // signs make it ≈ √K·u in practice). Each check bounds max|gpu − cpu| by
 // tol·max|cpu|; the tol of each kernel is argued at its check.
+#include "attention_gemm.cuh"
 #include "device_buffer.cuh"
+#include "linear4.cuh"
 #include "llama_ops.cuh"
 #include "llama_ops.hpp"
 #include "lora.hpp"
@@ -158,14 +160,31 @@ TEST_CASE("GPU RoPE matches the CPU reference, forward and inverse", "[ch07][gpu
   }
 }
 
+// Both GPU versions: 1, a warp per query row; 2, the products through cuBLAS.
 TEST_CASE("GPU attention forward and backward match the CPU reference", "[ch07][gpu]") {
   auto rng = fresh_rng();
+  const int version = GENERATE(1, 2);
+  gpu::CublasHandle cublas;
+  auto forward = [&](const float* q, const float* k, const float* v, float* att, float* out, int B, int T, int H,
+                     int KVH, int hs) {
+    if (version == 1)
+      gpu::attention_forward(q, k, v, att, out, B, T, H, KVH, hs, nullptr);
+    else
+      gpu::attention_forward_v2(cublas.get(), q, k, v, att, out, B, T, H, KVH, hs, nullptr);
+  };
+  auto backward = [&](const float* q, const float* k, const float* v, const float* att, const float* dout, float* ds,
+                      float* dq, float* dk, float* dv, int B, int T, int H, int KVH, int hs) {
+    if (version == 1)
+      gpu::attention_backward(q, k, v, att, dout, ds, dq, dk, dv, B, T, H, KVH, hs, nullptr);
+    else
+      gpu::attention_backward_v2(cublas.get(), q, k, v, att, dout, ds, dq, dk, dv, B, T, H, KVH, hs, nullptr);
+  };
   struct Shape { int B, T, H, KVH, hs; };
   // stories260K-like GQA (8 query heads on 4 kv heads, hs 8), an odd T with 2:1 and
   // 3:1 groups, and a kjv15M layer (6 heads of 48) at T = 256.
   const auto sh = GENERATE(Shape{3, 37, 8, 4, 8}, Shape{2, 45, 6, 2, 16}, Shape{2, 256, 6, 6, 48},
                            Shape{1, 1, 2, 1, 4});
-  CAPTURE(sh.B, sh.T, sh.H, sh.KVH, sh.hs);
+  CAPTURE(version, sh.B, sh.T, sh.H, sh.KVH, sh.hs);
   const int N = sh.B * sh.T, D = sh.H * sh.hs, KV = sh.KVH * sh.hs;
   const std::size_t natt = static_cast<std::size_t>(sh.B) * sh.H * sh.T * sh.T;
   const auto q = random_vec(static_cast<std::size_t>(N) * D, rng, -2.0, 2.0);
@@ -180,8 +199,7 @@ TEST_CASE("GPU attention forward and backward match the CPU reference", "[ch07][
 
   auto d_q = dev(q), d_k = dev(k), d_v = dev(v), d_dout = dev(dout), d_att_ref = dev(att_ref);
   auto d_att = poisoned(natt), d_out = poisoned(out_ref.size());
-  gpu::attention_forward(d_q.data(), d_k.data(), d_v.data(), d_att.data(), d_out.data(), sh.B, sh.T, sh.H, sh.KVH,
-                         sh.hs, nullptr);
+  forward(d_q.data(), d_k.data(), d_v.data(), d_att.data(), d_out.data(), sh.B, sh.T, sh.H, sh.KVH, sh.hs);
   // Scores: hs-term dot products, |q·k| ≤ 4·hs, error ≤ hs·u·4·hs·scale ≈ 5e-5 for hs 48 in the
   // worst case, ≈ 1e-6 typically; softmax turns an absolute score error e into a relative
   // weight error e. out sums ≤ T weights ≤ 1 times |v| ≤ 1: ≤ T·u ≈ 1.5e-5 at T 256, far less
@@ -196,8 +214,8 @@ TEST_CASE("GPU attention forward and backward match the CPU reference", "[ch07][
 
   // Backward from the reference's att, so the comparison sees only the backward's rounding.
   auto d_ds = poisoned(natt), d_dq = poisoned(q.size()), d_dk = poisoned(k.size()), d_dv = poisoned(v.size());
-  gpu::attention_backward(d_q.data(), d_k.data(), d_v.data(), d_att_ref.data(), d_dout.data(), d_ds.data(),
-                          d_dq.data(), d_dk.data(), d_dv.data(), sh.B, sh.T, sh.H, sh.KVH, sh.hs, nullptr);
+  backward(d_q.data(), d_k.data(), d_v.data(), d_att_ref.data(), d_dout.data(), d_ds.data(), d_dq.data(), d_dk.data(),
+           d_dv.data(), sh.B, sh.T, sh.H, sh.KVH, sh.hs);
   // dv_s and dk_s sum group·(T − s) ≤ 3·256 float terms, dq_t sums t + 1 terms, each term
   // from an hs-term dot product. Worst case ≈ K·u·Σ|terms| with Σ|terms| up to ~6× the
   // largest gradient (Σ_t p_ts ≈ ln T for the first key): ≈ 256·6e-8·6 ≈ 1e-4 of it;
@@ -216,8 +234,8 @@ TEST_CASE("GPU attention forward and backward match the CPU reference", "[ch07][
   d_dq.poison();
   d_dk.poison();
   d_dv.poison();
-  gpu::attention_backward(d_q.data(), d_k.data(), d_v.data(), d_att_ref.data(), d_dout.data(), d_ds.data(),
-                          d_dq.data(), d_dk.data(), d_dv.data(), sh.B, sh.T, sh.H, sh.KVH, sh.hs, nullptr);
+  backward(d_q.data(), d_k.data(), d_v.data(), d_att_ref.data(), d_dout.data(), d_ds.data(), d_dq.data(), d_dk.data(),
+           d_dv.data(), sh.B, sh.T, sh.H, sh.KVH, sh.hs);
   check_equal(host(d_dq), dq, "dq, second run");
   check_equal(host(d_dk), dk, "dk, second run");
   check_equal(host(d_dv), dv, "dv, second run");

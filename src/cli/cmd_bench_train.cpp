@@ -28,6 +28,7 @@ struct BenchTrainArgs {
   int batch = 4, seq_len = 512, rank = 64, steps = 10, warmup = 2;
   float alpha = 16.0f, dropout = 0.05f;
   bool no_checkpointing = false;
+  int attention = 2;
   double memory_limit_gib = 0;
   std::uint64_t seed = 1;
   std::string json, write_hf, tokens_out;
@@ -47,6 +48,7 @@ void run(const BenchTrainArgs& a) {
   o.alpha = a.alpha;
   o.dropout = a.dropout;
   o.checkpointing = !a.no_checkpointing;
+  o.attention = a.attention;
   o.steps = a.steps;
   o.warmup = a.warmup;
   o.seed = a.seed;
@@ -83,6 +85,9 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--alpha", a->alpha, "LoRA alpha")->check(positive)->capture_default_str();
   cmd->add_option("--dropout", a->dropout, "LoRA dropout")->check(non_negative)->capture_default_str();
   cmd->add_flag("--no-gradient-checkpointing", a->no_checkpointing, "keep every layer's activations");
+  cmd->add_option("--attention", a->attention, "attention version: 1 (a warp per query row) or 2 (cuBLAS products)")
+      ->check(CLI::IsMember({1, 2}))
+      ->capture_default_str();
   cmd->add_option("--steps", a->steps, "timed steps")->check(positive)->capture_default_str();
   cmd->add_option("--warmup", a->warmup, "untimed steps first")->check(non_negative)->capture_default_str();
   cmd->add_option("--seed", a->seed, "weights, adapters and tokens")->capture_default_str();
