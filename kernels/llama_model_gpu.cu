@@ -395,10 +395,10 @@ void LlamaModelGpu::layer_backward(int l, LayerActs& a, float* dx) {
 // --- whole model ---------------------------------------------------------------------
 
 float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng) {
-  if (B <= 0 || T <= 0 || T > cfg_.seq_len)
-    throw std::invalid_argument("LlamaModelGpu::forward: need B > 0 and 0 < T <= seq_len " +
-                                std::to_string(cfg_.seq_len) + " (got B=" + std::to_string(B) +
+  if (B <= 0 || T <= 0)
+    throw std::invalid_argument("LlamaModelGpu::forward: need B > 0 and T > 0 (got B=" + std::to_string(B) +
                                 ", T=" + std::to_string(T) + ")");
+  check_sequence_length(cfg_, T, "LlamaModelGpu::forward");
   const int N = B * T, D = cfg_.dim, V = cfg_.vocab_size;
   target_count_ = check_batch_ids(tokens, targets, N, V);
   B_ = B;

@@ -283,9 +283,7 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
   if (!model.has_lora()) throw std::invalid_argument("finetune: the model has no LoRA adapters");
   if (cfg.batch < 1 || cfg.seq_len < 2 || cfg.grad_accum < 1 || cfg.steps < 0)
     throw std::invalid_argument("finetune: --batch, --grad-accum must be >= 1 and --seq-len >= 2");
-  if (cfg.seq_len > model.config().seq_len)
-    throw std::invalid_argument("--seq-len " + std::to_string(cfg.seq_len) + " exceeds the model's " +
-                                std::to_string(model.config().seq_len));
+  check_sequence_length(model.config(), cfg.seq_len, "finetune: --seq-len " + std::to_string(cfg.seq_len));
   const auto T = static_cast<std::size_t>(cfg.seq_len);
   if (data.train.size() < T + 2) throw std::invalid_argument("training text is shorter than one --seq-len window");
 

@@ -39,7 +39,9 @@ std::string generate_text(LlamaModel& model, const Tokenizer& tok, const std::st
   std::vector<int> ids{tok.bos_id()};
   const auto p = tok.encode(prompt);
   ids.insert(ids.end(), p.begin(), p.end());
-  const int limit = model.config().seq_len;
+  // Generation stops where the model's attention ends: its context or a shorter sliding window.
+  const LlamaConfig& c = model.config();
+  const int limit = c.sliding_window > 0 ? std::min(c.seq_len, c.sliding_window) : c.seq_len;
   if (static_cast<int>(ids.size()) >= limit)
     throw std::invalid_argument("prompt is longer than the model's context of " + std::to_string(limit) + " tokens");
   std::mt19937_64 rng(cfg.seed);

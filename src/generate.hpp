@@ -21,7 +21,7 @@ struct SampleConfig {
 /// Next token from logits: argmax at temperature 0, else a top-p sample of softmax(logits/temperature).
 int sample_token(const std::vector<float>& logits, float temperature, float top_p, std::mt19937_64& rng);
 
-/// Prompt plus up to max_tokens generated tokens (stops at EOS/BOS or the model's seq_len), decoded.
+/// Prompt plus up to max_tokens generated tokens (stops at EOS/BOS or the end of the model's context: seq_len, or a shorter sliding_window), decoded.
 std::string generate_text(LlamaModel& model, const Tokenizer& tok, const std::string& prompt, const SampleConfig& cfg);
 
 }  // namespace qlora

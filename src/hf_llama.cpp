@@ -50,61 +50,122 @@ std::vector<float> permute_rows(std::span<const float> w, int n_heads, int cols,
   return out;
 }
 
+// A field of a JSON object; `parent` names the object it sits in for messages
+// ("rope_scaling.factor"), empty at the top level.
 template <class T>
-T get_field(const nlohmann::json& cfg, const char* key, const std::string& where) {
-  if (!cfg.contains(key)) throw std::runtime_error(where + ": missing \"" + key + "\"");
-  const auto& v = cfg[key];
+T get_field(const nlohmann::json& obj, const std::string& key, const std::string& where, const std::string& parent = "") {
+  const std::string name = "\"" + (parent.empty() ? key : parent + "." + key) + "\"";
+  if (!obj.contains(key)) throw std::runtime_error(where + ": missing " + name);
+  const auto& v = obj[key];
   if constexpr (std::is_same_v<T, int>) {
     if (!v.is_number_integer() || v.get<std::int64_t>() <= 0 || v.get<std::int64_t>() > INT32_MAX)
-      throw std::runtime_error(where + ": \"" + key + "\" must be a positive integer");
+      throw std::runtime_error(where + ": " + name + " must be a positive integer");
     return v.get<int>();
   } else if constexpr (std::is_same_v<T, float>) {
-    if (!v.is_number()) throw std::runtime_error(where + ": \"" + key + "\" must be a number");
+    if (!v.is_number() || !(v.get<double>() > 0.0))
+      throw std::runtime_error(where + ": " + name + " must be a positive number");
     return v.get<float>();
   } else {
-    if (!v.is_boolean()) throw std::runtime_error(where + ": \"" + key + "\" must be true or false");
+    if (!v.is_boolean()) throw std::runtime_error(where + ": " + name + " must be true or false");
     return v.get<bool>();
   }
 }
 
-}  // namespace
+bool present(const nlohmann::json& obj, const std::string& key) { return obj.contains(key) && !obj[key].is_null(); }
 
-LlamaConfig read_hf_config(const std::filesystem::path& path) {
-  const std::string where = "Hugging Face config '" + path.string() + "'";
-  std::ifstream in(path);
-  if (!in) throw std::runtime_error("cannot open " + where);
-  nlohmann::json cfg;
-  try {
-    cfg = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw std::runtime_error(where + ": not valid JSON: " + e.what());
+// RoPE in either spelling. transformers 4.x writes "rope_theta" at the top level and
+// "rope_scaling" (null, or an object whose type key is "rope_type" or the older "type");
+// 5.x writes one "rope_parameters" object holding rope_theta, rope_type and the scaling
+// fields, and still reads the 4.x spelling. 4.x ignores "rope_parameters", so a value given
+// in both places must agree, or the two versions would run different models.
+void parse_rope(const nlohmann::json& cfg, LlamaConfig& c, const std::string& where) {
+  if (present(cfg, "rope_scaling") && present(cfg, "rope_parameters") && cfg["rope_scaling"] != cfg["rope_parameters"])
+    throw std::runtime_error(where + ": \"rope_scaling\" and \"rope_parameters\" differ; keep one");
+  const std::string key = present(cfg, "rope_parameters") ? "rope_parameters" : "rope_scaling";
+  const nlohmann::json rope = present(cfg, key) ? cfg[key] : nlohmann::json::object();
+  if (!rope.is_object()) throw std::runtime_error(where + ": \"" + key + "\" must be an object or null");
+
+  if (present(cfg, "rope_theta")) c.rope_theta = get_field<float>(cfg, "rope_theta", where);
+  if (present(rope, "rope_theta")) {
+    const float theta = get_field<float>(rope, "rope_theta", where, key);
+    if (present(cfg, "rope_theta") && theta != c.rope_theta)
+      throw std::runtime_error(where + ": \"rope_theta\" " + cfg["rope_theta"].dump() + " differs from \"" + key +
+                               ".rope_theta\" " + rope["rope_theta"].dump());
+    c.rope_theta = theta;
   }
+  // Rotating only part of each head (Phi, GPT-NeoX style) is not implemented.
+  for (const auto& [obj, name] : {std::pair{&cfg, std::string("partial_rotary_factor")},
+                                  std::pair{&rope, key + ".partial_rotary_factor"}})
+    if (present(*obj, "partial_rotary_factor") && (*obj)["partial_rotary_factor"] != 1.0)
+      throw std::runtime_error(where + ": unsupported \"" + name + "\" " + (*obj)["partial_rotary_factor"].dump() +
+                               " (RoPE on the whole head only)");
+
+  const std::string type_key = rope.contains("rope_type") ? "rope_type" : "type";
+  const std::string type_name = "\"" + key + "." + type_key + "\"";
+  if (!present(rope, type_key) || rope[type_key] == "default") return;
+  if (rope[type_key] != "llama3")
+    throw std::runtime_error(where + ": unsupported " + type_name + " " + rope[type_key].dump() +
+                             " (only \"default\" and \"llama3\")");
+  RopeScaling& s = c.rope_scaling;
+  s.type = RopeScaling::Type::llama3;
+  s.factor = get_field<float>(rope, "factor", where, key);
+  s.low_freq_factor = get_field<float>(rope, "low_freq_factor", where, key);
+  s.high_freq_factor = get_field<float>(rope, "high_freq_factor", where, key);
+  s.original_max_position_embeddings = get_field<int>(rope, "original_max_position_embeddings", where, key);
+  if (s.high_freq_factor <= s.low_freq_factor)
+    throw std::runtime_error(where + ": \"" + key + ".high_freq_factor\" must be greater than \"" + key +
+                             ".low_freq_factor\"");
+  // transformers 5 prefers a top-level original_max_position_embeddings (Phi-3 style), 4 reads the inner one.
+  if (present(cfg, "original_max_position_embeddings") &&
+      cfg["original_max_position_embeddings"] != s.original_max_position_embeddings)
+    throw std::runtime_error(where + ": \"original_max_position_embeddings\" " +
+                             cfg["original_max_position_embeddings"].dump() + " differs from \"" + key +
+                             ".original_max_position_embeddings\" " + std::to_string(s.original_max_position_embeddings));
+}
+
+// config.json of a LLaMA-architecture model: model_type "llama", or "mistral" (LLaMA plus
+// a sliding attention window). Missing fields take transformers' defaults. Fields that
+// change the computation and are not implemented here are refused by name; the rest
+// (architectures, dtype, token ids, initializer_range, use_cache, pretraining_tp, which
+// only splits matmuls, quantization_config, read elsewhere) are ignored.
+LlamaConfig parse_config(const nlohmann::json& cfg, const std::string& where) {
   if (!cfg.is_object()) throw std::runtime_error(where + ": not a JSON object");
-  if (!cfg.contains("model_type") || cfg["model_type"] != "llama")
-    throw std::runtime_error(where + ": \"model_type\" must be \"llama\"");
-  // Features of the LLaMA family this implementation does not model: refuse rather than run wrong.
-  if (cfg.contains("hidden_act") && cfg["hidden_act"] != "silu")
+  if (!cfg.contains("model_type") || (cfg["model_type"] != "llama" && cfg["model_type"] != "mistral"))
+    throw std::runtime_error(where + ": \"model_type\" must be \"llama\" or \"mistral\"");
+  const bool mistral = cfg["model_type"] == "mistral";
+  if (present(cfg, "hidden_act") && cfg["hidden_act"] != "silu")
     throw std::runtime_error(where + ": unsupported \"hidden_act\" " + cfg["hidden_act"].dump() + " (only silu)");
   for (const char* flag : {"attention_bias", "mlp_bias"})
-    if (cfg.contains(flag) && cfg[flag] != false)
-      throw std::runtime_error(where + ": unsupported \"" + flag + "\" (biases are not modelled)");
-  if (cfg.contains("rope_scaling") && !cfg["rope_scaling"].is_null())
-    throw std::runtime_error(where + ": unsupported \"rope_scaling\"");
+    if (present(cfg, flag) && cfg[flag] != false)
+      throw std::runtime_error(where + ": unsupported \"" + std::string(flag) + "\" (biases are not modelled)");
+  // Dropout on the attention probabilities acts only in training; this model has none, so a
+  // fine-tune would silently differ from the recipe the config describes.
+  if (present(cfg, "attention_dropout") && cfg["attention_dropout"] != 0.0)
+    throw std::runtime_error(where + ": unsupported \"attention_dropout\" " + cfg["attention_dropout"].dump() +
+                             " (attention dropout is not implemented)");
 
   LlamaConfig c;
   c.dim = get_field<int>(cfg, "hidden_size", where);
   c.hidden_dim = get_field<int>(cfg, "intermediate_size", where);
   c.n_layers = get_field<int>(cfg, "num_hidden_layers", where);
   c.n_heads = get_field<int>(cfg, "num_attention_heads", where);
-  c.n_kv_heads = cfg.contains("num_key_value_heads") ? get_field<int>(cfg, "num_key_value_heads", where) : c.n_heads;
+  // transformers' defaults: null means all heads; absent, all heads for LLaMA but 8 for Mistral.
+  c.n_kv_heads = present(cfg, "num_key_value_heads")                 ? get_field<int>(cfg, "num_key_value_heads", where)
+                 : mistral && !cfg.contains("num_key_value_heads") ? 8
+                                                                     : c.n_heads;
   c.vocab_size = get_field<int>(cfg, "vocab_size", where);
   c.seq_len = get_field<int>(cfg, "max_position_embeddings", where);
-  if (cfg.contains("rms_norm_eps")) c.norm_eps = get_field<float>(cfg, "rms_norm_eps", where);
-  if (cfg.contains("rope_theta")) c.rope_theta = get_field<float>(cfg, "rope_theta", where);
-  // transformers' LlamaConfig defaults tie_word_embeddings to false.
-  c.shared_classifier = cfg.contains("tie_word_embeddings") && get_field<bool>(cfg, "tie_word_embeddings", where);
+  c.norm_eps = present(cfg, "rms_norm_eps") ? get_field<float>(cfg, "rms_norm_eps", where) : 1e-6f;
+  c.shared_classifier = present(cfg, "tie_word_embeddings") && get_field<bool>(cfg, "tie_word_embeddings", where);
+  parse_rope(cfg, c, where);
+  // null means no window; MistralConfig's default is 4096. A window in a "llama" config is
+  // honoured too: refusing the longer sequences is never wrong.
+  if (present(cfg, "sliding_window"))
+    c.sliding_window = get_field<int>(cfg, "sliding_window", where);
+  else if (mistral && !cfg.contains("sliding_window"))
+    c.sliding_window = 4096;
   validate_config(c, where);
-  if (cfg.contains("head_dim") && !cfg["head_dim"].is_null() && cfg["head_dim"] != c.head_size())
+  if (present(cfg, "head_dim") && cfg["head_dim"] != c.head_size())
     throw std::runtime_error(where + ": \"head_dim\" " + cfg["head_dim"].dump() + " differs from hidden_size / " +
                              "num_attention_heads = " + std::to_string(c.head_size()));
   return c;
@@ -149,6 +210,17 @@ void convert_rope_layout(LlamaCheckpoint& ck, RopeLayout target) {
   ck.rope_layout = target;
 }
 
+LlamaConfig read_hf_config(const std::filesystem::path& path) {
+  const std::string where = "Hugging Face config '" + path.string() + "'";
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("cannot open " + where);
+  try {
+    return parse_config(nlohmann::json::parse(in), where);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw std::runtime_error(where + ": not valid JSON: " + e.what());
+  }
+}
+
 LlamaCheckpoint read_hf_llama(const std::filesystem::path& dir) {
   const HfLlamaFolder folder(dir);
   LlamaCheckpoint ck;
@@ -183,9 +255,11 @@ void write_hf_llama(const std::filesystem::path& dir, const LlamaCheckpoint& ck)
 }
 
 void write_hf_config(const std::filesystem::path& path, const LlamaConfig& c) {
+  // A window makes it a Mistral model; without one Mistral is plain LLaMA.
+  const bool mistral = c.sliding_window > 0;
   nlohmann::ordered_json cfg;
-  cfg["architectures"] = {"LlamaForCausalLM"};
-  cfg["model_type"] = "llama";
+  cfg["architectures"] = {mistral ? "MistralForCausalLM" : "LlamaForCausalLM"};
+  cfg["model_type"] = mistral ? "mistral" : "llama";
   cfg["vocab_size"] = c.vocab_size;
   cfg["hidden_size"] = c.dim;
   cfg["intermediate_size"] = c.hidden_dim;
@@ -194,7 +268,19 @@ void write_hf_config(const std::filesystem::path& path, const LlamaConfig& c) {
   cfg["num_key_value_heads"] = c.n_kv_heads;
   cfg["max_position_embeddings"] = c.seq_len;
   cfg["rms_norm_eps"] = decimal_double(c.norm_eps);
+  // transformers 4.x's spelling, which 5.x still reads (4.x ignores 5.x's "rope_parameters").
   cfg["rope_theta"] = decimal_double(c.rope_theta);
+  if (c.rope_scaling.type == RopeScaling::Type::llama3) {
+    const RopeScaling& r = c.rope_scaling;
+    cfg["rope_scaling"] = {{"rope_type", "llama3"},
+                           {"factor", decimal_double(r.factor)},
+                           {"low_freq_factor", decimal_double(r.low_freq_factor)},
+                           {"high_freq_factor", decimal_double(r.high_freq_factor)},
+                           {"original_max_position_embeddings", r.original_max_position_embeddings}};
+  } else {
+    cfg["rope_scaling"] = nullptr;
+  }
+  if (mistral) cfg["sliding_window"] = c.sliding_window;
   cfg["tie_word_embeddings"] = c.shared_classifier;
   cfg["bos_token_id"] = 1;
   cfg["eos_token_id"] = 2;

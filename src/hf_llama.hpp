@@ -30,11 +30,12 @@ std::vector<float> rope_half_to_interleaved(std::span<const float> w, int n_head
 /// the checkpoint is already in that layout.
 void convert_rope_layout(LlamaCheckpoint& ck, RopeLayout target);
 
-/// The model configuration of a Hugging Face config.json. Throws std::runtime_error naming
-/// the file and the field on anything missing, malformed or not implemented here.
-LlamaConfig read_hf_config(const std::filesystem::path& config_json);
+/// Reads a LLaMA or Mistral config.json in transformers 4.x or 5.x spelling (chapter 7,
+/// "Config files, old and new spellings"). Throws std::runtime_error naming the file and the
+/// field on anything that changes the computation and is not implemented here.
+LlamaConfig read_hf_config(const std::filesystem::path& path);
 
-/// Writes config.json for c (transformers' LlamaConfig spelling), atomically.
+/// Writes config.json for c (transformers' spelling), atomically.
 void write_hf_config(const std::filesystem::path& path, const LlamaConfig& c);
 
 /// Reads a Hugging Face LLaMA folder (BF16, F16 or F32 tensors) into float32, layout
@@ -43,7 +44,9 @@ void write_hf_config(const std::filesystem::path& path, const LlamaConfig& c);
 LlamaCheckpoint read_hf_llama(const std::filesystem::path& dir);
 
 /// Writes config.json and model.safetensors (BF16, q/k in rotate-half order, lm_head only
-/// when not shared) into dir, creating it; each file is written atomically.
+/// when not shared) into dir, creating it; each file is written atomically. config.json uses
+/// transformers 4.x's RoPE spelling, which 4.x and 5.x both read; model_type is "mistral"
+/// when the config has a sliding window.
 void write_hf_llama(const std::filesystem::path& dir, const LlamaCheckpoint& ck);
 
 }  // namespace qlora

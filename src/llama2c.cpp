@@ -30,6 +30,16 @@ void validate_config(const LlamaConfig& c, const std::string& where) {
     throw std::runtime_error(where + ": head size " + std::to_string(c.head_size()) + " is odd; RoPE needs pairs");
 }
 
+void check_sequence_length(const LlamaConfig& c, int tokens, const std::string& where) {
+  if (tokens > c.seq_len)
+    throw std::invalid_argument(where + ": " + std::to_string(tokens) + " tokens are more than the model's context (seq_len " +
+                                std::to_string(c.seq_len) + ")");
+  // Beyond the window Mistral masks out the oldest tokens; this attention always sees all of them.
+  if (c.sliding_window > 0 && tokens > c.sliding_window)
+    throw std::invalid_argument(where + ": " + std::to_string(tokens) + " tokens are more than the model's sliding_window " +
+                                std::to_string(c.sliding_window) + " (sliding-window attention is not implemented)");
+}
+
 const NamedTensor& LlamaCheckpoint::at(const std::string& name) const {
   for (const auto& t : tensors)
     if (t.name == name) return t;

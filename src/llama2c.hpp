@@ -21,6 +21,22 @@
 
 namespace qlora {
 
+/// How RoPE's frequencies are rescaled for a context longer than the one the model was
+/// pretrained with (Hugging Face config "rope_scaling" / "rope_parameters", chapter 7).
+struct RopeScaling {
+  enum class Type {
+    none,    ///< rope_type "default": θ^(−2i/head_size) as in the RoPE paper
+    llama3,  ///< LLaMA 3.1: low frequencies divided by factor, a smooth ramp in between
+  };
+  Type type = Type::none;
+  // llama3 only (LLaMA 3.1 uses 8, 1, 4, 8192): wavelengths beyond original/low are
+  // stretched by factor, those below original/high kept, the band between interpolated.
+  float factor = 1.0f;
+  float low_freq_factor = 1.0f;
+  float high_freq_factor = 1.0f;
+  int original_max_position_embeddings = 0;
+};
+
 struct LlamaConfig {
   int dim = 0;
   int hidden_dim = 0;
@@ -32,6 +48,8 @@ struct LlamaConfig {
   bool shared_classifier = true;
   float norm_eps = 1e-5f;
   float rope_theta = 10000.0f;
+  RopeScaling rope_scaling{};
+  int sliding_window = 0;  ///< Mistral: a token sees at most this many positions (itself included); 0: all
 
   int head_size() const { return dim / n_heads; }
   int kv_dim() const { return head_size() * n_kv_heads; }
@@ -40,6 +58,11 @@ struct LlamaConfig {
 /// Throws std::runtime_error, prefixed with `where`, unless every size is positive,
 /// dim % n_heads == 0, n_heads % n_kv_heads == 0 and the head size is even (RoPE pairs).
 void validate_config(const LlamaConfig& c, const std::string& where);
+
+/// Throws std::invalid_argument, prefixed with `where`, unless `tokens` positions fit the
+/// model: at most seq_len (the RoPE tables end there) and, with a sliding window, at most
+/// sliding_window (farther tokens would not see each other, and attention here sees all).
+void check_sequence_length(const LlamaConfig& c, int tokens, const std::string& where);
 
 /// One named float32 tensor of a checkpoint, row-major.
 struct NamedTensor {

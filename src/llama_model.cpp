@@ -561,9 +561,10 @@ void LlamaModel::layer_backward(int l, const LayerCache& c, float* dx) {
 
 //! [model-forward]
 float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng) {
-  if (B <= 0 || T <= 0 || T > cfg_.seq_len)
-    throw std::invalid_argument("LlamaModel::forward: need B > 0 and 0 < T <= seq_len " + std::to_string(cfg_.seq_len) +
-                                " (got B=" + std::to_string(B) + ", T=" + std::to_string(T) + ")");
+  if (B <= 0 || T <= 0)
+    throw std::invalid_argument("LlamaModel::forward: need B > 0 and T > 0 (got B=" + std::to_string(B) +
+                                ", T=" + std::to_string(T) + ")");
+  check_sequence_length(cfg_, T, "LlamaModel::forward");
   const int N = B * T, D = cfg_.dim, V = cfg_.vocab_size;
   check_batch_ids(tokens, targets, N, V);
   B_ = B;
@@ -682,9 +683,8 @@ const std::vector<float>& LlamaModel::decode_step(int token, int pos) {
   const int D = cfg_.dim, KV = cfg_.kv_dim(), HD = cfg_.hidden_dim, V = cfg_.vocab_size;
   const int H = cfg_.n_heads, hs = cfg_.head_size(), group = cfg_.n_heads / cfg_.n_kv_heads;
   if (token < 0 || token >= V) throw std::out_of_range("decode_step: token id " + std::to_string(token) + " out of range");
-  if (pos < 0 || pos >= cfg_.seq_len)
-    throw std::out_of_range("decode_step: position " + std::to_string(pos) + " outside [0, seq_len " +
-                            std::to_string(cfg_.seq_len) + ")");
+  if (pos < 0) throw std::out_of_range("decode_step: negative position " + std::to_string(pos));
+  check_sequence_length(cfg_, pos + 1, "decode_step at position " + std::to_string(pos));
   if (kcache_.size() != usz(cfg_.n_layers)) reset_kv();
   std::mt19937_64 no_dropout;  // eval mode: never drawn from
   LoraCache lc;

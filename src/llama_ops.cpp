@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numbers>
 
 namespace qlora {
 
@@ -42,16 +43,51 @@ void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, cons
 }
 //! [rmsnorm-backward]
 
-// RoPE angle tables for every position, computed in double then rounded once.
+// transformers builds inv_freq from float32 torch ops at model creation. The same float
+// operations in the same order give the same values (up to powf's last bit), so the
+// angles, and the logits, agree to float rounding. x / y in torch's `scalar / tensor`
+// is reciprocal(y) · x, hence the (1 / y) * x below.
+std::vector<float> rope_inv_freq(const LlamaConfig& c) {
+  const int hs = c.head_size(), half = hs / 2;
+  std::vector<float> inv(usz(half));
+  for (int i = 0; i < half; ++i)
+    inv[usz(i)] = 1.0f / std::pow(c.rope_theta, static_cast<float>(2 * i) / static_cast<float>(hs));
+  if (c.rope_scaling.type == RopeScaling::Type::none) return inv;
+
+  //! [rope-llama3]
+  // LLaMA 3.1: a frequency whose wavelength (in positions) is longer than original/low
+  // never completed a turn within the pretraining context, so it is slowed down by
+  // `factor`; one shorter than original/high is kept; in between, the two are blended
+  // linearly in original/wavelength.
+  const RopeScaling& s = c.rope_scaling;
+  const auto original = static_cast<double>(s.original_max_position_embeddings);
+  const auto low_wavelen = static_cast<float>(original / s.low_freq_factor);
+  const auto high_wavelen = static_cast<float>(original / s.high_freq_factor);
+  const auto band = static_cast<float>(static_cast<double>(s.high_freq_factor) - s.low_freq_factor);
+  const auto two_pi = static_cast<float>(2.0 * std::numbers::pi);
+  for (float& f : inv) {
+    const float wavelen = (1.0f / f) * two_pi;
+    const float slow = wavelen > low_wavelen ? f / s.factor : f;
+    const float smooth = ((1.0f / wavelen) * static_cast<float>(original) - s.low_freq_factor) / band;
+    const bool medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+    f = medium ? (1.0f - smooth) * slow / s.factor + smooth * slow : slow;
+  }
+  //! [rope-llama3]
+  return inv;
+}
+
+// RoPE angle tables for every position. The angle is rounded to float like transformers'
+// float32 position × inv_freq; its cos and sin are computed in double and rounded once.
 void rope_tables(const LlamaConfig& c, std::vector<float>& cos_t, std::vector<float>& sin_t) {
-  const int half = c.head_size() / 2;
+  const auto inv = rope_inv_freq(c);
+  const std::size_t half = inv.size();
   cos_t.resize(usz(c.seq_len) * half);
   sin_t.resize(cos_t.size());
   for (int pos = 0; pos < c.seq_len; ++pos)
-    for (int i = 0; i < half; ++i) {
-      const double freq = std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.head_size());
-      cos_t[usz(pos) * half + i] = static_cast<float>(std::cos(pos * freq));
-      sin_t[usz(pos) * half + i] = static_cast<float>(std::sin(pos * freq));
+    for (std::size_t i = 0; i < half; ++i) {
+      const double angle = static_cast<float>(pos) * inv[i];
+      cos_t[usz(pos) * half + i] = static_cast<float>(std::cos(angle));
+      sin_t[usz(pos) * half + i] = static_cast<float>(std::sin(angle));
     }
 }
 

@@ -21,7 +21,11 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* inv_rms, i
 /// Gradient of rmsnorm_forward with respect to x, ADDED into dx (the weight w is frozen: no dw).
 void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy, float* dx, int N, int D);
 
-/// RoPE angle tables, seq_len × head_size/2 each: cos and sin of pos·θ^(−2i/head_size).
+/// RoPE's head_size/2 inverse frequencies θ^(−2i/head_size), rescaled as c.rope_scaling says,
+/// in float32 with transformers' order of operations (so the angles round the same way).
+std::vector<float> rope_inv_freq(const LlamaConfig& c);
+
+/// RoPE angle tables, seq_len × head_size/2 each: cos and sin of pos·rope_inv_freq(c)[i].
 void rope_tables(const LlamaConfig& c, std::vector<float>& cos_t, std::vector<float>& sin_t);
 
 /// Rotates the pairs (2i, 2i+1) of every head in place; row n is at position pos0 + n % T.

@@ -71,12 +71,10 @@ struct ModelOptions {
   }
 };
 
-// The model reads at most its context length of tokens at once (its RoPE tables end there).
+// The model reads at most its context length of tokens at once (its RoPE tables end
+// there), and no more than its sliding window.
 void check_seq_len(int seq_len, const LlamaConfig& c, const std::filesystem::path& mp) {
-  if (seq_len > c.seq_len) {
-    throw std::invalid_argument("--seq-len " + std::to_string(seq_len) + " is longer than the context of " +
-                                mp.string() + " (seq_len " + std::to_string(c.seq_len) + ")");
-  }
+  check_sequence_length(c, seq_len, "--seq-len " + std::to_string(seq_len) + " with " + mp.string());
 }
 
 void print_val(const char* when, double loss) {
