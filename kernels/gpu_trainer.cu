@@ -12,18 +12,37 @@ bool cuda_device_present() {
 
 struct GpuTrainer::Optim {
   std::variant<CudaAdamW, CudaAdamW8bit> opt;
-  Optim(std::vector<DeviceParam> params, AdamWConfig cfg, OptimKind kind)
-      : opt(make(std::move(params), cfg, kind)) {}
+  Optim(std::vector<DeviceParam> params, AdamWConfig cfg, OptimKind kind, StatePlacement where)
+      : opt(make(std::move(params), cfg, kind, where)) {}
 
  private:
-  static std::variant<CudaAdamW, CudaAdamW8bit> make(std::vector<DeviceParam> params, AdamWConfig cfg, OptimKind kind) {
-    const StatePlacement where =
-        kind == OptimKind::paged_adamw || kind == OptimKind::paged_adamw8bit ? StatePlacement::Paged : StatePlacement::Device;
+  static std::variant<CudaAdamW, CudaAdamW8bit> make(std::vector<DeviceParam> params, AdamWConfig cfg, OptimKind kind,
+                                                     StatePlacement where) {
     if (kind == OptimKind::adamw || kind == OptimKind::paged_adamw)
       return std::variant<CudaAdamW, CudaAdamW8bit>(std::in_place_type<CudaAdamW>, std::move(params), cfg, where);
     return std::variant<CudaAdamW, CudaAdamW8bit>(std::in_place_type<CudaAdamW8bit>, std::move(params), cfg, where);
   }
 };
+
+namespace {
+
+//! [state-placement]
+// Where a paged optimizer's states live. Managed memory while they fit in what is free
+// (then they stay on the GPU until a pass needs their room); when even that would ask for
+// more managed memory than the card has free, which this project never does, pinned host
+// memory that the update reads over the bus. A plain optimizer's states are on the device.
+StatePlacement state_placement(OptimKind kind, std::size_t params) {
+  const bool paged = kind == OptimKind::paged_adamw || kind == OptimKind::paged_adamw8bit;
+  if (!paged) return StatePlacement::Device;
+  const bool eight_bit = kind == OptimKind::paged_adamw8bit;
+  const double bytes = static_cast<double>(params) * (eight_bit ? 2.0 : 8.0);  // two moments per parameter
+  const DeviceMemory m = device_memory();
+  return bytes + static_cast<double>(kManagedSafetyMargin) <= static_cast<double>(m.free) ? StatePlacement::Paged
+                                                                                          : StatePlacement::Host;
+}
+//! [state-placement]
+
+}  // namespace
 
 GpuTrainer::GpuTrainer(LlamaModel& host, OptimKind optim, float weight_decay) : host_(&host) {
   if (!host.has_lora()) throw std::invalid_argument("finetune: the model has no LoRA adapters");
@@ -39,7 +58,6 @@ GpuTrainer::GpuTrainer(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, fl
 
 void GpuTrainer::init(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, float weight_decay) {
   gpu_ = std::move(model);
-  paged_ = optim == OptimKind::paged_adamw || optim == OptimKind::paged_adamw8bit;
   // The same tensors, names and order as the CPU trainer's optimizer: state files
   // written on one device load on the other.
   std::vector<DeviceParam> params;
@@ -52,7 +70,10 @@ void GpuTrainer::init(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, flo
   }
   AdamWConfig acfg;
   acfg.weight_decay = weight_decay;
-  opt_ = std::make_unique<Optim>(std::move(params), acfg, optim);
+  std::size_t n = 0;
+  for (const DeviceParam& p : params) n += p.size;
+  placement_ = state_placement(optim, n);
+  opt_ = std::make_unique<Optim>(std::move(params), acfg, optim, placement_);
   clipper_ = std::make_unique<GradClipper>(std::move(grads));
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
@@ -100,7 +121,7 @@ void GpuTrainer::optimizer_step(float lr) {
   std::visit([&](auto& o) {
     o.step(lr, gpu_->stream());
     CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
-    if (paged_) {
+    if (placement_ == StatePlacement::Paged) {
       const DeviceMemory m = device_memory();
       paged_out_ = static_cast<double>(m.free) < 1.05 * static_cast<double>(pass_need_);
       if (paged_out_) o.page_out(gpu_->stream());

@@ -43,6 +43,9 @@ class GpuTrainer final : public Trainer {
   std::string device() const override { return device_name_; }
   /// Whether the last update sent paged optimizer states out of device memory.
   bool states_paged_out() const { return paged_out_; }
+  /// Where the optimizer states live (a paged optimizer's go to pinned host memory when
+  /// they would not fit in free device memory).
+  StatePlacement state_placement() const { return placement_; }
 
  private:
   struct Optim;
@@ -50,8 +53,8 @@ class GpuTrainer final : public Trainer {
   std::unique_ptr<LlamaModelGpu> gpu_;
   std::unique_ptr<Optim> opt_;
   std::unique_ptr<GradClipper> clipper_;
-  bool paged_ = false;
   bool paged_out_ = false;
+  StatePlacement placement_ = StatePlacement::Device;
   std::int64_t pass_need_ = 0;  ///< bytes the last forward + backward allocated
   double peak_used_mb_ = 0;
   std::string device_name_;  ///< asked once: the loop logs it every step

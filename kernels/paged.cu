@@ -2,6 +2,8 @@
 // See paged.cuh.
 #include "paged.cuh"
 
+#include <cstring>
+
 #include <fstream>
 #include <stdexcept>
 #include <utility>
@@ -49,7 +51,13 @@ const char* to_string(cudaMemLocationType t) {
   }
 }
 
-const char* to_string(StatePlacement p) { return p == StatePlacement::Paged ? "paged" : "device"; }
+const char* to_string(StatePlacement p) {
+  switch (p) {
+    case StatePlacement::Paged: return "paged";
+    case StatePlacement::Host: return "host";
+    default: return "device";
+  }
+}
 
 //! [state_buffer]
 StateBuffer::StateBuffer(std::size_t bytes, StatePlacement placement, const std::string& what, std::size_t margin)
@@ -58,6 +66,11 @@ StateBuffer::StateBuffer(std::size_t bytes, StatePlacement placement, const std:
   CUDA_CHECK(cudaGetDevice(&device_));
   if (placement == StatePlacement::Device) {
     CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+  } else if (placement == StatePlacement::Host) {
+    // Pinned and mapped: with unified addressing the kernels use this pointer as it is,
+    // and every access crosses the bus. An update reads and writes each state once, so
+    // the step costs 2·bytes over the link and no device memory.
+    CUDA_CHECK(cudaHostAlloc(&ptr_, bytes, cudaHostAllocMapped));
   } else {
     int concurrent = 0;
     CUDA_CHECK(cudaDeviceGetAttribute(&concurrent, cudaDevAttrConcurrentManagedAccess, device_));
@@ -70,7 +83,10 @@ StateBuffer::StateBuffer(std::size_t bytes, StatePlacement placement, const std:
     CUDA_CHECK(cudaMemAdvise(ptr_, bytes, cudaMemAdviseSetPreferredLocation, gpu_location(device_)));
     CUDA_CHECK(cudaMemPrefetchAsync(ptr_, bytes, gpu_location(device_), 0, nullptr));
   }
-  CUDA_CHECK(cudaMemset(ptr_, 0, bytes));
+  if (placement == StatePlacement::Host)
+    std::memset(ptr_, 0, bytes);
+  else
+    CUDA_CHECK(cudaMemset(ptr_, 0, bytes));
   CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -101,19 +117,22 @@ PrefetchLocation range_location(const void* ptr, std::size_t bytes, cudaMemRange
 }  // namespace
 
 PrefetchLocation StateBuffer::last_prefetch_location() const {
+  if (placement_ == StatePlacement::Host) return {cudaMemLocationTypeHost, 0};
   if (placement_ != StatePlacement::Paged || ptr_ == nullptr) return {cudaMemLocationTypeDevice, device_};
   return range_location(ptr_, bytes_, cudaMemRangeAttributeLastPrefetchLocationType,
                         cudaMemRangeAttributeLastPrefetchLocationId);
 }
 
 PrefetchLocation StateBuffer::preferred_location() const {
+  if (placement_ == StatePlacement::Host) return {cudaMemLocationTypeHost, 0};
   if (placement_ != StatePlacement::Paged || ptr_ == nullptr) return {cudaMemLocationTypeDevice, device_};
   return range_location(ptr_, bytes_, cudaMemRangeAttributePreferredLocationType,
                         cudaMemRangeAttributePreferredLocationId);
 }
 
 void StateBuffer::release() noexcept {
-  if (ptr_ != nullptr) cudaFree(ptr_);  // no throw from a destructor; a failed free leaks
+  // No throw from a destructor; a failed free leaks.
+  if (ptr_ != nullptr) placement_ == StatePlacement::Host ? cudaFreeHost(ptr_) : cudaFree(ptr_);
   ptr_ = nullptr;
   bytes_ = 0;
 }

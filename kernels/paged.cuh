@@ -62,6 +62,8 @@ const char* to_string(cudaMemLocationType t);
 enum class StatePlacement {
   Device,  ///< cudaMalloc: always on the GPU, page_in/page_out do nothing
   Paged,   ///< cudaMallocManaged: moved by page_in/page_out
+  Host,    ///< pinned host memory the kernels read and write over the bus (cudaHostAllocMapped):
+           ///< no device memory at all, for states that do not fit beside the model
 };
 const char* to_string(StatePlacement p);
 

@@ -99,6 +99,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
   for (auto& [name, a] : model->named_adapters()) lora_params += static_cast<std::int64_t>(a->A.size() + a->B.size());
   LlamaModelGpu& m = *model;
   GpuTrainer trainer(std::move(model), o.optim, 0.0f);
+  std::fprintf(stderr, "optimizer states: %s memory\n", to_string(trainer.state_placement()));
 
   // Random token windows; targets are the next tokens.
   const int B = o.batch, T = o.seq_len, N = B * T;
@@ -157,7 +158,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
       {"parameters", params},
       {"storage", to_string(o.storage)},
       {"batch", B}, {"seq_len", T}, {"rank", o.rank}, {"alpha", o.alpha}, {"dropout", o.dropout},
-      {"optim", to_string(o.optim)}, {"gradient_checkpointing", o.checkpointing}, {"attention_version", o.attention},
+      {"optim", to_string(o.optim)}, {"optimizer_states", to_string(trainer.state_placement())}, {"gradient_checkpointing", o.checkpointing}, {"attention_version", o.attention},
       {"warmup_steps", o.warmup}, {"timed_steps", o.steps},
       {"load_seconds", load_s}, {"load_peak_rss_gib", rss_load},
       {"tokens_per_s", tokens_per_s}, {"model_tflops", tflops},

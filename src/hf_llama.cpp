@@ -171,7 +171,6 @@ LlamaConfig parse_config(const nlohmann::json& cfg, const std::string& where) {
   return c;
 }
 
-namespace {
 
 // The double whose shortest decimal is the float's shortest decimal: 1e-5f is written
 // as 1e-05, not as 9.99999974737875e-06.
