@@ -8,7 +8,8 @@
 // rms_final [dim], two legacy RoPE tables [seq_len, head_size/2] each (skipped),
 // and, when not shared, wcls [vocab, dim]. kv_dim = dim * n_kv_heads / n_heads.
 // RoPE here rotates interleaved pairs (x[2i], x[2i+1]); Hugging Face rotates
-// halves (hf_llama.hpp converts between the two).
+// halves, and so does our model: weights_from_checkpoint permutes the q/k rows of a
+// .bin once, with hf_llama.hpp's conversion.
 //
 // Whatever the file format, a checkpoint in memory is a LlamaCheckpoint: float32
 // tensors with Hugging Face names in one canonical order (llama_tensor_specs).

@@ -85,13 +85,14 @@ LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck) {
       L.w[static_cast<int>(p)] = take(ck, hf_module_name(l, p) + ".weight", sz(out, in));
     }
     //! [rope-permute-load]
-    // One attention code path: llama2.c's interleaved pairs. A Hugging Face
-    // checkpoint orders the q/k rows of each head for rotate-half; put them back.
-    if (ck.rope_layout == RopeLayout::rotate_half) {
+    // One attention code path: Hugging Face's rotate-half pairs, the order of every HF
+    // folder and PEFT adapter. A llama2.c checkpoint orders the q/k rows of each head
+    // for interleaved pairs; reorder them once, here.
+    if (ck.rope_layout == RopeLayout::interleaved) {
       auto& wq = L.w[static_cast<int>(Proj::q)];
       auto& wk = L.w[static_cast<int>(Proj::k)];
-      wq = rope_half_to_interleaved(wq, c.n_heads, c.dim);
-      wk = rope_half_to_interleaved(wk, c.n_kv_heads, c.dim);
+      wq = rope_interleaved_to_half(wq, c.n_heads, c.dim);
+      wk = rope_interleaved_to_half(wk, c.n_kv_heads, c.dim);
     }
     //! [rope-permute-load]
   }
@@ -103,7 +104,7 @@ LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck) {
 LlamaCheckpoint checkpoint_from_weights(const LlamaWeights& w) {
   LlamaCheckpoint ck;
   ck.config = w.config;
-  ck.rope_layout = RopeLayout::interleaved;
+  ck.rope_layout = RopeLayout::rotate_half;
   for (const TensorSpec& spec : llama_tensor_specs(w.config)) {
     const std::vector<float>* src = nullptr;
     if (spec.name == "model.embed_tokens.weight") src = &w.tok_emb;
@@ -121,18 +122,6 @@ LlamaCheckpoint checkpoint_from_weights(const LlamaWeights& w) {
     ck.tensors.push_back({spec.name, spec.shape, *src});
   }
   return ck;
-}
-
-std::vector<float> lora_B_to_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r) {
-  if (p == Proj::q) return rope_interleaved_to_half(B, c.n_heads, r);
-  if (p == Proj::k) return rope_interleaved_to_half(B, c.n_kv_heads, r);
-  return B;
-}
-
-std::vector<float> lora_B_from_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r) {
-  if (p == Proj::q) return rope_half_to_interleaved(B, c.n_heads, r);
-  if (p == Proj::k) return rope_half_to_interleaved(B, c.n_kv_heads, r);
-  return B;
 }
 
 LlamaWeights load_llama_weights(const std::filesystem::path& path) {

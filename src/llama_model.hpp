@@ -11,9 +11,11 @@
 // cached values are exactly the dequantized 4-bit values, so the results equal a
 // dequantize-on-the-fly implementation (the GPU path dequantizes per matmul).
 //
-// RoPE convention: one attention code path, llama2.c's — rotate interleaved pairs
-// (x[2i], x[2i+1]) of every head. Weights from a Hugging Face folder (rotate-half
-// convention) have their q/k rows permuted back to this layout when loaded.
+// RoPE convention: one attention code path, Hugging Face's — rotate the pairs
+// (x[i], x[i + head_size/2]) of every head (transformers' rotate_half). Hugging Face
+// folders and PEFT adapters use this order already, so their weights (4-bit ones too)
+// and lora_B rows load as stored; a llama2.c checkpoint (interleaved pairs) has its
+// q/k rows permuted to this layout once, when loaded.
 #pragma once
 
 #include "llama2c.hpp"
@@ -48,7 +50,7 @@ Proj parse_proj(const std::string& s);
 /// Hugging Face module path, e.g. "model.layers.3.self_attn.q_proj" or "model.layers.3.mlp.down_proj".
 std::string hf_module_name(int layer, Proj p);
 
-/// A whole LLaMA in float32, q/k rows in llama2.c's interleaved-RoPE layout.
+/// A whole LLaMA in float32, q/k rows in Hugging Face's rotate-half RoPE layout.
 /// Linear weights are out×in row-major (W1 = gate, W3 = up, W2 = down).
 struct LlamaWeights {
   LlamaConfig config;
@@ -65,14 +67,14 @@ struct LlamaWeights {
   std::pair<int, int> proj_shape(Proj p) const;
 };
 
-/// From a checkpoint in memory (tensors named as in Hugging Face); q/k rows in the
-/// rotate-half layout are permuted to the interleaved one.
+/// From a checkpoint in memory (tensors named as in Hugging Face); q/k rows of a
+/// checkpoint in llama2.c's interleaved layout are permuted to the rotate-half one.
 LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck);
-/// The inverse: a checkpoint in the interleaved layout with Hugging Face names (for
-/// write_hf_llama, which permutes q/k itself, e.g. to export a merged model).
+/// The inverse: a checkpoint in the rotate-half layout with Hugging Face names (for
+/// write_hf_llama, e.g. to export a merged model).
 LlamaCheckpoint checkpoint_from_weights(const LlamaWeights& w);
-/// Loads a llama2.c .bin file or a Hugging Face LLaMA folder (config.json +
-/// model.safetensors; q/k permuted back to the interleaved layout). Throws
+/// Loads a llama2.c .bin file (q/k permuted to the rotate-half layout) or a Hugging
+/// Face LLaMA folder (config.json + model.safetensors, as stored). Throws
 /// std::runtime_error naming the path on anything missing or malformed.
 LlamaWeights load_llama_weights(const std::filesystem::path& path);
 /// A random model for tests: N(0, 0.02²)-ish weights from a seeded generator,
@@ -112,14 +114,6 @@ struct FrozenLinear {
   std::int64_t storage_bytes() const;
 };
 FrozenLinear make_frozen_linear(const std::vector<float>& w, int out, int in, BaseStorage storage);
-
-/// LoRA's B (out×r) of q_proj/k_proj has one row per output of the projection, so its
-/// rows follow the RoPE layout like the weight's: our model keeps llama2.c's interleaved
-/// order, Hugging Face/PEFT the rotate-half order. These convert B (and dB) between the
-/// two; other projections (and every A) are returned unchanged. Adapter export to PEFT
-/// must call lora_B_to_hf, import lora_B_from_hf.
-std::vector<float> lora_B_to_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r);
-std::vector<float> lora_B_from_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r);
 
 /// Which projections get an adapter, and the adapter hyper-parameters.
 struct LoraSetup {
