@@ -3,6 +3,8 @@
 
 #include "atomic_file.hpp"
 #include "bf16.hpp"
+#include "bnb_config.hpp"
+#include "quant4_file.hpp"
 #include "safetensors.hpp"
 
 #include <nlohmann/json.hpp>
@@ -107,8 +109,13 @@ LlamaConfig parse_config(const std::filesystem::path& path) {
   return c;
 }
 
-// All tensors of the folder with the file each came from (for error messages).
-std::map<std::string, std::pair<Tensor, std::filesystem::path>> read_weights(const std::filesystem::path& dir) {
+// All tensors of the folder, and the file each came from (for error messages).
+struct FolderTensors {
+  SafeTensors all;
+  std::map<std::string, std::filesystem::path> file;
+};
+
+FolderTensors read_weights(const std::filesystem::path& dir) {
   std::vector<std::filesystem::path> files;
   const auto index = dir / "model.safetensors.index.json";
   if (std::filesystem::exists(index)) {
@@ -130,15 +137,16 @@ std::map<std::string, std::pair<Tensor, std::filesystem::path>> read_weights(con
   } else {
     files.push_back(dir / "model.safetensors");
   }
-  std::map<std::string, std::pair<Tensor, std::filesystem::path>> all;
+  FolderTensors out;
   for (const auto& f : files) {
     auto st = read_safetensors(f);
     for (auto& [name, t] : st.tensors) {
-      if (all.count(name)) throw std::runtime_error("tensor '" + name + "' appears in more than one shard of " + dir.string());
-      all.emplace(name, std::make_pair(std::move(t), f));
+      if (out.all.contains(name)) throw std::runtime_error("tensor '" + name + "' appears in more than one shard of " + dir.string());
+      out.all.tensors.emplace(name, std::move(t));
+      out.file.emplace(name, f);
     }
   }
-  return all;
+  return out;
 }
 
 // The double whose shortest decimal is the float's shortest decimal: 1e-5f is written
@@ -172,6 +180,9 @@ void convert_rope_layout(LlamaCheckpoint& ck, RopeLayout target) {
     const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
     for (auto [name, heads] : {std::pair{"q_proj.weight", ck.config.n_heads}, std::pair{"k_proj.weight", ck.config.n_kv_heads}}) {
       auto& t = ck.at(p + name);
+      if (t.q4)
+        throw std::invalid_argument("convert_rope_layout: '" + t.name +
+                                    "' is stored in 4 bits; its rows cannot be reordered without quantizing again");
       t.data = permute_rows(t.data, heads, ck.config.dim, to_half);
     }
   }
@@ -184,14 +195,40 @@ LlamaCheckpoint read_hf_llama(const std::filesystem::path& dir) {
   LlamaCheckpoint ck;
   ck.config = parse_config(dir / "config.json");
   ck.rope_layout = RopeLayout::rotate_half;
-  auto weights = read_weights(dir);
+  const auto bnb = read_bnb_4bit_config(dir / "config.json");
+  const FolderTensors folder = read_weights(dir);
+  const SafeTensors& weights = folder.all;
+  const auto& file_of = folder.file;
+  const auto names = quant4_names(weights);
+  const std::set<std::string> quantized(names.begin(), names.end());
 
   std::set<std::string> used;
   for (const auto& spec : llama_tensor_specs(ck.config)) {
-    auto it = weights.find(spec.name);
-    if (it == weights.end()) throw std::runtime_error(where + ": missing tensor '" + spec.name + "'");
-    const auto& [t, file] = it->second;
-    const std::string tw = "tensor '" + spec.name + "' in '" + file.string() + "'";
+    const auto file = file_of.find(spec.name);
+    const std::string file_name = (file == file_of.end() ? dir : file->second).string();
+    const std::string tw = "tensor '" + spec.name + "' in '" + file_name + "'";
+    //! [read-4bit]
+    // A 4-bit tensor (chapter 3's format, which is bitsandbytes') is kept as stored;
+    // its float32 values are its dequantization, computed once here.
+    if (quantized.count(spec.name)) {
+      StoredQuant4 stored = get_quant4(weights, spec.name, file_name);
+      if (stored.q.shape != spec.shape)
+        throw std::runtime_error(tw + ": quant state shape " + shape_str(stored.q.shape) + ", but config.json implies " +
+                                 shape_str(spec.shape));
+      if (bnb) check_against_config(*bnb, stored.q, tw);
+      ck.tensors.push_back({spec.name, spec.shape, dequantize_4bit_f32(stored.q), std::move(stored.q)});
+      used.insert(spec.name);
+      continue;
+    }
+    // transformers quantizes every linear projection and nothing else (embedding, norms
+    // and lm_head stay in the model's float dtype), so a declared 4-bit folder whose
+    // projection is not 4-bit was saved with llm_int8_skip_modules, which we refuse.
+    if (bnb && spec.name.ends_with("_proj.weight"))
+      throw std::runtime_error(tw + ": not stored in 4 bits, but config.json's quantization_config declares " +
+                               describe_4bit(bnb->type, bnb->double_quant) + " for every projection");
+    //! [read-4bit]
+    if (file == file_of.end()) throw std::runtime_error(where + ": missing tensor '" + spec.name + "'");
+    const Tensor& t = weights.at(spec.name);
     if (!is_floating(t.dtype) || t.dtype == DType::F64)
       throw std::runtime_error(tw + ": dtype " + to_string(t.dtype) + " (expected BF16, F16 or F32)");
     if (t.shape != spec.shape)
@@ -199,13 +236,18 @@ LlamaCheckpoint read_hf_llama(const std::filesystem::path& dir) {
     ck.tensors.push_back({spec.name, spec.shape, t.to_f32()});
     used.insert(spec.name);
   }
-  for (const auto& [name, value] : weights) {
-    if (used.count(name)) continue;
+  for (const auto& [name, path] : file_of) {
+    // A part of a 4-bit tensor X (X.absmax, X.quant_map, ...) goes where X goes.
+    std::string tensor = name;
+    if (is_quant4_part(weights, name))
+      for (const auto& q : quantized)
+        if (name.starts_with(q + ".")) tensor = q;
+    if (used.count(tensor)) continue;
     // Older exports carry the RoPE frequencies as buffers, and tied models may still
     // store lm_head.weight; both are implied by the config.
-    if (name.ends_with(".self_attn.rotary_emb.inv_freq")) continue;
-    if (name == "lm_head.weight" && ck.config.shared_classifier) continue;
-    throw std::runtime_error(where + ": unexpected tensor '" + name + "' in '" + value.second.string() +
+    if (tensor.ends_with(".self_attn.rotary_emb.inv_freq")) continue;
+    if (tensor == "lm_head.weight" && ck.config.shared_classifier) continue;
+    throw std::runtime_error(where + ": unexpected tensor '" + name + "' in '" + path.string() +
                              "' (not part of a LLaMA model with this config)");
   }
   return ck;

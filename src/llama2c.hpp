@@ -15,8 +15,11 @@
 // tensors with Hugging Face names in one canonical order (llama_tensor_specs).
 #pragma once
 
+#include "quant4.hpp"
+
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,7 +49,8 @@ void validate_config(const LlamaConfig& c, const std::string& where);
 struct NamedTensor {
   std::string name;  ///< Hugging Face name, e.g. "model.layers.0.self_attn.q_proj.weight"
   std::vector<std::int64_t> shape;
-  std::vector<float> data;
+  std::vector<float> data;  ///< the values (of a 4-bit tensor: its dequantized values)
+  std::optional<Quant4Tensor> q4{};  ///< the stored form of a tensor saved in 4 bits (bitsandbytes)
 };
 
 /// Which RoPE convention the rows of q_proj / k_proj are ordered for.

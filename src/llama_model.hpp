@@ -58,6 +58,9 @@ struct LlamaWeights {
   struct Layer {
     std::vector<float> rms_att, rms_ffn;  ///< dim each
     std::array<std::vector<float>, kNumProj> w;  ///< indexed by Proj
+    /// The stored 4-bit form of projections that a checkpoint saved in 4 bits (w holds
+    /// their dequantized values); the model keeps it as it is, never quantizing again.
+    std::array<std::optional<Quant4Tensor>, kNumProj> q4;
   };
   std::vector<Layer> layers;
   std::vector<float> rms_final;  ///< dim
@@ -69,6 +72,8 @@ struct LlamaWeights {
 
 /// From a checkpoint in memory (tensors named as in Hugging Face); q/k rows of a
 /// checkpoint in llama2.c's interleaved layout are permuted to the rotate-half one.
+/// 4-bit projections keep their stored form (Layer::q4); every projection must then be
+/// 4-bit in one format (prequantized_storage), else std::runtime_error names the tensor.
 LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck);
 /// The inverse: a checkpoint in the rotate-half layout with Hugging Face names (for
 /// write_hf_llama, e.g. to export a merged model).
@@ -89,6 +94,12 @@ enum class BaseStorage { float32, bfloat16, nf4, nf4_dq, fp4, fp4_dq, int4 };
 std::string to_string(BaseStorage s);
 /// Inverse of to_string (also "nf4+dq", "nf4_dq"); throws std::invalid_argument naming the value.
 BaseStorage parse_base_storage(const std::string& s);
+/// nf4, nf4-dq, fp4 or fp4-dq: the storage a 4-bit tensor is in.
+BaseStorage storage_of(const Quant4Tensor& q);
+/// The storage of a model whose projections were loaded in 4 bits (a bitsandbytes
+/// folder, `qlora quantize` output), nullopt for one loaded in float. Throws
+/// std::runtime_error naming the first projection that is not in the others' format.
+std::optional<BaseStorage> prequantized_storage(const LlamaWeights& w);
 
 /// Blockwise absmax int4 (blocksize 64), the naive 4-bit baseline of the comparison
 /// table: each block is chapter 1's absmax quantization with 4 bits (codes −7..7,
@@ -114,6 +125,9 @@ struct FrozenLinear {
   std::int64_t storage_bytes() const;
 };
 FrozenLinear make_frozen_linear(const std::vector<float>& w, int out, int in, BaseStorage storage);
+/// A projection already stored in 4 bits (shape out×in), kept as it is: its storage is
+/// storage_of(q), its float32 cache the dequantized values.
+FrozenLinear make_frozen_linear(Quant4Tensor q);
 
 /// Which projections get an adapter, and the adapter hyper-parameters.
 struct LoraSetup {
@@ -132,7 +146,9 @@ int check_batch_ids(const int* tokens, const int* targets, int N, int vocab);
 class LlamaModel {
  public:
   /// Freezes `weights` into `storage` (linear projections) and BF16 (embeddings,
-  /// norms, classifier; F32 storage keeps them float32).
+  /// norms, classifier; F32 storage keeps them float32). Weights loaded in 4 bits keep
+  /// their stored form: `storage` must then be prequantized_storage(weights), else
+  /// std::invalid_argument names both.
   LlamaModel(const LlamaWeights& weights, BaseStorage storage);
 
   const LlamaConfig& config() const { return cfg_; }

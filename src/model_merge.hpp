@@ -21,7 +21,8 @@
 
 namespace qlora {
 
-/// Adds s·B·A of every module of `adapter` to the weight it adapts. Every module must name a projection of this model with matching
+/// Adds s·B·A of every module of `adapter` to the weight it adapts (of a base loaded in 4
+/// bits: to its dequantized values, dropping the stored 4-bit form). Every module must name a projection of this model with matching
 /// shapes; otherwise throws std::runtime_error naming `where` (the adapter folder) and the
 /// module. Returns the number of projections merged.
 int merge_peft_adapter(LlamaWeights& weights, const PeftAdapter& adapter, const std::string& where);
