@@ -31,7 +31,7 @@ namespace {
 // (then they stay on the GPU until a pass needs their room); when even that would ask for
 // more managed memory than the card has free, which this project never does, pinned host
 // memory that the update reads over the bus. A plain optimizer's states are on the device.
-StatePlacement state_placement(OptimKind kind, std::size_t params) {
+StatePlacement choose_state_placement(OptimKind kind, std::size_t params) {
   const bool paged = kind == OptimKind::paged_adamw || kind == OptimKind::paged_adamw8bit;
   if (!paged) return StatePlacement::Device;
   const bool eight_bit = kind == OptimKind::paged_adamw8bit;
@@ -72,7 +72,7 @@ void GpuTrainer::init(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, flo
   acfg.weight_decay = weight_decay;
   std::size_t n = 0;
   for (const DeviceParam& p : params) n += p.size;
-  placement_ = state_placement(optim, n);
+  placement_ = choose_state_placement(optim, n);
   opt_ = std::make_unique<Optim>(std::move(params), acfg, optim, placement_);
   clipper_ = std::make_unique<GradClipper>(std::move(grads));
   int dev = 0;

@@ -13,6 +13,8 @@
 #   bnb       build bitsandbytes from .carry/anchors (scripts/build_bnb.sh) for the phases after it
 #   configfix chapter 7: tiny transformers models of each config style and their logits (tools/make_config_fixtures.py)
 #   bnbcmp    chapter 3: our quantization against bitsandbytes' (scripts/gpu_bnb.sh: fixtures, rcp table)
+#   bnbmodels chapter 7: tiny transformers+bitsandbytes 4-bit folders and their logits (tools/make_bnb_fixtures.py),
+#             kjv15M saved in NF4+DQ by transformers+bitsandbytes: its held-out loss there and in qlora eval (cpu, cuda)
 #   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, 65B in 42 GiB
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
@@ -62,6 +64,18 @@ for phase in "${phases[@]}"; do
       echo "config fixtures: $?"; tail -12 "$res/config_fixtures.log" ;;
     bnbcmp)
       OUT=$res/bnb bash scripts/gpu_bnb.sh; echo "gpu_bnb: $?" ;;
+    bnbmodels)
+      m=.carry/shared/models
+      timeout 240 python3 tools/make_bnb_fixtures.py --fixtures "$res/bnb_models" --kjv15m $m/kjv15M-hf \
+        --kjv-out /tmp/kjv15M-bnb-nf4-dq --tokenizer $m/tokenizer.model --data .carry/shared/data/tinyshakespeare.txt \
+        > "$res/bnb_models.log" 2>&1; echo "bnb models: $?"; tail -5 "$res/bnb_models.log"
+      cp $m/tokenizer.model /tmp/kjv15M-bnb-nf4-dq/ 2>/dev/null
+      for dev in cpu cuda; do
+        echo "qlora eval, transformers' NF4+DQ folder, --device $dev:"
+        build/cuda/qlora eval --model /tmp/kjv15M-bnb-nf4-dq --held-out --device $dev 2>&1 | tail -2
+        echo "qlora eval, kjv15M-hf --storage nf4-dq, --device $dev:"
+        build/cuda/qlora eval --model kjv15M-hf --storage nf4-dq --held-out --device $dev 2>&1 | tail -2
+      done 2>&1 | tee "$res/bnb_models_eval.log" ;;
     scale)
       timeout ${SCALE_TIMEOUT:-540} bash scripts/gpu_scale.sh build/cuda "$res/scale"; echo "gpu_scale: $?" ;;
     hfspeed)

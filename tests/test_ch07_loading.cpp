@@ -167,7 +167,8 @@ TEST_CASE("Streaming a sharded model keeps host memory near one tensor", "[ch07]
       if (release) folder.release(spec.name);
     }
     std::printf("streamed %.0f MB (largest tensor %.0f MB) %s release: resident grew by at most %.1f MB\n",
-                total / 1e6, largest / 1e6, release ? "with" : "without", peak / 1e6);
+                static_cast<double>(total) / 1e6, static_cast<double>(largest) / 1e6, release ? "with" : "without",
+                static_cast<double>(peak) / 1e6);
     CHECK(std::isfinite(checksum));
     if (release)
       CHECK(peak < 2 * largest);
