@@ -118,19 +118,21 @@ __global__ void to_bf16_kernel(const float* __restrict__ x, bf16* __restrict__ y
 }
 
 //! [rope-cuda]
-// One thread per rotated pair (row n, head h, pair i).
+// One thread per rotated pair (row n, head h, pair i): the rotate-half pair
+// (x[i], x[i + hs/2]) of head h, as the CPU's rope.
 __global__ void rope_kernel(float* __restrict__ v, std::int64_t pairs, int T, int n_heads, int half,
                             const float* __restrict__ cos_t, const float* __restrict__ sin_t, float sign) {
   for (std::int64_t j = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; j < pairs;
        j += (std::int64_t)gridDim.x * blockDim.x) {
     const int i = static_cast<int>(j % half);
-    const std::int64_t n = j / half / n_heads;
+    const std::int64_t head = j / half;  // row n's head h, counted over all rows
+    const std::int64_t n = head / n_heads;
     const std::int64_t tab = (n % T) * half + i;
     const float c = cos_t[tab], s = sign * sin_t[tab];
-    float* x = v + 2 * j;  // pairs are contiguous: head h's pair i of row n sits at 2·j
-    const float x0 = x[0], x1 = x[1];
+    float* x = v + head * 2 * half + i;
+    const float x0 = x[0], x1 = x[half];
     x[0] = x0 * c - x1 * s;
-    x[1] = x0 * s + x1 * c;
+    x[half] = x0 * s + x1 * c;
   }
 }
 //! [rope-cuda]

@@ -32,8 +32,9 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* inv_rms, i
 void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy, float* dx, int N, int D,
                       cudaStream_t s);
 
-/// Rotates each head's (2i, 2i+1) pairs in place; row n is at position n % T. cos_t, sin_t: seq_len × hs/2
-/// as built by qlora::rope_tables. inverse rotates backwards (the backward pass). CPU reference: qlora::rope.
+/// Rotates each head's rotate-half pairs (i, i + hs/2) in place; row n is at position n % T.
+/// cos_t, sin_t: seq_len × hs/2 as built by qlora::rope_tables. inverse rotates backwards (the
+/// backward pass). CPU reference: qlora::rope.
 void rope(float* v, int N, int T, int n_heads, int hs, const float* cos_t, const float* sin_t, bool inverse,
           cudaStream_t s);
 

@@ -31,8 +31,9 @@ void copy_values(const std::vector<float>& src, std::vector<float>& dst) {
   std::copy(src.begin(), src.end(), dst.begin());
 }
 
-// Copies A and B of every adapter the model has from a PEFT adapter (q/k B rows back
-// to the interleaved layout); `where` names the source in errors.
+// Copies A and B of every adapter the model has from a PEFT adapter (the model's q/k
+// rows are in PEFT's rotate-half order, so B's rows copy as stored); `where` names the
+// source in errors.
 void copy_adapter_values(LlamaModel& model, const PeftAdapter& peft, const std::string& where) {
   for (int l = 0; l < model.config().n_layers; ++l)
     for (Proj p : kAllProj) {
@@ -44,7 +45,7 @@ void copy_adapter_values(LlamaModel& model, const PeftAdapter& peft, const std::
       if (it->second.A.size() != a->A.size() || it->second.B.size() != a->B.size())
         throw std::runtime_error(where + ": tensors of module " + name + " do not match the model's adapter shapes");
       copy_values(it->second.A, a->A);
-      copy_values(lora_B_from_hf(model.config(), p, it->second.B, a->r), a->B);
+      copy_values(it->second.B, a->B);
     }
 }
 }  // namespace
@@ -85,7 +86,7 @@ PeftAdapter adapter_to_peft(const LlamaModel& model) {
       if (!a) continue;
       LoraAdapter copy(a->in, a->out, a->r);
       copy.A = a->A;
-      copy.B = lora_B_to_hf(model.config(), p, a->B, a->r);
+      copy.B = a->B;
       copy.dA.clear();
       copy.dB.clear();
       out.modules.emplace(hf_module_name(l, p), std::move(copy));

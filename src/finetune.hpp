@@ -38,11 +38,11 @@ FinetuneData load_finetune_data(const std::filesystem::path& text_file, const To
 /// else require_model("tokenizer.model").
 std::filesystem::path find_tokenizer_for(const std::filesystem::path& model);
 
-/// The model's adapters as a PEFT adapter: q/k lora_B rows converted to Hugging
-/// Face's rotate-half order (lora_B_to_hf), gradients dropped.
+/// The model's adapters as a PEFT adapter, gradients dropped. No row conversion: the
+/// model's q/k rows are in PEFT's (Hugging Face's) rotate-half order.
 PeftAdapter adapter_to_peft(const LlamaModel& model);
 /// Loads a PEFT adapter into the model: adds adapters for its target modules with its
-/// LoraConfig, then copies A and B (converting q/k B back with lora_B_from_hf).
+/// LoraConfig, then copies A and B as stored.
 /// Throws std::runtime_error naming the module when a tensor is missing or mis-shaped.
 void adapter_from_peft(LlamaModel& model, const PeftAdapter& adapter);
 

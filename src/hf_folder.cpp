@@ -1,6 +1,7 @@
 // A Hugging Face LLaMA folder opened for streaming (chapter 7). See hf_folder.hpp.
 #include "hf_folder.hpp"
 
+#include "bnb_config.hpp"
 #include "hf_llama.hpp"
 
 #include <nlohmann/json.hpp>
@@ -19,6 +20,18 @@ std::string shape_str(const std::vector<std::int64_t>& s) {
 }
 
 }  // namespace
+
+void check_float_tensor(const TensorSpec& spec, DType dtype, const std::vector<std::int64_t>& shape,
+                        const std::string& where) {
+  if (!is_floating(dtype) || dtype == DType::F64)
+    throw std::runtime_error(where + ": dtype " + to_string(dtype) + " (expected BF16, F16 or F32)");
+  if (shape != spec.shape)
+    throw std::runtime_error(where + ": shape " + shape_str(shape) + ", but config.json implies " + shape_str(spec.shape));
+}
+
+bool implied_by_config(const std::string& name, const LlamaConfig& c) {
+  return name.ends_with(".self_attn.rotary_emb.inv_freq") || (name == "lm_head.weight" && c.shared_classifier);
+}
 
 std::vector<std::filesystem::path> hf_weight_files(const std::filesystem::path& dir) {
   const auto index = dir / "model.safetensors.index.json";
@@ -52,6 +65,10 @@ HfLlamaFolder::HfLlamaFolder(const std::filesystem::path& dir) : dir_(dir) {
   const std::string where = "Hugging Face checkpoint '" + dir.string() + "'";
   if (!std::filesystem::is_directory(dir)) throw std::runtime_error(where + ": not a directory");
   config_ = read_hf_config(dir / "config.json");
+  // A folder saved in 4 bits streams in through the host model (read_hf_llama) instead.
+  if (read_bnb_4bit_config(dir / "config.json"))
+    throw std::runtime_error(where + ": quantized by bitsandbytes (\"quantization_config\"); it loads through the "
+                             "host model, not the streaming loader");
   for (const auto& f : hf_weight_files(dir)) shards_.emplace_back(f);  // headers only
   for (const MappedSafetensors& s : shards_)
     for (const auto& [name, t] : s.tensors()) {
@@ -65,19 +82,11 @@ HfLlamaFolder::HfLlamaFolder(const std::filesystem::path& dir) : dir_(dir) {
     auto it = tensors_.find(spec.name);
     if (it == tensors_.end()) throw std::runtime_error(where + ": missing tensor '" + spec.name + "'");
     const TensorView& t = *it->second.first;
-    const std::string tw = "tensor '" + spec.name + "' in '" + it->second.second->path().string() + "'";
-    if (!is_floating(t.dtype) || t.dtype == DType::F64)
-      throw std::runtime_error(tw + ": dtype " + to_string(t.dtype) + " (expected BF16, F16 or F32)");
-    if (t.shape != spec.shape)
-      throw std::runtime_error(tw + ": shape " + shape_str(t.shape) + ", but config.json implies " + shape_str(spec.shape));
+    check_float_tensor(spec, t.dtype, t.shape, "tensor '" + spec.name + "' in '" + it->second.second->path().string() + "'");
     used.insert(spec.name);
   }
   for (const auto& [name, value] : tensors_) {
-    if (used.count(name)) continue;
-    // Older exports carry the RoPE frequencies as buffers, and tied models may still
-    // store lm_head.weight; both are implied by the config.
-    if (name.ends_with(".self_attn.rotary_emb.inv_freq")) continue;
-    if (name == "lm_head.weight" && config_.shared_classifier) continue;
+    if (used.count(name) || implied_by_config(name, config_)) continue;
     throw std::runtime_error(where + ": unexpected tensor '" + name + "' in '" + value.second->path().string() +
                              "' (not part of a LLaMA model with this config)");
   }

@@ -45,6 +45,14 @@ class HfLlamaFolder {
   const std::pair<const TensorView*, const MappedSafetensors*>& find(const std::string& name) const;
 };
 
+/// Throws std::runtime_error naming the tensor (`where`) unless it is BF16, F16 or F32 with
+/// the shape of `spec`: the rule for every float tensor of a folder, streamed or read whole.
+void check_float_tensor(const TensorSpec& spec, DType dtype, const std::vector<std::int64_t>& shape,
+                        const std::string& where);
+/// Tensors a folder may hold beyond llama_tensor_specs, implied by the config: the RoPE
+/// frequency buffers of older exports, and lm_head.weight of a tied model.
+bool implied_by_config(const std::string& name, const LlamaConfig& c);
+
 /// The safetensors files of a folder: the shards its model.safetensors.index.json names
 /// (each once, sorted), else model.safetensors. Throws naming the index on a bad index.
 std::vector<std::filesystem::path> hf_weight_files(const std::filesystem::path& dir);

@@ -4,6 +4,8 @@
 #include "atomic_file.hpp"
 #include "bf16.hpp"
 #include "hf_folder.hpp"
+#include "bnb_config.hpp"
+#include "quant4_file.hpp"
 #include "safetensors.hpp"
 
 #include <nlohmann/json.hpp>
@@ -171,6 +173,24 @@ LlamaConfig parse_config(const nlohmann::json& cfg, const std::string& where) {
   return c;
 }
 
+// All tensors of the folder, and the file each came from (for error messages).
+struct FolderTensors {
+  SafeTensors all;
+  std::map<std::string, std::filesystem::path> file;
+};
+
+FolderTensors read_weights(const std::filesystem::path& dir) {
+  FolderTensors out;
+  for (const auto& f : hf_weight_files(dir)) {
+    auto st = read_safetensors(f);
+    for (auto& [name, t] : st.tensors) {
+      if (out.all.contains(name)) throw std::runtime_error("tensor '" + name + "' appears in more than one shard of " + dir.string());
+      out.all.tensors.emplace(name, std::move(t));
+      out.file.emplace(name, f);
+    }
+  }
+  return out;
+}
 
 // The double whose shortest decimal is the float's shortest decimal: 1e-5f is written
 // as 1e-05, not as 9.99999974737875e-06.
@@ -203,6 +223,9 @@ void convert_rope_layout(LlamaCheckpoint& ck, RopeLayout target) {
     const std::string p = "model.layers." + std::to_string(l) + ".self_attn.";
     for (auto [name, heads] : {std::pair{"q_proj.weight", ck.config.n_heads}, std::pair{"k_proj.weight", ck.config.n_kv_heads}}) {
       auto& t = ck.at(p + name);
+      if (t.q4)
+        throw std::invalid_argument("convert_rope_layout: '" + t.name +
+                                    "' is stored in 4 bits; its rows cannot be reordered without quantizing again");
       t.data = permute_rows(t.data, heads, ck.config.dim, to_half);
     }
   }
@@ -221,13 +244,58 @@ LlamaConfig read_hf_config(const std::filesystem::path& path) {
 }
 
 LlamaCheckpoint read_hf_llama(const std::filesystem::path& dir) {
-  const HfLlamaFolder folder(dir);
+  const std::string where = "Hugging Face checkpoint '" + dir.string() + "'";
+  if (!std::filesystem::is_directory(dir)) throw std::runtime_error(where + ": not a directory");
   LlamaCheckpoint ck;
-  ck.config = folder.config();
+  ck.config = read_hf_config(dir / "config.json");
   ck.rope_layout = RopeLayout::rotate_half;
+  const auto bnb = read_bnb_4bit_config(dir / "config.json");
+  const FolderTensors folder = read_weights(dir);
+  const SafeTensors& weights = folder.all;
+  const auto& file_of = folder.file;
+  const auto names = quant4_names(weights);
+  const std::set<std::string> quantized(names.begin(), names.end());
+
+  std::set<std::string> used;
   for (const auto& spec : llama_tensor_specs(ck.config)) {
-    ck.tensors.push_back({spec.name, spec.shape, folder.tensor(spec.name).to_f32()});
-    folder.release(spec.name);
+    const auto file = file_of.find(spec.name);
+    const std::string file_name = (file == file_of.end() ? dir : file->second).string();
+    const std::string tw = "tensor '" + spec.name + "' in '" + file_name + "'";
+    //! [read-4bit]
+    // A 4-bit tensor (chapter 3's format, which is bitsandbytes') is kept as stored;
+    // its float32 values are its dequantization, computed once here.
+    if (quantized.count(spec.name)) {
+      StoredQuant4 stored = get_quant4(weights, spec.name, file_name);
+      if (stored.q.shape != spec.shape)
+        throw std::runtime_error(tw + ": quant state shape " + shape_str(stored.q.shape) + ", but config.json implies " +
+                                 shape_str(spec.shape));
+      if (bnb) check_against_config(*bnb, stored.q, tw);
+      ck.tensors.push_back({spec.name, spec.shape, dequantize_4bit_f32(stored.q), std::move(stored.q)});
+      used.insert(spec.name);
+      continue;
+    }
+    // transformers quantizes every linear projection and nothing else (embedding, norms
+    // and lm_head stay in the model's float dtype), so a declared 4-bit folder whose
+    // projection is not 4-bit was saved with llm_int8_skip_modules, which we refuse.
+    if (bnb && spec.name.ends_with("_proj.weight"))
+      throw std::runtime_error(tw + ": not stored in 4 bits, but config.json's quantization_config declares " +
+                               describe_4bit(bnb->type, bnb->double_quant) + " for every projection");
+    //! [read-4bit]
+    if (file == file_of.end()) throw std::runtime_error(where + ": missing tensor '" + spec.name + "'");
+    const Tensor& t = weights.at(spec.name);
+    check_float_tensor(spec, t.dtype, t.shape, tw);
+    ck.tensors.push_back({spec.name, spec.shape, t.to_f32()});
+    used.insert(spec.name);
+  }
+  for (const auto& [name, path] : file_of) {
+    // A part of a 4-bit tensor X (X.absmax, X.quant_map, ...) goes where X goes.
+    std::string tensor = name;
+    if (is_quant4_part(weights, name))
+      for (const auto& q : quantized)
+        if (name.starts_with(q + ".")) tensor = q;
+    if (used.count(tensor) || implied_by_config(tensor, ck.config)) continue;
+    throw std::runtime_error(where + ": unexpected tensor '" + name + "' in '" + path.string() +
+                             "' (not part of a LLaMA model with this config)");
   }
   return ck;
 }

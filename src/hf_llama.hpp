@@ -27,7 +27,8 @@ std::vector<float> rope_interleaved_to_half(std::span<const float> w, int n_head
 std::vector<float> rope_half_to_interleaved(std::span<const float> w, int n_heads, int cols);
 
 /// Reorders every layer's q_proj (n_heads) and k_proj (n_kv_heads) to `target`; no-op if
-/// the checkpoint is already in that layout.
+/// the checkpoint is already in that layout. Throws std::invalid_argument for a 4-bit q/k:
+/// its blocks run across rows, so reordering would mean quantizing again.
 void convert_rope_layout(LlamaCheckpoint& ck, RopeLayout target);
 
 /// Reads a LLaMA or Mistral config.json in transformers 4.x or 5.x spelling (chapter 7,
@@ -39,8 +40,12 @@ LlamaConfig read_hf_config(const std::filesystem::path& path);
 void write_hf_config(const std::filesystem::path& path, const LlamaConfig& c);
 
 /// Reads a Hugging Face LLaMA folder (BF16, F16 or F32 tensors) into float32, layout
-/// rotate_half. Throws std::runtime_error naming the folder and the config field or tensor
-/// on anything unsupported or inconsistent (missing/extra tensors, wrong shapes, dtypes).
+/// rotate_half. Tensors saved in bitsandbytes' 4-bit format (a folder saved by
+/// transformers with BitsAndBytesConfig(load_in_4bit=True), or `qlora quantize` output)
+/// keep their stored form in NamedTensor::q4 and their dequantized values in data; when
+/// config.json has a quantization_config, every projection must be 4-bit as it declares.
+/// Throws std::runtime_error naming the folder and the config field or tensor on anything
+/// unsupported or inconsistent (missing/extra tensors, wrong shapes, dtypes, quant states).
 LlamaCheckpoint read_hf_llama(const std::filesystem::path& dir);
 
 /// Writes config.json and model.safetensors (BF16, q/k in rotate-half order, lm_head only

@@ -8,14 +8,18 @@
 // rms_final [dim], two legacy RoPE tables [seq_len, head_size/2] each (skipped),
 // and, when not shared, wcls [vocab, dim]. kv_dim = dim * n_kv_heads / n_heads.
 // RoPE here rotates interleaved pairs (x[2i], x[2i+1]); Hugging Face rotates
-// halves (hf_llama.hpp converts between the two).
+// halves, and so does our model: weights_from_checkpoint permutes the q/k rows of a
+// .bin once, with hf_llama.hpp's conversion.
 //
 // Whatever the file format, a checkpoint in memory is a LlamaCheckpoint: float32
 // tensors with Hugging Face names in one canonical order (llama_tensor_specs).
 #pragma once
 
+#include "quant4.hpp"
+
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -68,7 +72,8 @@ void check_sequence_length(const LlamaConfig& c, int tokens, const std::string& 
 struct NamedTensor {
   std::string name;  ///< Hugging Face name, e.g. "model.layers.0.self_attn.q_proj.weight"
   std::vector<std::int64_t> shape;
-  std::vector<float> data;
+  std::vector<float> data;  ///< the values (of a 4-bit tensor: its dequantized values)
+  std::optional<Quant4Tensor> q4{};  ///< the stored form of a tensor saved in 4 bits (bitsandbytes)
 };
 
 /// Which RoPE convention the rows of q_proj / k_proj are ordered for.

@@ -5,7 +5,6 @@
 #include "llama_model.hpp"
 
 #include "bf16.hpp"
-#include "hf_folder.hpp"
 #include "hf_llama.hpp"
 #include "llama_ops.hpp"
 #include "matmul.hpp"
@@ -87,28 +86,35 @@ LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck) {
     L.rms_ffn = take(ck, pre + "post_attention_layernorm.weight", sz(c.dim, 1));
     for (Proj p : kAllProj) {
       const auto [out, in] = w.proj_shape(p);
-      L.w[static_cast<int>(p)] = take(ck, hf_module_name(l, p) + ".weight", sz(out, in));
+      const std::string name = hf_module_name(l, p) + ".weight";
+      L.w[static_cast<int>(p)] = take(ck, name, sz(out, in));
+      L.q4[static_cast<int>(p)] = ck.at(name).q4;
     }
     //! [rope-permute-load]
-    // One attention code path: llama2.c's interleaved pairs. A Hugging Face
-    // checkpoint orders the q/k rows of each head for rotate-half; put them back.
-    if (ck.rope_layout == RopeLayout::rotate_half) {
+    // One attention code path: Hugging Face's rotate-half pairs, the order of every HF
+    // folder and PEFT adapter. A llama2.c checkpoint orders the q/k rows of each head
+    // for interleaved pairs; reorder them once, here.
+    if (ck.rope_layout == RopeLayout::interleaved) {
+      if (L.q4[static_cast<int>(Proj::q)] || L.q4[static_cast<int>(Proj::k)])
+        throw std::runtime_error("LLaMA checkpoint: 4-bit q/k rows in the interleaved RoPE order cannot be reordered "
+                                 "without quantizing again");
       auto& wq = L.w[static_cast<int>(Proj::q)];
       auto& wk = L.w[static_cast<int>(Proj::k)];
-      wq = rope_half_to_interleaved(wq, c.n_heads, c.dim);
-      wk = rope_half_to_interleaved(wk, c.n_kv_heads, c.dim);
+      wq = rope_interleaved_to_half(wq, c.n_heads, c.dim);
+      wk = rope_interleaved_to_half(wk, c.n_kv_heads, c.dim);
     }
     //! [rope-permute-load]
   }
   w.rms_final = take(ck, "model.norm.weight", sz(c.dim, 1));
   if (!c.shared_classifier) w.wcls = take(ck, "lm_head.weight", sz(c.vocab_size, c.dim));
+  prequantized_storage(w);  // one format for all projections, or none
   return w;
 }
 
 LlamaCheckpoint checkpoint_from_weights(const LlamaWeights& w) {
   LlamaCheckpoint ck;
   ck.config = w.config;
-  ck.rope_layout = RopeLayout::interleaved;
+  ck.rope_layout = RopeLayout::rotate_half;
   for (const TensorSpec& spec : llama_tensor_specs(w.config)) {
     const std::vector<float>* src = nullptr;
     if (spec.name == "model.embed_tokens.weight") src = &w.tok_emb;
@@ -126,18 +132,6 @@ LlamaCheckpoint checkpoint_from_weights(const LlamaWeights& w) {
     ck.tensors.push_back({spec.name, spec.shape, *src});
   }
   return ck;
-}
-
-std::vector<float> lora_B_to_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r) {
-  if (p == Proj::q) return rope_interleaved_to_half(B, c.n_heads, r);
-  if (p == Proj::k) return rope_interleaved_to_half(B, c.n_kv_heads, r);
-  return B;
-}
-
-std::vector<float> lora_B_from_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r) {
-  if (p == Proj::q) return rope_half_to_interleaved(B, c.n_heads, r);
-  if (p == Proj::k) return rope_half_to_interleaved(B, c.n_kv_heads, r);
-  return B;
 }
 
 namespace {
@@ -168,13 +162,17 @@ void check_host_memory(std::int64_t params, const std::filesystem::path& path) {
 }  // namespace
 
 LlamaWeights load_llama_weights(const std::filesystem::path& path) {
-  if (std::filesystem::is_directory(path)) {
-    check_host_memory(llama_parameter_count(HfLlamaFolder(path).config()), path);  // headers only
-    return weights_from_checkpoint(read_hf_llama(path));
-  }
-  if (std::filesystem::is_regular_file(path))
+  const bool folder = std::filesystem::is_directory(path);
+  if (folder)
+    check_host_memory(llama_parameter_count(read_hf_config(path / "config.json")), path);  // the config only
+  else if (std::filesystem::is_regular_file(path))
     check_host_memory(static_cast<std::int64_t>(std::filesystem::file_size(path) / sizeof(float)), path);
-  return weights_from_checkpoint(read_llama2c(path));
+  const LlamaCheckpoint ck = folder ? read_hf_llama(path) : read_llama2c(path);
+  try {
+    return weights_from_checkpoint(ck);
+  } catch (const std::runtime_error& e) {
+    throw std::runtime_error(path.string() + ": " + e.what());  // name the file, as the readers do
+  }
 }
 
 LlamaWeights random_llama_weights(const LlamaConfig& config, std::uint64_t seed) {
@@ -234,6 +232,30 @@ BaseStorage parse_base_storage(const std::string& s) {
   throw std::invalid_argument("unknown base storage '" + s + "' (expected f32, bf16, nf4, nf4-dq, fp4, fp4-dq or int4)");
 }
 
+BaseStorage storage_of(const Quant4Tensor& q) {
+  if (q.type == QuantType::nf4) return q.double_quant ? BaseStorage::nf4_dq : BaseStorage::nf4;
+  return q.double_quant ? BaseStorage::fp4_dq : BaseStorage::fp4;
+}
+
+std::optional<BaseStorage> prequantized_storage(const LlamaWeights& w) {
+  // The model has one storage for all projections, so a checkpoint saved in 4 bits must
+  // hold every projection in the same format (any blocksize).
+  const auto& first = w.layers.at(0).q4[0];
+  const std::optional<BaseStorage> s = first ? std::optional(storage_of(*first)) : std::nullopt;
+  const std::string first_desc = first ? to_string(*s) : "float";
+  for (int l = 0; l < w.config.n_layers; ++l)
+    for (Proj p : kAllProj) {
+      const auto& q = w.layers[static_cast<std::size_t>(l)].q4[static_cast<int>(p)];
+      const std::optional<BaseStorage> here = q ? std::optional(storage_of(*q)) : std::nullopt;
+      if (here != s)
+        throw std::runtime_error("LLaMA checkpoint: tensor '" + hf_module_name(l, p) + ".weight' is stored as " +
+                                 (here ? to_string(*here) : std::string("float")) + ", but '" +
+                                 hf_module_name(0, Proj::q) + ".weight' as " + first_desc +
+                                 " (the model keeps every projection in one storage)");
+    }
+  return s;
+}
+
 //! [int4-absmax]
 Int4Tensor quantize_int4(std::span<const float> x, int blocksize) {
   if (blocksize <= 0) throw std::invalid_argument("int4 blocksize must be positive");
@@ -286,16 +308,25 @@ FrozenLinear make_frozen_linear(const std::vector<float>& w, int out, int in, Ba
     case BaseStorage::fp4_dq: {
       const QuantType type = storage == BaseStorage::fp4 || storage == BaseStorage::fp4_dq ? QuantType::fp4 : QuantType::nf4;
       const bool dq = storage == BaseStorage::nf4_dq || storage == BaseStorage::fp4_dq;
-      f.q4 = quantize_4bit(w, shape, type, 64, dq);
-      // The CPU execution path: dequantize once, multiply with BLAS many times.
-      f.w = dequantize_4bit_f32(*f.q4);
-      break;
+      return make_frozen_linear(quantize_4bit(w, shape, type, 64, dq));
     }
     case BaseStorage::int4:
       f.i4 = quantize_int4(w, 64);
       f.w = dequantize_int4(*f.i4);
       break;
   }
+  return f;
+}
+
+FrozenLinear make_frozen_linear(Quant4Tensor q) {
+  if (q.shape.size() != 2) throw std::invalid_argument("make_frozen_linear: a 4-bit weight must be a matrix");
+  FrozenLinear f;
+  f.out = static_cast<int>(q.shape[0]);
+  f.in = static_cast<int>(q.shape[1]);
+  f.storage = storage_of(q);
+  // The CPU execution path: dequantize once, multiply with BLAS many times.
+  f.w = dequantize_4bit_f32(q);
+  f.q4 = std::move(q);
   return f;
 }
 //! [frozen-linear]
@@ -362,13 +393,18 @@ LlamaModel::LlamaModel(const LlamaWeights& w, BaseStorage storage) : cfg_(w.conf
   }
   rms_final_ = frozen16(w.rms_final);
   if (static_cast<int>(w.layers.size()) != cfg_.n_layers) throw std::invalid_argument("LlamaModel: wrong layer count");
+  if (const auto stored = prequantized_storage(w); stored && *stored != storage)
+    throw std::invalid_argument("LlamaModel: the checkpoint's projections are stored in " + to_string(*stored) +
+                                "; storage " + to_string(storage) + " would mean quantizing them again");
   layers_.resize(cfg_.n_layers);
   for (int l = 0; l < cfg_.n_layers; ++l) {
     layers_[l].rms_att = frozen16(w.layers[l].rms_att);
     layers_[l].rms_ffn = frozen16(w.layers[l].rms_ffn);
     for (Proj p : kAllProj) {
       const auto [out, in] = w.proj_shape(p);
-      layers_[l].w[static_cast<int>(p)] = make_frozen_linear(w.layers[l].w[static_cast<int>(p)], out, in, storage);
+      const auto& stored = w.layers[l].q4[static_cast<int>(p)];
+      layers_[l].w[static_cast<int>(p)] =
+          stored ? make_frozen_linear(*stored) : make_frozen_linear(w.layers[l].w[static_cast<int>(p)], out, in, storage);
     }
   }
   rope_tables(cfg_, rope_cos_, rope_sin_);

@@ -11,9 +11,11 @@
 // cached values are exactly the dequantized 4-bit values, so the results equal a
 // dequantize-on-the-fly implementation (the GPU path dequantizes per matmul).
 //
-// RoPE convention: one attention code path, llama2.c's — rotate interleaved pairs
-// (x[2i], x[2i+1]) of every head. Weights from a Hugging Face folder (rotate-half
-// convention) have their q/k rows permuted back to this layout when loaded.
+// RoPE convention: one attention code path, Hugging Face's — rotate the pairs
+// (x[i], x[i + head_size/2]) of every head (transformers' rotate_half). Hugging Face
+// folders and PEFT adapters use this order already, so their weights (4-bit ones too)
+// and lora_B rows load as stored; a llama2.c checkpoint (interleaved pairs) has its
+// q/k rows permuted to this layout once, when loaded.
 #pragma once
 
 #include "llama2c.hpp"
@@ -48,7 +50,7 @@ Proj parse_proj(const std::string& s);
 /// Hugging Face module path, e.g. "model.layers.3.self_attn.q_proj" or "model.layers.3.mlp.down_proj".
 std::string hf_module_name(int layer, Proj p);
 
-/// A whole LLaMA in float32, q/k rows in llama2.c's interleaved-RoPE layout.
+/// A whole LLaMA in float32, q/k rows in Hugging Face's rotate-half RoPE layout.
 /// Linear weights are out×in row-major (W1 = gate, W3 = up, W2 = down).
 struct LlamaWeights {
   LlamaConfig config;
@@ -56,6 +58,9 @@ struct LlamaWeights {
   struct Layer {
     std::vector<float> rms_att, rms_ffn;  ///< dim each
     std::array<std::vector<float>, kNumProj> w;  ///< indexed by Proj
+    /// The stored 4-bit form of projections that a checkpoint saved in 4 bits (w holds
+    /// their dequantized values); the model keeps it as it is, never quantizing again.
+    std::array<std::optional<Quant4Tensor>, kNumProj> q4;
   };
   std::vector<Layer> layers;
   std::vector<float> rms_final;  ///< dim
@@ -65,14 +70,16 @@ struct LlamaWeights {
   std::pair<int, int> proj_shape(Proj p) const;
 };
 
-/// From a checkpoint in memory (tensors named as in Hugging Face); q/k rows in the
-/// rotate-half layout are permuted to the interleaved one.
+/// From a checkpoint in memory (tensors named as in Hugging Face); q/k rows of a
+/// checkpoint in llama2.c's interleaved layout are permuted to the rotate-half one.
+/// 4-bit projections keep their stored form (Layer::q4); every projection must then be
+/// 4-bit in one format (prequantized_storage), else std::runtime_error names the tensor.
 LlamaWeights weights_from_checkpoint(const LlamaCheckpoint& ck);
-/// The inverse: a checkpoint in the interleaved layout with Hugging Face names (for
-/// write_hf_llama, which permutes q/k itself, e.g. to export a merged model).
+/// The inverse: a checkpoint in the rotate-half layout with Hugging Face names (for
+/// write_hf_llama, e.g. to export a merged model).
 LlamaCheckpoint checkpoint_from_weights(const LlamaWeights& w);
-/// Loads a llama2.c .bin file or a Hugging Face LLaMA folder (config.json +
-/// model.safetensors; q/k permuted back to the interleaved layout). Throws
+/// Loads a llama2.c .bin file (q/k permuted to the rotate-half layout) or a Hugging
+/// Face LLaMA folder (config.json + model.safetensors, as stored). Throws
 /// std::runtime_error naming the path on anything missing or malformed.
 LlamaWeights load_llama_weights(const std::filesystem::path& path);
 /// A random model for tests: N(0, 0.02²)-ish weights from a seeded generator,
@@ -87,6 +94,12 @@ enum class BaseStorage { float32, bfloat16, nf4, nf4_dq, fp4, fp4_dq, int4 };
 std::string to_string(BaseStorage s);
 /// Inverse of to_string (also "nf4+dq", "nf4_dq"); throws std::invalid_argument naming the value.
 BaseStorage parse_base_storage(const std::string& s);
+/// nf4, nf4-dq, fp4 or fp4-dq: the storage a 4-bit tensor is in.
+BaseStorage storage_of(const Quant4Tensor& q);
+/// The storage of a model whose projections were loaded in 4 bits (a bitsandbytes
+/// folder, `qlora quantize` output), nullopt for one loaded in float. Throws
+/// std::runtime_error naming the first projection that is not in the others' format.
+std::optional<BaseStorage> prequantized_storage(const LlamaWeights& w);
 
 /// Blockwise absmax int4 (blocksize 64), the naive 4-bit baseline of the comparison
 /// table: each block is chapter 1's absmax quantization with 4 bits (codes −7..7,
@@ -112,14 +125,9 @@ struct FrozenLinear {
   std::int64_t storage_bytes() const;
 };
 FrozenLinear make_frozen_linear(const std::vector<float>& w, int out, int in, BaseStorage storage);
-
-/// LoRA's B (out×r) of q_proj/k_proj has one row per output of the projection, so its
-/// rows follow the RoPE layout like the weight's: our model keeps llama2.c's interleaved
-/// order, Hugging Face/PEFT the rotate-half order. These convert B (and dB) between the
-/// two; other projections (and every A) are returned unchanged. Adapter export to PEFT
-/// must call lora_B_to_hf, import lora_B_from_hf.
-std::vector<float> lora_B_to_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r);
-std::vector<float> lora_B_from_hf(const LlamaConfig& c, Proj p, const std::vector<float>& B, int r);
+/// A projection already stored in 4 bits (shape out×in), kept as it is: its storage is
+/// storage_of(q), its float32 cache the dequantized values.
+FrozenLinear make_frozen_linear(Quant4Tensor q);
 
 /// Which projections get an adapter, and the adapter hyper-parameters.
 struct LoraSetup {
@@ -138,7 +146,9 @@ int check_batch_ids(const int* tokens, const int* targets, int N, int vocab);
 class LlamaModel {
  public:
   /// Freezes `weights` into `storage` (linear projections) and BF16 (embeddings,
-  /// norms, classifier; F32 storage keeps them float32).
+  /// norms, classifier; F32 storage keeps them float32). Weights loaded in 4 bits keep
+  /// their stored form: `storage` must then be prequantized_storage(weights), else
+  /// std::invalid_argument names both.
   LlamaModel(const LlamaWeights& weights, BaseStorage storage);
 
   const LlamaConfig& config() const { return cfg_; }

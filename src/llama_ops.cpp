@@ -92,9 +92,10 @@ void rope_tables(const LlamaConfig& c, std::vector<float>& cos_t, std::vector<fl
 }
 
 //! [rope]
-// RoPE, llama2.c convention: in every head, the pair (x[2i], x[2i+1]) is rotated by
-// the angle pos·θ^(−2i/head_size). Row n holds position pos0 + n % T. `inverse` rotates
-// by −angle: the transpose of the rotation, which is RoPE's backward.
+// RoPE, Hugging Face's rotate-half convention: in every head, the pair
+// (x[i], x[i + hs/2]) is rotated by the angle pos·θ^(−2i/head_size). Row n holds
+// position pos0 + n % T. `inverse` rotates by −angle: the transpose of the rotation,
+// which is RoPE's backward.
 void rope(float* v, int N, int T, int pos0, int n_heads, int hs, const std::vector<float>& cos_t,
           const std::vector<float>& sin_t, bool inverse) {
   const int half = hs / 2;
@@ -105,10 +106,10 @@ void rope(float* v, int N, int T, int pos0, int n_heads, int hs, const std::vect
     for (int h = 0; h < n_heads; ++h) {
       float* x = v + (usz(n) * n_heads + h) * hs;
       for (int i = 0; i < half; ++i) {
-        const float x0 = x[2 * i], x1 = x[2 * i + 1];
+        const float x0 = x[i], x1 = x[i + half];
         const float si = inverse ? -s[i] : s[i];
-        x[2 * i] = x0 * c[i] - x1 * si;
-        x[2 * i + 1] = x0 * si + x1 * c[i];
+        x[i] = x0 * c[i] - x1 * si;
+        x[i + half] = x0 * si + x1 * c[i];
       }
     }
   }

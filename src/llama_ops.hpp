@@ -28,8 +28,8 @@ std::vector<float> rope_inv_freq(const LlamaConfig& c);
 /// RoPE angle tables, seq_len × head_size/2 each: cos and sin of pos·rope_inv_freq(c)[i].
 void rope_tables(const LlamaConfig& c, std::vector<float>& cos_t, std::vector<float>& sin_t);
 
-/// Rotates the pairs (2i, 2i+1) of every head in place; row n is at position pos0 + n % T.
-/// inverse rotates by −angle (the transpose: RoPE's backward).
+/// Rotates the pairs (i, i + hs/2) of every head in place (Hugging Face's rotate-half
+/// order); row n is at position pos0 + n % T. inverse rotates by −angle (the transpose: RoPE's backward).
 void rope(float* v, int N, int T, int pos0, int n_heads, int hs, const std::vector<float>& cos_t,
           const std::vector<float>& sin_t, bool inverse);
 

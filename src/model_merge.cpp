@@ -29,11 +29,9 @@ int merge_peft_adapter(LlamaWeights& weights, const PeftAdapter& adapter, const 
         throw std::runtime_error(where + ": module " + name + " adapts a " + std::to_string(a.out) + "×" +
                                  std::to_string(a.in) + " weight, but the model's is " + std::to_string(out) + "×" +
                                  std::to_string(in) + " (adapter trained on another model?)");
-      // q/k: B's rows from PEFT's rotate-half order to our interleaved weight rows.
-      LoraAdapter interleaved(a.in, a.out, a.r);
-      interleaved.A = a.A;
-      interleaved.B = lora_B_from_hf(c, p, a.B, a.r);
-      lora_merge(interleaved, adapter.config, weights.layers[static_cast<std::size_t>(l)].w[static_cast<int>(p)].data());
+      auto& layer = weights.layers[static_cast<std::size_t>(l)];
+      lora_merge(a, adapter.config, layer.w[static_cast<int>(p)].data());
+      layer.q4[static_cast<int>(p)].reset();  // W + s·B·A is no longer the stored 4-bit weight
       merged.insert(name);
     }
   for (const auto& [name, a] : adapter.modules)

@@ -3,12 +3,10 @@
 // chapter 4), and the result is written as a plain Hugging Face LLaMA folder that
 // any LLaMA loader opens without PEFT (`qlora merge`).
 //
-// Layouts: the merge happens on our float32 weights, whose q/k rows follow
-// llama2.c's interleaved RoPE order, while a PEFT adapter stores q/k lora_B rows in
-// Hugging Face's rotate-half order. B is therefore converted with lora_B_from_hf
-// first; write_hf_llama then permutes the merged q/k rows to rotate-half on export,
-// so W and B·A are permuted together and the merged model computes what
-// base + adapter computed.
+// Layouts: the merge happens on our float32 weights, whose q/k rows follow Hugging
+// Face's rotate-half RoPE order, like a PEFT adapter's q/k lora_B rows (and a llama2.c
+// base is permuted to it when loaded), so B·A adds to W row for row and the exported
+// folder needs no permutation either.
 //
 // Precision: the merge is exact float32 arithmetic (one rounding per weight); the
 // export rounds every weight to BF16, which is what changes the logits (relative
@@ -23,8 +21,8 @@
 
 namespace qlora {
 
-/// Adds s·B·A of every module of `adapter` to the weight it adapts (q/k B rows converted
-/// with lora_B_from_hf). Every module must name a projection of this model with matching
+/// Adds s·B·A of every module of `adapter` to the weight it adapts (of a base loaded in 4
+/// bits: to its dequantized values, dropping the stored 4-bit form). Every module must name a projection of this model with matching
 /// shapes; otherwise throws std::runtime_error naming `where` (the adapter folder) and the
 /// module. Returns the number of projections merged.
 int merge_peft_adapter(LlamaWeights& weights, const PeftAdapter& adapter, const std::string& where);

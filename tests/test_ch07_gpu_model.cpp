@@ -147,6 +147,36 @@ TEST_CASE("GPU model matches the CPU model computing in BF16: loss, logits, LoRA
   }
 }
 
+TEST_CASE("GPU model runs projections loaded in 4 bits as stored (blocksizes 64 and 128)", "[ch07][gpu]") {
+  // What a 4-bit Hugging Face folder hands over (hf_llama.cpp): every projection with its
+  // stored form and, as float32, its dequantization. The GPU must upload those bytes.
+  for (const int blocksize : {64, 128}) {
+    CAPTURE(blocksize);
+    LlamaWeights w = random_llama_weights(test::tiny_config(2, true), 81);
+    for (auto& L : w.layers)
+      for (Proj p : kAllProj) {
+        const auto [out, in] = w.proj_shape(p);
+        const auto i = static_cast<std::size_t>(p);
+        L.q4[i] = quantize_4bit(L.w[i], {out, in}, QuantType::fp4, blocksize, true);
+        L.w[i] = dequantize_4bit_f32(*L.q4[i]);
+      }
+    LlamaModel cpu(w, BaseStorage::fp4_dq);
+    REQUIRE(cpu.frozen(0, Proj::q).q4->blocksize == blocksize);
+    cpu.set_bf16_compute(true);
+    cuda::LlamaModelGpu gpu(cpu);
+    const int B = 2, T = w.config.seq_len;
+    const auto tokens = random_tokens(B * T, w.config.vocab_size, 82);
+    const auto targets = next_targets(tokens, B, T);
+    std::mt19937_64 rng(0);
+    const float loss_cpu = cpu.forward(tokens.data(), targets.data(), B, T, false, rng);
+    const float loss_gpu = gpu.forward(tokens.data(), targets.data(), B, T, false, rng);
+    const std::vector<float> logits_cpu = cpu.logits();
+    // The header's tolerances: BF16 compute on both sides, float32 summation order apart.
+    CHECK(std::fabs(loss_gpu - loss_cpu) < 1e-2);
+    CHECK(max_abs_diff(gpu.logits(), logits_cpu) < 3e-2 * max_abs(logits_cpu));
+  }
+}
+
 TEST_CASE("GPU model: bad input is refused with a clear error", "[ch07][gpu]") {
   const auto path = model_or_warn("stories260K.bin");
   if (!path) return;

@@ -35,7 +35,7 @@ namespace fs = std::filesystem;
 namespace {
 
 // A trained-looking adapter on all seven projections: A and B both random and non-zero,
-// B rows in PEFT's (rotate-half) order as in a file. s·B·A has rms ≈ 0.3 of the weights'.
+// B rows in PEFT's (rotate-half) order, the model's own. s·B·A has rms ≈ 0.3 of the weights'.
 PeftAdapter random_adapter(const LlamaWeights& w, std::uint64_t seed) {
   PeftAdapter a;
   a.config.r = 4;

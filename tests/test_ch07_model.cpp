@@ -366,7 +366,7 @@ TEST_CASE("llama2.c .bin and the Hugging Face folder give identical logits (kjv1
   }
   // The HF folder holds the .bin's weights rounded to BF16 (q/k rows permuted). Rounding
   // the .bin to BF16 (BaseStorage::bfloat16 rounds every tensor) must therefore give
-  // exactly the same model once the loader has permuted q/k back.
+  // exactly the same model once the loader has permuted the .bin's q/k to rotate-half.
   const LlamaWeights wb = load_llama_weights(*bin);
   const LlamaWeights wh = load_llama_weights(*hf);
   CHECK(wh.config.dim == wb.config.dim);
@@ -448,7 +448,8 @@ std::vector<float> read_fixture_f32(const std::filesystem::path& dir, const nloh
   return v;
 }
 
-// The LoRA values of tools/make_llama_fixtures.py, in Hugging Face's row order.
+// The LoRA values of tools/make_llama_fixtures.py, in Hugging Face's row order (the
+// model's own: q/k rows are rotate-half inside it, so B is used as PEFT stores it).
 void fill_fixture_lora(LlamaModel& m) {
   const LlamaConfig& c = m.config();
   for (int l = 0; l < c.n_layers; ++l)
@@ -461,8 +462,6 @@ void fill_fixture_lora(LlamaModel& m) {
       for (int i = 0; i < a.out; ++i)
         for (int j = 0; j < a.r; ++j)
           a.B[static_cast<std::size_t>(i * a.r + j)] = static_cast<float>(0.05 * std::cos(0.1 * (i * a.r + j) + 2 * mi));
-      // Our q/k rows follow llama2.c's interleaved RoPE order: so must the rows of their B.
-      a.B = lora_B_from_hf(c, kAllProj[static_cast<std::size_t>(k)], a.B, a.r);
     }
 }
 
@@ -543,9 +542,8 @@ TEST_CASE("model matches PyTorch/transformers + PEFT fixtures (logits, loss, LoR
         const int layer = std::stoi(module.substr(std::string("model.layers.").size()));
         const Proj p = parse_proj(module.substr(module.rfind('.') + 1));
         const LoraAdapter& a = *m.adapter(layer, p);
-        const std::vector<float> dB = lora_B_to_hf(m.config(), p, a.dB, a.r);
         const double ea = rel_max_diff(a.dA, read_fixture_f32(dir, g.at("dA")));
-        const double eb = rel_max_diff(dB, read_fixture_f32(dir, g.at("dB")));
+        const double eb = rel_max_diff(a.dB, read_fixture_f32(dir, g.at("dB")));
         INFO(module << ": dA rel max diff " << ea << ", dB rel max diff " << eb);
         // Gradients sum B·T products more than the logits do; 1e-3 of the largest entry.
         CHECK(ea < 1e-3);

@@ -94,10 +94,13 @@ TEST_CASE("RoPE's inverse undoes it, and it preserves every pair's length", "[ch
   auto v = v0;
   rope(v.data(), N, 16, 0, c.n_heads, hs, cos_t, sin_t, false);
   double moved = 0.0;
-  for (std::size_t i = 0; i + 1 < v.size(); i += 2) {
-    moved = std::max(moved, std::fabs(static_cast<double>(v[i]) - v0[i]));
-    CHECK(std::hypot(v[i], v[i + 1]) == Approx(std::hypot(v0[i], v0[i + 1])).epsilon(1e-6));
-  }
+  // Rotate-half pairs: (x[i], x[i + hs/2]) of every head.
+  const std::size_t half = hs / 2;
+  for (std::size_t h = 0; h < v.size(); h += 2 * half)
+    for (std::size_t i = h; i < h + half; ++i) {
+      moved = std::max(moved, std::fabs(static_cast<double>(v[i]) - v0[i]));
+      CHECK(std::hypot(v[i], v[i + half]) == Approx(std::hypot(v0[i], v0[i + half])).epsilon(1e-6));
+    }
   CHECK(moved > 0.1);  // positions > 0 do rotate
   rope(v.data(), N, 16, 0, c.n_heads, hs, cos_t, sin_t, true);
   for (std::size_t i = 0; i < v.size(); ++i) CHECK(v[i] == Approx(v0[i]).margin(1e-6));

@@ -27,7 +27,7 @@ over all B*T targets; logits are stored for the positions listed in the index. T
     B[i, j] = 0.05 * cos(0.1 * (i * r + j) + 2 * m)              (out x r)
 
 in Hugging Face's row order (q/k rows in rotate-half order); the test fills the same values
-and permutes q/k's B rows to llama2.c's order. The LoRA loss, logits and dA/dB (the
+into the model, whose q/k rows are in that order too. The LoRA loss, logits and dA/dB (the
 .grad of lora_A / lora_B after loss.backward()) of the listed modules are stored.
 
 Files: little-endian float32 arrays, row-major, described in index.json.

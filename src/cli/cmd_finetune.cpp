@@ -21,6 +21,7 @@
 #include <utility>
 
 #ifdef QLORA_HAVE_CUDA
+#include "bnb_config.hpp"
 #include "gpu_trainer.cuh"
 #include "hf_folder.hpp"
 #include "model_stream.cuh"
@@ -36,12 +37,15 @@ struct ModelOptions {
   std::string storage = "nf4-dq";
   std::string adapter;
   std::string tokenizer;
+  const CLI::Option* storage_flag = nullptr;
 
   void add(CLI::App* cmd, bool with_adapter) {
     cmd->add_option("--model", model, "llama2.c .bin or Hugging Face folder (name searched in the model path)")
         ->capture_default_str();
-    cmd->add_option("--storage", storage, "frozen base format: f32 bf16 nf4 nf4-dq fp4 fp4-dq int4")
-        ->capture_default_str();
+    storage_flag = cmd->add_option("--storage", storage,
+                                   "frozen base format: f32 bf16 nf4 nf4-dq fp4 fp4-dq int4 "
+                                   "(a folder saved in 4 bits: its own)")
+                       ->capture_default_str();
     cmd->add_option("--tokenizer", tokenizer, "tokenizer.model (default: next to the model, else the model path)");
     if (with_adapter) cmd->add_option("--adapter", adapter, "PEFT adapter folder to apply");
   }
@@ -49,8 +53,21 @@ struct ModelOptions {
   std::unique_ptr<Tokenizer> load_tok(const std::filesystem::path& mp) const {
     return load_tokenizer(tokenizer.empty() ? find_tokenizer_for(mp) : std::filesystem::path(tokenizer));
   }
+  // A folder saved in 4 bits is used as stored, in its own storage: --storage may only
+  // repeat it, since any other storage would mean quantizing the stored weights again.
+  BaseStorage storage_for(const LlamaWeights& w, const std::filesystem::path& mp) const {
+    const BaseStorage asked = parse_base_storage(storage);
+    const auto stored = prequantized_storage(w);
+    if (!stored) return asked;
+    if (storage_flag->count() > 0 && asked != *stored)
+      throw std::invalid_argument(mp.string() + " is stored in " + to_string(*stored) + " and is used as stored; --storage " +
+                                  storage + " would quantize it again (leave --storage out or pass --storage " +
+                                  to_string(*stored) + ")");
+    return *stored;
+  }
   LlamaModel load(const std::filesystem::path& mp) const {
-    LlamaModel m(load_llama_weights(mp), parse_base_storage(storage));
+    const LlamaWeights w = load_llama_weights(mp);
+    LlamaModel m(w, storage_for(w, mp));
     if (!adapter.empty()) adapter_from_peft(m, read_peft_adapter(adapter));
     return m;
   }
@@ -102,7 +119,8 @@ double eval_on_gpu(const ModelOptions& m, const std::filesystem::path& mp, int s
   if (!cuda::cuda_device_present()) throw std::invalid_argument("--device cuda: no CUDA device is available here");
   auto tok = m.load_tok(mp);
   std::unique_ptr<cuda::LlamaModelGpu> gpu;
-  if (std::filesystem::is_directory(mp) && m.adapter.empty()) {
+  // A folder already in 4 bits loads as stored through the host model (small models only).
+  if (std::filesystem::is_directory(mp) && m.adapter.empty() && !read_bnb_4bit_config(mp / "config.json")) {
     const HfLlamaFolder folder(mp);
     ModelOptions::check_tokenizer(*tok, folder.config(), mp);
     check_seq_len(seq_len, folder.config(), mp);
