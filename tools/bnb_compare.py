@@ -33,20 +33,37 @@ import pathlib
 import subprocess
 import sys
 import time
+from fractions import Fraction
 
 import numpy as np
 
 BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 DTYPES = ("bf16", "f16", "f32")
-# Facts from bitsandbytes' csrc/kernels.cu (dQuantizeFP4 / dQuantizeNF4): the float32
-# constants the decision trees compare with, ascending, and FP4's code for each rank.
-FP4_THRESHOLDS = np.array([0.00260417, 0.0859375, 0.20833333, 0.29166667, 0.4166667, 0.583333, 0.8333333],
-                          dtype=np.float32)
+
+
+def float32_literal(text: str) -> np.float32:
+    """What a C++ or CUDA compiler makes of the literal `<text>f`: the decimal rounded once,
+    straight to float32. np.float32(float(text)) rounds twice, to double and then to float32,
+    and gets 4 of bitsandbytes' 15 NF4 constants one ulp wrong: they are midpoints of float32
+    table values printed to 16 digits, so the nearest double is the float32 tie itself and
+    the second rounding goes to even, not to the side the decimal lies on."""
+    exact = Fraction(text)
+    near = np.float32(float(exact))  # within one ulp of the right answer
+    candidates = (np.nextafter(near, np.float32(-np.inf)), near, np.nextafter(near, np.float32(np.inf)))
+    return min(candidates, key=lambda c: abs(Fraction(float(c)) - exact))
+
+
+# Facts from bitsandbytes' csrc/kernels.cu (dQuantizeFP4 / dQuantizeNF4): the float literals
+# the decision trees compare with, ascending, as nvcc rounds them (the same bits are in the
+# PTX, and src/nf4.cpp has the same literals), and FP4's code for each rank.
+FP4_THRESHOLDS = np.array([float32_literal(t) for t in (
+    "0.00260417", "0.0859375", "0.20833333", "0.29166667", "0.4166667", "0.583333", "0.8333333")], dtype=np.float32)
 FP4_CODE_OF_RANK = np.array([0, 1, 6, 7, 4, 5, 2, 3], dtype=np.uint8)
-NF4_THRESHOLDS = np.array([-0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-                           -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-                           0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-                           0.5016634166240692, 0.6427869200706482, 0.8614784181118011], dtype=np.float32)
+NF4_THRESHOLDS = np.array([float32_literal(t) for t in (
+    "-0.8480964004993439", "-0.6106329262256622", "-0.4599952697753906", "-0.33967943489551544",
+    "-0.23460740596055984", "-0.13791173323988914", "-0.045525018125772476", "0.03979014977812767",
+    "0.1202552504837513", "0.2035212516784668", "0.2920137718319893", "0.3893125355243683",
+    "0.5016634166240692", "0.6427869200706482", "0.8614784181118011")], dtype=np.float32)
 # FP4's midpoints as fractions p/q of the absmax: 1/384, 11/128, 5/24, 7/24, 5/12, 7/12, 5/6.
 FP4_MIDPOINTS = ((1, 384), (11, 128), (5, 24), (7, 24), (5, 12), (7, 12), (5, 6))
 
