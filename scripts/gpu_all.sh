@@ -15,6 +15,7 @@
 #   bnbcmp    chapter 3: our quantization against bitsandbytes' (scripts/gpu_bnb.sh: fixtures, rcp table)
 #   bnbmodels chapter 7: tiny transformers+bitsandbytes 4-bit folders and their logits (tools/make_bnb_fixtures.py),
 #             kjv15M saved in NF4+DQ by transformers+bitsandbytes: its held-out loss there and in qlora eval (cpu, cuda)
+#   scale65   chapter 7: the 65B shape under a 48 and a 42 GiB ballast (scripts/gpu_scale.sh 65b)
 #   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, 65B in 42 GiB
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
@@ -66,7 +67,7 @@ for phase in "${phases[@]}"; do
       OUT=$res/bnb bash scripts/gpu_bnb.sh; echo "gpu_bnb: $?" ;;
     bnbmodels)
       m=.carry/shared/models
-      timeout 240 python3 tools/make_bnb_fixtures.py --fixtures "$res/bnb_models" --kjv15m $m/kjv15M-hf \
+      PYTHONPATH=/tmp/site:/tmp/bnb timeout 240 python3 tools/make_bnb_fixtures.py --fixtures "$res/bnb_models" --kjv15m $m/kjv15M-hf \
         --kjv-out /tmp/kjv15M-bnb-nf4-dq --tokenizer $m/tokenizer.model --data .carry/shared/data/tinyshakespeare.txt \
         > "$res/bnb_models.log" 2>&1; echo "bnb models: $?"; tail -5 "$res/bnb_models.log"
       cp $m/tokenizer.model /tmp/kjv15M-bnb-nf4-dq/ 2>/dev/null
@@ -78,6 +79,8 @@ for phase in "${phases[@]}"; do
       done 2>&1 | tee "$res/bnb_models_eval.log" ;;
     scale)
       timeout ${SCALE_TIMEOUT:-540} bash scripts/gpu_scale.sh build/cuda "$res/scale"; echo "gpu_scale: $?" ;;
+    scale65)
+      timeout 300 bash scripts/gpu_scale.sh build/cuda "$res/scale65" 65b; echo "gpu_scale 65b: $?" ;;
     hfspeed)
       timeout 180 python3 tools/hf_recipe_bench.py --base .carry/shared/models/kjv15M-hf --json "$res/hf_recipe_bench.json" \
         > "$res/hf_recipe_bench.log" 2>&1; echo "hf speed: $?"; tail -14 "$res/hf_recipe_bench.log" ;;

@@ -4,7 +4,8 @@
 # trained (`qlora bench train`: load time, host peak RSS, tokens/s, device memory), then
 # transformers + PEFT + bitsandbytes on the same folder and tokens in the same call
 # (tools/hf_train_bench.py), then the 65B shape in a 42 GiB ballast-limited card.
-# Needs bitsandbytes built (scripts/build_bnb.sh). Usage: scripts/gpu_scale.sh BUILD_DIR OUT_DIR
+# Needs bitsandbytes built (scripts/build_bnb.sh). Usage: scripts/gpu_scale.sh BUILD_DIR OUT_DIR [65b]
+# (65b: only the 65B runs, under a 48 GiB ballast, the paper's card, and a 42 GiB one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=$1
@@ -12,6 +13,15 @@ out=$2
 mkdir -p "$out"
 q=$build/qlora
 export PYTHONPATH=/tmp/site:/tmp/bnb${PYTHONPATH:+:$PYTHONPATH}
+if [[ ${3:-} == 65b ]]; then
+  for gib in 48 42; do
+    echo "--- ours, 65B shape in a $gib GiB card (ballast) $(date -u +%T)"
+    "$q" bench train --shape 65b --storage nf4-dq --optim paged_adamw_32bit --batch 1 --seq-len 512 --rank 64 \
+      --warmup 1 --steps 2 --memory-limit-gib $gib --json "$out/ours_65b_${gib}gib.json" > "$out/ours_65b_${gib}gib.log" 2>&1
+    echo "rc $?"; grep -v "^loading" "$out/ours_65b_${gib}gib.log" | tail -8
+  done
+  exit 0
+fi
 settings=(--batch 4 --seq-len 512 --rank 64 --alpha 16 --dropout 0.05 --warmup 2)
 echo "--- write the 7B folder $(date -u +%T)"
 "$q" bench train --shape 7b --write-hf /tmp/m7b --json "$out/write_7b.json" 2>&1 | tail -3
