@@ -10,6 +10,7 @@
 #include "attention_gemm.cuh"
 
 #include "cuda_check.cuh"
+#include "warp_ops.cuh"
 
 #include <cmath>
 #include <stdexcept>
@@ -19,15 +20,6 @@ namespace qlora::cuda {
 namespace {
 
 constexpr int kWarps = 4;
-
-__device__ __forceinline__ float warp_sum2(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max2(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 //! [attention-v2-softmax]
 // Row r = (b·H + h)·T + t of the scores: p_s = exp(x_s − max)/Σ over s ≤ t, 0 after.
@@ -39,15 +31,7 @@ __global__ void causal_softmax_kernel(float* __restrict__ att, long rows, int T)
   float* p = att + r * T;
   float mx = -INFINITY;
   for (int s = lane; s <= t; s += 32) mx = fmaxf(mx, p[s]);
-  mx = warp_max2(mx);
-  float sum = 0.0f;
-  for (int s = lane; s <= t; s += 32) {
-    const float e = expf(p[s] - mx);
-    p[s] = e;
-    sum += e;
-  }
-  const float inv = 1.0f / warp_sum2(sum);
-  for (int s = lane; s < T; s += 32) p[s] = s <= t ? p[s] * inv : 0.0f;
+  normalize_causal_row(p, t, T, warp_max(mx), lane);
 }
 
 // ds_s = p_s·(dp_s − Σ_s' p_s'·dp_s')·scale, in place over dp.
@@ -61,7 +45,7 @@ __global__ void softmax_backward_kernel(const float* __restrict__ att, float* __
   float* d = ds + r * T;
   float pdp = 0.0f;
   for (int s = lane; s <= t; s += 32) pdp += p[s] * d[s];
-  pdp = warp_sum2(pdp);
+  pdp = warp_sum(pdp);
   for (int s = lane; s < T; s += 32) d[s] = s <= t ? p[s] * (d[s] - pdp) * scale : 0.0f;
 }
 //! [attention-v2-softmax]

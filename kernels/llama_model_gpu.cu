@@ -418,17 +418,26 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
   // so that backward can recompute it with the same dropout masks.
   fwd_checkpointed_ = checkpointing_;
   training_ = training;
+  fwd_offloaded_ = checkpointing_ && offload_;
   acts_.resize(checkpointing_ ? 1 : usz(cfg_.n_layers));
-  layer_inputs_.resize(checkpointing_ ? usz(cfg_.n_layers) : 0);
+  layer_inputs_.resize(checkpointing_ && !offload_ ? usz(cfg_.n_layers) : 0);
+  host_inputs_.resize(fwd_offloaded_ ? usz(cfg_.n_layers) : 0);
   layer_rng_.assign(checkpointing_ ? usz(cfg_.n_layers) : 0, rng);
   for (int l = 0; l < cfg_.n_layers; ++l) {
     auto& slot = acts_[checkpointing_ ? 0 : usz(l)];
     if (!slot) slot = std::make_unique<LayerActs>();
     if (checkpointing_) {
       layer_rng_[usz(l)] = rng;
-      layer_inputs_[usz(l)].resize(nD);
-      CUDA_CHECK(cudaMemcpyAsync(layer_inputs_[usz(l)].data(), x_final_.data(), nD * sizeof(float),
-                                 cudaMemcpyDeviceToDevice, stream_));
+      // The copy is queued before the layer overwrites x_final_ on the same stream.
+      if (fwd_offloaded_) {
+        if (host_inputs_[usz(l)].size() != nD) host_inputs_[usz(l)] = PinnedBuffer<float>(nD);
+        CUDA_CHECK(cudaMemcpyAsync(host_inputs_[usz(l)].data(), x_final_.data(), nD * sizeof(float),
+                                   cudaMemcpyDeviceToHost, stream_));
+      } else {
+        layer_inputs_[usz(l)].resize(nD);
+        CUDA_CHECK(cudaMemcpyAsync(layer_inputs_[usz(l)].data(), x_final_.data(), nD * sizeof(float),
+                                   cudaMemcpyDeviceToDevice, stream_));
+      }
     }
     // The layer copies its input into its cache first, so input and output may alias.
     layer_forward(l, x_final_.data(), x_final_.data(), training, rng, *slot);
@@ -479,7 +488,16 @@ void LlamaModelGpu::backward() {
       LayerActs& a = *acts_[0];
       std::mt19937_64 rng = layer_rng_[usz(l)];
       recompute_out_.resize(nD);
-      layer_forward(l, layer_inputs_[usz(l)].data(), recompute_out_.data(), training_, rng, a);
+      const float* in = nullptr;
+      if (fwd_offloaded_) {
+        recompute_in_.resize(nD);
+        CUDA_CHECK(cudaMemcpyAsync(recompute_in_.data(), host_inputs_[usz(l)].data(), nD * sizeof(float),
+                                   cudaMemcpyHostToDevice, stream_));
+        in = recompute_in_.data();
+      } else {
+        in = layer_inputs_[usz(l)].data();
+      }
+      layer_forward(l, in, recompute_out_.data(), training_, rng, a);
       peak_act_bytes_ = std::max(peak_act_bytes_, cached_bytes());
       layer_backward(l, a, dx_.data());
     } else {
@@ -495,7 +513,7 @@ std::int64_t LlamaModelGpu::cached_bytes() const {
   for (const auto& a : acts_)
     if (a) n += a->bytes();
   for (const DeviceFloats& x : layer_inputs_) n += static_cast<std::int64_t>(x.size() * sizeof(float));
-  for (const DeviceFloats* f : {&x_final_, &inv_final_, &xn_final_}) n += static_cast<std::int64_t>(f->size() * sizeof(float));
+  for (const DeviceFloats* f : {&x_final_, &inv_final_, &xn_final_, &recompute_in_}) n += static_cast<std::int64_t>(f->size() * sizeof(float));
   return n;
 }
 

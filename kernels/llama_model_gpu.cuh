@@ -80,6 +80,12 @@ class LlamaModelGpu {
   /// recomputes the layer into one reused set of buffers. (The constructor copies the
   /// host model's setting.)
   void set_checkpointing(bool on) { checkpointing_ = on; }
+  /// With checkpointing, keep each layer's input in pinned host memory instead of device
+  /// memory: copied out as the forward passes the layer, copied back before backward
+  /// recomputes it. The copies are exact, so the gradients are those without offloading;
+  /// they cost 2·layers·N·dim·4 bytes over the bus per step. For a model whose layer inputs
+  /// do not fit beside its weights (65B in a 42 GiB card: 1.25 GiB of them at 512 tokens).
+  void set_offload_checkpoints(bool on) { offload_ = on; }
   /// Which causal attention runs: 1, one warp per query row (kernels/llama_ops.cuh, the
   /// first and simplest GPU version), or 2 (default), the products through cuBLAS
   /// (kernels/attention_gemm.cuh). Both compute the CPU reference's function.
@@ -124,9 +130,13 @@ class LlamaModelGpu {
   bool backward_pending_ = false;
   bool checkpointing_ = false;
   int attention_version_ = 2;
+  bool offload_ = false;
+  bool fwd_offloaded_ = false;  ///< offloading as it was during the last forward
   bool fwd_checkpointed_ = false;  ///< checkpointing as it was during the last forward
   bool training_ = false;
   std::vector<DeviceFloats> layer_inputs_;   ///< with checkpointing: each layer's input
+  std::vector<PinnedBuffer<float>> host_inputs_;  ///< the same in host memory, when offloaded
+  DeviceFloats recompute_in_;                ///< an offloaded input, back on the device
   std::vector<std::mt19937_64> layer_rng_;   ///< with checkpointing: the rng at each layer's start
   DeviceFloats recompute_out_;               ///< the recomputed layer's (unused) output
   std::int64_t peak_act_bytes_ = 0;

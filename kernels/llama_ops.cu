@@ -6,6 +6,8 @@
 // difference.
 #include "llama_ops.cuh"
 
+#include "warp_ops.cuh"
+
 #include "cuda_check.cuh"
 
 #include <algorithm>
@@ -25,23 +27,6 @@ unsigned blocks_for(std::int64_t n) {
   return static_cast<unsigned>(std::min<std::int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
 }
 
-// The two reductions the kernels need, as (combine, identity) pairs.
-struct Sum {
-  __device__ static float combine(float a, float b) { return a + b; }
-  __device__ static float identity() { return 0.0f; }
-};
-struct Max {
-  __device__ static float combine(float a, float b) { return fmaxf(a, b); }
-  __device__ static float identity() { return -INFINITY; }
-};
-
-// Over the 32 lanes of a warp (butterfly: every lane gets the result).
-template <class Op>
-__device__ __forceinline__ float warp_reduce(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = Op::combine(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
 // Over the block, returned to every thread. `buf` holds 32 floats of shared memory;
 // the trailing barrier makes it safe to call again at once.
 template <class Op>
@@ -56,8 +41,6 @@ __device__ float block_reduce(float v, float* buf) {
   return v;
 }
 
-__device__ __forceinline__ float warp_sum(float v) { return warp_reduce<Sum>(v); }
-__device__ __forceinline__ float warp_max(float v) { return warp_reduce<Max>(v); }
 __device__ float block_sum(float v, float* buf) { return block_reduce<Sum>(v, buf); }
 __device__ float block_max(float v, float* buf) { return block_reduce<Max>(v, buf); }
 
@@ -263,15 +246,7 @@ __global__ void attention_forward_kernel(const float* __restrict__ q, const floa
     p[s] = d;
     mx = fmaxf(mx, d);
   }
-  mx = warp_max(mx);
-  float sum = 0.0f;
-  for (int s = lane; s <= t; s += 32) {
-    const float e = expf(p[s] - mx);
-    p[s] = e;
-    sum += e;
-  }
-  const float inv = 1.0f / warp_sum(sum);
-  for (int s = lane; s < T; s += 32) p[s] = s <= t ? p[s] * inv : 0.0f;
+  normalize_causal_row(p, t, T, warp_max(mx), lane);
   __syncwarp();  // every lane now reads every p[s]
   weighted_rows(p, v + r.kv, t, KV, hs, out + r.act, lane);
 }

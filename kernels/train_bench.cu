@@ -89,6 +89,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
                                 std::to_string(cfg.seq_len));
   auto model = std::make_unique<LlamaModelGpu>(cfg, o.storage, fill, lora, rng, print_load_progress);
   model->set_checkpointing(o.checkpointing);
+  model->set_offload_checkpoints(o.offload_checkpoints);
   model->set_attention_version(o.attention);
   const double load_s = seconds_since(t_load);
   const double rss_load = peak_rss_gib();
@@ -158,7 +159,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
       {"parameters", params},
       {"storage", to_string(o.storage)},
       {"batch", B}, {"seq_len", T}, {"rank", o.rank}, {"alpha", o.alpha}, {"dropout", o.dropout},
-      {"optim", to_string(o.optim)}, {"optimizer_states", to_string(trainer.state_placement())}, {"gradient_checkpointing", o.checkpointing}, {"attention_version", o.attention},
+      {"optim", to_string(o.optim)}, {"optimizer_states", to_string(trainer.state_placement())}, {"gradient_checkpointing", o.checkpointing}, {"offload_checkpoints", o.offload_checkpoints}, {"attention_version", o.attention},
       {"warmup_steps", o.warmup}, {"timed_steps", o.steps},
       {"load_seconds", load_s}, {"load_peak_rss_gib", rss_load},
       {"tokens_per_s", tokens_per_s}, {"model_tflops", tflops},

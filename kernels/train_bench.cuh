@@ -24,6 +24,7 @@ struct TrainBenchOptions {
   float alpha = 16.0f, dropout = 0.05f, lr = 1e-4f;
   OptimKind optim = OptimKind::paged_adamw;
   bool checkpointing = true;
+  bool offload_checkpoints = false;  ///< LlamaModelGpu::set_offload_checkpoints
   int attention = 2;              ///< LlamaModelGpu::set_attention_version
   int steps = 10;   ///< timed steps
   int warmup = 2;   ///< untimed steps first

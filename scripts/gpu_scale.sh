@@ -14,11 +14,15 @@ mkdir -p "$out"
 q=$build/qlora
 export PYTHONPATH=/tmp/site:/tmp/bnb${PYTHONPATH:+:$PYTHONPATH}
 if [[ ${3:-} == 65b ]]; then
-  for gib in 48 42; do
-    echo "--- ours, 65B shape in a $gib GiB card (ballast) $(date -u +%T)"
+  for run in ${SCALE65_RUNS:-48 42 42-offload}; do
+    gib=${run%%-*}
+    flags=()
+    [[ $run == *offload ]] && flags=(--offload-checkpoints)
+    echo "--- ours, 65B shape in a $gib GiB card (ballast) ${flags[*]} $(date -u +%T)"
     "$q" bench train --shape 65b --storage nf4-dq --optim paged_adamw_32bit --batch 1 --seq-len 512 --rank 64 \
-      --warmup 1 --steps 2 --memory-limit-gib $gib --json "$out/ours_65b_${gib}gib.json" > "$out/ours_65b_${gib}gib.log" 2>&1
-    echo "rc $?"; grep -v "^loading" "$out/ours_65b_${gib}gib.log" | tail -8
+      --warmup 1 --steps 2 --memory-limit-gib $gib "${flags[@]}" --json "$out/ours_65b_${run}gib.json" \
+      > "$out/ours_65b_${run}gib.log" 2>&1
+    echo "rc $?"; grep -v "^loading" "$out/ours_65b_${run}gib.log" | tail -8
   done
   exit 0
 fi

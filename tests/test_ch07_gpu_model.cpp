@@ -268,7 +268,7 @@ TEST_CASE("GPU fine-tune with the paged 8-bit optimizer trains", "[ch07][gpu]") 
   CHECK(after < before - 0.5);  // the CPU test's margin for 30 tiny steps; these 20 steps are 8x larger
 }
 
-TEST_CASE("GPU gradient checkpointing gives the same gradients and keeps fewer activations", "[ch07][gpu]") {
+TEST_CASE("GPU gradient checkpointing gives the same gradients and keeps fewer activations, offloaded or not", "[ch07][gpu]") {
   const auto path = model_or_warn("kjv15M-hf");
   if (!path) return;
   LlamaModel host(load_llama_weights(*path), BaseStorage::nf4_dq);
@@ -276,12 +276,14 @@ TEST_CASE("GPU gradient checkpointing gives the same gradients and keeps fewer a
   const int B = 4, T = 128;
   const auto tokens = random_tokens(B * T, host.config().vocab_size, 13);
   const auto targets = next_targets(tokens, B, T);
-  std::vector<float> grads[2];
-  std::int64_t bytes[2] = {0, 0};
-  float loss[2] = {0, 0};
-  for (int ck = 0; ck < 2; ++ck) {
+  // Runs: 0 keeps every layer, 1 checkpoints, 2 checkpoints with the inputs in host memory.
+  std::vector<float> grads[3];
+  std::int64_t bytes[3] = {0, 0, 0};
+  float loss[3] = {0, 0, 0};
+  for (int ck = 0; ck < 3; ++ck) {
     cuda::LlamaModelGpu gpu(host);
-    gpu.set_checkpointing(ck == 1);
+    gpu.set_checkpointing(ck >= 1);
+    gpu.set_offload_checkpoints(ck == 2);
     std::mt19937_64 rng(21);  // the same dropout masks in both runs
     gpu.zero_grad();
     loss[ck] = gpu.forward(tokens.data(), targets.data(), B, T, true, rng);
@@ -300,6 +302,11 @@ TEST_CASE("GPU gradient checkpointing gives the same gradients and keeps fewer a
   CHECK(max_abs_diff(grads[1], grads[0]) == 0.0);
   // 6 layers kept against 1 recomputed (+ the inputs): well under half.
   CHECK(bytes[1] < bytes[0] / 2);
+  // Offloaded inputs come back as they went: the same bits again, and the 6 inputs
+  // (less the one staged back) leave the device.
+  CHECK(loss[2] == loss[0]);
+  CHECK(max_abs_diff(grads[2], grads[0]) == 0.0);
+  CHECK(bytes[2] < bytes[1]);
 }
 
 // Streaming (chapter 7, "Loading a big model"): the projections are quantized on the GPU

@@ -28,6 +28,7 @@ struct BenchTrainArgs {
   int batch = 4, seq_len = 512, rank = 64, steps = 10, warmup = 2;
   float alpha = 16.0f, dropout = 0.05f;
   bool no_checkpointing = false;
+  bool offload = false;
   int attention = 2;
   double memory_limit_gib = 0;
   std::uint64_t seed = 1;
@@ -48,6 +49,7 @@ void run(const BenchTrainArgs& a) {
   o.alpha = a.alpha;
   o.dropout = a.dropout;
   o.checkpointing = !a.no_checkpointing;
+  o.offload_checkpoints = a.offload;
   o.attention = a.attention;
   o.steps = a.steps;
   o.warmup = a.warmup;
@@ -85,6 +87,7 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--alpha", a->alpha, "LoRA alpha")->check(positive)->capture_default_str();
   cmd->add_option("--dropout", a->dropout, "LoRA dropout")->check(non_negative)->capture_default_str();
   cmd->add_flag("--no-gradient-checkpointing", a->no_checkpointing, "keep every layer's activations");
+  cmd->add_flag("--offload-checkpoints", a->offload, "keep each layer's checkpointed input in pinned host memory");
   cmd->add_option("--attention", a->attention, "attention version: 1 (a warp per query row) or 2 (cuBLAS products)")
       ->check(CLI::IsMember({1, 2}))
       ->capture_default_str();
