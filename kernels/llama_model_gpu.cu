@@ -428,6 +428,7 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
     if (!slot) slot = std::make_unique<LayerActs>();
     if (checkpointing_) {
       layer_rng_[usz(l)] = rng;
+      //! [gpu-offload]
       // The copy is queued before the layer overwrites x_final_ on the same stream.
       if (fwd_offloaded_) {
         if (host_inputs_[usz(l)].size() != nD) host_inputs_[usz(l)] = PinnedBuffer<float>(nD);
@@ -438,6 +439,7 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
         CUDA_CHECK(cudaMemcpyAsync(layer_inputs_[usz(l)].data(), x_final_.data(), nD * sizeof(float),
                                    cudaMemcpyDeviceToDevice, stream_));
       }
+      //! [gpu-offload]
     }
     // The layer copies its input into its cache first, so input and output may alias.
     layer_forward(l, x_final_.data(), x_final_.data(), training, rng, *slot);
