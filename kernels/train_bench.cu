@@ -119,7 +119,8 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
   nlohmann::json steps = nlohmann::json::array();
   double timed_s = 0, peak_gib = 0, fwd_gib = 0;
   std::mt19937_64 dropout_rng(o.seed + 2);
-  std::fprintf(stderr, "training: %s, %s, batch %d × seq %d, r %d, %s%s\n", o.shape.c_str(), to_string(o.storage).c_str(),
+  const std::string name = o.model_dir.empty() ? o.shape : o.model_dir.string();
+  std::fprintf(stderr, "training: %s, %s, batch %d × seq %d, r %d, %s%s\n", name.c_str(), to_string(o.storage).c_str(),
                B, T, o.rank, to_string(o.optim).c_str(), o.checkpointing ? ", gradient checkpointing" : "");
   for (int s = 0; s < o.warmup + o.steps; ++s) {
     for (int b = 0; b < B; ++b)
@@ -153,7 +154,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
   nlohmann::json r = {
       {"benchmark", "qlora bench train"},
       {"device", prop.name},
-      {"shape", o.model_dir.empty() ? o.shape : o.model_dir.string()},
+      {"shape", name},
       {"config", {{"dim", cfg.dim}, {"hidden_dim", cfg.hidden_dim}, {"n_layers", cfg.n_layers}, {"n_heads", cfg.n_heads},
                   {"n_kv_heads", cfg.n_kv_heads}, {"vocab_size", cfg.vocab_size}}},
       {"parameters", params},
