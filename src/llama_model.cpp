@@ -150,11 +150,11 @@ void check_host_memory(std::int64_t params, const std::filesystem::path& path) {
   if (key != "MemAvailable:") return;  // not Linux: no estimate to compare with
   const double need_gb = 8.3 * static_cast<double>(params) / 1e9, have_gb = static_cast<double>(kib) * 1024.0 / 1e9;
   if (need_gb <= have_gb) return;
-  char msg[512];
+  char msg[640];
   std::snprintf(msg, sizeof msg,
                 "%s: a %.2f B-parameter model needs about %.0f GB of host memory in the CPU model (float32 weights "
-                "and their dequantized cache), and %.1f GB are available: use --device cuda, which streams it onto "
-                "the GPU in 4-bit",
+                "and their dequantized cache), and %.1f GB are available: on a GPU, `qlora eval --device cuda` and "
+                "`qlora bench train --model` stream it onto the device in 4-bit (qlora finetune does not stream yet)",
                 path.c_str(), static_cast<double>(params) / 1e9, need_gb, have_gb);
   throw std::runtime_error(msg);
 }
