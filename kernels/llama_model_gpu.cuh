@@ -8,7 +8,8 @@
 // the matmul inputs are rounded to BF16 and cuBLAS accumulates in float32. BF16
 // storage multiplies its BF16 weights directly; F32 and Int4 storage (the exactness
 // and baseline formats) are rounded to BF16 once at upload, so the GPU computes
-// every base matmul in BF16. Everything else (residual stream, norms, attention,
+// every base matmul in BF16; the embedding and the classifier are BF16 in every
+// storage (with F32 storage the GPU rounds the embedding, the CPU does not). Everything else (residual stream, norms, attention,
 // softmax, LoRA, gradients) is float32. Hence the tests' tolerance: a relative error
 // of a few 1e-3 against the CPU's float32 model, not 1e-6.
 #pragma once
