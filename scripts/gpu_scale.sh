@@ -3,9 +3,10 @@
 # shape written as a sharded BF16 folder by our bench, streamed onto the GPU in NF4+DQ and
 # trained (`qlora bench train`: load time, host peak RSS, tokens/s, device memory), then
 # transformers + PEFT + bitsandbytes on the same folder and tokens in the same call
-# (tools/hf_train_bench.py), then the 65B shape in a 42 GiB ballast-limited card.
+# (tools/hf_train_bench.py), and our 7B with attention version 1 for comparison.
 # Needs bitsandbytes built (scripts/build_bnb.sh). Usage: scripts/gpu_scale.sh BUILD_DIR OUT_DIR [65b]
-# (65b: only the 65B runs, under a 48 GiB ballast, the paper's card, and a 42 GiB one).
+# (65b: instead, the 65B shape under a cudaMalloc ballast: $SCALE65_RUNS among 48 (the paper's
+# card), 42 and 42-offload (checkpointed layer inputs in host memory); all three by default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=$1
@@ -41,7 +42,3 @@ echo "--- transformers + PEFT + bitsandbytes on the same folder and tokens $(dat
 timeout 420 python3 tools/hf_train_bench.py --model /tmp/m7b --tokens "$out/tokens_7b.json" --batch 4 \
   --json "$out/hf_7b.json" > "$out/hf_7b.log" 2>&1
 echo "rc $?"; tail -22 "$out/hf_7b.log"
-echo "--- ours, 65B shape in a 42 GiB card (ballast) $(date -u +%T)"
-"$q" bench train --shape 65b --storage nf4-dq --optim paged_adamw_32bit --batch 1 --seq-len 512 --rank 64 \
-  --warmup 1 --steps 2 --memory-limit-gib 42 --json "$out/ours_65b.json" > "$out/ours_65b.log" 2>&1
-echo "rc $?"; tail -8 "$out/ours_65b.log"
