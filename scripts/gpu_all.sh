@@ -17,7 +17,7 @@
 #             kjv15M saved in NF4+DQ by transformers+bitsandbytes: its held-out loss there and in qlora eval (cpu, cuda)
 #   scale65   chapter 7: the 65B shape under a 48 and a 42 GiB ballast, checkpoints offloaded or not
 #             (scripts/gpu_scale.sh 65b; SCALE65_RUNS picks among 48 42 42-offload)
-#   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, 65B in 42 GiB
+#   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, attention v1 vs v2
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
