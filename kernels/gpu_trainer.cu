@@ -82,6 +82,39 @@ void GpuTrainer::init(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, flo
   device_name_ = prop.name;
 }
 
+//! [gpu-trainer-adapter]
+// Checkpoints read and write the adapters straight from the device, one module at a
+// time through host memory: the host model, when there is one, is not involved.
+PeftAdapter GpuTrainer::adapter() {
+  CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
+  const LoraSetup& setup = gpu_->lora_setup();
+  PeftAdapter out;
+  out.config = setup.config;
+  for (Proj p : kAllProj)
+    if (setup.targets[static_cast<std::size_t>(p)]) out.target_modules.emplace_back(proj_name(p));
+  for (auto& [name, d] : gpu_->named_adapters()) {
+    LoraAdapter h(d->in, d->out, d->r);
+    d->download(h);
+    h.dA.clear();
+    h.dB.clear();
+    out.modules.emplace(name, std::move(h));
+  }
+  return out;
+}
+
+void GpuTrainer::load_adapter(const PeftAdapter& a, const std::string& where) {
+  CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
+  for (auto& [name, d] : gpu_->named_adapters()) {
+    LoraAdapter h(d->in, d->out, d->r);  // zero gradients
+    const LoraAdapter& m = peft_module(a, name, h.A.size(), h.B.size(), where);
+    h.A = m.A;
+    h.B = m.B;
+    d->upload(h);
+  }
+  if (host_) gpu_->download_adapters(*host_);  // keep the host model's copy in step
+}
+//! [gpu-trainer-adapter]
+
 LlamaModel& GpuTrainer::host() const {
   if (!host_) throw std::logic_error("GpuTrainer: this model was streamed onto the GPU and has no host copy");
   return *host_;

@@ -22,7 +22,8 @@ class GpuTrainer final : public Trainer {
   /// Uploads `host` (frozen weights in their stored form, adapters) and builds the optimizer.
   GpuTrainer(LlamaModel& host, OptimKind optim, float weight_decay);
   /// Trains a model that lives on the GPU only (streamed there; it needs adapters). It has
-  /// no host copy: model(), sync_to_host() and sync_from_host() throw std::logic_error.
+  /// no host copy: model() throws std::logic_error, sync_to_host/sync_from_host do nothing,
+  /// and adapter()/load_adapter() read and write the device adapters directly.
   GpuTrainer(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, float weight_decay);
   ~GpuTrainer() override;
   LlamaModel& model() override { return host(); }
@@ -36,8 +37,15 @@ class GpuTrainer final : public Trainer {
   std::int64_t optimizer_steps() const override;
   void save_optimizer(const std::filesystem::path& file) const override;
   void load_optimizer(const std::filesystem::path& file) override;
-  void sync_to_host() override { gpu_->download_adapters(host()); }
-  void sync_from_host() override { gpu_->upload_adapters(host()); }
+  const LlamaConfig& config() const override { return gpu_->config(); }
+  PeftAdapter adapter() override;
+  void load_adapter(const PeftAdapter& a, const std::string& where) override;
+  void sync_to_host() override {
+    if (host_) gpu_->download_adapters(*host_);
+  }
+  void sync_from_host() override {
+    if (host_) gpu_->upload_adapters(*host_);
+  }
   /// The largest device memory in use (cudaMemGetInfo: total − free, all processes) seen after a forward pass.
   double peak_memory_mb() const override { return peak_used_mb_; }
   std::string device() const override { return device_name_; }

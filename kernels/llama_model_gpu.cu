@@ -226,6 +226,11 @@ std::vector<std::pair<std::string, DeviceLoraAdapter*>> LlamaModelGpu::named_ada
   return out;
 }
 
+const LoraSetup& LlamaModelGpu::lora_setup() const {
+  if (!lora_) throw std::logic_error("LlamaModelGpu: the model has no LoRA adapters");
+  return *lora_;
+}
+
 void LlamaModelGpu::zero_grad() {
   for (auto& [name, a] : named_adapters()) {
     CUDA_CHECK(cudaMemsetAsync(a->dA.data(), 0, a->dA.size() * sizeof(float), stream_));

@@ -99,6 +99,8 @@ class LlamaModelGpu {
   /// The device adapters in (layer, proj) order with their HF module names, as
   /// LlamaModel::named_adapters: the optimizer's tensors and the checkpoint order.
   std::vector<std::pair<std::string, DeviceLoraAdapter*>> named_adapters();
+  /// The adapters' setup; throws std::logic_error when the model has none.
+  const LoraSetup& lora_setup() const;
   void zero_grad();
   /// Multiplies every dA and dB by s (gradient accumulation's average).
   void scale_grads(float s);

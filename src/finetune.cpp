@@ -39,16 +39,23 @@ void copy_adapter_values(LlamaModel& model, const PeftAdapter& peft, const std::
     for (Proj p : kAllProj) {
       LoraAdapter* a = model.adapter(l, p);
       if (!a) continue;
-      const auto name = hf_module_name(l, p);
-      auto it = peft.modules.find(name);
-      if (it == peft.modules.end()) throw std::runtime_error(where + " has no tensors for module " + name);
-      if (it->second.A.size() != a->A.size() || it->second.B.size() != a->B.size())
-        throw std::runtime_error(where + ": tensors of module " + name + " do not match the model's adapter shapes");
-      copy_values(it->second.A, a->A);
-      copy_values(it->second.B, a->B);
+      const LoraAdapter& m = peft_module(peft, hf_module_name(l, p), a->A.size(), a->B.size(), where);
+      copy_values(m.A, a->A);
+      copy_values(m.B, a->B);
     }
 }
 }  // namespace
+
+const LoraAdapter& peft_module(const PeftAdapter& peft, const std::string& name, std::size_t a_size,
+                               std::size_t b_size, const std::string& where) {
+  auto it = peft.modules.find(name);
+  if (it == peft.modules.end()) throw std::runtime_error(where + " has no tensors for module " + name);
+  if (it->second.A.size() != a_size || it->second.B.size() != b_size)
+    throw std::runtime_error(where + ": tensors of module " + name + " do not match the model's adapter shapes");
+  return it->second;
+}
+
+void CpuTrainer::load_adapter(const PeftAdapter& a, const std::string& where) { copy_adapter_values(model_, a, where); }
 
 FinetuneData load_finetune_data(const fs::path& text_file, const Tokenizer& tok, double val_fraction) {
   std::ifstream in(text_file, std::ios::binary);
@@ -191,8 +198,7 @@ std::vector<OptimParam> optim_params(LlamaModel& model) {
 // so a folder with trainer_state.json is complete (each file is written atomically).
 void save_checkpoint(const fs::path& dir, Trainer& tr, int step, const std::mt19937_64& data_rng,
                      const std::mt19937_64& dropout_rng) {
-  tr.sync_to_host();
-  write_peft_adapter(dir, adapter_to_peft(tr.model()));
+  write_peft_adapter(dir, tr.adapter());
   tr.save_optimizer(dir / "optimizer.safetensors");
   nlohmann::json st = {{"step", step}, {"data_rng", rng_text(data_rng)}, {"dropout_rng", rng_text(dropout_rng)}};
   write_text_atomic(dir / "trainer_state.json", st.dump(2) + "\n");
@@ -210,8 +216,7 @@ int load_checkpoint(const fs::path& dir, Trainer& tr, std::mt19937_64& data_rng,
   } catch (const nlohmann::json::exception& e) {
     throw std::runtime_error("corrupt checkpoint state " + state_file.string() + ": " + e.what());
   }
-  copy_adapter_values(tr.model(), read_peft_adapter(dir), "checkpoint " + dir.string());
-  tr.sync_from_host();
+  tr.load_adapter(read_peft_adapter(dir), "checkpoint " + dir.string());
   tr.load_optimizer(dir / "optimizer.safetensors");
   const int step = st.value("step", -1);
   if (step != tr.optimizer_steps())
@@ -280,11 +285,9 @@ double CpuTrainer::peak_memory_mb() const { return peak_rss_mb(); }
 
 //! [training_loop]
 std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const FinetuneConfig& cfg) {
-  const LlamaModel& model = tr.model();
-  if (!model.has_lora()) throw std::invalid_argument("finetune: the model has no LoRA adapters");
   if (cfg.batch < 1 || cfg.seq_len < 2 || cfg.grad_accum < 1 || cfg.steps < 0)
     throw std::invalid_argument("finetune: --batch, --grad-accum must be >= 1 and --seq-len >= 2");
-  check_sequence_length(model.config(), cfg.seq_len, "finetune: --seq-len " + std::to_string(cfg.seq_len));
+  check_sequence_length(tr.config(), cfg.seq_len, "finetune: --seq-len " + std::to_string(cfg.seq_len));
   const auto T = static_cast<std::size_t>(cfg.seq_len);
   if (data.train.size() < T + 2) throw std::invalid_argument("training text is shorter than one --seq-len window");
 

@@ -41,6 +41,11 @@ std::filesystem::path find_tokenizer_for(const std::filesystem::path& model);
 /// The model's adapters as a PEFT adapter, gradients dropped. No row conversion: the
 /// model's q/k rows are in PEFT's (Hugging Face's) rotate-half order.
 PeftAdapter adapter_to_peft(const LlamaModel& model);
+/// The module `name` of a PEFT adapter, checked to have A and B of the given sizes; throws
+/// std::runtime_error naming `where` and the module otherwise. (Every loader of adapter
+/// values, host or device, goes through it.)
+const LoraAdapter& peft_module(const PeftAdapter& peft, const std::string& name, std::size_t a_size,
+                               std::size_t b_size, const std::string& where);
 /// Loads a PEFT adapter into the model: adds adapters for its target modules with its
 /// LoraConfig, then copies A and B as stored.
 /// Throws std::runtime_error naming the module when a tensor is missing or mis-shaped.
@@ -100,13 +105,22 @@ double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int se
 
 //! [trainer]
 /// What the training loop drives: a model with LoRA adapters, their gradients and an
-/// optimizer over them, on some device. The adapters of the host model() are what
-/// checkpoints save and load; sync_to_host / sync_from_host move them when the
-/// trainer keeps its own copy (the GPU does, the CPU trains the host model in place).
+/// optimizer over them, on some device. Checkpoints save adapter() and load through
+/// load_adapter(), so the loop needs no host copy of the model: a model streamed onto
+/// the GPU trains the same way. sync_to_host / sync_from_host move the adapters to and
+/// from the host model(), when there is one (the CPU trains it in place; without a host
+/// model they do nothing).
 class Trainer {
  public:
   virtual ~Trainer() = default;
+  /// The host model; throws std::logic_error when the model lives on the GPU only.
   virtual LlamaModel& model() = 0;
+  virtual const LlamaConfig& config() const = 0;
+  /// The adapters' current values as a PEFT adapter (gradients dropped).
+  virtual PeftAdapter adapter() = 0;
+  /// Sets the adapters' values from a PEFT adapter with the same modules and shapes;
+  /// throws std::runtime_error naming `where` and the module otherwise.
+  virtual void load_adapter(const PeftAdapter& a, const std::string& where) = 0;
   virtual void zero_grad() = 0;
   /// Forward and backward of one micro-batch; gradients accumulate. Returns its mean loss.
   virtual float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) = 0;
@@ -135,6 +149,9 @@ class CpuTrainer final : public Trainer {
   CpuTrainer(LlamaModel& model, OptimKind optim, float weight_decay);
   ~CpuTrainer() override;
   LlamaModel& model() override { return model_; }
+  const LlamaConfig& config() const override { return model_.config(); }
+  PeftAdapter adapter() override { return adapter_to_peft(model_); }
+  void load_adapter(const PeftAdapter& a, const std::string& where) override;
   void zero_grad() override { model_.zero_grad(); }
   float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override;
   float eval_batch(const int* x, const int* y, int B, int T) override;

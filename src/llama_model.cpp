@@ -153,8 +153,8 @@ void check_host_memory(std::int64_t params, const std::filesystem::path& path) {
   char msg[640];
   std::snprintf(msg, sizeof msg,
                 "%s: a %.2f B-parameter model needs about %.0f GB of host memory in the CPU model (float32 weights "
-                "and their dequantized cache), and %.1f GB are available: on a GPU, `qlora eval --device cuda` and "
-                "`qlora bench train --model` stream it onto the device in 4-bit (qlora finetune does not stream yet)",
+                "and their dequantized cache), and %.1f GB are available: on a GPU, `qlora finetune --stream`, "
+                "`qlora eval --device cuda` and `qlora bench train --model` stream it onto the device in 4-bit",
                 path.c_str(), static_cast<double>(params) / 1e9, need_gb, have_gb);
   throw std::runtime_error(msg);
 }

@@ -215,6 +215,8 @@ TEST_CASE("qlora finetune / eval / generate run end to end and reject bad flags"
       {ft + " --clip -0.5", {"--clip", "must be >= 0"}},
       {ft + " --seq-len 300", {"--seq-len 300", "kjv15M.bin", "seq_len 256"}},
       {"eval --seq-len 300", {"--seq-len 300", "seq_len 256"}},
+      {ft + " --stream --device cpu", {"--stream", "GPU"}},
+      {ft + " --stream --device cpu --model kjv15M-hf", {"--stream", "GPU"}},
   };
   if (find_model("stories260K.bin"))  // its own 512-token tokenizer is not shipped: the LLaMA-2 one is refused
     refused.push_back({"generate --model stories260K.bin", {"tokenizer (32000 tokens)", "stories260K.bin", "512"}});

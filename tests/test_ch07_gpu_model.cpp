@@ -380,3 +380,63 @@ TEST_CASE("Random weights on the device: normal with the asked deviation, reprod
     CHECK(std::fabs(sd - 0.02) < 5 * 0.02 / std::sqrt(2.0 * n) + 0.02 * 0x1.0p-8);  // + BF16 rounding of each value
   }
 }
+
+// `qlora finetune --stream`: a model streamed onto the GPU trains through finetune() exactly
+// as the same folder loaded on the host and uploaded (the same weights, adapters, windows
+// and masks, so the same bits), and its checkpoints, read and written straight from the
+// device, resume to the same loss curve.
+TEST_CASE("A streamed model fine-tunes step for step as the uploaded one, and resumes from its checkpoints", "[ch07][gpu]") {
+  const LlamaConfig c = qlora::test::tiny_config(2, false);
+  const auto dir = qlora::test::temp_path("ch07_gpu_stream_ft", "model");
+  write_hf_llama(dir, checkpoint_from_weights(random_llama_weights(c, 31)));
+  LoraSetup s;
+  s.config.r = 4;
+  s.config.dropout = 0.1f;
+  FinetuneData data;
+  data.train = random_tokens(600, c.vocab_size, 5);
+  data.val = random_tokens(60, c.vocab_size, 6);
+  FinetuneConfig cfg;
+  cfg.steps = 4;
+  cfg.batch = 2;
+  cfg.seq_len = 8;
+  cfg.lr = 1e-2f;
+  cfg.progress = false;
+  auto streamed = [&](std::uint64_t seed) {
+    const HfLlamaFolder folder(dir);
+    std::mt19937_64 init(seed);
+    return std::make_unique<cuda::LlamaModelGpu>(folder.config(), BaseStorage::nf4_dq, cuda::folder_fill(folder), s, init);
+  };
+  LlamaModel host(load_llama_weights(dir), BaseStorage::nf4_dq);
+  std::mt19937_64 init(3);
+  host.add_lora(s, init);
+  cuda::GpuTrainer uploaded(host, OptimKind::adamw, 0.0f);
+  const auto ref = finetune(uploaded, data, cfg);
+
+  cfg.out = qlora::test::temp_path("ch07_gpu_stream_ft", "run");
+  cfg.save_every = 2;
+  cuda::GpuTrainer on_gpu(streamed(3), OptimKind::adamw, 0.0f);
+  CHECK_THROWS_AS(on_gpu.model(), std::logic_error);  // no host copy
+  const auto run = finetune(on_gpu, data, cfg);
+  REQUIRE(run.size() == ref.size());
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    CAPTURE(i);
+    CHECK(run[i].loss == ref[i].loss);
+    CHECK(run[i].grad_norm == ref[i].grad_norm);
+  }
+  const PeftAdapter a = uploaded.adapter(), b = on_gpu.adapter();
+  REQUIRE(a.modules.size() == b.modules.size());
+  for (const auto& [name, m] : a.modules) {
+    CHECK(b.modules.at(name).A == m.A);
+    CHECK(b.modules.at(name).B == m.B);
+  }
+
+  // A fresh streamed model (other initial adapters) resumed from step 2 lands on step 4.
+  FinetuneConfig resumed = cfg;
+  resumed.resume = cfg.out / "checkpoint-2";
+  resumed.out = qlora::test::temp_path("ch07_gpu_stream_ft", "resumed");
+  cuda::GpuTrainer again(streamed(99), OptimKind::adamw, 0.0f);
+  const auto tail = finetune(again, data, resumed);
+  REQUIRE(tail.size() == 2);
+  CHECK(tail.back().loss == run.back().loss);
+}
+

@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -143,6 +144,31 @@ double eval_on_gpu(const ModelOptions& m, const std::filesystem::path& mp, int s
 #endif
 }
 
+// `qlora finetune --stream`: the model built on the GPU from a Hugging Face folder, with no
+// host copy (kernels/model_stream.cuh), and a trainer that holds it.
+std::unique_ptr<Trainer> streamed_trainer(const ModelOptions& m, const std::filesystem::path& mp, const std::string& device,
+                                          const LoraSetup& setup, std::mt19937_64& init_rng, const FinetuneConfig& cfg,
+                                          bool checkpointing, std::unique_ptr<Tokenizer>& tok, std::int64_t& frozen_bytes) {
+#ifdef QLORA_HAVE_CUDA
+  if (device == "cpu") throw std::invalid_argument("--stream builds the model on the GPU: it needs --device cuda or auto");
+  if (!cuda::cuda_device_present()) throw std::invalid_argument("--stream: no CUDA device is available here");
+  if (!std::filesystem::is_directory(mp) || read_bnb_4bit_config(mp / "config.json"))
+    throw std::invalid_argument("--stream: " + mp.string() + " is not a Hugging Face folder of BF16, F16 or F32 weights");
+  tok = m.load_tok(mp);
+  const HfLlamaFolder folder(mp);
+  ModelOptions::check_tokenizer(*tok, folder.config(), mp);
+  auto gpu = std::make_unique<cuda::LlamaModelGpu>(folder.config(), parse_base_storage(m.storage),
+                                                   cuda::folder_fill(folder), setup, init_rng, cuda::print_load_progress);
+  gpu->set_checkpointing(checkpointing);
+  frozen_bytes = gpu->frozen_bytes();
+  return std::make_unique<cuda::GpuTrainer>(std::move(gpu), cfg.optim, cfg.weight_decay);
+#else
+  (void)m, (void)mp, (void)setup, (void)init_rng, (void)cfg, (void)checkpointing, (void)tok, (void)frozen_bytes;
+  throw std::invalid_argument(device == "cpu" ? "--stream builds the model on the GPU: it needs --device cuda or auto"
+                                              : "--stream: this qlora was built without CUDA (QLORA_CUDA=OFF)");
+#endif
+}
+
 //! [gpu-recipe]
 // The defaults above are the CPU's shortened recipe (minutes on two cores). On a GPU
 // every flag the user did not set takes the chapter's reference recipe instead:
@@ -181,6 +207,7 @@ QLORA_COMMAND([](CLI::App& app) {
     std::string device = "auto";
     std::string optim = "adamw_32bit";
     bool checkpointing = false;
+    bool stream = false;
   };
   auto o = std::make_shared<Options>();
   o->cfg.steps = 100;
@@ -230,37 +257,62 @@ QLORA_COMMAND([](CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--gradient-checkpointing", o->checkpointing,
                 "keep only each layer's input, recompute the layer in backward (less memory, more time)");
+  cmd->add_flag("--stream", o->stream,
+                "build the model on the GPU from a Hugging Face folder, one tensor at a time, with no host copy "
+                "(for models the CPU cannot hold; the greedy samples are skipped)");
   cmd->add_option("--sample-tokens", o->sample_tokens, "length of the ROMEO: samples")
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
   cmd->callback([o, cmd] {
     const auto mp = o->m.model_path();
-    auto [model, tok] = o->m.load_with_tokenizer(mp);
-    const auto data = load_finetune_data(require_data(o->data), *tok);
-    LoraSetup setup;
-    setup.config.r = o->rank;
-    setup.config.alpha = o->alpha;
-    setup.config.dropout = o->dropout;
-    std::mt19937_64 init_rng(o->cfg.seed);
-    model.add_lora(setup, init_rng);
-    std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n",
-                mp.string().c_str(), to_string(model.storage()).c_str(), data.train.size(), data.val.size(),
-                static_cast<long long>(model.lora_parameter_count()));
     auto& cfg = o->cfg;
     cfg.out = o->out;
     cfg.resume = o->resume;
     cfg.optim = parse_optim(o->optim);
-    model.set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
-    auto trainer = make_trainer(o->device, model, cfg);
+    LoraSetup setup;
+    setup.config.r = o->rank;
+    setup.config.alpha = o->alpha;
+    setup.config.dropout = o->dropout;
+    std::mt19937_64 init_rng(cfg.seed);
+    // The host model, unless the model is streamed onto the GPU (then the trainer holds it).
+    std::optional<LlamaModel> host;
+    std::unique_ptr<Tokenizer> tok;
+    std::unique_ptr<Trainer> trainer;
+    std::string storage = o->m.storage;
+    std::int64_t frozen_bytes = 0;
+    if (o->stream) {
+      trainer = streamed_trainer(o->m, mp, o->device, setup, init_rng, cfg, o->checkpointing, tok, frozen_bytes);
+    } else {
+      auto [model, t] = o->m.load_with_tokenizer(mp);
+      host.emplace(std::move(model));
+      tok = std::move(t);
+      host->add_lora(setup, init_rng);
+      host->set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
+      storage = to_string(host->storage());
+      frozen_bytes = host->frozen_storage_bytes();
+      trainer = make_trainer(o->device, *host, cfg);
+    }
+    const auto data = load_finetune_data(require_data(o->data), *tok);
+    std::int64_t lora_parameters = 0;
+    for (const auto& [name, a] : trainer->adapter().modules) lora_parameters += static_cast<std::int64_t>(a.A.size() + a.B.size());
+    std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
+                storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
     if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
-    check_seq_len(cfg.seq_len, model.config(), mp);
+    check_seq_len(cfg.seq_len, trainer->config(), mp);
     std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
     const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
+    auto sample = [&](const char* when) {
+      if (host)
+        print_sample(when, *host, *tok, o->sample_tokens);
+      else
+        std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
+                    when);
+    };
     double before = -1;
     if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
       before = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
       print_val("before", before);
-      print_sample("before", model, *tok, o->sample_tokens);
+      sample("before");
       std::fflush(stdout);
     }
     const auto records = finetune(*trainer, data, cfg);
@@ -278,17 +330,17 @@ QLORA_COMMAND([](CLI::App& app) {
       std::printf("%d steps in %.1f s: %.0f tokens/s, peak memory %.0f MiB (%s)\n", static_cast<int>(records.size()),
                   seconds, tokens / seconds, peak, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
     const nlohmann::json summary = {
-        {"model", mp.filename().string()}, {"storage", to_string(model.storage())}, {"device", trainer->device()},
+        {"model", mp.filename().string()}, {"storage", storage}, {"device", trainer->device()},
         {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
         {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
         {"lr", cfg.lr}, {"warmup", cfg.warmup}, {"clip", cfg.clip}, {"weight_decay", cfg.weight_decay},
         {"val_windows", cfg.val_windows}, {"gradient_checkpointing", o->checkpointing}, {"val_loss_before", before}, {"val_loss_after", after},
         {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
-        {"peak_mem_mb", peak}, {"frozen_bytes", model.frozen_storage_bytes()},
-        {"lora_parameters", model.lora_parameter_count()}};
+        {"peak_mem_mb", peak}, {"frozen_bytes", frozen_bytes}, {"lora_parameters", lora_parameters},
+        {"streamed", o->stream}};
     write_text_atomic(cfg.out / "summary.json", summary.dump(2) + "\n");
-    print_sample("after", model, *tok, o->sample_tokens);
-    write_peft_adapter(cfg.out / "adapter", adapter_to_peft(model));
+    sample("after");
+    write_peft_adapter(cfg.out / "adapter", trainer->adapter());
     std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
                 (cfg.out / "log.jsonl").string().c_str());
   });
