@@ -87,11 +87,7 @@ void GpuTrainer::init(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, flo
 // time through host memory: the host model, when there is one, is not involved.
 PeftAdapter GpuTrainer::adapter() {
   CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
-  const LoraSetup& setup = gpu_->lora_setup();
-  PeftAdapter out;
-  out.config = setup.config;
-  for (Proj p : kAllProj)
-    if (setup.targets[static_cast<std::size_t>(p)]) out.target_modules.emplace_back(proj_name(p));
+  PeftAdapter out = empty_peft_adapter(gpu_->lora_setup());
   for (auto& [name, d] : gpu_->named_adapters()) {
     LoraAdapter h(d->in, d->out, d->r);
     d->download(h);
@@ -114,6 +110,12 @@ void GpuTrainer::load_adapter(const PeftAdapter& a, const std::string& where) {
   if (host_) gpu_->download_adapters(*host_);  // keep the host model's copy in step
 }
 //! [gpu-trainer-adapter]
+
+std::int64_t GpuTrainer::lora_parameter_count() const {
+  std::int64_t n = 0;
+  for (auto& [name, a] : gpu_->named_adapters()) n += static_cast<std::int64_t>(a->A.size() + a->B.size());
+  return n;
+}
 
 LlamaModel& GpuTrainer::host() const {
   if (!host_) throw std::logic_error("GpuTrainer: this model was streamed onto the GPU and has no host copy");

@@ -40,6 +40,7 @@ class GpuTrainer final : public Trainer {
   const LlamaConfig& config() const override { return gpu_->config(); }
   PeftAdapter adapter() override;
   void load_adapter(const PeftAdapter& a, const std::string& where) override;
+  std::int64_t lora_parameter_count() const override;
   void sync_to_host() override {
     if (host_) gpu_->download_adapters(*host_);
   }

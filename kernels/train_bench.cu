@@ -96,10 +96,9 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
   folder.reset();  // unmaps the shards
   const double after_load = used_gib() - base_gib;
   const std::int64_t frozen = model->frozen_bytes();
-  std::int64_t lora_params = 0;
-  for (auto& [name, a] : model->named_adapters()) lora_params += static_cast<std::int64_t>(a->A.size() + a->B.size());
   LlamaModelGpu& m = *model;
   GpuTrainer trainer(std::move(model), o.optim, 0.0f);
+  const std::int64_t lora_params = trainer.lora_parameter_count();
   std::fprintf(stderr, "optimizer states: %s memory\n", to_string(trainer.state_placement()));
 
   // Random token windows; targets are the next tokens.

@@ -81,12 +81,16 @@ fs::path find_tokenizer_for(const fs::path& model) {
   return require_model("tokenizer.model");
 }
 
-PeftAdapter adapter_to_peft(const LlamaModel& model) {
-  const auto& setup = model.lora_setup();
+PeftAdapter empty_peft_adapter(const LoraSetup& setup) {
   PeftAdapter out;
   out.config = setup.config;
   for (Proj p : kAllProj)
     if (setup.targets[static_cast<std::size_t>(p)]) out.target_modules.emplace_back(proj_name(p));
+  return out;
+}
+
+PeftAdapter adapter_to_peft(const LlamaModel& model) {
+  PeftAdapter out = empty_peft_adapter(model.lora_setup());
   for (int l = 0; l < model.config().n_layers; ++l)
     for (Proj p : kAllProj) {
       const LoraAdapter* a = model.adapter(l, p);

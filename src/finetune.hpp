@@ -38,6 +38,9 @@ FinetuneData load_finetune_data(const std::filesystem::path& text_file, const To
 /// else require_model("tokenizer.model").
 std::filesystem::path find_tokenizer_for(const std::filesystem::path& model);
 
+/// A PEFT adapter with setup's LoraConfig and target modules and no module tensors yet:
+/// what every exporter of adapters (host model or device) starts from.
+PeftAdapter empty_peft_adapter(const LoraSetup& setup);
 /// The model's adapters as a PEFT adapter, gradients dropped. No row conversion: the
 /// model's q/k rows are in PEFT's (Hugging Face's) rotate-half order.
 PeftAdapter adapter_to_peft(const LlamaModel& model);
@@ -121,6 +124,8 @@ class Trainer {
   /// Sets the adapters' values from a PEFT adapter with the same modules and shapes;
   /// throws std::runtime_error naming `where` and the module otherwise.
   virtual void load_adapter(const PeftAdapter& a, const std::string& where) = 0;
+  /// Elements of all A and B matrices (read from their sizes, nothing copied).
+  virtual std::int64_t lora_parameter_count() const = 0;
   virtual void zero_grad() = 0;
   /// Forward and backward of one micro-batch; gradients accumulate. Returns its mean loss.
   virtual float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) = 0;
@@ -152,6 +157,7 @@ class CpuTrainer final : public Trainer {
   const LlamaConfig& config() const override { return model_.config(); }
   PeftAdapter adapter() override { return adapter_to_peft(model_); }
   void load_adapter(const PeftAdapter& a, const std::string& where) override;
+  std::int64_t lora_parameter_count() const override { return model_.lora_parameter_count(); }
   void zero_grad() override { model_.zero_grad(); }
   float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override;
   float eval_batch(const int* x, const int* y, int B, int T) override;

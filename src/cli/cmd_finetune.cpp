@@ -152,8 +152,6 @@ std::unique_ptr<Trainer> streamed_trainer(const ModelOptions& m, const std::file
 #ifdef QLORA_HAVE_CUDA
   if (device == "cpu") throw std::invalid_argument("--stream builds the model on the GPU: it needs --device cuda or auto");
   if (!cuda::cuda_device_present()) throw std::invalid_argument("--stream: no CUDA device is available here");
-  if (!std::filesystem::is_directory(mp) || read_bnb_4bit_config(mp / "config.json"))
-    throw std::invalid_argument("--stream: " + mp.string() + " is not a Hugging Face folder of BF16, F16 or F32 weights");
   tok = m.load_tok(mp);
   const HfLlamaFolder folder(mp);
   ModelOptions::check_tokenizer(*tok, folder.config(), mp);
@@ -293,8 +291,7 @@ QLORA_COMMAND([](CLI::App& app) {
       trainer = make_trainer(o->device, *host, cfg);
     }
     const auto data = load_finetune_data(require_data(o->data), *tok);
-    std::int64_t lora_parameters = 0;
-    for (const auto& [name, a] : trainer->adapter().modules) lora_parameters += static_cast<std::int64_t>(a.A.size() + a.B.size());
+    const std::int64_t lora_parameters = trainer->lora_parameter_count();
     std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
                 storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
     if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
