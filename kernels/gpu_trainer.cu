@@ -1,6 +1,8 @@
 // The fine-tuning loop's GPU side (chapter 7). See gpu_trainer.cuh.
 #include "gpu_trainer.cuh"
 
+#include "nvtx_range.cuh"
+
 #include <variant>
 
 namespace qlora::cuda {
@@ -153,6 +155,7 @@ void GpuTrainer::optimizer_step(float lr) {
   // and backward need their room: the memory the last pass allocated, against what is
   // free now, with a 5% margin. While it fits they stay, and the paged AdamW
   // runs at the speed of the resident one.
+  NvtxRange range("optimizer");
   std::visit([&](auto& o) {
     o.step(lr, gpu_->stream());
     CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));

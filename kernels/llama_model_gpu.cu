@@ -9,6 +9,7 @@
 #include "bf16.hpp"
 #include "llama_ops.cuh"
 #include "llama_ops.hpp"
+#include "nvtx_range.cuh"
 #include "quantize4.cuh"
 
 #include <algorithm>
@@ -283,24 +284,35 @@ const bf16* LlamaModelGpu::rounded(DeviceBuffer<bf16>& buf, const float* x, std:
 void LlamaModelGpu::linear(int l, Proj p, const float* x, const bf16* xb, float* y, int N, bool training,
                            std::mt19937_64& rng, DeviceLoraCache& lc) {
   const DeviceFrozenLinear& f = layers_[usz(l)].w[usz(I(p))];
-  if (f.q4)
-    linear4_forward(cublas_, *f.q4, xb, N, y, OutType::f32, scratch_, false, stream_);
-  else
-    gemm_bf16_xwt(cublas_, xb, f.w.data(), y, OutType::f32, N, f.in, f.out, false, stream_);
-  if (const DeviceLoraAdapter* a = adapter(l, p))
+  {
+    NvtxRange r("base");
+    if (f.q4)
+      linear4_forward(cublas_, *f.q4, xb, N, y, OutType::f32, scratch_, false, stream_);
+    else
+      gemm_bf16_xwt(cublas_, xb, f.w.data(), y, OutType::f32, N, f.in, f.out, false, stream_);
+  }
+  if (const DeviceLoraAdapter* a = adapter(l, p)) {
+    NvtxRange r("lora");
     lora_forward_cuda(cublas_.get(), stream_, *a, lora_->config, x, y, N, training, rng, lc);
+  }
 }
 
 // dx (=|+=) dy·deq(W) + the LoRA path's dx; the adapter accumulates dA, dB.
 void LlamaModelGpu::linear_backward(int l, Proj p, const float* x, const float* dy, float* dx, int N, bool accumulate,
                                     DeviceLoraCache& lc) {
   const DeviceFrozenLinear& f = layers_[usz(l)].w[usz(I(p))];
-  const bf16* dyb = rounded(yb_, dy, static_cast<std::int64_t>(N) * f.out);
-  if (f.q4)
-    linear4_backward_input(cublas_, *f.q4, dyb, N, dx, OutType::f32, scratch_, accumulate, stream_);
-  else
-    gemm_bf16_dyw(cublas_, dyb, f.w.data(), dx, OutType::f32, N, f.in, f.out, accumulate, stream_);
-  if (DeviceLoraAdapter* a = adapter(l, p)) lora_backward_cuda(cublas_.get(), stream_, *a, lora_->config, x, dy, dx, N, lc);
+  {
+    NvtxRange r("base");
+    const bf16* dyb = rounded(yb_, dy, static_cast<std::int64_t>(N) * f.out);
+    if (f.q4)
+      linear4_backward_input(cublas_, *f.q4, dyb, N, dx, OutType::f32, scratch_, accumulate, stream_);
+    else
+      gemm_bf16_dyw(cublas_, dyb, f.w.data(), dx, OutType::f32, N, f.in, f.out, accumulate, stream_);
+  }
+  if (DeviceLoraAdapter* a = adapter(l, p)) {
+    NvtxRange r("lora");
+    lora_backward_cuda(cublas_.get(), stream_, *a, lora_->config, x, dy, dx, N, lc);
+  }
 }
 //! [gpu-linear]
 
@@ -330,11 +342,14 @@ void LlamaModelGpu::layer_forward(int l, const float* x_in, float* x_out, bool t
   rope(a.k.data(), N, T_, KVH, hs, rope_cos_.data(), rope_sin_.data(), false, stream_);
   a.att.resize(usz(B_) * H * T_ * T_);
   a.o.resize(nD);
-  if (attention_version_ == 1)
-    attention_forward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H, KVH, hs, stream_);
-  else
-    attention_forward_v2(cublas_.get(), a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H, KVH,
-                         hs, stream_);
+  {
+    NvtxRange r("attention");
+    if (attention_version_ == 1)
+      attention_forward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H, KVH, hs, stream_);
+    else
+      attention_forward_v2(cublas_.get(), a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H,
+                           KVH, hs, stream_);
+  }
   tmp_.resize(nD);
   linear(l, Proj::o, a.o.data(), rounded(xb_, a.o.data(), static_cast<std::int64_t>(nD)), tmp_.data(), N, training, rng, a.lc[usz(I(Proj::o))]);
   a.x2.resize(nD);
@@ -382,12 +397,15 @@ void LlamaModelGpu::layer_backward(int l, LayerActs& a, float* dx) {
   dv_.resize(nKV);
   ds_.resize(a.att.size());
   linear_backward(l, Proj::o, a.o.data(), dx, dout_.data(), N, false, a.lc[usz(I(Proj::o))]);
-  if (attention_version_ == 1)
-    attention_backward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), dout_.data(), ds_.data(), dq_.data(),
-                       dk_.data(), dv_.data(), B_, T_, H, KVH, hs, stream_);
-  else
-    attention_backward_v2(cublas_.get(), a.q.data(), a.k.data(), a.v.data(), a.att.data(), dout_.data(), ds_.data(),
-                          dq_.data(), dk_.data(), dv_.data(), B_, T_, H, KVH, hs, stream_);
+  {
+    NvtxRange r("attention");
+    if (attention_version_ == 1)
+      attention_backward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), dout_.data(), ds_.data(), dq_.data(),
+                         dk_.data(), dv_.data(), B_, T_, H, KVH, hs, stream_);
+    else
+      attention_backward_v2(cublas_.get(), a.q.data(), a.k.data(), a.v.data(), a.att.data(), dout_.data(),
+                            ds_.data(), dq_.data(), dk_.data(), dv_.data(), B_, T_, H, KVH, hs, stream_);
+  }
   rope(dq_.data(), N, T_, H, hs, rope_cos_.data(), rope_sin_.data(), true, stream_);
   rope(dk_.data(), N, T_, KVH, hs, rope_cos_.data(), rope_sin_.data(), true, stream_);
   linear_backward(l, Proj::q, a.xn1.data(), dq_.data(), dxn_.data(), N, false, a.lc[usz(I(Proj::q))]);
@@ -449,6 +467,7 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
     // The layer copies its input into its cache first, so input and output may alias.
     layer_forward(l, x_final_.data(), x_final_.data(), training, rng, *slot);
   }
+  NvtxRange head("head");  // final norm, classifier and loss
   inv_final_.resize(usz(N));
   xn_final_.resize(nD);
   rmsnorm_forward(x_final_.data(), rms_final_.data(), xn_final_.data(), inv_final_.data(), N, D, cfg_.norm_eps, stream_);
@@ -478,6 +497,7 @@ void LlamaModelGpu::backward() {
   if (!lora_) throw std::logic_error("LlamaModelGpu::backward: the model has no LoRA adapters");
   const int N = B_ * T_, D = cfg_.dim, V = cfg_.vocab_size;
   const std::size_t nD = usz(N) * D;
+  std::optional<NvtxRange> head(std::in_place, "head");
   if (target_count_ > 0)
     cross_entropy_backward(logits_.data(), targets_.data(), N, V, 1.0f / static_cast<float>(target_count_), stream_);
   else
@@ -489,6 +509,7 @@ void LlamaModelGpu::backward() {
   dx_.resize(nD);
   CUDA_CHECK(cudaMemsetAsync(dx_.data(), 0, nD * sizeof(float), stream_));
   rmsnorm_backward(x_final_.data(), rms_final_.data(), inv_final_.data(), dxn_.data(), dx_.data(), N, D, stream_);
+  head.reset();
   for (int l = cfg_.n_layers - 1; l >= 0; --l) {
     if (fwd_checkpointed_) {
       // Recompute this layer from its saved input and rng state, then differentiate it.

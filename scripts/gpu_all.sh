@@ -18,6 +18,8 @@
 #   scale65   chapter 7: the 65B shape under a 48 and a 42 GiB ballast, checkpoints offloaded or not
 #             (scripts/gpu_scale.sh 65b; SCALE65_RUNS picks among 48 42 42-offload)
 #   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, attention v1 vs v2
+#   profile   chapter 7: Nsight Compute's time per kernel of one training step at the 7B width with
+#             $PROFILE_LAYERS layers (default 2), grouped by NVTX range (scripts/gpu_profile.sh)
 # Everything lands in $OUT/results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -82,6 +84,8 @@ for phase in "${phases[@]}"; do
       timeout ${SCALE_TIMEOUT:-540} bash scripts/gpu_scale.sh build/cuda "$res/scale"; echo "gpu_scale: $?" ;;
     scale65)
       timeout 300 bash scripts/gpu_scale.sh build/cuda "$res/scale65" 65b; echo "gpu_scale 65b: $?" ;;
+    profile)
+      timeout 420 bash scripts/gpu_profile.sh build/cuda "$res/profile" ${PROFILE_LAYERS:-2}; echo "gpu_profile: $?" ;;
     hfspeed)
       timeout 180 python3 tools/hf_recipe_bench.py --base .carry/shared/models/kjv15M-hf --json "$res/hf_recipe_bench.json" \
         > "$res/hf_recipe_bench.log" 2>&1; echo "hf speed: $?"; tail -14 "$res/hf_recipe_bench.log" ;;

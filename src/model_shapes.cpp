@@ -1,6 +1,8 @@
 // The shapes of real LLaMA-family models (chapter 7). See model_shapes.hpp.
 #include "model_shapes.hpp"
 
+#include "hf_llama.hpp"
+
 #include <cctype>
 #include <stdexcept>
 
@@ -29,6 +31,8 @@ constexpr Shape kShapes[] = {
 LlamaConfig model_shape(const std::string& name) {
   std::string lower = name;
   for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  // A shape of one's own (a layer count cut down for a profile, a model not in the table).
+  if (lower.size() > 5 && lower.ends_with(".json")) return read_hf_config(name);
   for (const Shape& s : kShapes) {
     if (lower != s.name) continue;
     LlamaConfig c;

@@ -12,8 +12,9 @@
 namespace qlora {
 
 /// "7b", "13b", "33b", "65b" (LLaMA-1/2 shapes, vocab 32000), "70b" (LLaMA-2, GQA 8 kv
-/// heads) and "llama3-8b" (GQA, vocab 128256, θ = 500000), case-insensitive. Throws
-/// std::invalid_argument naming the value and the known names.
+/// heads) and "llama3-8b" (GQA, vocab 128256, θ = 500000), case-insensitive; or the path of
+/// a Hugging Face config.json (any name ending in ".json"), read by read_hf_config with
+/// all its checks. Throws std::invalid_argument naming the value and the known names.
 LlamaConfig model_shape(const std::string& name);
 std::vector<std::string> model_shape_names();
 

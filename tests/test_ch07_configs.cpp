@@ -8,6 +8,7 @@
 #include "llama2c.hpp"
 #include "llama_model.hpp"
 #include "llama_ops.hpp"
+#include "model_shapes.hpp"
 #include "safetensors.hpp"
 
 #include <catch2/catch.hpp>
@@ -365,4 +366,17 @@ TEST_CASE("CPU model matches transformers' logits for every config style and spe
       }
     }
   }
+}
+
+TEST_CASE("A shape may be a config.json: qlora bench train --shape and qlora plan read it", "[ch07][config]") {
+  json j = base_config();
+  j["num_hidden_layers"] = 3;
+  const auto path = test::temp_path("test_ch07_configs", "shape_config.json");
+  std::ofstream(path) << j.dump(2);
+  const LlamaConfig c = model_shape(path.string());
+  CHECK(c.n_layers == 3);
+  CHECK(c.dim == 32);
+  CHECK(c.n_kv_heads == 1);
+  CHECK_THROWS_WITH(model_shape("/nonexistent/cfg.json"), Catch::Contains("/nonexistent/cfg.json"));
+  CHECK_THROWS_WITH(model_shape("8b"), Catch::Contains("unknown model shape '8b'"));
 }
