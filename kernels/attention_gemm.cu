@@ -71,25 +71,32 @@ struct Heads {
   long long att_stride() const { return (long long)group * tt(); }
 };
 
-void gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha,
-          const float* A, int lda, long long sa, const float* Bm, int ldb, long long sb, float beta, float* C, int ldc,
-          long long sc, int batch) {
-  CUBLAS_CHECK(cublasSgemmStridedBatched(h, ta, tb, m, n, k, &alpha, A, lda, sa, Bm, ldb, sb, &beta, C, ldc, sc, batch));
-}
+struct Gemm {
+  cublasHandle_t h;
+  FloatMath math;
+  void operator()(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* A,
+                  int lda, long long sa, const float* Bm, int ldb, long long sb, float beta, float* C, int ldc,
+                  long long sc, int batch) const {
+    CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, ta, tb, m, n, k, &alpha, A, CUDA_R_32F, lda, sa, Bm, CUDA_R_32F, ldb,
+                                            sb, &beta, C, CUDA_R_32F, ldc, sc, batch, compute_type(math),
+                                            CUBLAS_GEMM_DEFAULT));
+  }
+};
 
 }  // namespace
 
 //! [attention-v2-forward]
 void attention_forward_v2(cublasHandle_t handle, const float* q, const float* k, const float* v, float* att,
-                          float* out, int B, int T, int H, int KVH, int hs, cudaStream_t s) {
+                          float* out, int B, int T, int H, int KVH, int hs, cudaStream_t s, FloatMath math) {
   check_shape(B, T, H, KVH, hs, "attention_forward_v2");
+  const Gemm gemm{handle, math};
   CUBLAS_CHECK(cublasSetStream(handle, s));
   const Heads x{B, T, H, KVH, hs, H / KVH, H * hs, KVH * hs};
   const float scale = 1.0f / sqrtf(static_cast<float>(hs));
   for (int b = 0; b < B; ++b)
     for (int j = 0; j < x.group; ++j) {
       // scores^cm (T×T, [s][t]) = scale · K^cmᵀ (T×hs) · Q^cm (hs×T)
-      gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, scale, k + x.kv_at(b), x.KV, hs, q + x.q_at(b, j), x.D,
+      gemm(CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, scale, k + x.kv_at(b), x.KV, hs, q + x.q_at(b, j), x.D,
            x.q_stride(), 0.0f, att + x.att_at(b, j), T, x.att_stride(), KVH);
     }
   const long rows = (long)B * H * T;
@@ -98,7 +105,7 @@ void attention_forward_v2(cublasHandle_t handle, const float* q, const float* k,
   for (int b = 0; b < B; ++b)
     for (int j = 0; j < x.group; ++j) {
       // out^cm (hs×T) = V^cm (hs×T) · P^cm (T×T, [s][t])
-      gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, 1.0f, v + x.kv_at(b), x.KV, hs, att + x.att_at(b, j), T,
+      gemm(CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, 1.0f, v + x.kv_at(b), x.KV, hs, att + x.att_at(b, j), T,
            x.att_stride(), 0.0f, out + x.q_at(b, j), x.D, x.q_stride(), KVH);
     }
 }
@@ -107,15 +114,16 @@ void attention_forward_v2(cublasHandle_t handle, const float* q, const float* k,
 //! [attention-v2-backward]
 void attention_backward_v2(cublasHandle_t handle, const float* q, const float* k, const float* v, const float* att,
                            const float* dout, float* ds, float* dq, float* dk, float* dv, int B, int T, int H,
-                           int KVH, int hs, cudaStream_t s) {
+                           int KVH, int hs, cudaStream_t s, FloatMath math) {
   check_shape(B, T, H, KVH, hs, "attention_backward_v2");
+  const Gemm gemm{handle, math};
   CUBLAS_CHECK(cublasSetStream(handle, s));
   const Heads x{B, T, H, KVH, hs, H / KVH, H * hs, KVH * hs};
   const float scale = 1.0f / sqrtf(static_cast<float>(hs));
   for (int b = 0; b < B; ++b)
     for (int j = 0; j < x.group; ++j) {
       // dp^cm (T×T, [s][t]) = V^cmᵀ · dO^cm
-      gemm(handle, CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, 1.0f, v + x.kv_at(b), x.KV, hs, dout + x.q_at(b, j), x.D,
+      gemm(CUBLAS_OP_T, CUBLAS_OP_N, T, T, hs, 1.0f, v + x.kv_at(b), x.KV, hs, dout + x.q_at(b, j), x.D,
            x.q_stride(), 0.0f, ds + x.att_at(b, j), T, x.att_stride(), KVH);
     }
   const long rows = (long)B * H * T;
@@ -125,12 +133,12 @@ void attention_backward_v2(cublasHandle_t handle, const float* q, const float* k
     for (int j = 0; j < x.group; ++j) {
       const float beta = j == 0 ? 0.0f : 1.0f;  // the group's heads add up, one after the other
       // dq^cm (hs×T) = K^cm (hs×T) · dS^cm (T×T)
-      gemm(handle, CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, 1.0f, k + x.kv_at(b), x.KV, hs, ds + x.att_at(b, j), T,
+      gemm(CUBLAS_OP_N, CUBLAS_OP_N, hs, T, T, 1.0f, k + x.kv_at(b), x.KV, hs, ds + x.att_at(b, j), T,
            x.att_stride(), 0.0f, dq + x.q_at(b, j), x.D, x.q_stride(), KVH);
       // dk^cm (hs×T) += Q^cm (hs×T) · dS^cmᵀ ; dv^cm += dO^cm · P^cmᵀ
-      gemm(handle, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, 1.0f, q + x.q_at(b, j), x.D, x.q_stride(), ds + x.att_at(b, j),
+      gemm(CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, 1.0f, q + x.q_at(b, j), x.D, x.q_stride(), ds + x.att_at(b, j),
            T, x.att_stride(), beta, dk + x.kv_at(b), x.KV, hs, KVH);
-      gemm(handle, CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, 1.0f, dout + x.q_at(b, j), x.D, x.q_stride(),
+      gemm(CUBLAS_OP_N, CUBLAS_OP_T, hs, T, T, 1.0f, dout + x.q_at(b, j), x.D, x.q_stride(),
            att + x.att_at(b, j), T, x.att_stride(), beta, dv + x.kv_at(b), x.KV, hs, KVH);
     }
 }

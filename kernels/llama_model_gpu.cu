@@ -42,8 +42,9 @@ struct LlamaModelGpu::LayerActs {
   std::int64_t bytes() const {
     std::size_t n = 0;
     for (const DeviceFloats* f : {&x, &inv1, &xn1, &q, &k, &v, &att, &o, &x2, &inv2, &xn2, &h1, &h3, &g}) n += f->size();
-    for (const DeviceLoraCache& c : lc) n += c.mask.size() + c.xa.size() + c.xd.size();
-    return static_cast<std::int64_t>(n * sizeof(float));
+    std::int64_t lora = 0;
+    for (const DeviceLoraCache& c : lc) lora += c.bytes();
+    return static_cast<std::int64_t>(n * sizeof(float)) + lora;
   }
 };
 
@@ -200,6 +201,13 @@ void LlamaModelGpu::set_attention_version(int v) {
   attention_version_ = v;
 }
 
+void LlamaModelGpu::set_head_version(int v, int chunk_rows) {
+  if (v != 1 && v != 2) throw std::invalid_argument("head version must be 1 or 2, got " + std::to_string(v));
+  if (chunk_rows < 0) throw std::invalid_argument("head chunk rows must be >= 0, got " + std::to_string(chunk_rows));
+  head_version_ = v;
+  head_chunk_rows_ = chunk_rows;
+}
+
 LlamaModelGpu::~LlamaModelGpu() {
   if (stream_) cudaStreamDestroy(stream_);  // destructors must not throw
 }
@@ -293,7 +301,7 @@ void LlamaModelGpu::linear(int l, Proj p, const float* x, const bf16* xb, float*
   }
   if (const DeviceLoraAdapter* a = adapter(l, p)) {
     NvtxRange r("lora");
-    lora_forward_cuda(cublas_.get(), stream_, *a, lora_->config, x, y, N, training, rng, lc);
+    lora_forward_cuda(cublas_.get(), stream_, *a, lora_->config, x, y, N, training, rng, lc, lora_scratch_, float_math_);
   }
 }
 
@@ -311,7 +319,7 @@ void LlamaModelGpu::linear_backward(int l, Proj p, const float* x, const float* 
   }
   if (DeviceLoraAdapter* a = adapter(l, p)) {
     NvtxRange r("lora");
-    lora_backward_cuda(cublas_.get(), stream_, *a, lora_->config, x, dy, dx, N, lc);
+    lora_backward_cuda(cublas_.get(), stream_, *a, lora_->config, x, dy, dx, N, lc, lora_scratch_, float_math_);
   }
 }
 //! [gpu-linear]
@@ -348,7 +356,7 @@ void LlamaModelGpu::layer_forward(int l, const float* x_in, float* x_out, bool t
       attention_forward(a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H, KVH, hs, stream_);
     else
       attention_forward_v2(cublas_.get(), a.q.data(), a.k.data(), a.v.data(), a.att.data(), a.o.data(), B_, T_, H,
-                           KVH, hs, stream_);
+                           KVH, hs, stream_, float_math_);
   }
   tmp_.resize(nD);
   linear(l, Proj::o, a.o.data(), rounded(xb_, a.o.data(), static_cast<std::int64_t>(nD)), tmp_.data(), N, training, rng, a.lc[usz(I(Proj::o))]);
@@ -379,15 +387,16 @@ void LlamaModelGpu::layer_backward(int l, LayerActs& a, float* dx) {
   const Layer& L = layers_[usz(l)];
   const std::size_t nD = usz(N) * D, nKV = usz(N) * KV, nH = usz(N) * HD;
 
-  // MLP. dx is both d(x2) via the skip path and d(down output).
+  // MLP. dx is both d(x2) via the skip path and d(down output). h1 and h3 are not
+  // needed after SwiGLU's backward: their gradients overwrite them.
   dg_.resize(nH);
-  dh1_.resize(nH);
-  dh3_.resize(nH);
   dxn_.resize(nD);
   linear_backward(l, Proj::down, a.g.data(), dx, dg_.data(), N, false, a.lc[usz(I(Proj::down))]);
-  swiglu_backward(a.h1.data(), a.h3.data(), dg_.data(), dh1_.data(), dh3_.data(), static_cast<std::int64_t>(nH), stream_);
-  linear_backward(l, Proj::gate, a.xn2.data(), dh1_.data(), dxn_.data(), N, false, a.lc[usz(I(Proj::gate))]);
-  linear_backward(l, Proj::up, a.xn2.data(), dh3_.data(), dxn_.data(), N, true, a.lc[usz(I(Proj::up))]);
+  float* dh1 = a.h1.data();
+  float* dh3 = a.h3.data();
+  swiglu_backward(a.h1.data(), a.h3.data(), dg_.data(), dh1, dh3, static_cast<std::int64_t>(nH), stream_);
+  linear_backward(l, Proj::gate, a.xn2.data(), dh1, dxn_.data(), N, false, a.lc[usz(I(Proj::gate))]);
+  linear_backward(l, Proj::up, a.xn2.data(), dh3, dxn_.data(), N, true, a.lc[usz(I(Proj::up))]);
   rmsnorm_backward(a.x2.data(), L.rms_ffn.data(), a.inv2.data(), dxn_.data(), dx, N, D, stream_);
 
   // Attention. dx is now d(x2): the skip path and d(o_proj output).
@@ -404,7 +413,8 @@ void LlamaModelGpu::layer_backward(int l, LayerActs& a, float* dx) {
                          dk_.data(), dv_.data(), B_, T_, H, KVH, hs, stream_);
     else
       attention_backward_v2(cublas_.get(), a.q.data(), a.k.data(), a.v.data(), a.att.data(), dout_.data(),
-                            ds_.data(), dq_.data(), dk_.data(), dv_.data(), B_, T_, H, KVH, hs, stream_);
+                            ds_.data(), dq_.data(), dk_.data(), dv_.data(), B_, T_, H, KVH, hs, stream_,
+                            float_math_);
   }
   rope(dq_.data(), N, T_, H, hs, rope_cos_.data(), rope_sin_.data(), true, stream_);
   rope(dk_.data(), N, T_, KVH, hs, rope_cos_.data(), rope_sin_.data(), true, stream_);
@@ -472,15 +482,57 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
   xn_final_.resize(nD);
   rmsnorm_forward(x_final_.data(), rms_final_.data(), xn_final_.data(), inv_final_.data(), N, D, cfg_.norm_eps, stream_);
   const bf16* xnb = rounded(xb_, xn_final_.data(), static_cast<std::int64_t>(nD));
+  peak_act_bytes_ = cached_bytes();
+  head_fused_ = head_version_ == 2;
+  if (head_fused_) return chunked_head(xnb, targets != nullptr);
   logits_.resize(usz(N) * V);
   gemm_bf16_xwt(cublas_, xnb, cls_.data(), logits_.data(), OutType::f32, N, D, V, false, stream_);
-  peak_act_bytes_ = cached_bytes();
   if (!targets || target_count_ == 0) {
     CUDA_CHECK(cudaStreamSynchronize(stream_));
     return 0.0f;
   }
   row_loss_.resize(usz(N));
   cross_entropy_loss(logits_.data(), targets_.data(), row_loss_.data(), N, V, stream_);
+  return mean_loss();
+}
+
+//! [gpu-chunked-head]
+// Head version 2: the classifier, the loss and (when a backward can follow) the loss's
+// gradient with respect to the final norm's output, a chunk of rows at a time, so that
+// float32 logits exist for one chunk only (64 MiB of them: 524 rows of LLaMA's 32000
+// words, 130 of LLaMA-3's 128256). Each chunk's logits become their own gradient in place
+// (softmax − one-hot, over the batch's target count) and go straight into dxn = dlogits·Wcls;
+// backward then starts from dxn. Same kernels as version 1, row for row.
+float LlamaModelGpu::chunked_head(const bf16* xnb, bool with_targets) {
+  const int N = B_ * T_, D = cfg_.dim, V = cfg_.vocab_size;
+  // An evaluation (training = false) skips the gradient's product; backward then refuses.
+  const bool grad = with_targets && lora_.has_value() && training_;
+  backward_pending_ = grad;
+  const std::int64_t fit = head_chunk_rows_ > 0 ? head_chunk_rows_ : kHeadChunkBytes / (4 * static_cast<std::int64_t>(V));
+  const int rows = static_cast<int>(std::clamp<std::int64_t>(fit, 1, N));
+  logits_.resize(usz(rows) * V);
+  row_loss_.resize(usz(N));
+  if (grad) dxn_.resize(usz(N) * D);
+  const float inv_count = target_count_ > 0 ? 1.0f / static_cast<float>(target_count_) : 0.0f;
+  for (int r0 = 0; r0 < N && with_targets; r0 += rows) {
+    const int n = std::min(rows, N - r0);
+    gemm_bf16_xwt(cublas_, xnb + usz(r0) * D, cls_.data(), logits_.data(), OutType::f32, n, D, V, false, stream_);
+    cross_entropy_loss(logits_.data(), targets_.data() + r0, row_loss_.data() + r0, n, V, stream_);
+    if (!grad) continue;
+    cross_entropy_backward(logits_.data(), targets_.data() + r0, n, V, inv_count, stream_);
+    const bf16* dlogits_b = rounded(yb_, logits_.data(), static_cast<std::int64_t>(n) * V);
+    gemm_bf16_dyw(cublas_, dlogits_b, cls_.data(), dxn_.data() + usz(r0) * D, OutType::f32, n, D, V, false, stream_);
+  }
+  if (!with_targets || target_count_ == 0) {
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return 0.0f;
+  }
+  return mean_loss();
+}
+//! [gpu-chunked-head]
+
+float LlamaModelGpu::mean_loss() {
+  const int N = B_ * T_;
   std::vector<float> losses(usz(N));
   CUDA_CHECK(cudaMemcpyAsync(losses.data(), row_loss_.data(), usz(N) * sizeof(float), cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -492,20 +544,23 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
 //! [gpu-model-backward]
 void LlamaModelGpu::backward() {
   if (acts_.empty() || T_ == 0) throw std::logic_error("LlamaModelGpu::backward: no forward pass to differentiate");
-  if (!backward_pending_) throw std::logic_error("LlamaModelGpu::backward: no pending forward with targets");
+  if (!backward_pending_)
+    throw std::logic_error("LlamaModelGpu::backward: no pending training forward with targets");
   backward_pending_ = false;
   if (!lora_) throw std::logic_error("LlamaModelGpu::backward: the model has no LoRA adapters");
   const int N = B_ * T_, D = cfg_.dim, V = cfg_.vocab_size;
   const std::size_t nD = usz(N) * D;
   std::optional<NvtxRange> head(std::in_place, "head");
-  if (target_count_ > 0)
-    cross_entropy_backward(logits_.data(), targets_.data(), N, V, 1.0f / static_cast<float>(target_count_), stream_);
-  else
-    CUDA_CHECK(cudaMemsetAsync(logits_.data(), 0, logits_.size() * sizeof(float), stream_));
-  // dxn = dlogits·Wcls through a BF16 GEMM, like every frozen matrix.
-  const bf16* dlogits_b = rounded(yb_, logits_.data(), static_cast<std::int64_t>(N) * V);
-  dxn_.resize(nD);
-  gemm_bf16_dyw(cublas_, dlogits_b, cls_.data(), dxn_.data(), OutType::f32, N, D, V, false, stream_);
+  if (!head_fused_) {  // version 2's forward has left dxn already
+    if (target_count_ > 0)
+      cross_entropy_backward(logits_.data(), targets_.data(), N, V, 1.0f / static_cast<float>(target_count_), stream_);
+    else
+      CUDA_CHECK(cudaMemsetAsync(logits_.data(), 0, logits_.size() * sizeof(float), stream_));
+    // dxn = dlogits·Wcls through a BF16 GEMM, like every frozen matrix.
+    const bf16* dlogits_b = rounded(yb_, logits_.data(), static_cast<std::int64_t>(N) * V);
+    dxn_.resize(nD);
+    gemm_bf16_dyw(cublas_, dlogits_b, cls_.data(), dxn_.data(), OutType::f32, N, D, V, false, stream_);
+  }
   dx_.resize(nD);
   CUDA_CHECK(cudaMemsetAsync(dx_.data(), 0, nD * sizeof(float), stream_));
   rmsnorm_backward(x_final_.data(), rms_final_.data(), inv_final_.data(), dxn_.data(), dx_.data(), N, D, stream_);
@@ -546,6 +601,8 @@ std::int64_t LlamaModelGpu::cached_bytes() const {
 }
 
 std::vector<float> LlamaModelGpu::logits() const {
+  if (head_fused_)
+    throw std::logic_error("LlamaModelGpu::logits: head version 2 keeps no logits (set_head_version(1) keeps them)");
   std::vector<float> out(logits_.size());
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   logits_.download(out.data(), out.size());

@@ -74,8 +74,15 @@ class LlamaModelGpu {
   float forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng);
   /// As LlamaModel::backward: accumulates dA, dB of every adapter.
   void backward();
-  /// Logits of the last forward on the host, (B·T)×vocab (dLoss/dlogits after backward).
+  /// Logits of the last forward on the host, (B·T)×vocab (dLoss/dlogits after backward);
+  /// only with head version 1 (throws std::logic_error otherwise).
   std::vector<float> logits() const;
+  /// The classifier and the loss: 1, the whole batch's float32 logits at once, kept for
+  /// logits() and differentiated in backward (the first version, the CPU model's order); or
+  /// 2 (default), a chunk of rows at a time, the loss's gradient taken in forward
+  /// (chunked_head), so no (B·T)×vocab float32 array exists. chunk_rows > 0 sets the rows
+  /// per chunk (tests); 0 takes as many as 64 MiB of float32 logits hold.
+  void set_head_version(int v, int chunk_rows = 0);
   /// Per-layer gradient checkpointing, as LlamaModel::set_checkpointing: forward keeps only
   /// each layer's input and the generator state its dropout masks start from; backward
   /// recomputes the layer into one reused set of buffers. (The constructor copies the
@@ -91,6 +98,11 @@ class LlamaModelGpu {
   /// first and simplest GPU version), or 2 (default), the products through cuBLAS
   /// (kernels/attention_gemm.cuh). Both compute the CPU reference's function.
   void set_attention_version(int v);
+  /// How the float32 products of the LoRA path and of attention run (float_math.cuh):
+  /// tf32 (default), on the tensor cores; fp32, PEFT's arithmetic, the CPU reference's.
+  /// The frozen projections are BF16 products either way.
+  void set_float_math(FloatMath m) { float_math_ = m; }
+  FloatMath float_math() const { return float_math_; }
   /// Bytes of device activations kept for backward at the peak of the last forward +
   /// backward (the recomputed layer included; logits excluded): what checkpointing saves.
   std::int64_t activation_bytes() const { return peak_act_bytes_; }
@@ -133,6 +145,11 @@ class LlamaModelGpu {
   bool backward_pending_ = false;
   bool checkpointing_ = false;
   int attention_version_ = 2;
+  FloatMath float_math_ = FloatMath::tf32;
+  int head_version_ = 2;
+  int head_chunk_rows_ = 0;
+  bool head_fused_ = false;  ///< the last forward ran head version 2
+  static constexpr std::int64_t kHeadChunkBytes = std::int64_t{64} << 20;  ///< float32 logits per chunk
   bool offload_ = false;
   bool fwd_offloaded_ = false;  ///< offloading as it was during the last forward
   bool fwd_checkpointed_ = false;  ///< checkpointing as it was during the last forward
@@ -148,7 +165,8 @@ class LlamaModelGpu {
   std::vector<std::unique_ptr<LayerActs>> acts_;
   DeviceFloats x_final_, inv_final_, xn_final_, logits_, row_loss_;
   DeviceBuffer<bf16> xb_, yb_;  ///< BF16 copies of matmul inputs (forward) and output gradients (backward)
-  DeviceFloats tmp_, dx_, dxn_, dg_, dh1_, dh3_, dout_, dq_, dk_, dv_, ds_;
+  DeviceFloats tmp_, dx_, dxn_, dg_, dout_, dq_, dk_, dv_, ds_;
+  DeviceLoraScratch lora_scratch_;  ///< one for every adapter
 
   /// x rounded to BF16 into `buf` (grown as needed): the operand of a frozen matmul.
   const bf16* rounded(DeviceBuffer<bf16>& buf, const float* x, std::int64_t n);
@@ -159,6 +177,8 @@ class LlamaModelGpu {
                        DeviceLoraCache& lc);
   void layer_forward(int l, const float* x_in, float* x_out, bool training, std::mt19937_64& rng, LayerActs& a);
   void layer_backward(int l, LayerActs& a, float* dx);
+  float chunked_head(const bf16* xnb, bool with_targets);
+  float mean_loss();  ///< the mean of row_loss_ over the targets, on the host
   DeviceLoraAdapter* adapter(int l, Proj p) const;
   void init_rope();
   std::int64_t cached_bytes() const;

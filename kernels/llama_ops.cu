@@ -69,14 +69,14 @@ __global__ void swiglu_forward_kernel(const float* __restrict__ h1, const float*
   }
 }
 
-__global__ void swiglu_backward_kernel(const float* __restrict__ h1, const float* __restrict__ h3,
-                                       const float* __restrict__ dg, float* __restrict__ dh1,
-                                       float* __restrict__ dh3, std::int64_t n) {
+// dh1 may be h1 and dh3 may be h3 (no __restrict__ there): each element is read before it is written.
+__global__ void swiglu_backward_kernel(const float* h1, const float* h3, const float* __restrict__ dg, float* dh1,
+                                       float* dh3, std::int64_t n) {
   for (std::int64_t i = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; i < n;
        i += (std::int64_t)gridDim.x * blockDim.x) {
-    const float z = h1[i], sig = 1.0f / (1.0f + expf(-z));
-    dh3[i] = dg[i] * z * sig;
-    dh1[i] = dg[i] * h3[i] * sig * (1.0f + z * (1.0f - sig));
+    const float z = h1[i], u = h3[i], d = dg[i], sig = 1.0f / (1.0f + expf(-z));
+    dh3[i] = d * z * sig;
+    dh1[i] = d * u * sig * (1.0f + z * (1.0f - sig));
   }
 }
 

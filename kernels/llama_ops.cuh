@@ -53,7 +53,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
 /// g = silu(h1) ⊙ h3. CPU reference: qlora::swiglu_forward.
 void swiglu_forward(const float* h1, const float* h3, float* g, std::int64_t n, cudaStream_t s);
 
-/// dh1, dh3 (overwritten) from dg. CPU reference: qlora::swiglu_backward.
+/// dh1, dh3 (overwritten) from dg; in place allowed (dh1 = h1, dh3 = h3). CPU reference: qlora::swiglu_backward.
 void swiglu_backward(const float* h1, const float* h3, const float* dg, float* dh1, float* dh3, std::int64_t n,
                      cudaStream_t s);
 

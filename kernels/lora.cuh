@@ -3,14 +3,17 @@
 // CPU reference: lora_forward_ref / lora_backward_ref in src/lora.cpp; the API
 // mirrors it (forward ADDS the LoRA term to y, backward accumulates dA, dB and
 // ADDS into dx), so the frozen base path can be anything: a BF16 GEMM or the
-// chapter-5 NF4 kernel. Activations, A, B and gradients are float32.
+// chapter-5 NF4 kernel. Activations, A, B and gradients are float32; the products
+// are float32 (FloatMath::fp32, PEFT's arithmetic) or TF32 on the tensor cores.
 // The dropout mask is a hash of (seed, element index) (lora_dropout_mask_hashed):
 // forward draws one seed from the caller's rng, exactly as the CPU path does, and
-// the device computes the mask in place, so both drop the same elements.
+// the device hashes each element's keep/drop where it multiplies, so both drop the
+// same elements. Nothing of the mask is stored: backward hashes it again from the seed.
 // All pointers passed in are device pointers; work is issued on `stream`.
 #pragma once
 
 #include "cuda_check.cuh"
+#include "float_math.cuh"
 #include "lora.hpp"
 
 #include <cstddef>
@@ -62,26 +65,33 @@ struct DeviceLoraAdapter {
   void download(LoraAdapter& host) const;               ///< A, B, dA, dB device → host
 };
 
-/// What forward keeps for backward, plus scratch buffers reused across calls.
+/// What forward keeps for backward: T×r values and a seed.
 struct DeviceLoraCache {
   int T = 0;
-  bool masked = false;  ///< dropout was applied: mask holds T×in values
-  DeviceFloats mask;    ///< 0 or 1/(1-p), computed on the device from one seed
-  DeviceFloats xa;      ///< T×r: dropout(x)·Aᵀ
-  DeviceFloats xd;      ///< T×in scratch: x⊙mask
-  DeviceFloats dxa;     ///< T×r scratch: s·dy·B
-  DeviceFloats dxd;     ///< T×in scratch: dxa·A before the mask
+  bool masked = false;     ///< dropout was applied, with the mask hashed from `seed`
+  std::uint64_t seed = 0;  ///< the mask's seed, the one value drawn from the caller's rng
+  DeviceFloats xa;         ///< T×r: dropout(x)·Aᵀ
+  std::int64_t bytes() const { return static_cast<std::int64_t>(xa.size() * sizeof(float)); }
+};
+
+/// Scratch of the LoRA path, valid only inside one call: one set serves every adapter of a model.
+struct DeviceLoraScratch {
+  DeviceFloats xd;   ///< T×in: x⊙mask
+  DeviceFloats dxa;  ///< T×r: s·dy·B
+  DeviceFloats dxd;  ///< T×in: dxa·A before the mask
 };
 
 /// mask[i] = 1/(1-p) or 0 for i < n, bit for bit lora_dropout_mask_hashed(n, p, seed). Asynchronous on s.
 void lora_dropout_mask_cuda(float* mask, std::int64_t n, float p, std::uint64_t seed, cudaStream_t s);
 
-/// y[T×out] += s·(dropout(x)·Aᵀ)·Bᵀ. Draws the mask from rng exactly when the CPU path would.
+/// y[T×out] += s·(dropout(x)·Aᵀ)·Bᵀ. Draws the mask's seed from rng exactly when the CPU path would.
 void lora_forward_cuda(cublasHandle_t handle, cudaStream_t stream, const DeviceLoraAdapter& ad, const LoraConfig& cfg,
-                       const float* x, float* y, int T, bool training, std::mt19937_64& rng, DeviceLoraCache& cache);
+                       const float* x, float* y, int T, bool training, std::mt19937_64& rng, DeviceLoraCache& cache,
+                       DeviceLoraScratch& scratch, FloatMath math = FloatMath::fp32);
 
 /// dA += dxaᵀ·dropout(x), dB += s·dyᵀ·xa, dx += (dxa·A)⊙mask with dxa = s·dy·B.
 void lora_backward_cuda(cublasHandle_t handle, cudaStream_t stream, DeviceLoraAdapter& ad, const LoraConfig& cfg,
-                        const float* x, const float* dy, float* dx, int T, DeviceLoraCache& cache);
+                        const float* x, const float* dy, float* dx, int T, const DeviceLoraCache& cache,
+                        DeviceLoraScratch& scratch, FloatMath math = FloatMath::fp32);
 
 }  // namespace qlora::cuda

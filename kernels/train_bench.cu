@@ -91,6 +91,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
   model->set_checkpointing(o.checkpointing);
   model->set_offload_checkpoints(o.offload_checkpoints);
   model->set_attention_version(o.attention);
+  model->set_float_math(o.tf32 ? FloatMath::tf32 : FloatMath::fp32);
   const double load_s = seconds_since(t_load);
   const double rss_load = peak_rss_gib();
   folder.reset();  // unmaps the shards
@@ -159,7 +160,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
       {"parameters", params},
       {"storage", to_string(o.storage)},
       {"batch", B}, {"seq_len", T}, {"rank", o.rank}, {"alpha", o.alpha}, {"dropout", o.dropout},
-      {"optim", to_string(o.optim)}, {"optimizer_states", to_string(trainer.state_placement())}, {"gradient_checkpointing", o.checkpointing}, {"offload_checkpoints", o.offload_checkpoints}, {"attention_version", o.attention},
+      {"optim", to_string(o.optim)}, {"optimizer_states", to_string(trainer.state_placement())}, {"gradient_checkpointing", o.checkpointing}, {"offload_checkpoints", o.offload_checkpoints}, {"attention_version", o.attention}, {"float_math", o.tf32 ? "tf32" : "fp32"},
       {"warmup_steps", o.warmup}, {"timed_steps", o.steps},
       {"load_seconds", load_s}, {"load_peak_rss_gib", rss_load},
       {"tokens_per_s", tokens_per_s}, {"model_tflops", tflops},
@@ -174,9 +175,9 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
         {"activations_kept", act_gib}}},
       {"lora_parameters", lora_params},
       {"steps", steps}};
-  std::printf("bench train on %s: %s (%.2f B parameters), %s, batch %d × seq %d, r %d, %s\n", prop.name,
-              r["shape"].get<std::string>().c_str(), static_cast<double>(params) / 1e9, to_string(o.storage).c_str(), B,
-              T, o.rank, to_string(o.optim).c_str());
+  std::printf("bench train on %s: %s (%.2f B parameters), %s, batch %d × seq %d, r %d, %s, %s products\n",
+              prop.name, r["shape"].get<std::string>().c_str(), static_cast<double>(params) / 1e9,
+              to_string(o.storage).c_str(), B, T, o.rank, to_string(o.optim).c_str(), o.tf32 ? "tf32" : "fp32");
   std::printf("  load %.1f s (host peak RSS %.2f GiB); %.0f tokens/s over %d steps; %.1f model TFLOP/s\n", load_s,
               rss_load, tokens_per_s, o.steps, tflops);
   std::printf("  device memory in use: peak %.2f GiB (context %.2f, frozen weights %.2f, LoRA + grads %.2f, "

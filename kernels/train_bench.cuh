@@ -26,6 +26,7 @@ struct TrainBenchOptions {
   bool checkpointing = true;
   bool offload_checkpoints = false;  ///< LlamaModelGpu::set_offload_checkpoints
   int attention = 2;              ///< LlamaModelGpu::set_attention_version
+  bool tf32 = true;               ///< LlamaModelGpu::set_float_math: tf32, or fp32 when false
   int steps = 10;   ///< timed steps
   int warmup = 2;   ///< untimed steps first
   std::uint64_t seed = 1;

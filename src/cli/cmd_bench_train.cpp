@@ -30,6 +30,7 @@ struct BenchTrainArgs {
   bool no_checkpointing = false;
   bool offload = false;
   int attention = 2;
+  std::string float_math = "tf32";
   double memory_limit_gib = 0;
   std::uint64_t seed = 1;
   std::string json, write_hf, tokens_out;
@@ -51,6 +52,7 @@ void run(const BenchTrainArgs& a) {
   o.checkpointing = !a.no_checkpointing;
   o.offload_checkpoints = a.offload;
   o.attention = a.attention;
+  o.tf32 = a.float_math == "tf32";
   o.steps = a.steps;
   o.warmup = a.warmup;
   o.seed = a.seed;
@@ -88,6 +90,10 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--dropout", a->dropout, "LoRA dropout")->check(non_negative)->capture_default_str();
   cmd->add_flag("--no-gradient-checkpointing", a->no_checkpointing, "keep every layer's activations");
   cmd->add_flag("--offload-checkpoints", a->offload, "keep each layer's checkpointed input in pinned host memory");
+  cmd->add_option("--float-math", a->float_math,
+                  "float32 products of the LoRA path and attention: tf32 (tensor cores) or fp32 (PEFT's arithmetic)")
+      ->check(CLI::IsMember({"tf32", "fp32"}))
+      ->capture_default_str();
   cmd->add_option("--attention", a->attention, "attention version: 1 (a warp per query row) or 2 (cuBLAS products)")
       ->check(CLI::IsMember({1, 2}))
       ->capture_default_str();
