@@ -600,6 +600,32 @@ std::int64_t LlamaModelGpu::cached_bytes() const {
   return n;
 }
 
+std::vector<std::pair<std::string, std::int64_t>> LlamaModelGpu::buffer_inventory() const {
+  auto f32 = [](std::initializer_list<const DeviceFloats*> bufs) {
+    std::int64_t n = 0;
+    for (const DeviceFloats* b : bufs) n += static_cast<std::int64_t>(b->capacity() * sizeof(float));
+    return n;
+  };
+  std::int64_t inputs = f32({&recompute_in_}), acts = 0;
+  for (const DeviceFloats& x : layer_inputs_) inputs += f32({&x});
+  for (const auto& a : acts_) {
+    if (!a) continue;
+    acts += f32({&a->x, &a->inv1, &a->xn1, &a->q, &a->k, &a->v, &a->att, &a->o, &a->x2, &a->inv2, &a->xn2, &a->h1,
+                 &a->h3, &a->g});
+    for (const DeviceLoraCache& c : a->lc) acts += f32({&c.xa});
+  }
+  const auto b16 = [](const DeviceBuffer<bf16>& b) { return static_cast<std::int64_t>(b.bytes()); };
+  return {{"layer inputs", inputs},
+          {"layer activations", acts},
+          {"final norm", f32({&x_final_, &inv_final_, &xn_final_, &recompute_out_})},
+          {"backward scratch", f32({&tmp_, &dx_, &dxn_, &dg_, &dout_, &dq_, &dk_, &dv_, &ds_})},
+          {"LoRA scratch", f32({&lora_scratch_.xd, &lora_scratch_.dxa, &lora_scratch_.dxd})},
+          {"BF16 operands", b16(xb_) + b16(yb_)},
+          {"logits and loss", f32({&logits_, &row_loss_})},
+          {"dequantize scratch", static_cast<std::int64_t>(scratch_.bytes())},
+          {"tokens", static_cast<std::int64_t>(tokens_.bytes() + targets_.bytes())}};
+}
+
 std::vector<float> LlamaModelGpu::logits() const {
   if (head_fused_)
     throw std::logic_error("LlamaModelGpu::logits: head version 2 keeps no logits (set_head_version(1) keeps them)");

@@ -106,6 +106,12 @@ class LlamaModelGpu {
   /// Bytes of device activations kept for backward at the peak of the last forward +
   /// backward (the recomputed layer included; logits excluded): what checkpointing saves.
   std::int64_t activation_bytes() const { return peak_act_bytes_; }
+  /// The device buffers beyond weights and adapters, in bytes allocated, by what they hold:
+  /// "layer inputs", "layer activations", "final norm" (the activations kept for backward),
+  /// then "backward scratch", "LoRA scratch", "BF16 operands", "logits and loss",
+  /// "dequantize scratch", "tokens". `qlora plan` predicts the same list
+  /// (plan_training_memory, src/memory_plan.hpp), name for name.
+  std::vector<std::pair<std::string, std::int64_t>> buffer_inventory() const;
 
   // --- the adapters ------------------------------------------------------------
   /// The device adapters in (layer, proj) order with their HF module names, as

@@ -42,6 +42,7 @@ class DeviceFloats {
   float* data() { return p_; }
   const float* data() const { return p_; }
   std::size_t size() const { return n_; }
+  std::size_t capacity() const { return cap_; }  ///< values allocated: what the array holds on the device
   void upload(const float* host, std::size_t n);          ///< resizes to n, synchronous copy
   void download(float* host, std::size_t n) const;        ///< copies the first n values
 

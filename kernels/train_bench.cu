@@ -4,6 +4,7 @@
 #include "atomic_file.hpp"
 #include "gpu_trainer.cuh"
 #include "hf_folder.hpp"
+#include "memory_plan.hpp"
 #include "model_shapes.hpp"
 #include "model_stream.cuh"
 #include "paged.cuh"
@@ -150,7 +151,28 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
   // Model FLOPs of a QLoRA step with recomputation: 2·P·T forward, 2·P·T for the input
   // gradients, 2·P·T to recompute the forward (no weight gradients for frozen weights).
   const double tflops = 6.0 * static_cast<double>(params) * tokens_per_s / 1e12;
-  const double act_gib = static_cast<double>(m.activation_bytes()) / kGiB;
+  // The model's buffers after the last step, and qlora plan's prediction for the same run.
+  nlohmann::json inventory = nlohmann::json::object();
+  double act_gib = 0, work_gib = 0;
+  for (const auto& [what, bytes] : m.buffer_inventory()) {
+    inventory[what] = static_cast<double>(bytes) / kGiB;
+    const bool kept = what == "layer inputs" || what == "layer activations" || what == "final norm";
+    (kept ? act_gib : work_gib) += static_cast<double>(bytes) / kGiB;
+  }
+  TrainingSetup setup;
+  setup.batch = B;
+  setup.seq_len = T;
+  setup.rank = o.rank;
+  setup.dropout = o.dropout;
+  setup.storage = o.storage;
+  setup.optim = o.optim;
+  setup.checkpointing = o.checkpointing;
+  setup.offload_checkpoints = o.offload_checkpoints;
+  setup.states_on_device = trainer.state_placement() != StatePlacement::Host && !trainer.states_paged_out();
+  const TrainingMemoryPlan plan = plan_training_memory(cfg, setup);
+  nlohmann::json plan_json = nlohmann::json::object();
+  for (const MemoryItem& i : plan.items) plan_json[i.group][i.name] = i.bytes / kGiB;
+  const double states_gib = setup.states_on_device ? plan.group("optimizer states") / kGiB : 0.0;
   nlohmann::json r = {
       {"benchmark", "qlora bench train"},
       {"device", prop.name},
@@ -172,7 +194,11 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
         {"peak_after_first_forward", fwd_gib},
         {"frozen_weights", static_cast<double>(frozen) / kGiB},
         {"lora_params_and_grads", static_cast<double>(lora_params) * 8.0 / kGiB},
-        {"activations_kept", act_gib}}},
+        {"optimizer_states_resident", states_gib},
+        {"activations_kept", act_gib},
+        {"workspaces", work_gib},
+        {"buffers", inventory}}},
+      {"plan_gib", {{"peak_in_use", plan.total() / kGiB}, {"items", plan_json}}},
       {"lora_parameters", lora_params},
       {"steps", steps}};
   std::printf("bench train on %s: %s (%.2f B parameters), %s, batch %d × seq %d, r %d, %s, %s products\n",
@@ -181,9 +207,15 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
   std::printf("  load %.1f s (host peak RSS %.2f GiB); %.0f tokens/s over %d steps; %.1f model TFLOP/s\n", load_s,
               rss_load, tokens_per_s, o.steps, tflops);
   std::printf("  device memory in use: peak %.2f GiB (context %.2f, frozen weights %.2f, LoRA + grads %.2f, "
-              "activations kept %.2f)\n",
+              "optimizer states %.2f, activations kept %.2f, workspaces %.2f)\n",
               peak_gib + context_gib, context_gib, static_cast<double>(frozen) / kGiB,
-              static_cast<double>(lora_params) * 8.0 / kGiB, act_gib);
+              static_cast<double>(lora_params) * 8.0 / kGiB, states_gib, act_gib, work_gib);
+  std::printf("  qlora plan: %.2f GiB (context %.2f, frozen weights %.2f, LoRA + grads %.2f, optimizer states %.2f, "
+              "activations kept %.2f, workspaces %.2f): measured/plan %.3f\n",
+              plan.total() / kGiB, plan.group("context") / kGiB, plan.group("frozen weights") / kGiB,
+              plan.group("LoRA + gradients") / kGiB, plan.group("optimizer states") / kGiB,
+              plan.group("activations kept") / kGiB, plan.group("workspaces") / kGiB,
+              (peak_gib + context_gib) / (plan.total() / kGiB));
   return r;
 }
 

@@ -17,7 +17,8 @@
 #             kjv15M saved in NF4+DQ by transformers+bitsandbytes: its held-out loss there and in qlora eval (cpu, cuda)
 #   scale65   chapter 7: the 65B shape under a 48 and a 42 GiB ballast, checkpoints offloaded or not
 #             (scripts/gpu_scale.sh 65b; SCALE65_RUNS picks among 48 42 42-offload)
-#   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, attention v1 vs v2
+#   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, TF32 vs fp32 products
+#   plan      chapter 7: 13B, 33B, 65B steps on the whole card against qlora plan (scripts/gpu_scale.sh plan)
 #   profile   chapter 7: Nsight Compute's time per kernel of one training step at the 7B width with
 #             $PROFILE_LAYERS layers (default 2), grouped by NVTX range (scripts/gpu_profile.sh)
 # Everything lands in $OUT/results.tgz.
@@ -82,6 +83,8 @@ for phase in "${phases[@]}"; do
       done 2>&1 | tee "$res/bnb_models_eval.log" ;;
     scale)
       timeout ${SCALE_TIMEOUT:-540} bash scripts/gpu_scale.sh build/cuda "$res/scale"; echo "gpu_scale: $?" ;;
+    plan)
+      timeout 400 bash scripts/gpu_scale.sh build/cuda "$res/plan" plan; echo "gpu_scale plan: $?" ;;
     scale65)
       timeout 300 bash scripts/gpu_scale.sh build/cuda "$res/scale65" 65b; echo "gpu_scale 65b: $?" ;;
     profile)

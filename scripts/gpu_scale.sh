@@ -4,9 +4,11 @@
 # trained (`qlora bench train`: load time, host peak RSS, tokens/s, device memory), then
 # transformers + PEFT + bitsandbytes on the same folder and tokens in the same call
 # (tools/hf_train_bench.py), and our 7B with attention version 1 for comparison.
-# Needs bitsandbytes built (scripts/build_bnb.sh). Usage: scripts/gpu_scale.sh BUILD_DIR OUT_DIR [65b]
-# (65b: instead, the 65B shape under a cudaMalloc ballast: $SCALE65_RUNS among 48 (the paper's
-# card), 42 and 42-offload (checkpointed layer inputs in host memory); all three by default).
+# Needs bitsandbytes built (scripts/build_bnb.sh). Usage: scripts/gpu_scale.sh BUILD_DIR OUT_DIR [65b|plan]
+# (65b: instead, the 65B shape under a cudaMalloc ballast: $SCALE65_RUNS, GiB values with an
+# optional -offload (checkpointed layer inputs in host memory); default 48 (the paper's card),
+# 42 and 42-offload. plan: the 13B, 33B and 65B shapes on the whole card, each step's measured
+# peak beside qlora plan's, and the footprint of one cudaMalloc by size.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 build=$1
@@ -27,6 +29,17 @@ if [[ ${3:-} == 65b ]]; then
   done
   exit 0
 fi
+if [[ ${3:-} == plan ]]; then
+  python3 tools/cuda_alloc_footprint.py --json "$out/alloc_footprint.json"
+  for shape in 13b 33b 65b; do
+    batch=4; [[ $shape == 65b ]] && batch=1
+    echo "--- ours, $shape shape, batch $batch × seq 512 $(date -u +%T)"
+    "$q" bench train --shape $shape --storage nf4-dq --optim paged_adamw_32bit --batch $batch --seq-len 512 --rank 64 \
+      --warmup 1 --steps 2 --json "$out/ours_${shape}.json" > "$out/ours_${shape}.log" 2>&1
+    echo "rc $?"; grep -v "^loading" "$out/ours_${shape}.log" | tail -5
+  done
+  exit 0
+fi
 settings=(--batch 4 --seq-len 512 --rank 64 --alpha 16 --dropout 0.05 --warmup 2)
 echo "--- write the 7B folder $(date -u +%T)"
 "$q" bench train --shape 7b --write-hf /tmp/m7b --json "$out/write_7b.json" 2>&1 | tail -3
@@ -34,10 +47,11 @@ du -sh /tmp/m7b
 echo "--- ours: stream /tmp/m7b in NF4+DQ and train $(date -u +%T)"
 "$q" bench train --model /tmp/m7b --storage nf4-dq --optim paged_adamw_32bit "${settings[@]}" --steps ${SCALE_STEPS:-6} \
   --tokens-out "$out/tokens_7b.json" --json "$out/ours_7b.json" > "$out/ours_7b.log" 2>&1
-echo "rc $?"; grep -E "^loading: .*tensors|^step|bench train|load|memory" "$out/ours_7b.log" | tail -16
-echo "--- ours with attention version 1 (a warp per query row), random weights $(date -u +%T)"
-"$q" bench train --shape 7b --storage nf4-dq --attention 1 "${settings[@]}" --steps 3 \
-  --json "$out/ours_7b_attn1.json" 2>&1 | tail -3
+echo "rc $?"; grep -E "^step|bench train|load|memory|plan" "$out/ours_7b.log" | tail -14
+echo "--- ours with the float32 products in fp32 (PEFT's arithmetic) $(date -u +%T)"
+"$q" bench train --model /tmp/m7b --storage nf4-dq --optim paged_adamw_32bit "${settings[@]}" --steps ${SCALE_STEPS:-6} \
+  --float-math fp32 --json "$out/ours_7b_fp32.json" > "$out/ours_7b_fp32.log" 2>&1
+echo "rc $?"; grep -E "^step|bench train|load|memory|plan" "$out/ours_7b_fp32.log" | tail -8
 echo "--- transformers + PEFT + bitsandbytes on the same folder and tokens $(date -u +%T)"
 timeout 420 python3 tools/hf_train_bench.py --model /tmp/m7b --tokens "$out/tokens_7b.json" --batch 4 \
   --json "$out/hf_7b.json" > "$out/hf_7b.log" 2>&1

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cmath>
 #include <stdexcept>
 
 namespace qlora {
@@ -77,5 +78,76 @@ MemoryPlan plan_memory(const LlamaShape& s, int r) {
   return m;
 }
 //! [plan-memory]
+
+}  // namespace qlora
+
+namespace qlora {
+
+double TrainingMemoryPlan::total() const {
+  double t = 0;
+  for (const MemoryItem& i : items) t += i.bytes;
+  return t;
+}
+
+double TrainingMemoryPlan::group(const std::string& g) const {
+  double t = 0;
+  for (const MemoryItem& i : items)
+    if (i.group == g) t += i.bytes;
+  return t;
+}
+
+//! [plan-training]
+TrainingMemoryPlan plan_training_memory(const LlamaConfig& c, const TrainingSetup& s) {
+  validate_config(c, "plan_training_memory");
+  if (s.batch <= 0 || s.seq_len <= 0 || s.rank <= 0)
+    throw std::invalid_argument("plan_training_memory: batch, seq_len and rank must be positive");
+  const double B = s.batch, T = s.seq_len, N = B * T, D = c.dim, KV = c.kv_dim(), HD = c.hidden_dim;
+  const double H = c.n_heads, L = c.n_layers, V = c.vocab_size, r = s.rank;
+  const double f32 = 4, b16 = 2;
+  TrainingMemoryPlan p;
+  auto add = [&](const char* group, const char* name, double bytes) { p.items.push_back({group, name, bytes}); };
+
+  add("context", "CUDA context", kCudaContextBytes);
+  add("context", "CUDA runtime during a step", kCudaRuntimeBytes);
+
+  // Frozen weights as LlamaModelGpu::frozen_bytes counts them: projections as stored,
+  // embedding and classifier BF16, norms at 2 bytes.
+  const bool four_bit = s.storage == BaseStorage::nf4 || s.storage == BaseStorage::nf4_dq ||
+                        s.storage == BaseStorage::fp4 || s.storage == BaseStorage::fp4_dq;
+  const bool dq = s.storage == BaseStorage::nf4_dq || s.storage == BaseStorage::fp4_dq;
+  const double linear = L * (2 * D * D + 2 * D * KV + 3 * D * HD);
+  add("frozen weights", "projections", four_bit ? linear * quant4_bits_per_param(dq) / 8 : linear * b16);
+  add("frozen weights", "embedding and classifier", (c.shared_classifier ? 1 : 2) * V * D * b16);
+  add("frozen weights", "norms", (2 * L + 1) * D * b16);
+
+  // LoRA on all seven projections: A (r×in), B (out×r) and their gradients, float32.
+  const double lora = L * r * (2 * (D + D) + 2 * (D + KV) + 3 * (D + HD));
+  add("LoRA + gradients", "A, B, dA, dB", 2 * f32 * lora);
+  const bool eight_bit = s.optim == OptimKind::adamw8bit || s.optim == OptimKind::paged_adamw8bit;
+  // AdamW's m and v: float32, or 8-bit codes with a float32 absmax per 256 (chapter 6).
+  const double states = eight_bit ? lora * (2 + 2 * f32 / 256) : 2 * f32 * lora;
+  add("optimizer states", "AdamW m and v", s.states_on_device ? states : 0);
+
+  // Activations kept for backward (float32).
+  const double layer = 6 * N * D + 2 * N * KV + B * H * T * T + 2 * N + 3 * N * HD + 7 * N * r;
+  double inputs = 0;
+  if (s.checkpointing) inputs = s.offload_checkpoints ? N * D : L * N * D;
+  add("activations kept", "layer inputs", f32 * inputs);
+  add("activations kept", "layer activations", f32 * layer * (s.checkpointing ? 1 : L));
+  add("activations kept", "final norm", f32 * (2 * N * D + N + (s.checkpointing ? N * D : 0)));
+
+  // Workspaces, at the capacity LlamaModelGpu gives each.
+  add("workspaces", "backward scratch", f32 * (5 * N * D + 2 * N * KV + N * HD + B * H * T * T));
+  const double masked = s.dropout > 0 ? 2 * N * HD : 0;  // x⊙mask and dxa·A, the widest input (down's)
+  add("workspaces", "LoRA scratch", f32 * (masked + N * r));
+  // The chunked head's logits: as many rows as 64 MiB of float32 hold (LlamaModelGpu::chunked_head).
+  const double rows = std::clamp(std::floor(64.0 * 1048576.0 / (4 * V)), 1.0, N);
+  add("workspaces", "BF16 operands", b16 * (N * std::max(D, HD) + std::max(N * std::max({D, KV, HD}), rows * V)));
+  add("workspaces", "logits and loss", f32 * (rows * V + N));
+  add("workspaces", "dequantize scratch", four_bit ? b16 * D * HD : 0);
+  add("workspaces", "tokens", 2 * 4 * N);
+  return p;
+}
+//! [plan-training]
 
 }  // namespace qlora

@@ -16,9 +16,14 @@
 //    gradients (2) + Adam's two float32 moments (8) = 12 bytes per parameter.
 //  - LoRA training here: float32 A and B (4) + float32 gradients (4) + AdamW's two
 //    float32 moments (8) = 16 bytes per LoRA parameter.
-//  - Activations are not counted: they depend on batch, sequence length and
-//    gradient checkpointing (chapter 8 measures them).
+//  - Activations are not counted here: they depend on batch, sequence length and
+//    gradient checkpointing. plan_training_memory below counts them, buffer by
+//    buffer, for the GPU model of chapter 7.
 #pragma once
+
+#include "finetune.hpp"
+#include "llama2c.hpp"
+#include "llama_model.hpp"
 
 #include <cstdint>
 #include <string>
@@ -68,5 +73,45 @@ struct MemoryPlan {
 };
 
 MemoryPlan plan_memory(const LlamaShape& s, int r);
+
+// ---------------------------------------------------------------- one training step on the GPU
+
+/// What a QLoRA training step of chapter 7's GPU model (LlamaModelGpu + GpuTrainer) is run with.
+struct TrainingSetup {
+  int batch = 4, seq_len = 512, rank = 64;
+  float dropout = 0.05f;
+  BaseStorage storage = BaseStorage::nf4_dq;
+  OptimKind optim = OptimKind::paged_adamw;
+  bool checkpointing = true;
+  bool offload_checkpoints = false;  ///< checkpointed layer inputs in pinned host memory
+  bool states_on_device = true;      ///< false: the trainer put the optimizer states in host memory
+};
+
+struct MemoryItem {
+  std::string group;  ///< "context", "frozen weights", "LoRA + gradients", "optimizer states", "activations kept", "workspaces"
+  std::string name;   ///< the workspace items are named as LlamaModelGpu::buffer_inventory names them
+  double bytes = 0;
+};
+
+struct TrainingMemoryPlan {
+  std::vector<MemoryItem> items;
+  double total() const;                        ///< bytes: the predicted peak in use
+  double group(const std::string& g) const;    ///< bytes of one group
+};
+
+/// The CUDA context, measured: cudaMemGetInfo's memory in use before the first allocation
+/// (0.51 GiB on the H100 and the H200 with driver 580 and CUDA 13.0).
+constexpr double kCudaContextBytes = 0.51 * 1073741824.0;
+/// What the CUDA runtime adds during a step beyond our buffers (cuBLAS workspaces, kernels
+/// loaded on first use, allocation rounding), measured (docs/benchmarks.md, "qlora plan
+/// against the measured peak").
+constexpr double kCudaRuntimeBytes = 0.25 * 1073741824.0;
+
+/// The device memory of one training step of chapter 7's GPU model at its peak (between
+/// forward and backward, or in backward's recomputed layer), buffer by buffer: the weights
+/// as stored, the adapters with their gradients (float32), the optimizer states while they
+/// are on the device, and every buffer of the forward and backward at the capacity the model
+/// gives it. A GPU test checks the workspace items against the model's own inventory.
+TrainingMemoryPlan plan_training_memory(const LlamaConfig& c, const TrainingSetup& s);
 
 }  // namespace qlora
