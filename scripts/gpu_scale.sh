@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Chapter 7, "Loading a big model" and "Scaling up", on the GPU machine: a random LLaMA-7B
+# Chapter 7, "Loading a big model" and "Scaling up", on the GPU machine: a random LLaMA-7B (or $SCALE_SHAPE)
 # shape written as a sharded BF16 folder by our bench, streamed onto the GPU in NF4+DQ and
 # trained (`qlora bench train`: load time, host peak RSS, tokens/s, device memory), then
 # transformers + PEFT + bitsandbytes on the same folder and tokens in the same call
@@ -40,19 +40,22 @@ if [[ ${3:-} == plan ]]; then
   done
   exit 0
 fi
+# SCALE_SHAPE picks another shape than 7b for the same comparison (13b fits the disk too).
+shape=${SCALE_SHAPE:-7b}
+dir=/tmp/m$shape
 settings=(--batch 4 --seq-len 512 --rank 64 --alpha 16 --dropout 0.05 --warmup 2)
-echo "--- write the 7B folder $(date -u +%T)"
-"$q" bench train --shape 7b --write-hf /tmp/m7b --json "$out/write_7b.json" 2>&1 | tail -3
-du -sh /tmp/m7b
-echo "--- ours: stream /tmp/m7b in NF4+DQ and train $(date -u +%T)"
-"$q" bench train --model /tmp/m7b --storage nf4-dq --optim paged_adamw_32bit "${settings[@]}" --steps ${SCALE_STEPS:-6} \
-  --tokens-out "$out/tokens_7b.json" --json "$out/ours_7b.json" > "$out/ours_7b.log" 2>&1
-echo "rc $?"; grep -E "^step|bench train|load|memory|plan" "$out/ours_7b.log" | tail -14
+echo "--- write the $shape folder $(date -u +%T)"
+"$q" bench train --shape $shape --write-hf $dir --json "$out/write_$shape.json" 2>&1 | tail -3
+du -sh $dir
+echo "--- ours: stream $dir in NF4+DQ and train $(date -u +%T)"
+"$q" bench train --model $dir --storage nf4-dq --optim paged_adamw_32bit "${settings[@]}" --steps ${SCALE_STEPS:-6} \
+  --tokens-out "$out/tokens_$shape.json" --json "$out/ours_$shape.json" > "$out/ours_$shape.log" 2>&1
+echo "rc $?"; grep -E "^step|bench train|load|memory|plan" "$out/ours_$shape.log" | tail -14
 echo "--- ours with the float32 products in fp32 (PEFT's arithmetic) $(date -u +%T)"
-"$q" bench train --model /tmp/m7b --storage nf4-dq --optim paged_adamw_32bit "${settings[@]}" --steps ${SCALE_STEPS:-6} \
-  --float-math fp32 --json "$out/ours_7b_fp32.json" > "$out/ours_7b_fp32.log" 2>&1
-echo "rc $?"; grep -E "^step|bench train|load|memory|plan" "$out/ours_7b_fp32.log" | tail -8
+"$q" bench train --model $dir --storage nf4-dq --optim paged_adamw_32bit "${settings[@]}" --steps ${SCALE_STEPS:-6} \
+  --float-math fp32 --json "$out/ours_${shape}_fp32.json" > "$out/ours_${shape}_fp32.log" 2>&1
+echo "rc $?"; grep -E "^step|bench train|load|memory|plan" "$out/ours_${shape}_fp32.log" | tail -8
 echo "--- transformers + PEFT + bitsandbytes on the same folder and tokens $(date -u +%T)"
-timeout 420 python3 tools/hf_train_bench.py --model /tmp/m7b --tokens "$out/tokens_7b.json" --batch 4 \
-  --json "$out/hf_7b.json" > "$out/hf_7b.log" 2>&1
-echo "rc $?"; tail -22 "$out/hf_7b.log"
+timeout 420 python3 tools/hf_train_bench.py --model $dir --tokens "$out/tokens_$shape.json" --batch 4 \
+  --json "$out/hf_$shape.json" > "$out/hf_$shape.log" 2>&1
+echo "rc $?"; tail -22 "$out/hf_$shape.log"

@@ -96,6 +96,13 @@ double TrainingMemoryPlan::group(const std::string& g) const {
   return t;
 }
 
+double cuda_malloc_footprint(double bytes) {
+  constexpr double kSmall = 8192.0, kLarge = 2.0 * 1048576.0;
+  if (bytes <= 0) return 0;
+  if (bytes <= 1048576.0) return std::ceil(bytes / kSmall) * kSmall;
+  return std::ceil(bytes / kLarge) * kLarge;
+}
+
 //! [plan-training]
 TrainingMemoryPlan plan_training_memory(const LlamaConfig& c, const TrainingSetup& s) {
   validate_config(c, "plan_training_memory");
@@ -110,22 +117,38 @@ TrainingMemoryPlan plan_training_memory(const LlamaConfig& c, const TrainingSetu
   add("context", "CUDA context", kCudaContextBytes);
   add("context", "CUDA runtime during a step", kCudaRuntimeBytes);
 
-  // Frozen weights as LlamaModelGpu::frozen_bytes counts them: projections as stored,
-  // embedding and classifier BF16, norms at 2 bytes.
+  // Every tensor is its own cudaMalloc, and what one takes is rounded up
+  // (cuda_malloc_footprint): a model of many tensors pays it thousands of times.
+  const auto alloc = cuda_malloc_footprint;
+  const double proj_shapes[7][2] = {{D, D}, {KV, D}, {KV, D}, {D, D}, {HD, D}, {HD, D}, {D, HD}};  // out, in
+  // Frozen weights as stored on the device: 4-bit codes, one absmax per 64 (a byte with
+  // double quantization, a float32 without), one float32 per 256 absmax and the two code
+  // tables; embedding and classifier BF16 (the classifier a copy when shared); float32 norms.
   const bool four_bit = s.storage == BaseStorage::nf4 || s.storage == BaseStorage::nf4_dq ||
                         s.storage == BaseStorage::fp4 || s.storage == BaseStorage::fp4_dq;
   const bool dq = s.storage == BaseStorage::nf4_dq || s.storage == BaseStorage::fp4_dq;
-  const double linear = L * (2 * D * D + 2 * D * KV + 3 * D * HD);
-  add("frozen weights", "projections", four_bit ? linear * quant4_bits_per_param(dq) / 8 : linear * b16);
-  add("frozen weights", "embedding and classifier", (c.shared_classifier ? 1 : 2) * V * D * b16);
-  add("frozen weights", "norms", (2 * L + 1) * D * b16);
+  double projections = 0, lora = 0, lora_bytes = 0;
+  for (const auto& [out, in] : proj_shapes) {
+    const double n = out * in, blocks = std::ceil(n / 64);
+    if (!four_bit)
+      projections += alloc(b16 * n);
+    else if (dq)
+      projections += alloc(n / 2) + alloc(blocks) + alloc(f32 * std::ceil(blocks / 256)) + alloc(f32 * 16) + alloc(f32 * 256);
+    else
+      projections += alloc(n / 2) + alloc(f32 * blocks) + alloc(f32 * 16);
+    lora += r * (in + out);
+    lora_bytes += 2 * (alloc(f32 * r * in) + alloc(f32 * out * r));  // A, B and their gradients
+  }
+  add("frozen weights", "projections", L * projections);
+  add("frozen weights", "embedding and classifier", 2 * alloc(b16 * V * D));
+  add("frozen weights", "norms", (2 * L + 1) * alloc(f32 * D));
 
   // LoRA on all seven projections: A (r×in), B (out×r) and their gradients, float32.
-  const double lora = L * r * (2 * (D + D) + 2 * (D + KV) + 3 * (D + HD));
-  add("LoRA + gradients", "A, B, dA, dB", 2 * f32 * lora);
+  lora *= L;
+  add("LoRA + gradients", "A, B, dA, dB", L * lora_bytes);
   const bool eight_bit = s.optim == OptimKind::adamw8bit || s.optim == OptimKind::paged_adamw8bit;
-  // AdamW's m and v: float32, or 8-bit codes with a float32 absmax per 256 (chapter 6).
-  const double states = eight_bit ? lora * (2 + 2 * f32 / 256) : 2 * f32 * lora;
+  // AdamW's m and v: float32, or 8-bit codes with a float32 absmax per 256 (chapter 6); one allocation.
+  const double states = alloc(eight_bit ? lora * (2 + 2 * f32 / 256) : 2 * f32 * lora);
   add("optimizer states", "AdamW m and v", s.states_on_device ? states : 0);
 
   // Activations kept for backward (float32).

@@ -103,9 +103,14 @@ struct TrainingMemoryPlan {
 /// (0.51 GiB on the H100 and the H200 with driver 580 and CUDA 13.0).
 constexpr double kCudaContextBytes = 0.51 * 1073741824.0;
 /// What the CUDA runtime adds during a step beyond our buffers (cuBLAS workspaces, kernels
-/// loaded on first use, allocation rounding), measured (docs/benchmarks.md, "qlora plan
-/// against the measured peak").
-constexpr double kCudaRuntimeBytes = 0.25 * 1073741824.0;
+/// loaded on first use): the mean of what the measured peaks of five runs (7B, 13B, 33B, 65B,
+/// 65B with host states; H200, 2026-12-02) had beyond everything else in this plan, 0.01 to
+/// 0.17 GiB (docs/benchmarks.md, "qlora plan against the measured peak").
+constexpr double kCudaRuntimeBytes = 0.11 * 1073741824.0;
+
+/// The device memory one cudaMalloc of `bytes` takes, measured on the H200 with driver 580
+/// (tools/cuda_alloc_footprint.py): up to 1 MiB, a multiple of 8 KiB; above, of 2 MiB.
+double cuda_malloc_footprint(double bytes);
 
 /// The device memory of one training step of chapter 7's GPU model at its peak (between
 /// forward and backward, or in backward's recomputed layer), buffer by buffer: the weights

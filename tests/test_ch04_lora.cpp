@@ -6,6 +6,7 @@
 #include "lora_merge.hpp"
 #include "matmul.hpp"
 #include "memory_plan.hpp"
+#include "model_shapes.hpp"
 #include "model_helpers.hpp"
 #include "peft_adapter.hpp"
 #include "quant4.hpp"
@@ -711,4 +712,78 @@ TEST_CASE("qlora merge-error runs and names a missing model", "[ch04][merge][cli
   // alpha 0 would scale every adapter to zero and divide by it: refused, naming the flag.
   CHECK(run_cli("merge-error --alpha 0 2>&1", out) != 0);
   CHECK_THAT(out, Catch::Contains("--alpha") && Catch::Contains("must be > 0"));
+}
+
+// ---------------------------------------------------------------- one training step (chapter 7)
+
+TEST_CASE("Memory plan of a training step: its parts, and what each setting changes", "[ch04][plan]") {
+  const LlamaConfig c7 = model_shape("7b");
+  TrainingSetup s;  // batch 4 × 512, r 64, NF4+DQ, paged AdamW, checkpointing
+  const TrainingMemoryPlan p = plan_training_memory(c7, s);
+  double sum = 0;
+  for (const MemoryItem& i : p.items) sum += i.bytes;
+  CHECK(p.total() == sum);
+  for (const char* g : {"context", "frozen weights", "LoRA + gradients", "optimizer states", "activations kept", "workspaces"})
+    CHECK(p.group(g) > 0);
+  // Frozen weights: the stored bytes (4.127 bits per projection weight, BF16 embedding and
+  // classifier) plus what allocation rounding adds, under 2% at 7B.
+  const MemoryPlan stored = plan_memory(llama_shape("7B"), 64);
+  CHECK(p.group("frozen weights") >= stored.base_nf4_dq);
+  CHECK(p.group("frozen weights") < 1.02 * stored.base_nf4_dq);
+  // LoRA: 8 bytes per parameter (A, B and their gradients) and AdamW's 8, rounded per tensor.
+  const double lora = static_cast<double>(lora_param_count(llama_shape("7B"), 64));
+  CHECK(p.group("optimizer states") == Approx(8 * lora).epsilon(1e-3));
+  CHECK(p.group("LoRA + gradients") >= 8 * lora);
+  CHECK(p.group("LoRA + gradients") < 1.25 * 8 * lora);
+  // Checkpointing keeps one float32 input per layer: 32 × 2048 × 4096 × 4 bytes = 1 GiB.
+  auto item = [](const TrainingMemoryPlan& t, const std::string& name) {
+    for (const MemoryItem& i : t.items)
+      if (i.name == name) return i.bytes;
+    FAIL("no item " << name);
+    return 0.0;
+  };
+  CHECK(item(p, "layer inputs") == 32.0 * 2048 * 4096 * 4);
+  TrainingSetup off = s;
+  off.offload_checkpoints = true;
+  CHECK(item(plan_training_memory(c7, off), "layer inputs") == 2048.0 * 4096 * 4);  // one, staged back
+  TrainingSetup all = s;
+  all.checkpointing = false;
+  CHECK(item(plan_training_memory(c7, all), "layer activations") == 32 * item(p, "layer activations"));
+  TrainingSetup host = s;
+  host.states_on_device = false;
+  CHECK(plan_training_memory(c7, host).group("optimizer states") == 0);
+  TrainingSetup eight = s;
+  eight.optim = OptimKind::paged_adamw8bit;
+  CHECK(plan_training_memory(c7, eight).group("optimizer states") < 0.3 * p.group("optimizer states"));
+  TrainingSetup nodrop = s;
+  nodrop.dropout = 0;
+  CHECK(item(plan_training_memory(c7, nodrop), "LoRA scratch") < item(p, "LoRA scratch") / 100);
+  // The chunked head holds 64 MiB of float32 logits, even for LLaMA-3's 128k words.
+  const TrainingMemoryPlan l3 = plan_training_memory(model_shape("llama3-8b"), s);
+  CHECK(item(l3, "logits and loss") < 65.0 * 1048576);
+  s.batch = 0;
+  CHECK_THROWS_WITH(plan_training_memory(c7, s), Catch::Contains("batch"));
+}
+
+TEST_CASE("cudaMalloc footprints as measured: 8 KiB granules up to 1 MiB, 2 MiB above", "[ch04][plan]") {
+  const double MiB = 1048576;
+  CHECK(cuda_malloc_footprint(4096) == 8192);
+  CHECK(cuda_malloc_footprint(MiB) == MiB);
+  CHECK(cuda_malloc_footprint(MiB + 4096) == 2 * MiB);
+  CHECK(cuda_malloc_footprint(2.6875 * MiB) == 4 * MiB);
+  CHECK(cuda_malloc_footprint(21 * MiB) == 22 * MiB);
+  CHECK(cuda_malloc_footprint(0) == 0);
+}
+
+TEST_CASE("qlora plan --batch plans a training step, by name or config.json", "[ch04][plan][cli]") {
+  std::string out;
+  REQUIRE(run_cli("plan --model 7b 65b -r 64 --batch 1 --json", out) == 0);
+  const auto j = nlohmann::json::parse(out);
+  REQUIRE(j.at("training_plans").size() == 2);
+  const auto& row = j.at("training_plans")[0];
+  TrainingSetup s;
+  s.batch = 1;
+  CHECK(row.at("total_bytes").get<double>() == plan_training_memory(model_shape("7b"), s).total());
+  CHECK(run_cli("plan --model 8b --batch 1 2>&1", out) != 0);
+  CHECK_THAT(out, Catch::Contains("unknown model shape '8b'"));
 }

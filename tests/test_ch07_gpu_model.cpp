@@ -274,7 +274,6 @@ TEST_CASE("qlora plan predicts the GPU model's buffers exactly", "[ch07][gpu][pl
       ++compared;
     }
     CHECK(compared == 9);
-    CHECK(plan.group("frozen weights") == Approx(static_cast<double>(gpu.frozen_bytes())).epsilon(1e-2));
   }
 }
 
