@@ -6,6 +6,7 @@
 
 namespace qlora::cuda {
 
+//! [float-math]
 /// fp32: cuBLAS's plain float32 product, the reference (what PEFT computes).
 /// tf32: inputs rounded to TF32 (float32's exponent, a 10-bit mantissa: relative error
 /// ≤ 2⁻¹¹ per input), products summed in float32, on the tensor cores.
@@ -14,5 +15,6 @@ enum class FloatMath { fp32, tf32 };
 inline cublasComputeType_t compute_type(FloatMath m) {
   return m == FloatMath::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
 }
+//! [float-math]
 
 }  // namespace qlora::cuda
