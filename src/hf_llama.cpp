@@ -285,6 +285,7 @@ LlamaCheckpoint read_hf_llama(const std::filesystem::path& dir) {
     const Tensor& t = weights.at(spec.name);
     check_float_tensor(spec, t.dtype, t.shape, tw);
     ck.tensors.push_back({spec.name, spec.shape, t.to_f32()});
+    check_finite(ck.tensors.back(), tw);
     used.insert(spec.name);
   }
   for (const auto& [name, path] : file_of) {

@@ -1,6 +1,7 @@
 // llama2.c checkpoint reader (chapter 7). See llama2c.hpp for the file layout.
 #include "llama2c.hpp"
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <initializer_list>
@@ -140,6 +141,7 @@ LlamaCheckpoint read_llama2c(const std::filesystem::path& path) {
   auto read_into = [&](NamedTensor& t) {
     if (!in.read(reinterpret_cast<char*>(t.data.data()), static_cast<std::streamsize>(t.data.size() * 4)))
       throw std::runtime_error(file + ": read error in " + t.name);
+    check_finite(t, file + ": tensor '" + t.name + "'");
   };
   // The file stores each kind of weight for all layers together; the checkpoint keeps
   // one tensor per layer, so read kind by kind into the per-layer slots.
@@ -155,6 +157,19 @@ LlamaCheckpoint read_llama2c(const std::filesystem::path& path) {
   in.seekg(static_cast<std::streamoff>(u(c.seq_len) * u(c.head_size()) * 4), std::ios::cur);  // legacy freq_cis_real / freq_cis_imag
   if (!c.shared_classifier) read_into(ck.at("lm_head.weight"));
   return ck;
+}
+
+void check_finite(const NamedTensor& t, const std::string& where) {
+  for (std::size_t i = 0; i < t.data.size(); ++i) {
+    if (std::isfinite(t.data[i])) continue;
+    std::string at = "index " + std::to_string(i);
+    if (t.shape.size() == 2) {
+      const auto cols = static_cast<std::size_t>(t.shape[1]);
+      at = "row " + std::to_string(i / cols) + ", column " + std::to_string(i % cols);
+    }
+    throw std::runtime_error(where + ": " + (std::isnan(t.data[i]) ? "NaN" : "an infinite value") + " at " + at +
+                             "; the file is damaged or was saved from a diverged run");
+  }
 }
 
 }  // namespace qlora

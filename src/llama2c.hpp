@@ -76,6 +76,11 @@ struct NamedTensor {
   std::optional<Quant4Tensor> q4{};  ///< the stored form of a tensor saved in 4 bits (bitsandbytes)
 };
 
+/// Throws std::runtime_error unless every value of t is finite, naming `where` (the file and
+/// the tensor), the first bad value and its position: a NaN in a weight file stops the load
+/// there, not later in a quantizer that knows neither.
+void check_finite(const NamedTensor& t, const std::string& where);
+
 /// Which RoPE convention the rows of q_proj / k_proj are ordered for.
 enum class RopeLayout {
   interleaved,  ///< llama2.c and Meta's original checkpoints: pairs (x[2i], x[2i+1])

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 
@@ -220,4 +221,23 @@ TEST_CASE("The CPU model refuses a model it cannot hold, naming the size and --d
   CHECK_THROWS_WITH(load_llama_weights(dir), Catch::Contains("65.29 B-parameter") && Catch::Contains("--device cuda") &&
                                                  Catch::Contains("sparse65b"));
   std::filesystem::remove_all(dir);
+}
+
+// A NaN in a weight file stops the load where the file and the tensor are known.
+TEST_CASE("A non-finite weight is refused naming the file, the tensor and the position", "[ch07]") {
+  const LlamaConfig c = test::tiny_config(2, true);
+  LlamaCheckpoint ck = random_checkpoint(c, 41);
+  for (NamedTensor& t : ck.tensors)
+    if (t.name == "model.layers.1.mlp.down_proj.weight") t.data[static_cast<std::size_t>(t.shape[1]) * 2 + 3] = NAN;
+  const auto dir = temp_path("ch07_loading", "nan_folder");
+  write_sharded(dir, ck, 1 << 30);
+  CHECK_THROWS_WITH(load_llama_weights(dir), Catch::Contains("model.layers.1.mlp.down_proj.weight") &&
+                                                 Catch::Contains("model-1-of-1.safetensors") &&
+                                                 Catch::Contains("NaN at row 2, column 3"));
+  for (NamedTensor& t : ck.tensors)
+    if (t.name == "model.layers.1.mlp.down_proj.weight") t.data[static_cast<std::size_t>(t.shape[1]) * 2 + 3] = 1.0f;
+  ck.tensors.front().data[7] = INFINITY;  // the embedding
+  write_sharded(dir, ck, 1 << 30);
+  CHECK_THROWS_WITH(load_llama_weights(dir), Catch::Contains("model.embed_tokens.weight") &&
+                                                 Catch::Contains("an infinite value at row 0, column 7"));
 }
