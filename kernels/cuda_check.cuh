@@ -11,6 +11,14 @@
 
 namespace qlora::cuda {
 
+/// A CUDA allocation that did not fit (cudaErrorMemoryAllocation, or cuBLAS's
+/// CUBLAS_STATUS_ALLOC_FAILED): the message adds the device's free and total memory at
+/// the moment, and callers that know the run's settings add qlora plan's estimate.
+class OutOfDeviceMemory : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 [[noreturn]] void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line);
 [[noreturn]] void throw_cublas_error(cublasStatus_t st, const char* what, const char* file, int line);
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdio>
 #include <stdexcept>
 
 namespace qlora {
@@ -172,5 +173,50 @@ TrainingMemoryPlan plan_training_memory(const LlamaConfig& c, const TrainingSetu
   return p;
 }
 //! [plan-training]
+
+//! [fit-advice]
+std::string fit_advice(const LlamaConfig& c, const TrainingSetup& s, double available) {
+  constexpr double GiB = 1073741824.0;
+  auto gib = [](double b) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.2f GiB", b / GiB);
+    return std::string(buf);
+  };
+  std::string out = "qlora plan: this run needs about " + gib(plan_training_memory(c, s).total()) +
+                    " at its peak; the device has " + gib(available) + ".";
+  struct Change {
+    std::string flag;
+    TrainingSetup setup;
+  };
+  std::vector<Change> changes;
+  for (int b = s.batch / 2; b >= 1; b /= 2) {
+    TrainingSetup t = s;
+    t.batch = b;
+    changes.push_back({"--batch " + std::to_string(b) + " (with --grad-accum to keep the tokens per step)", t});
+  }
+  if (!s.checkpointing) {
+    TrainingSetup t = s;
+    t.checkpointing = true;
+    changes.push_back({"gradient checkpointing", t});
+  } else if (!s.offload_checkpoints) {
+    TrainingSetup t = s;
+    t.offload_checkpoints = true;
+    changes.push_back({"--offload-checkpoints", t});
+  }
+  if (s.states_on_device) {
+    TrainingSetup t = s;
+    t.states_on_device = false;
+    changes.push_back({"optimizer states in host memory (a paged optimizer puts them there when they do not fit)", t});
+  }
+  std::string fits;
+  for (const Change& ch : changes) {
+    const double need = plan_training_memory(c, ch.setup).total();
+    if (need <= available) fits += "\n  " + ch.flag + ": about " + gib(need);
+  }
+  return out + (fits.empty() ? " No single change of batch, checkpointing or state placement fits: a smaller model, "
+                               "a lower --rank, or a bigger device."
+                             : " Changes that fit:" + fits);
+}
+//! [fit-advice]
 
 }  // namespace qlora

@@ -119,4 +119,9 @@ double cuda_malloc_footprint(double bytes);
 /// gives it. A GPU test checks the workspace items against the model's own inventory.
 TrainingMemoryPlan plan_training_memory(const LlamaConfig& c, const TrainingSetup& s);
 
+/// What to say after an out-of-memory error: this run's planned peak against `available`
+/// bytes, and the changes of settings that fit (a smaller batch, checkpointing, offloaded
+/// layer inputs, optimizer states in host memory), each with its planned peak and flag.
+std::string fit_advice(const LlamaConfig& c, const TrainingSetup& s, double available);
+
 }  // namespace qlora

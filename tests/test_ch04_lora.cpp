@@ -787,3 +787,18 @@ TEST_CASE("qlora plan --batch plans a training step, by name or config.json", "[
   CHECK(run_cli("plan --model 8b --batch 1 2>&1", out) != 0);
   CHECK_THAT(out, Catch::Contains("unknown model shape '8b'"));
 }
+
+TEST_CASE("After an out-of-memory error, the plan names the settings that fit", "[ch04][plan]") {
+  constexpr double GiB = 1073741824.0;
+  TrainingSetup s;  // batch 4 × 512, r 64, checkpointing, states on the device
+  const std::string seven = fit_advice(model_shape("7b"), s, 9.0 * GiB);
+  CHECK_THAT(seven, Catch::Contains("this run needs about 9.45 GiB") && Catch::Contains("the device has 9.00 GiB"));
+  CHECK_THAT(seven, Catch::Contains("--batch 2") && Catch::Contains("--offload-checkpoints") &&
+                        Catch::Contains("optimizer states in host memory"));
+  s.batch = 1;
+  const std::string sixty_five = fit_advice(model_shape("65b"), s, 42.0 * GiB);
+  CHECK_THAT(sixty_five, Catch::Contains("optimizer states in host memory") && Catch::Contains("about 41.64 GiB"));
+  CHECK_THAT(sixty_five, !Catch::Contains("--offload-checkpoints:"));  // 46.4 GiB: does not fit alone
+  s.batch = 4;
+  CHECK_THAT(fit_advice(model_shape("65b"), s, 42.0 * GiB), Catch::Contains("No single change"));
+}

@@ -6,7 +6,9 @@
 
 #include "atomic_file.hpp"
 #include "finetune.hpp"
+#include "hf_llama.hpp"
 #include "llama_model.hpp"
+#include "memory_plan.hpp"
 #include "model_shapes.hpp"
 
 #include <cstdio>
@@ -15,6 +17,8 @@
 #include <string>
 
 #ifdef QLORA_HAVE_CUDA
+#include "cuda_check.cuh"
+#include "paged.cuh"
 #include "train_bench.cuh"
 #endif
 
@@ -59,7 +63,25 @@ void run(const BenchTrainArgs& a) {
   o.memory_limit_gib = a.memory_limit_gib;
   o.write_hf = a.write_hf;
   o.tokens_out = a.tokens_out;
-  const nlohmann::json r = qlora::cuda::run_train_bench(o);
+  nlohmann::json r;
+  try {
+    r = qlora::cuda::run_train_bench(o);
+  } catch (const qlora::cuda::OutOfDeviceMemory& e) {
+    // Out of memory: say what the run needs and which settings would fit.
+    qlora::TrainingSetup s;
+    s.batch = o.batch;
+    s.seq_len = o.seq_len;
+    s.rank = o.rank;
+    s.dropout = o.dropout;
+    s.storage = o.storage;
+    s.optim = o.optim;
+    s.checkpointing = o.checkpointing;
+    s.offload_checkpoints = o.offload_checkpoints;
+    const qlora::LlamaConfig cfg = a.model.empty() ? o.config : qlora::read_hf_config(o.model_dir / "config.json");
+    const double available = a.memory_limit_gib > 0 ? a.memory_limit_gib * 1073741824.0
+                                                    : static_cast<double>(qlora::cuda::device_memory().total);
+    throw std::runtime_error(std::string(e.what()) + "\n" + qlora::fit_advice(cfg, s, available));
+  }
   if (!a.json.empty()) qlora::write_text_atomic(a.json, r.dump(2) + "\n");
 #else
   (void)a;
