@@ -215,6 +215,7 @@ void lora_forward(const LoraAdapter& ad, const LoraConfig& cfg, const float* x, 
 }
 //! [lora-forward-blas]
 
+//! [lora-backward-blas]
 void lora_backward(LoraAdapter& ad, const LoraConfig& cfg, const float* x, const float* dy, float* dx, int T,
                    const LoraCache& cache) {
   check_adapter(ad, cfg, T);
@@ -236,6 +237,7 @@ void lora_backward(LoraAdapter& ad, const LoraConfig& cfg, const float* x, const
     for (std::size_t k = 0; k < dxd.size(); ++k) dx[k] += dxd[k] * cache.mask[k];
   }
 }
+//! [lora-backward-blas]
 
 namespace {
 
