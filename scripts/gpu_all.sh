@@ -19,6 +19,9 @@
 #             (scripts/gpu_scale.sh 65b; SCALE65_RUNS picks among 48 42 42-offload)
 #   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, TF32 vs fp32 products
 #   plan      chapter 7: 13B, 33B, 65B steps on the whole card against qlora plan (scripts/gpu_scale.sh plan)
+#   sanitize  compute-sanitizer memcheck over every GPU test binary and racecheck over the kernel
+#             tests ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so)
+#   oom       chapter 7: a 65B step at batch 4 in a 42 GiB card, to show the out-of-memory message
 #   profile   chapter 7: Nsight Compute's time per kernel of one training step at the 7B width with
 #             $PROFILE_LAYERS layers (default 2), grouped by NVTX range (scripts/gpu_profile.sh)
 # Everything lands in $OUT/results.tgz.
@@ -87,6 +90,22 @@ for phase in "${phases[@]}"; do
       timeout 400 bash scripts/gpu_scale.sh build/cuda "$res/plan" plan; echo "gpu_scale plan: $?" ;;
     scale65)
       timeout 300 bash scripts/gpu_scale.sh build/cuda "$res/scale65" 65b; echo "gpu_scale 65b: $?" ;;
+    sanitize)
+      san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+      for bin in build/cuda/tests/test_*_gpu_*; do
+        tools=(memcheck)
+        [[ $bin == *ops || $bin == *kernels || $bin == *lora ]] && tools+=(racecheck)
+        for tool in "${tools[@]}"; do
+          log="$res/sanitize_$(basename "$bin")_$tool.log"
+          timeout ${SANITIZE_TIMEOUT:-90} "$san" --tool $tool --error-exitcode 99 --print-limit 20 "$bin" > "$log" 2>&1
+          rc=$?; [[ $rc == 124 ]] && rc="124 (cut short after ${SANITIZE_TIMEOUT:-90} s)"
+          echo "$(basename "$bin") $tool: rc $rc; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1); $(grep -E "^test cases|All tests passed" "$log" | tail -1)"
+        done
+      done ;;
+    oom)
+      build/cuda/qlora bench train --shape 65b --batch 4 --seq-len 512 --rank 64 --memory-limit-gib 42 --warmup 1 --steps 1 \
+        > "$res/oom_65b_batch4.log" 2>&1
+      echo "rc $?"; grep -v "^loading" "$res/oom_65b_batch4.log" | tail -8 ;;
     profile)
       timeout 420 bash scripts/gpu_profile.sh build/cuda "$res/profile" ${PROFILE_LAYERS:-2}; echo "gpu_profile: $?" ;;
     hfspeed)
