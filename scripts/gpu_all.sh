@@ -93,6 +93,7 @@ for phase in "${phases[@]}"; do
     sanitize)
       san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
       for bin in build/cuda/tests/test_*_gpu_*; do
+        [[ -x $bin && $bin != *.cmake ]] || continue  # the test binaries, not CTest's generated lists
         tools=(memcheck)
         [[ $bin == *ops || $bin == *kernels || $bin == *lora ]] && tools+=(racecheck)
         for tool in "${tools[@]}"; do

@@ -213,9 +213,22 @@ std::string fit_advice(const LlamaConfig& c, const TrainingSetup& s, double avai
     const double need = plan_training_memory(c, ch.setup).total();
     if (need <= available) fits += "\n  " + ch.flag + ": about " + gib(need);
   }
-  return out + (fits.empty() ? " No single change of batch, checkpointing or state placement fits: a smaller model, "
-                               "a lower --rank, or a bigger device."
-                             : " Changes that fit:" + fits);
+  if (!fits.empty()) return out + " Changes that fit:" + fits;
+  // No one change is enough: all of them together, from the largest batch down.
+  for (int b = s.batch; b >= 1; b /= 2) {
+    TrainingSetup t = s;
+    t.batch = b;
+    t.checkpointing = true;
+    t.offload_checkpoints = true;
+    t.states_on_device = false;
+    const double need = plan_training_memory(c, t).total();
+    if (need <= available)
+      return out + " No single change fits; together, --batch " + std::to_string(b) +
+             " with gradient checkpointing, --offload-checkpoints and the optimizer states in host memory: about " +
+             gib(need) + ".";
+  }
+  return out + " Nothing fits, not even batch 1 with checkpoints offloaded and the optimizer states in host memory: "
+               "a smaller model, a lower --rank, or a bigger device.";
 }
 //! [fit-advice]
 

@@ -801,5 +801,8 @@ TEST_CASE("After an out-of-memory error, the plan names the settings that fit", 
   CHECK_THAT(sixty_five, Catch::Contains("optimizer states in host memory") && Catch::Contains("about 41.64 GiB"));
   CHECK_THAT(sixty_five, !Catch::Contains("--offload-checkpoints:"));  // 46.4 GiB: does not fit alone
   s.batch = 4;
-  CHECK_THAT(fit_advice(model_shape("65b"), s, 42.0 * GiB), Catch::Contains("No single change"));
+  const std::string together = fit_advice(model_shape("65b"), s, 42.0 * GiB);
+  CHECK_THAT(together, Catch::Contains("No single change fits; together, --batch 2") &&
+                           Catch::Contains("--offload-checkpoints"));
+  CHECK_THAT(fit_advice(model_shape("65b"), s, 30.0 * GiB), Catch::Contains("Nothing fits"));
 }
