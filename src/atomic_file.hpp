@@ -11,8 +11,10 @@
 
 namespace qlora {
 
-/// Calls write(stream) on "<path>.tmp", flushes and checks it, then renames it to path.
-/// Throws std::runtime_error naming the path on any I/O failure.
+/// Calls write(stream) on "<path>.tmp", flushes, closes and checks it, then renames it to
+/// path. On any I/O failure (a full disk, a read-only folder, a size limit) it removes the
+/// temporary file, leaves whatever was at path untouched, and throws std::runtime_error
+/// naming the path and the operating system's error.
 void write_file_atomic(const std::filesystem::path& path, const std::function<void(std::ostream&)>& write);
 
 /// Convenience for whole-buffer writes.

@@ -1,6 +1,7 @@
 // Chapter 7: checkpoint readers. llama2.c .bin files (stories260K with GQA), Hugging
 // Face folders (kjv15M-hf against kjv15M.bin), the RoPE row permutation between the
 // two conventions, and clear errors on corrupt checkpoints.
+#include "atomic_file.hpp"
 #include "bf16.hpp"
 #include "file_helpers.hpp"
 #include "hf_llama.hpp"
@@ -14,7 +15,12 @@
 #include <cstring>
 #include <fstream>
 #include <random>
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <iterator>
 
 using namespace qlora;
 using test::model_or_warn;
@@ -283,4 +289,34 @@ TEST_CASE("HF reader: inconsistent folders are rejected naming the field or tens
     std::ofstream(dir / "config.json") << R"({"model_type": "llama", "hidden_act": "gelu"})";
     CHECK_THROWS_WITH(read_hf_llama(dir), Catch::Contains("hidden_act"));
   }
+}
+
+// A write that fails half-way (here: a file-size limit, as a full disk would) leaves the
+// previous file intact, no temporary behind, and says which file and why.
+TEST_CASE("A failed atomic write keeps the old file and names the path and the OS error", "[ch07][files]") {
+  const auto file = test::temp_path("ch07_files", "adapter.bin");
+  write_text_atomic(file, "the previous checkpoint");
+  rlimit old{};
+  REQUIRE(getrlimit(RLIMIT_FSIZE, &old) == 0);
+  rlimit small = old;
+  small.rlim_cur = 4096;
+  const auto previous = std::signal(SIGXFSZ, SIG_IGN);  // fail the write with EFBIG instead of a signal
+  REQUIRE(setrlimit(RLIMIT_FSIZE, &small) == 0);
+  std::string message;
+  try {
+    write_text_atomic(file, std::string(1 << 20, 'x'));
+  } catch (const std::runtime_error& e) {
+    message = e.what();
+  }
+  setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, previous);
+  CHECK_THAT(message, Catch::Contains("adapter.bin.tmp") && Catch::Contains(std::strerror(EFBIG)) &&
+                          Catch::Contains("is unchanged"));
+  std::ifstream in(file);
+  std::string kept((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(kept == "the previous checkpoint");
+  CHECK_FALSE(std::filesystem::exists(file.string() + ".tmp"));
+  const auto missing = test::temp_path("ch07_files", "no_such_dir") / "x" / "adapter.bin";
+  CHECK_THROWS_WITH(write_text_atomic(missing, "x"), Catch::Contains("cannot open") &&
+                                                        Catch::Contains(std::strerror(ENOENT)));
 }
