@@ -38,6 +38,14 @@ __global__ void random_bf16_kernel(bf16* __restrict__ out, std::int64_t n, std::
 }
 //! [random-weights]
 
+// The lowest index of a NaN or infinity (BF16: exponent bits all ones), or n if none.
+__global__ void first_non_finite_kernel(const bf16* __restrict__ x, std::int64_t n,
+                                        unsigned long long* __restrict__ first) {
+  for (std::int64_t i = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; i < n;
+       i += (std::int64_t)gridDim.x * blockDim.x)
+    if ((x[i] & 0x7f80u) == 0x7f80u) atomicMin(first, static_cast<unsigned long long>(i));
+}
+
 // FNV-1a of the tensor name: each tensor its own stream of the seed.
 std::uint64_t name_hash(const std::string& s) {
   std::uint64_t h = 0xcbf29ce484222325ull;
@@ -59,11 +67,28 @@ void print_load_progress(const LoadProgress& p) {
 //! [folder-fill]
 TensorFill folder_fill(const HfLlamaFolder& folder) {
   auto host = std::make_shared<std::vector<bf16>>();  // F32/F16 sources only: one tensor
-  return [&folder, host](const TensorSpec& spec, bf16* out, cudaStream_t stream) {
+  auto found = std::make_shared<DeviceBuffer<unsigned long long>>(1);
+  return [&folder, host, found](const TensorSpec& spec, bf16* out, cudaStream_t stream) {
     const std::span<const bf16> v = folder.bf16_values(spec.name, *host);
     CUDA_CHECK(cudaMemcpyAsync(out, v.data(), v.size_bytes(), cudaMemcpyHostToDevice, stream));
-    // The copy must finish before its source pages are given back.
+    // A NaN or infinity would quantize into garbage without a word: look for one on the
+    // device, where the values already are, and name the file and the tensor.
+    const auto n = static_cast<std::int64_t>(v.size());
+    unsigned long long first = static_cast<unsigned long long>(n);
+    CUDA_CHECK(cudaMemcpyAsync(found->data(), &first, sizeof first, cudaMemcpyHostToDevice, stream));
+    const auto blocks = static_cast<unsigned>(std::clamp<std::int64_t>((n + 255) / 256, 1, 132 * 16));
+    first_non_finite_kernel<<<blocks, 256, 0, stream>>>(out, n, found->data());
+    CUDA_CHECK_LAUNCH();
+    CUDA_CHECK(cudaMemcpyAsync(&first, found->data(), sizeof first, cudaMemcpyDeviceToHost, stream));
+    // The copies must finish before the source pages are given back.
     CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (first < static_cast<unsigned long long>(n)) {
+      const bf16 bits = v[first];
+      throw std::runtime_error("tensor '" + spec.name + "' in '" + folder.file_of(spec.name).string() +
+                               "': " + ((bits & 0x7fu) != 0 ? "NaN" : "an infinite value") + " at " +
+                               tensor_position(spec.shape, first) +
+                               "; the file is damaged or was saved from a diverged run");
+    }
     folder.release(spec.name);
   };
 }

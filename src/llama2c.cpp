@@ -159,16 +159,17 @@ LlamaCheckpoint read_llama2c(const std::filesystem::path& path) {
   return ck;
 }
 
+std::string tensor_position(const std::vector<std::int64_t>& shape, std::size_t i) {
+  if (shape.size() != 2 || shape[1] <= 0) return "index " + std::to_string(i);
+  const auto cols = static_cast<std::size_t>(shape[1]);
+  return "row " + std::to_string(i / cols) + ", column " + std::to_string(i % cols);
+}
+
 void check_finite(const NamedTensor& t, const std::string& where) {
   for (std::size_t i = 0; i < t.data.size(); ++i) {
     if (std::isfinite(t.data[i])) continue;
-    std::string at = "index " + std::to_string(i);
-    if (t.shape.size() == 2) {
-      const auto cols = static_cast<std::size_t>(t.shape[1]);
-      at = "row " + std::to_string(i / cols) + ", column " + std::to_string(i % cols);
-    }
-    throw std::runtime_error(where + ": " + (std::isnan(t.data[i]) ? "NaN" : "an infinite value") + " at " + at +
-                             "; the file is damaged or was saved from a diverged run");
+    throw std::runtime_error(where + ": " + (std::isnan(t.data[i]) ? "NaN" : "an infinite value") + " at " +
+                             tensor_position(t.shape, i) + "; the file is damaged or was saved from a diverged run");
   }
 }
 

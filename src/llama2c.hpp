@@ -80,6 +80,8 @@ struct NamedTensor {
 /// the tensor), the first bad value and its position: a NaN in a weight file stops the load
 /// there, not later in a quantizer that knows neither.
 void check_finite(const NamedTensor& t, const std::string& where);
+/// "row 2, column 3" for a matrix, "index 7" otherwise: where element i of a tensor is.
+std::string tensor_position(const std::vector<std::int64_t>& shape, std::size_t i);
 
 /// Which RoPE convention the rows of q_proj / k_proj are ordered for.
 enum class RopeLayout {

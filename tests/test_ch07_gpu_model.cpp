@@ -448,6 +448,22 @@ TEST_CASE("A model streamed onto the GPU from a folder equals the uploaded host 
   }
 }
 
+// The CPU loader refuses a non-finite weight (test_ch07_loading.cpp); a folder streamed onto
+// the GPU never passes through it, so the device looks for one in each tensor it receives.
+TEST_CASE("A non-finite weight streamed onto the GPU is refused naming the file, the tensor and the position", "[ch07][gpu]") {
+  const LlamaConfig c = qlora::test::tiny_config(2, true);
+  LlamaCheckpoint ck = checkpoint_from_weights(random_llama_weights(c, 31));
+  for (NamedTensor& t : ck.tensors)
+    if (t.name == "model.layers.0.self_attn.k_proj.weight") t.data[static_cast<std::size_t>(t.shape[1]) * 5 + 1] = NAN;
+  const auto dir = qlora::test::temp_path("ch07_gpu_stream", "nan");
+  write_hf_llama(dir, ck);
+  const HfLlamaFolder folder(dir);
+  std::mt19937_64 rng(1);
+  CHECK_THROWS_WITH(cuda::LlamaModelGpu(folder.config(), BaseStorage::nf4_dq, cuda::folder_fill(folder), std::nullopt, rng),
+                    Catch::Contains("model.layers.0.self_attn.k_proj.weight") && Catch::Contains("model.safetensors") &&
+                        Catch::Contains("NaN at row 5, column 1"));
+}
+
 TEST_CASE("Storage formats the GPU does not stream into are refused by name", "[ch07][gpu]") {
   const LlamaConfig c = qlora::test::tiny_config(2, true);
   std::mt19937_64 rng(1);
