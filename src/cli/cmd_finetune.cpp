@@ -3,6 +3,7 @@
 // each with or without a PEFT adapter. The work is in finetune.hpp and generate.hpp;
 // this file only parses flags and prints.
 #include "atomic_file.hpp"
+#include "checkpoint.hpp"
 #include "command.hpp"
 #include "finetune.hpp"
 #include "generate.hpp"
@@ -348,6 +349,7 @@ QLORA_COMMAND([](CLI::App& app) {
         std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
                     when);
     };
+    if (!cfg.resume.empty()) std::printf("resuming from %s\n", resolve_resume(cfg.resume).string().c_str());
     double before = -1;
     if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
       before = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
