@@ -15,8 +15,8 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
-#include <sstream>
 #include <stdexcept>
+#include <utility>
 #include <variant>
 
 #include <sys/resource.h>
