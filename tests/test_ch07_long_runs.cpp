@@ -165,7 +165,7 @@ TEST_CASE("a step whose gradient norm is not finite is skipped and leaves nothin
   for (std::size_t i = 0; i < 2; ++i) check_same_step(resumed[i], full[i + 3]);
 }
 
-TEST_CASE("--lr 1e8 --clip 0: non-finite losses are skipped, and the third in a row stops the run", "[ch07][long-runs]") {
+TEST_CASE("a learning rate of 1e8 without clipping: non-finite losses are skipped, the third in a row stops the run", "[ch07][long-runs]") {
   const auto* f = test::finetune_fixture();
   if (!f) return;
   auto cfg = test::tiny_finetune_config();
@@ -269,7 +269,7 @@ TEST_CASE("a stop request finishes the step, checkpoints it, and --resume of the
   for (std::size_t i = 0; i < 2; ++i) check_same_step(resumed[i], full[i + 2]);
 }
 
-TEST_CASE("--save-total-limit keeps the newest checkpoints, never the one resumed from", "[ch07][long-runs]") {
+TEST_CASE("checkpoint retention: --save-total-limit keeps the newest, never the one resumed from", "[ch07][long-runs]") {
   const auto* f = test::finetune_fixture();
   if (!f) return;
   auto cfg = test::tiny_finetune_config();
