@@ -3,7 +3,8 @@
 
 #include "adamw.hpp"
 #include "adamw8bit.hpp"
-#include "atomic_file.hpp"
+#include "checkpoint.hpp"
+#include "interrupt.hpp"
 #include "search_path.hpp"
 
 #include <nlohmann/json.hpp>
@@ -14,8 +15,8 @@
 #include <cstdio>
 #include <fstream>
 #include <iterator>
-#include <sstream>
 #include <stdexcept>
+#include <utility>
 #include <variant>
 
 #include <sys/resource.h>
@@ -170,18 +171,6 @@ double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int se
 
 namespace {
 
-std::string rng_text(const std::mt19937_64& rng) {
-  std::ostringstream s;
-  s << rng;
-  return s.str();
-}
-
-void rng_from_text(std::mt19937_64& rng, const std::string& text, const fs::path& file) {
-  std::istringstream s(text);
-  s >> rng;
-  if (!s) throw std::runtime_error("corrupt generator state in " + file.string());
-}
-
 // Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB).
 double peak_rss_mb() {
   rusage u{};
@@ -196,37 +185,6 @@ std::vector<OptimParam> optim_params(LlamaModel& model) {
     params.push_back({name + ".lora_B", a->B.data(), a->dB.data(), a->B.size()});
   }
   return params;
-}
-
-// One checkpoint: the adapter and the optimizer state first, trainer_state.json last,
-// so a folder with trainer_state.json is complete (each file is written atomically).
-void save_checkpoint(const fs::path& dir, Trainer& tr, int step, const std::mt19937_64& data_rng,
-                     const std::mt19937_64& dropout_rng) {
-  write_peft_adapter(dir, tr.adapter());
-  tr.save_optimizer(dir / "optimizer.safetensors");
-  nlohmann::json st = {{"step", step}, {"data_rng", rng_text(data_rng)}, {"dropout_rng", rng_text(dropout_rng)}};
-  write_text_atomic(dir / "trainer_state.json", st.dump(2) + "\n");
-}
-
-int load_checkpoint(const fs::path& dir, Trainer& tr, std::mt19937_64& data_rng, std::mt19937_64& dropout_rng) {
-  const auto state_file = dir / "trainer_state.json";
-  std::ifstream in(state_file);
-  if (!in) throw std::runtime_error("cannot read checkpoint state " + state_file.string());
-  nlohmann::json st;
-  try {
-    in >> st;
-    rng_from_text(data_rng, st.at("data_rng").get<std::string>(), state_file);
-    rng_from_text(dropout_rng, st.at("dropout_rng").get<std::string>(), state_file);
-  } catch (const nlohmann::json::exception& e) {
-    throw std::runtime_error("corrupt checkpoint state " + state_file.string() + ": " + e.what());
-  }
-  tr.load_adapter(read_peft_adapter(dir), "checkpoint " + dir.string());
-  tr.load_optimizer(dir / "optimizer.safetensors");
-  const int step = st.value("step", -1);
-  if (step != tr.optimizer_steps())
-    throw std::runtime_error("checkpoint " + dir.string() + ": trainer step " + std::to_string(step) +
-                             " differs from the optimizer's " + std::to_string(tr.optimizer_steps()));
-  return step;
 }
 
 }  // namespace
@@ -287,10 +245,53 @@ void CpuTrainer::load_optimizer(const fs::path& file) {
 }
 double CpuTrainer::peak_memory_mb() const { return peak_rss_mb(); }
 
+namespace {
+
+// Why a step's update must not happen, or empty. The gradient norm is only measured
+// with clipping on (the GPU trainer brings it to the host then, and only then).
+std::string non_finite(const StepRecord& rec) {
+  if (!std::isfinite(rec.loss)) return "non-finite loss";
+  if (!std::isfinite(rec.grad_norm)) return "non-finite gradient norm";
+  return {};
+}
+
+std::string number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
+// The error that ends a diverged run: which step, what the adapters hold now, where to
+// go back to, and what usually cures it.
+std::string diverged_message(const FinetuneConfig& cfg, const StepRecord& rec, int bad_in_a_row,
+                             const fs::path& last_good) {
+  std::string m = "training diverged: step " + std::to_string(rec.step) + " had a " + rec.skipped + ", " +
+                  std::to_string(bad_in_a_row) + (bad_in_a_row == 1 ? " non-finite step" : " non-finite steps") +
+                  " in a row (--max-bad-steps " +
+                  std::to_string(cfg.max_bad_steps) + "); each was skipped, so the adapters are as after step " +
+                  std::to_string(rec.step - bad_in_a_row) + ". ";
+  m += last_good.empty() ? std::string("No checkpoint was written before (--save-every). ")
+                         : "Last good checkpoint: " + last_good.string() + " (--resume it). ";
+  m += "Cures: a lower --lr (now " + number(cfg.lr) + "), gradient clipping with --clip (now " +
+       (cfg.clip > 0 ? number(cfg.clip) : std::string("0: off")) + "), a longer --warmup (now " +
+       std::to_string(cfg.warmup) + ")";
+  return m;
+}
+
+}  // namespace
+
+TrainingInterrupted::TrainingInterrupted(int sig, int at_step, fs::path dir)
+    : std::runtime_error("training interrupted by " + signal_name(sig) + " after step " + std::to_string(at_step) +
+                         (dir.empty() ? std::string(" (no --out: nothing saved)") : ", checkpoint " + dir.string())),
+      signal(sig),
+      step(at_step),
+      checkpoint(std::move(dir)) {}
+
 //! [training_loop]
 std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const FinetuneConfig& cfg) {
   if (cfg.batch < 1 || cfg.seq_len < 2 || cfg.grad_accum < 1 || cfg.steps < 0)
     throw std::invalid_argument("finetune: --batch, --grad-accum must be >= 1 and --seq-len >= 2");
+  if (cfg.max_bad_steps < 1) throw std::invalid_argument("finetune: --max-bad-steps must be >= 1");
   check_sequence_length(tr.config(), cfg.seq_len, "finetune: --seq-len " + std::to_string(cfg.seq_len));
   const auto T = static_cast<std::size_t>(cfg.seq_len);
   if (data.train.size() < T + 2) throw std::invalid_argument("training text is shorter than one --seq-len window");
@@ -298,9 +299,25 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
   tr.zero_grad();
   // Two generators: one picks the data windows, one draws the dropout masks. Both are
   // saved in checkpoints, so a resumed run sees the same windows and masks.
-  std::mt19937_64 data_rng(cfg.seed), dropout_rng(cfg.seed ^ 0x9E3779B97F4A7C15ull);
-  int start = 0;
-  if (!cfg.resume.empty()) start = load_checkpoint(cfg.resume, tr, data_rng, dropout_rng);
+  TrainerState state;
+  state.data_rng.seed(cfg.seed);
+  state.dropout_rng.seed(cfg.seed ^ 0x9E3779B97F4A7C15ull);
+  // The newest checkpoint, and the newest written after a step that was not skipped:
+  // where a diverged run is best resumed from.
+  fs::path resumed_from, last_checkpoint, last_good;
+  if (!cfg.resume.empty()) {
+    resumed_from = resolve_resume(cfg.resume);
+    state = load_checkpoint(resumed_from, tr);
+    last_checkpoint = last_good = resumed_from;
+  }
+  const int start = state.step;
+  int bad_in_a_row = 0;
+  auto checkpoint = [&] {
+    last_checkpoint = checkpoint_dir(cfg.out, state.step);
+    save_checkpoint(last_checkpoint, tr, state);
+    if (bad_in_a_row == 0) last_good = last_checkpoint;
+    prune_checkpoints(cfg.out, cfg.save_total_limit, {resumed_from, last_good});
+  };
 
   std::ofstream log;
   if (!cfg.out.empty()) {
@@ -321,13 +338,13 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
     double loss_sum = 0;
     for (int micro = 0; micro < cfg.grad_accum; ++micro) {
       for (std::size_t b = 0; b < B; ++b) {
-        const auto off = static_cast<std::size_t>(uniform01(data_rng) * (max_start + 1.0));
+        const auto off = static_cast<std::size_t>(uniform01(state.data_rng) * (max_start + 1.0));
         for (std::size_t t = 0; t < T; ++t) {
           x[b * T + t] = data.train[off + t];
           y[b * T + t] = data.train[off + t + 1];
         }
       }
-      loss_sum += tr.train_micro_batch(x.data(), y.data(), cfg.batch, cfg.seq_len, dropout_rng);
+      loss_sum += tr.train_micro_batch(x.data(), y.data(), cfg.batch, cfg.seq_len, state.dropout_rng);
     }
     // backward gives the gradient of each micro-batch's mean loss; average them.
     if (cfg.grad_accum > 1) tr.scale_grads(1.0f / static_cast<float>(cfg.grad_accum));
@@ -336,7 +353,21 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
     rec.loss = static_cast<float>(loss_sum / cfg.grad_accum);
     rec.grad_norm = cfg.clip > 0 ? tr.clip_grad_norm(cfg.clip) : 0.0;
     rec.lr = learning_rate(cfg, step);
-    tr.optimizer_step(rec.lr);
+    //! [skip-non-finite]
+    // One NaN reaching AdamW would stay in its moments and spread to every adapter for
+    // good. So the update is skipped before it touches either, and the step's gradients
+    // are zeroed, so that nothing of the bad step is left in the trainer.
+    rec.skipped = non_finite(rec);
+    if (rec.skipped.empty()) {
+      tr.optimizer_step(rec.lr);
+      bad_in_a_row = 0;
+    } else {
+      tr.zero_grad();
+      ++state.skipped_steps;
+      ++bad_in_a_row;
+    }
+    //! [skip-non-finite]
+    state.step = step;
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     rec.tokens_per_s = static_cast<double>(B * T) * cfg.grad_accum / dt;
     rec.peak_mem_mb = tr.peak_memory_mb();
@@ -348,19 +379,30 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
                           {"tokens_per_s", rec.tokens_per_s}, {"peak_mem_mb", rec.peak_mem_mb},
                           {"device", tr.device()}};
       if (rec.val_loss >= 0) j["val_loss"] = rec.val_loss;
+      if (!rec.skipped.empty()) j["skipped"] = rec.skipped;  // its loss or norm is logged as null
       log << j.dump() << "\n" << std::flush;
     }
-    if (cfg.save_every > 0 && !cfg.out.empty() && (step % cfg.save_every == 0 || step == cfg.steps))
-      save_checkpoint(cfg.out / ("checkpoint-" + std::to_string(step)), tr, step, data_rng, dropout_rng);
+    const bool saved = cfg.save_every > 0 && !cfg.out.empty() && (step % cfg.save_every == 0 || step == cfg.steps);
+    if (saved) checkpoint();
     if (cfg.progress) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
       const double eta = elapsed / (step - start) * (cfg.steps - step);
       std::fprintf(stderr, "\rstep %d/%d  loss %.4f  lr %.2e  %.0f tok/s  mem %.0f MiB  ETA %.0fs   ", step, cfg.steps,
                    rec.loss, static_cast<double>(rec.lr), rec.tokens_per_s, rec.peak_mem_mb, eta);
+      if (!rec.skipped.empty()) std::fprintf(stderr, "  skipped: %s\n", rec.skipped.c_str());
       if (rec.val_loss >= 0) std::fprintf(stderr, "  val %.4f\n", static_cast<double>(rec.val_loss));
       if (step == cfg.steps) std::fprintf(stderr, "\n");
     }
     records.push_back(rec);
+    if (bad_in_a_row >= cfg.max_bad_steps) throw std::runtime_error(diverged_message(cfg, rec, bad_in_a_row, last_good));
+    //! [stop-on-signal]
+    // A signal only set a flag: the step above has finished, so this is a clean point to save.
+    if (cfg.stop && *cfg.stop != 0) {
+      if (!cfg.out.empty() && !saved) checkpoint();
+      if (cfg.progress) std::fprintf(stderr, "\n");
+      throw TrainingInterrupted(*cfg.stop, step, cfg.out.empty() ? fs::path{} : last_checkpoint);
+    }
+    //! [stop-on-signal]
   }
   tr.sync_to_host();
   return records;

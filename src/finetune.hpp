@@ -3,8 +3,10 @@
 // validation, random seq_len windows of the rest from a seeded generator), the
 // training loop (AdamW, linear warmup then constant learning rate, global-norm
 // clipping, gradient accumulation), validation loss, a JSONL log of every step,
-// and checkpoints (PEFT adapter + optimizer state + trainer state) that --resume
-// continues from with the same data order, so the loss curve is identical.
+// and checkpoints (PEFT adapter + optimizer state + trainer state, checkpoint.hpp) that
+// --resume continues from with the same data order, so the loss curve is identical.
+// A long run survives: a step with a non-finite loss or gradient norm is skipped, too
+// many in a row stop the run, and a signal stops it after a checkpoint.
 // The loop drives a Trainer: CpuTrainer here, cuda::GpuTrainer (kernels/gpu_trainer.cuh)
 // on the GPU; data order, logging and checkpoints are one code path for both.
 #pragma once
@@ -12,11 +14,13 @@
 #include "peft_adapter.hpp"
 #include "tokenizer.hpp"
 
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -74,10 +78,25 @@ struct FinetuneConfig {
   int eval_every = 0;    ///< validation every N steps (0: never during training)
   int val_windows = 0;   ///< cap on validation windows (0: all)
   int save_every = 0;    ///< checkpoint every N steps into out/checkpoint-STEP (0: never)
+  int save_total_limit = 3;  ///< keep the newest N checkpoints in out (0: all); never the one resumed from
+  int max_bad_steps = 3;     ///< stop after this many non-finite steps in a row (each is skipped)
   std::uint64_t seed = 1337;
   std::filesystem::path out;     ///< log.jsonl and checkpoints go here (empty: nothing written)
-  std::filesystem::path resume;  ///< a checkpoint folder to continue from (empty: fresh start)
+  std::filesystem::path resume;  ///< a checkpoint, or an output folder (its newest complete checkpoint), to continue from
   bool progress = true;          ///< a progress line per step on stderr
+  /// Read after every step when set: a nonzero value (a signal number, InterruptGuard::signal())
+  /// writes a checkpoint of that step and throws TrainingInterrupted.
+  const std::atomic<int>* stop = nullptr;
+};
+
+/// What finetune() throws when cfg.stop turned nonzero: the run stopped after `step`, whose
+/// checkpoint is `checkpoint` (empty when cfg.out is: nothing was written).
+class TrainingInterrupted : public std::runtime_error {
+ public:
+  TrainingInterrupted(int signal, int step, std::filesystem::path checkpoint);
+  int signal;
+  int step;
+  std::filesystem::path checkpoint;
 };
 
 /// One optimizer step as logged.
@@ -89,6 +108,7 @@ struct StepRecord {
   double tokens_per_s = 0;
   double peak_mem_mb = 0;  ///< peak memory of the training device so far, MiB (Trainer::peak_memory_mb)
   float val_loss = -1;   ///< when validated at this step, else −1
+  std::string skipped;   ///< "non-finite loss" or "non-finite gradient norm" when the update was skipped, else empty
 };
 
 /// Learning rate at 1-based step `step`: linear warmup over `warmup` steps, then constant.
@@ -180,7 +200,9 @@ class CpuTrainer final : public Trainer {
 
 /// Trains the trainer's adapters (its model must have LoRA). With cfg.resume, first
 /// loads the adapter, the optimizer state and the generator states of that checkpoint
-/// and continues from its step. Returns the records of the steps it ran.
+/// and continues from its step. Returns the records of the steps it ran. Throws
+/// std::runtime_error after cfg.max_bad_steps non-finite steps in a row, and
+/// TrainingInterrupted when cfg.stop asks.
 std::vector<StepRecord> finetune(Trainer& trainer, const FinetuneData& data, const FinetuneConfig& cfg);
 /// The same on the CPU (CpuTrainer with cfg.optim and cfg.weight_decay).
 std::vector<StepRecord> finetune(LlamaModel& model, const FinetuneData& data, const FinetuneConfig& cfg);

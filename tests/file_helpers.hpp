@@ -52,12 +52,10 @@ struct CliRun {
   std::string output;
 };
 
-/// Runs `$QLORA_BIN args` through the shell (ctest sets QLORA_BIN), stderr folded into stdout.
-inline CliRun run_qlora(const std::string& args) {
-  const char* bin = std::getenv("QLORA_BIN");
-  if (!bin) FAIL("QLORA_BIN is not set (ctest sets it to the qlora binary)");
-  std::string cmd = "'";
-  cmd.append(bin).append("' ").append(args).append(" 2>&1");  // append: GCC 12 misfires -Wrestrict on operator+
+/// Runs a shell command line, stderr folded into stdout.
+inline CliRun run_shell(const std::string& command) {
+  std::string cmd = command;
+  cmd.append(" 2>&1");
   std::string out;
   FILE* pipe = popen(cmd.c_str(), "r");
   REQUIRE(pipe);
@@ -65,6 +63,21 @@ inline CliRun run_qlora(const std::string& args) {
   while (std::fgets(buf, sizeof buf, pipe)) out += buf;
   const int status = pclose(pipe);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, out};
+}
+
+/// The qlora binary (ctest sets QLORA_BIN).
+inline std::string qlora_bin() {
+  const char* bin = std::getenv("QLORA_BIN");
+  INFO("QLORA_BIN is not set (ctest sets it to the qlora binary)");
+  REQUIRE(bin != nullptr);
+  return bin;
+}
+
+/// Runs `$QLORA_BIN args` through the shell, stderr folded into stdout.
+inline CliRun run_qlora(const std::string& args) {
+  std::string cmd = "'";
+  cmd.append(qlora_bin()).append("' ").append(args);  // append: GCC 12 misfires -Wrestrict on operator+
+  return run_shell(cmd);
 }
 
 }  // namespace qlora::test

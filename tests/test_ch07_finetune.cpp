@@ -5,6 +5,7 @@
 // Also the sampler of `qlora generate`: greedy is argmax, top-p keeps the nucleus.
 #include "file_helpers.hpp"
 #include "finetune.hpp"
+#include "finetune_helpers.hpp"
 #include "generate.hpp"
 
 #include <catch2/catch.hpp>
@@ -21,59 +22,11 @@
 using namespace qlora;
 namespace fs = std::filesystem;
 
-namespace {
-
-struct Fixture {
-  LlamaWeights weights;
-  FinetuneData data;
-};
-
-// Loaded once: the model, the tokenizer and the data; nullptr (with a warning) when absent.
-const Fixture* fixture() {
-  static std::unique_ptr<Fixture> f = []() -> std::unique_ptr<Fixture> {
-    auto model = find_model("kjv15M.bin");
-    auto text = find_data("tinyshakespeare.txt");
-    if (!model || !text) {
-      WARN("kjv15M.bin or tinyshakespeare.txt not found: fine-tune tests skipped");
-      return nullptr;
-    }
-    auto out = std::make_unique<Fixture>();
-    out->weights = load_llama_weights(*model);
-    SentencePieceTokenizer tok(find_tokenizer_for(*model));
-    out->data = load_finetune_data(*text, tok);
-    return out;
-  }();
-  return f.get();
-}
-
-LlamaModel fresh_model(const Fixture& f, std::uint64_t seed) {
-  LlamaModel m(f.weights, BaseStorage::nf4_dq);
-  LoraSetup setup;
-  setup.config.r = 4;
-  setup.config.alpha = 8.0f;
-  setup.config.dropout = 0.05f;
-  std::mt19937_64 rng(seed);
-  m.add_lora(setup, rng);
-  return m;
-}
-
-FinetuneConfig tiny_config() {
-  FinetuneConfig c;
-  c.steps = 30;
-  c.batch = 2;
-  c.seq_len = 32;
-  c.lr = 3e-3f;
-  c.warmup = 3;
-  c.val_windows = 16;
-  c.seed = 7;
-  c.progress = false;
-  return c;
-}
-
-}  // namespace
+using Fixture = test::FinetuneFixture;
+using test::fresh_model;
 
 TEST_CASE("data: BOS first, last 10% held out contiguously", "[ch07][finetune]") {
-  const Fixture* f = fixture();
+  const Fixture* f = test::finetune_fixture();
   if (!f) return;
   REQUIRE(f->data.train.front() == 1);
   const double n = static_cast<double>(f->data.train.size() + f->data.val.size());
@@ -90,9 +43,9 @@ TEST_CASE("learning rate: linear warmup then constant", "[ch07][finetune]") {
 }
 
 TEST_CASE("fine-tuning kjv15M on Shakespeare lowers validation loss", "[ch07][finetune]") {
-  const Fixture* f = fixture();
+  const Fixture* f = test::finetune_fixture();
   if (!f) return;
-  auto cfg = tiny_config();
+  auto cfg = test::tiny_finetune_config();
   auto model = fresh_model(*f, 1);
   const double before = validation_loss(model, f->data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
   auto recs = finetune(model, f->data, cfg);
@@ -104,9 +57,9 @@ TEST_CASE("fine-tuning kjv15M on Shakespeare lowers validation loss", "[ch07][fi
 }
 
 TEST_CASE("resume from a checkpoint reproduces the loss curve exactly", "[ch07][finetune]") {
-  const Fixture* f = fixture();
+  const Fixture* f = test::finetune_fixture();
   if (!f) return;
-  auto cfg = tiny_config();
+  auto cfg = test::tiny_finetune_config();
   cfg.steps = 10;
   cfg.save_every = 5;
   cfg.out = test::temp_path("test_ch07_ft", "full");
@@ -136,9 +89,9 @@ TEST_CASE("resume from a checkpoint reproduces the loss curve exactly", "[ch07][
 }
 
 TEST_CASE("a trained adapter round-trips through a PEFT folder", "[ch07][finetune]") {
-  const Fixture* f = fixture();
+  const Fixture* f = test::finetune_fixture();
   if (!f) return;
-  auto cfg = tiny_config();
+  auto cfg = test::tiny_finetune_config();
   cfg.steps = 3;
   auto trained = fresh_model(*f, 1);
   finetune(trained, f->data, cfg);
@@ -182,7 +135,7 @@ TEST_CASE("sample_token: greedy is argmax, top-p keeps the nucleus, temperature 
 }
 
 TEST_CASE("qlora finetune / eval / generate run end to end and reject bad flags", "[ch07][finetune][cli]") {
-  if (!fixture()) return;
+  if (!test::finetune_fixture()) return;
   const auto out = test::temp_path("test_ch07_ft", "cli");
   const std::string tiny = " --steps 4 --batch 2 --seq-len 32 --rank 4 --val-windows 4 --eval-every 2"
                            " --save-every 2 --sample-tokens 4 --out '" + out.string() + "'";
@@ -242,7 +195,7 @@ static std::map<int, std::pair<double, double>> logged_steps(const fs::path& log
 }
 
 TEST_CASE("qlora finetune --resume in a new process continues the loss curve bit for bit", "[ch07][finetune][cli]") {
-  if (!fixture()) return;
+  if (!test::finetune_fixture()) return;
   // Everything a new process must restore: LoRA weights, AdamW moments and step, the data
   // order's and the dropout's random streams. Dropout is on, so a wrong stream shows.
   const std::string tiny = " --steps 6 --batch 2 --seq-len 32 --rank 4 --val-windows 2 --eval-every 0"

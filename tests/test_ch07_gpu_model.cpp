@@ -22,6 +22,7 @@
 #include "file_helpers.hpp"
 #include "model_helpers.hpp"
 #include "finetune.hpp"
+#include "finetune_helpers.hpp"
 #include "gpu_trainer.cuh"
 #include "llama_model.hpp"
 #include "hf_folder.hpp"
@@ -35,6 +36,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <random>
 #include <string>
@@ -342,6 +344,62 @@ TEST_CASE("GPU fine-tune follows the CPU fine-tune over its first steps and resu
   const auto rec = finetune(resumed, data, rcfg);
   REQUIRE(rec.size() == 2);
   CHECK(std::fabs(rec.back().loss - gpu_recs.back().loss) < 1e-2);
+}
+
+// Chapter 7, "When things go wrong": the GPU trainer runs the same loop, so a NaN loss
+// skips the step there too, with the loss the device already returns per micro-batch.
+TEST_CASE("GPU fine-tune skips a step with a NaN loss and stops a diverged run", "[ch07][gpu][long-runs]") {
+  const auto path = model_or_warn("kjv15M-hf");
+  if (!path) return;
+  const auto tok = load_tokenizer(qlora::find_tokenizer_for(*path));
+  const auto data = load_finetune_data(require_data("tinyshakespeare.txt"), *tok);
+  const LlamaWeights w = load_llama_weights(*path);
+  auto fresh = [&] {
+    LlamaModel m(w, BaseStorage::nf4_dq);
+    LoraSetup s;
+    s.config.r = 8;
+    s.config.alpha = 16.0f;
+    std::mt19937_64 init(1);
+    m.add_lora(s, init);
+    return m;
+  };
+  FinetuneConfig cfg;
+  cfg.steps = 4;
+  cfg.batch = 4;
+  cfg.seq_len = 64;
+  cfg.lr = 1e-3f;
+  cfg.progress = false;
+  cfg.save_every = 1;
+  cfg.save_total_limit = 0;
+  cfg.out = qlora::test::temp_path("ch07_gpu", "nan_loss");
+  LlamaModel host = fresh();
+  cuda::GpuTrainer gpu(host, OptimKind::adamw, 0.0f);
+  qlora::test::TamperedTrainer tr(gpu, [](int n, float loss) {
+    return n == 2 ? std::numeric_limits<float>::quiet_NaN() : loss;
+  });
+  const auto recs = finetune(tr, data, cfg);
+  REQUIRE(recs.size() == 4);
+  CHECK(recs[0].skipped.empty());
+  CHECK(recs[1].skipped == "non-finite loss");
+  CHECK(recs[2].skipped.empty());
+  CHECK(gpu.optimizer_steps() == 3);
+  for (const char* file : {"adapter_model.safetensors", "optimizer.safetensors"}) {
+    INFO(file);
+    CHECK(qlora::test::same_bytes(cfg.out / "checkpoint-1" / file, cfg.out / "checkpoint-2" / file));
+    CHECK_FALSE(qlora::test::same_bytes(cfg.out / "checkpoint-2" / file, cfg.out / "checkpoint-3" / file));
+  }
+
+  // A real overflow on the device, as a user would cause it: --lr 1e8 --clip 0.
+  FinetuneConfig wild = cfg;
+  wild.steps = 20;
+  wild.clip = 0;
+  wild.lr = 1e8f;
+  wild.save_every = 0;
+  wild.out = qlora::test::temp_path("ch07_gpu", "diverged");
+  LlamaModel host2 = fresh();
+  cuda::GpuTrainer gpu2(host2, OptimKind::adamw, 0.0f);
+  CHECK_THROWS_WITH(finetune(gpu2, data, wild),
+                    Catch::Contains("training diverged: step ") && Catch::Contains("3 non-finite steps in a row"));
 }
 
 TEST_CASE("GPU fine-tune with the paged 8-bit optimizer trains", "[ch07][gpu]") {

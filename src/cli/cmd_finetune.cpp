@@ -3,9 +3,11 @@
 // each with or without a PEFT adapter. The work is in finetune.hpp and generate.hpp;
 // this file only parses flags and prints.
 #include "atomic_file.hpp"
+#include "checkpoint.hpp"
 #include "command.hpp"
 #include "finetune.hpp"
 #include "generate.hpp"
+#include "interrupt.hpp"
 #include "safetensors.hpp"
 #include "search_path.hpp"
 
@@ -183,6 +185,37 @@ void apply_gpu_recipe(const CLI::App& cmd, FinetuneConfig& cfg) {
 }
 //! [gpu-recipe]
 
+// This very command line with `--resume DIR` in place of any --resume it had.
+std::string resume_command(const std::filesystem::path& dir) {
+  const auto& words = qlora::cli::command_line();
+  std::string cmd;
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    if (words[i] == "--resume") {
+      ++i;  // and its value
+      continue;
+    }
+    if (words[i].rfind("--resume=", 0) == 0) continue;
+    cmd += qlora::cli::shell_quote(words[i]) + " ";
+  }
+  return cmd + "--resume " + qlora::cli::shell_quote(dir.string());
+}
+
+//! [interrupted]
+// Training under an InterruptGuard: SIGINT or SIGTERM ends the step, checkpoints it, and
+// the command tells how to go on and exits with the shell's status for the signal.
+std::vector<StepRecord> finetune_until_interrupted(Trainer& trainer, const FinetuneData& data, FinetuneConfig& cfg) {
+  InterruptGuard guard;
+  cfg.stop = &InterruptGuard::signal();
+  try {
+    return finetune(trainer, data, cfg);
+  } catch (const TrainingInterrupted& e) {
+    std::printf("%s\ncontinue with:\n  %s\n", e.what(), resume_command(e.checkpoint).c_str());
+    std::fflush(stdout);
+    throw qlora::cli::ExitStatus{exit_status_for_signal(e.signal)};
+  }
+}
+//! [interrupted]
+
 void print_sample(const char* when, LlamaModel& m, const Tokenizer& tok, int tokens) {
   SampleConfig s;
   s.max_tokens = tokens;
@@ -245,8 +278,20 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--save-every", o->cfg.save_every, "checkpoint every N steps (0: only the final adapter)")
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
+  cmd->add_option("--save-total-limit", o->cfg.save_total_limit,
+                  "keep the newest N checkpoints (0: all); the one resumed from is never deleted")
+      ->capture_default_str()
+      ->check(qlora::cli::non_negative);
+  cmd->add_option("--max-bad-steps", o->cfg.max_bad_steps,
+                  "a step with a non-finite loss or gradient norm (measured with --clip > 0) is skipped; "
+                  "stop after N such steps in a row")
+      ->capture_default_str()
+      ->check(qlora::cli::positive);
   cmd->add_option("--out", o->out, "output folder: log.jsonl, checkpoint-N/, adapter/")->capture_default_str();
-  cmd->add_option("--resume", o->resume, "checkpoint folder to continue from");
+  cmd->add_option("--resume", o->resume,
+                  "checkpoint folder to continue from, or an output folder: its newest complete checkpoint-N. "
+                  "SIGINT/SIGTERM during training write a checkpoint, print the --resume command and exit "
+                  "with 130/143 (a second signal exits at once)");
   cmd->add_option("--seed", o->cfg.seed, "seed of the LoRA init, data order and dropout")->capture_default_str();
   cmd->add_option("--device", o->device, "cpu, cuda, or auto (cuda when a GPU is present)")
       ->capture_default_str()
@@ -305,6 +350,7 @@ QLORA_COMMAND([](CLI::App& app) {
         std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
                     when);
     };
+    if (!cfg.resume.empty()) std::printf("resuming from %s\n", resolve_resume(cfg.resume).string().c_str());
     double before = -1;
     if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
       before = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
@@ -312,7 +358,7 @@ QLORA_COMMAND([](CLI::App& app) {
       sample("before");
       std::fflush(stdout);
     }
-    const auto records = finetune(*trainer, data, cfg);
+    const auto records = finetune_until_interrupted(*trainer, data, cfg);
     const double after = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
     print_val("after", after);
     // Throughput over the whole run: tokens trained / seconds spent in training steps.

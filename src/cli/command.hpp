@@ -36,6 +36,19 @@ inline CLI::Validator number_check(bool allow_zero) {
 inline const CLI::Validator positive = number_check(false);
 inline const CLI::Validator non_negative = number_check(true);
 
+/// The command line as typed (main fills it before parsing), for messages that tell the
+/// user what to run next.
+std::vector<std::string>& command_line();
+
+/// `word` as one word for a POSIX shell: unchanged when it is plain, else in single quotes.
+std::string shell_quote(const std::string& word);
+
+/// Thrown by a command that ends with a status of its own after printing why (an
+/// interrupted `finetune`, say); main returns `status`.
+struct ExitStatus {
+  int status;
+};
+
 struct RegisterCommand {
   explicit RegisterCommand(CommandSetup setup) { command_registry().push_back(std::move(setup)); }
 };
