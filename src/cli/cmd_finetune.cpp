@@ -8,6 +8,7 @@
 #include "finetune.hpp"
 #include "generate.hpp"
 #include "interrupt.hpp"
+#include "memory_plan.hpp"
 #include "safetensors.hpp"
 #include "search_path.hpp"
 
@@ -25,9 +26,12 @@
 
 #ifdef QLORA_HAVE_CUDA
 #include "bnb_config.hpp"
+#include "cuda_check.cuh"
 #include "gpu_trainer.cuh"
 #include "hf_folder.hpp"
+#include "hf_llama.hpp"
 #include "model_stream.cuh"
+#include "paged.cuh"
 #endif
 
 namespace {
@@ -222,6 +226,25 @@ void print_sample(const char* when, LlamaModel& m, const Tokenizer& tok, int tok
   std::printf("%s greedy sample:\n%s\n\n", when, generate_text(m, tok, "ROMEO:", s).c_str());
 }
 
+// A CUDA out-of-memory error, in loading or in training, with what qlora plan says of the
+// run and the settings that would fit (a Hugging Face folder's config.json gives the shape).
+void explain_out_of_memory(const std::filesystem::path& model, const TrainingSetup& setup,
+                           const std::function<void()>& run) {
+#ifdef QLORA_HAVE_CUDA
+  try {
+    run();
+  } catch (const cuda::OutOfDeviceMemory& e) {
+    if (!std::filesystem::is_directory(model)) throw;  // a llama2.c file: a small model, no plan
+    throw std::runtime_error(std::string(e.what()) + "\n" +
+                             fit_advice(read_hf_config(model / "config.json"), setup,
+                                        static_cast<double>(cuda::device_memory().total)));
+  }
+#else
+  (void)model, (void)setup;
+  run();
+#endif
+}
+
 }  // namespace
 
 QLORA_COMMAND([](CLI::App& app) {
@@ -307,85 +330,95 @@ QLORA_COMMAND([](CLI::App& app) {
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
   cmd->callback([o, cmd] {
-    const auto mp = o->m.model_path();
-    auto& cfg = o->cfg;
-    cfg.out = o->out;
-    cfg.resume = o->resume;
-    cfg.optim = parse_optim(o->optim);
-    LoraSetup setup;
-    setup.config.r = o->rank;
-    setup.config.alpha = o->alpha;
-    setup.config.dropout = o->dropout;
-    std::mt19937_64 init_rng(cfg.seed);
-    // The host model, unless the model is streamed onto the GPU (then the trainer holds it).
-    std::optional<LlamaModel> host;
-    std::unique_ptr<Tokenizer> tok;
-    std::unique_ptr<Trainer> trainer;
-    std::string storage = o->m.storage;
-    std::int64_t frozen_bytes = 0;
-    if (o->stream) {
-      trainer = streamed_trainer(o->m, mp, o->device, setup, init_rng, cfg, o->checkpointing, tok, frozen_bytes);
-    } else {
-      auto [model, t] = o->m.load_with_tokenizer(mp);
-      host.emplace(std::move(model));
-      tok = std::move(t);
-      host->add_lora(setup, init_rng);
-      host->set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
-      storage = to_string(host->storage());
-      frozen_bytes = host->frozen_storage_bytes();
-      trainer = make_trainer(o->device, *host, cfg);
-    }
-    const auto data = load_finetune_data(require_data(o->data), *tok);
-    const std::int64_t lora_parameters = trainer->lora_parameter_count();
-    std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
-                storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
-    if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
-    check_seq_len(cfg.seq_len, trainer->config(), mp);
-    std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
-    const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
-    auto sample = [&](const char* when) {
-      if (host)
-        print_sample(when, *host, *tok, o->sample_tokens);
-      else
-        std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
-                    when);
-    };
-    if (!cfg.resume.empty()) std::printf("resuming from %s\n", resolve_resume(cfg.resume).string().c_str());
-    double before = -1;
-    if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
-      before = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
-      print_val("before", before);
-      sample("before");
-      std::fflush(stdout);
-    }
-    const auto records = finetune_until_interrupted(*trainer, data, cfg);
-    const double after = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
-    print_val("after", after);
-    // Throughput over the whole run: tokens trained / seconds spent in training steps.
-    double tokens = 0, seconds = 0, peak = 0;
-    for (const auto& r : records) {
-      const double n = static_cast<double>(cfg.batch) * cfg.seq_len * cfg.grad_accum;
-      tokens += n;
-      seconds += n / r.tokens_per_s;
-      peak = std::max(peak, r.peak_mem_mb);
-    }
-    if (!records.empty())
-      std::printf("%d steps in %.1f s: %.0f tokens/s, peak memory %.0f MiB (%s)\n", static_cast<int>(records.size()),
-                  seconds, tokens / seconds, peak, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
-    const nlohmann::json summary = {
-        {"model", mp.filename().string()}, {"storage", storage}, {"device", trainer->device()},
-        {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
-        {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
-        {"lr", cfg.lr}, {"warmup", cfg.warmup}, {"clip", cfg.clip}, {"weight_decay", cfg.weight_decay},
-        {"val_windows", cfg.val_windows}, {"gradient_checkpointing", o->checkpointing}, {"val_loss_before", before}, {"val_loss_after", after},
-        {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
-        {"peak_mem_mb", peak}, {"frozen_bytes", frozen_bytes}, {"lora_parameters", lora_parameters},
-        {"streamed", o->stream}};
-    write_text_atomic(cfg.out / "summary.json", summary.dump(2) + "\n");
-    sample("after");
-    write_peft_adapter(cfg.out / "adapter", trainer->adapter());
-    std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
-                (cfg.out / "log.jsonl").string().c_str());
+    TrainingSetup plan;  // for the advice after an out-of-memory error
+    plan.batch = o->cfg.batch;
+    plan.seq_len = o->cfg.seq_len;
+    plan.rank = o->rank;
+    plan.dropout = o->dropout;
+    plan.storage = parse_base_storage(o->m.storage);
+    plan.optim = parse_optim(o->optim);
+    plan.checkpointing = o->checkpointing;
+    explain_out_of_memory(o->m.model_path(), plan, [&] {
+      const auto mp = o->m.model_path();
+      auto& cfg = o->cfg;
+      cfg.out = o->out;
+      cfg.resume = o->resume;
+      cfg.optim = parse_optim(o->optim);
+      LoraSetup setup;
+      setup.config.r = o->rank;
+      setup.config.alpha = o->alpha;
+      setup.config.dropout = o->dropout;
+      std::mt19937_64 init_rng(cfg.seed);
+      // The host model, unless the model is streamed onto the GPU (then the trainer holds it).
+      std::optional<LlamaModel> host;
+      std::unique_ptr<Tokenizer> tok;
+      std::unique_ptr<Trainer> trainer;
+      std::string storage = o->m.storage;
+      std::int64_t frozen_bytes = 0;
+      if (o->stream) {
+        trainer = streamed_trainer(o->m, mp, o->device, setup, init_rng, cfg, o->checkpointing, tok, frozen_bytes);
+      } else {
+        auto [model, t] = o->m.load_with_tokenizer(mp);
+        host.emplace(std::move(model));
+        tok = std::move(t);
+        host->add_lora(setup, init_rng);
+        host->set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
+        storage = to_string(host->storage());
+        frozen_bytes = host->frozen_storage_bytes();
+        trainer = make_trainer(o->device, *host, cfg);
+      }
+      const auto data = load_finetune_data(require_data(o->data), *tok);
+      const std::int64_t lora_parameters = trainer->lora_parameter_count();
+      std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
+                  storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
+      if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
+      check_seq_len(cfg.seq_len, trainer->config(), mp);
+      std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
+      const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
+      auto sample = [&](const char* when) {
+        if (host)
+          print_sample(when, *host, *tok, o->sample_tokens);
+        else
+          std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
+                      when);
+      };
+      if (!cfg.resume.empty()) std::printf("resuming from %s\n", resolve_resume(cfg.resume).string().c_str());
+      double before = -1;
+      if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
+        before = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
+        print_val("before", before);
+        sample("before");
+        std::fflush(stdout);
+      }
+      const auto records = finetune_until_interrupted(*trainer, data, cfg);
+      const double after = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
+      print_val("after", after);
+      // Throughput over the whole run: tokens trained / seconds spent in training steps.
+      double tokens = 0, seconds = 0, peak = 0;
+      for (const auto& r : records) {
+        const double n = static_cast<double>(cfg.batch) * cfg.seq_len * cfg.grad_accum;
+        tokens += n;
+        seconds += n / r.tokens_per_s;
+        peak = std::max(peak, r.peak_mem_mb);
+      }
+      if (!records.empty())
+        std::printf("%d steps in %.1f s: %.0f tokens/s, peak memory %.0f MiB (%s)\n", static_cast<int>(records.size()),
+                    seconds, tokens / seconds, peak, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
+      const nlohmann::json summary = {
+          {"model", mp.filename().string()}, {"storage", storage}, {"device", trainer->device()},
+          {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
+          {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
+          {"lr", cfg.lr}, {"warmup", cfg.warmup}, {"clip", cfg.clip}, {"weight_decay", cfg.weight_decay},
+          {"val_windows", cfg.val_windows}, {"gradient_checkpointing", o->checkpointing}, {"val_loss_before", before}, {"val_loss_after", after},
+          {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
+          {"peak_mem_mb", peak}, {"frozen_bytes", frozen_bytes}, {"lora_parameters", lora_parameters},
+          {"streamed", o->stream}};
+      write_text_atomic(cfg.out / "summary.json", summary.dump(2) + "\n");
+      sample("after");
+      write_peft_adapter(cfg.out / "adapter", trainer->adapter());
+      std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
+                  (cfg.out / "log.jsonl").string().c_str());
+    });
   });
 });
 
