@@ -189,10 +189,12 @@ std::string fit_advice(const LlamaConfig& c, const TrainingSetup& s, double avai
     TrainingSetup setup;
   };
   std::vector<Change> changes;
-  for (int b = s.batch / 2; b >= 1; b /= 2) {
+  for (int b = s.batch / 2; b >= 1; b /= 2) {  // the largest smaller batch that fits
     TrainingSetup t = s;
     t.batch = b;
+    if (plan_training_memory(c, t).total() > available && b > 1) continue;
     changes.push_back({"--batch " + std::to_string(b) + " (with --grad-accum to keep the tokens per step)", t});
+    break;
   }
   if (!s.checkpointing) {
     TrainingSetup t = s;

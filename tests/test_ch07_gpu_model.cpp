@@ -389,16 +389,19 @@ TEST_CASE("GPU fine-tune skips a step with a NaN loss and stops a diverged run",
     CHECK_FALSE(qlora::test::same_bytes(cfg.out / "checkpoint-2" / file, cfg.out / "checkpoint-3" / file));
   }
 
-  // A real overflow on the device, as a user would cause it: --lr 1e8 --clip 0.
+  // A run that keeps failing stops. (--lr 1e8 --clip 0 overflows the CPU model at step 3;
+  // on the H200, 2026-12-02, the GPU model stayed finite for 20 such steps, so the losses
+  // are made non-finite here from step 3 on.)
   FinetuneConfig wild = cfg;
   wild.steps = 20;
-  wild.clip = 0;
-  wild.lr = 1e8f;
   wild.save_every = 0;
   wild.out = qlora::test::temp_path("ch07_gpu", "diverged");
   LlamaModel host2 = fresh();
   cuda::GpuTrainer gpu2(host2, OptimKind::adamw, 0.0f);
-  CHECK_THROWS_WITH(finetune(gpu2, data, wild),
+  qlora::test::TamperedTrainer bad(gpu2, [](int n, float loss) {
+    return n >= 3 ? std::numeric_limits<float>::infinity() : loss;
+  });
+  CHECK_THROWS_WITH(finetune(bad, data, wild),
                     Catch::Contains("training diverged: step ") && Catch::Contains("3 non-finite steps in a row"));
 }
 

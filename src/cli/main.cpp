@@ -4,6 +4,7 @@
 // has printed its own ending throws ExitStatus with the status to return.
 #include "command.hpp"
 
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <string_view>
@@ -37,6 +38,9 @@ CLI::App* command_group(CLI::App& app, const std::string& name, const std::strin
 }  // namespace qlora::cli
 
 int main(int argc, char** argv) {
+  // A file-size limit (ulimit -f, some batch schedulers) would kill the process in the middle
+  // of a checkpoint; ignored, the write fails with EFBIG and the error names the file.
+  std::signal(SIGXFSZ, SIG_IGN);
   CLI::App app{
       "qlora: 4-bit QLoRA fine-tuning, readable from the ground up.\n"
       "Each subcommand belongs to a chapter of the book in chapters/; run `qlora <command> --help`."};
