@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <limits>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -247,8 +248,7 @@ double CpuTrainer::peak_memory_mb() const { return peak_rss_mb(); }
 
 namespace {
 
-// Why a step's update must not happen, or empty. The gradient norm is only measured
-// with clipping on (the GPU trainer brings it to the host then, and only then).
+// Why a step's update must not happen, or empty.
 std::string non_finite(const StepRecord& rec) {
   if (!std::isfinite(rec.loss)) return "non-finite loss";
   if (!std::isfinite(rec.grad_norm)) return "non-finite gradient norm";
@@ -351,7 +351,9 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
     StepRecord rec;
     rec.step = step;
     rec.loss = static_cast<float>(loss_sum / cfg.grad_accum);
-    rec.grad_norm = cfg.clip > 0 ? tr.clip_grad_norm(cfg.clip) : 0.0;
+    // Measured even without clipping (an infinite bound scales nothing), so that a NaN
+    // gradient behind a finite loss is caught too: one host sync per step on the GPU.
+    rec.grad_norm = tr.clip_grad_norm(cfg.clip > 0 ? cfg.clip : std::numeric_limits<double>::infinity());
     rec.lr = learning_rate(cfg, step);
     //! [skip-non-finite]
     // One NaN reaching AdamW would stay in its moments and spread to every adapter for

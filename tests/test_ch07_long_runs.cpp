@@ -163,6 +163,17 @@ TEST_CASE("a step whose gradient norm is not finite is skipped and leaves nothin
   const auto resumed = finetune(m_resumed, f->data, resumed_cfg);
   REQUIRE(resumed.size() == 2);
   for (std::size_t i = 0; i < 2; ++i) check_same_step(resumed[i], full[i + 3]);
+
+  // Without clipping the norm is still measured (an infinite bound scales nothing), so the
+  // same NaN gradient behind a finite loss is caught the same way.
+  auto noclip = cfg;
+  noclip.clip = 0;
+  noclip.out = test::temp_path("test_ch07_long", "grad_nan_noclip");
+  auto m_noclip = fresh_model(*f, 1);
+  const auto unclipped = run(m_noclip, noclip);
+  REQUIRE(unclipped.size() == 3);
+  CHECK(unclipped[0].grad_norm > 0.0);
+  CHECK(unclipped[2].skipped == "non-finite gradient norm");
 }
 
 TEST_CASE("a learning rate of 1e8 without clipping: non-finite losses are skipped, the third in a row stops the run", "[ch07][long-runs]") {

@@ -306,7 +306,7 @@ QLORA_COMMAND([](CLI::App& app) {
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
   cmd->add_option("--max-bad-steps", o->cfg.max_bad_steps,
-                  "a step with a non-finite loss or gradient norm (measured with --clip > 0) is skipped; "
+                  "a step with a non-finite loss or gradient norm is skipped; "
                   "stop after N such steps in a row")
       ->capture_default_str()
       ->check(qlora::cli::positive);
