@@ -40,6 +40,19 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 
 }  // namespace
 
+TrainingSetup training_setup(const TrainBenchOptions& o) {
+  TrainingSetup s;
+  s.batch = o.batch;
+  s.seq_len = o.seq_len;
+  s.rank = o.rank;
+  s.dropout = o.dropout;
+  s.storage = o.storage;
+  s.optim = o.optim;
+  s.checkpointing = o.checkpointing;
+  s.offload_checkpoints = o.offload_checkpoints;
+  return s;
+}
+
 nlohmann::json run_train_bench(const TrainBenchOptions& o) {
   if (o.batch <= 0 || o.seq_len <= 0 || o.rank <= 0 || o.steps <= 0 || o.warmup < 0)
     throw std::invalid_argument("bench train: need --batch, --seq-len, --rank, --steps > 0 and --warmup >= 0");
@@ -159,15 +172,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
     const bool kept = what == "layer inputs" || what == "layer activations" || what == "final norm";
     (kept ? act_gib : work_gib) += static_cast<double>(bytes) / kGiB;
   }
-  TrainingSetup setup;
-  setup.batch = B;
-  setup.seq_len = T;
-  setup.rank = o.rank;
-  setup.dropout = o.dropout;
-  setup.storage = o.storage;
-  setup.optim = o.optim;
-  setup.checkpointing = o.checkpointing;
-  setup.offload_checkpoints = o.offload_checkpoints;
+  TrainingSetup setup = training_setup(o);
   setup.states_on_device = trainer.state_placement() != StatePlacement::Host && !trainer.states_paged_out();
   const TrainingMemoryPlan plan = plan_training_memory(cfg, setup);
   nlohmann::json plan_json = nlohmann::json::object();

@@ -6,6 +6,7 @@
 #pragma once
 #include "finetune.hpp"
 #include "llama_model.hpp"
+#include "memory_plan.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -34,6 +35,10 @@ struct TrainBenchOptions {
   std::filesystem::path write_hf;  ///< write the random model here as a BF16 folder, then stop
   std::filesystem::path tokens_out;  ///< write the batches' token ids here (JSON) for the anchor
 };
+
+/// The settings `qlora plan` needs for the same run (the optimizer states on the device:
+/// where the trainer puts them is known only once it runs).
+TrainingSetup training_setup(const TrainBenchOptions& o);
 
 /// Runs the benchmark, printing progress; returns the report (also what --json writes).
 nlohmann::json run_train_bench(const TrainBenchOptions& o);

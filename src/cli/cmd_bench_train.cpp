@@ -68,15 +68,7 @@ void run(const BenchTrainArgs& a) {
     r = qlora::cuda::run_train_bench(o);
   } catch (const qlora::cuda::OutOfDeviceMemory& e) {
     // Out of memory: say what the run needs and which settings would fit.
-    qlora::TrainingSetup s;
-    s.batch = o.batch;
-    s.seq_len = o.seq_len;
-    s.rank = o.rank;
-    s.dropout = o.dropout;
-    s.storage = o.storage;
-    s.optim = o.optim;
-    s.checkpointing = o.checkpointing;
-    s.offload_checkpoints = o.offload_checkpoints;
+    const qlora::TrainingSetup s = qlora::cuda::training_setup(o);
     const qlora::LlamaConfig cfg = a.model.empty() ? o.config : qlora::read_hf_config(o.model_dir / "config.json");
     const double available = a.memory_limit_gib > 0 ? a.memory_limit_gib * 1073741824.0
                                                     : static_cast<double>(qlora::cuda::device_memory().total);
