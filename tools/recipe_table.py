@@ -82,11 +82,15 @@ def main():
               f"{'' if diff is None else f'{diff:+.4f}'} |")
     print(f"\nlargest |ours − HF| at the same seed: {worst:.4f} nats/token (bar: {TOLERANCE})")
     if a.json:
-        keep = ("step", "loss", "val_loss", "grad_norm", "tokens_per_s")
+        keep = ("step", "loss", "val_loss", "grad_norm")
+
+        def slim_log(s):
+            return dict(s, log=[{k: round(e[k], 5) if isinstance(e[k], float) else e[k] for k in keep if k in e}
+                                for e in s["log"]])
+
         slim = {"table": rows,
-                "ours": {run: {str(seed): dict(s, log=[{k: e[k] for k in keep if k in e} for e in s["log"]])
-                               for seed, s in by_seed.items()} for run, by_seed in ours.items()},
-                "hf": {run: {str(seed): s for seed, s in by_seed.items()} for run, by_seed in hf.items()}}
+                "ours": {run: {str(seed): slim_log(s) for seed, s in by_seed.items()} for run, by_seed in ours.items()},
+                "hf": {run: {str(seed): slim_log(s) for seed, s in by_seed.items()} for run, by_seed in hf.items()}}
         a.json.write_text(json.dumps(slim) + "\n")
     if a.png:
         import matplotlib
