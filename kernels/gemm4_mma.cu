@@ -1,0 +1,301 @@
+// The fused 4-bit matmul on tensor cores (chapter 5). See gemm4_mma.cuh.
+// CPU reference: matmul_xwt_ref() on dequantize_4bit_bf16() weights.
+#include "gemm4_mma.cuh"
+
+#include "dequant4.cuh"
+#include "fp4.hpp"
+#include "nf4.hpp"
+
+#include <cuda_bf16.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace qlora::cuda {
+
+constexpr int kMmaWarps = 8;  // warps of a block; they split the K dimension between them
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr int kTileRows = 16;  // output features of a block: the M of one mma
+constexpr int kTileK = 128;    // k values one warp consumes per pipeline stage: 32 per lane
+
+/// Pipeline depth: as many stages as fit next to the x tiles (more token tiles, fewer stages).
+template <int kTokenTiles>
+constexpr int mma_stages() {
+  return kTokenTiles == 1 ? 4 : kTokenTiles == 2 ? 3 : 2;
+}
+
+//! [mma-stage]
+/// One pipeline stage of one warp in shared memory. Slot [..][lane] is written and read by
+/// that lane only: each lane copies exactly the bytes its own fragments need, so a lane
+/// waits for its own copies and no barrier between the warp's lanes is needed.
+template <int kTokenTiles>
+struct WarpStage {
+  uint4 codes[2][32];            ///< [row g, row g + 8][lane]: the lane's 32 codes (16 bytes) of the row
+  uint4 x[kTokenTiles][4][32];   ///< [token tile j][piece][lane]: 32 values of x for token 8j + g
+};
+//! [mma-stage]
+
+//! [mma-async-copy]
+/// cp.async: a 16-byte copy from global to shared memory that does not go through registers
+/// and does not block the thread; .cg keeps it out of L1 (the weights are read once).
+/// Copies are grouped (commit) and waited for by group: wait<N> returns when at most the N
+/// most recent groups of this thread are still in flight.
+static __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+static __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+//! [mma-async-copy]
+
+//! [mma-instruction]
+/// d += A·B for one 16 × 8 × 16 tile: A (16 × 16, row-major) in four registers of bf16 pairs,
+/// B (16 × 8, column-major) in two, d (16 × 8) in four float32 values. PTX ISA, "Matrix
+/// fragments for mma.m16n8k16 with floating point type", with g = lane / 4, t = lane % 4:
+///   a[0]: A[g][2t, 2t+1]   a[1]: A[g+8][2t, 2t+1]   a[2]: A[g][2t+8, 2t+9]   a[3]: A[g+8][2t+8, 2t+9]
+///   b[0]: B[2t, 2t+1][g]   b[1]: B[2t+8, 2t+9][g]
+///   d[0], d[1]: D[g][2t, 2t+1]   d[2], d[3]: D[g+8][2t, 2t+1]
+/// and in every pair the lower index sits in the lower 16 bits.
+static __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                                      std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+//! [mma-instruction]
+
+static __device__ __forceinline__ std::uint32_t word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+//! [mma-decode]
+/// The two values of one packed byte (the first in the high nibble) as a bf16 pair, the
+/// first in the low half: table value times block absmax in float32, rounded to bf16,
+/// exactly dequantize_4bit_bf16(). The flush of subnormal products (dequant_value_d) is only
+/// needed when |absmax| is so small that some product can be subnormal; kFlush says so.
+template <bool kFlush>
+static __device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t byte, const float* s_table, float absmax) {
+  const float t_first = s_table[(byte >> 4) & 0x0f], t_second = s_table[byte & 0x0f];
+  const float first = kFlush ? dequant_value_d(t_first, absmax) : __fmul_rn(t_first, absmax);
+  const float second = kFlush ? dequant_value_d(t_second, absmax) : __fmul_rn(t_second, absmax);
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(first, second);
+  return reinterpret_cast<const std::uint32_t&>(pair);
+}
+
+/// The A fragments of a lane for one 128-wide k tile: 8 mma steps of 4 registers. The lane's
+/// 16 code bytes of row g (codes[0]) and of row g + 8 (codes[1]) hold its k values 32t ..
+/// 32t + 31 of the tile in order; step s takes k 4s .. 4s+3 of them, bytes 2s and 2s+1.
+template <bool kFlush>
+static __device__ __forceinline__ void decode_tile(const uint4 (&codes)[2], const float (&absmax)[2],
+                                                   const float* s_table, std::uint32_t (&frag)[8][4]) {
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const std::uint32_t two_bytes = word_of(codes[r], s / 2) >> (16 * (s % 2));
+      frag[s][r] = decode_pair<kFlush>(two_bytes & 0xff, s_table, absmax[r]);             // k 4s, 4s+1
+      frag[s][2 + r] = decode_pair<kFlush>((two_bytes >> 8) & 0xff, s_table, absmax[r]);  // k 4s+2, 4s+3
+    }
+  }
+}
+//! [mma-decode]
+
+//! [mma-kernel]
+/// Block (blockIdx.y, blockIdx.x): output features row0 .. row0 + 15 for tokens tok0 ..
+/// tok0 + 8·kTokenTiles − 1. Its 8 warps split K: warp w takes the 128-wide k tiles w, w + 8,
+/// w + 16, ..., accumulates a 16 × 8 tile per token tile with mma.sync, and the warps' partial
+/// sums are added in shared memory at the end, in a fixed order.
+///
+/// The k permutation: an mma adds A[m][κ]·B[κ][n] over κ = 0..15, so any one-to-one map from κ
+/// to real k, the same for A and B, gives the same sum. We map the κ that lane t holds at step s
+/// (2t, 2t+1, 2t+8, 2t+9) to real k = 32t + 4s + (0, 1, 2, 3): over the 8 steps of a tile, lane t
+/// holds k 32t .. 32t + 31, i.e. 16 consecutive bytes of codes per row, and 64 consecutive bytes
+/// of x per token. Every fragment is then one aligned 16-byte load of the bitsandbytes layout: no
+/// repacked copy of the weights.
+template <int kTokenTiles>
+__global__ void __launch_bounds__(kMmaThreads)
+    gemm4_mma_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y, int out,
+                     int in, int tokens, float tiny_absmax) {
+  constexpr int kStages = mma_stages<kTokenTiles>();
+  using Stage = WarpStage<kTokenTiles>;
+  extern __shared__ uint4 s_dynamic[];
+  auto* stages = reinterpret_cast<Stage*>(s_dynamic);  // [stage][warp]
+  __shared__ float s_table[16];
+  __shared__ float s_map[256];
+  __shared__ float s_sum[kMmaWarps][kTokenTiles * 4][32];
+  if (threadIdx.x < 16) s_table[threadIdx.x] = q.table[threadIdx.x];
+  if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMmaThreads == 256
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int tok0 = blockIdx.x * 8 * kTokenTiles;
+  const int row0 = blockIdx.y * kTileRows;
+  // Rows past the end read the last row (valid memory); their sums are never stored.
+  const int rows[2] = {min(row0 + g, out - 1), min(row0 + g + 8, out - 1)};
+  const int num_tiles = (in + kTileK - 1) / kTileK;
+  const int my_tiles = warp < num_tiles ? (num_tiles - 1 - warp) / kMmaWarps + 1 : 0;
+  auto first_k = [&](int i) { return (warp + kMmaWarps * i) * kTileK + 32 * t; };  // lane's k in its tile i
+
+  // Tile i's copies. A lane whose 32 k values lie past the end of a row (in % 128 != 0) copies
+  // nothing and uses zeros; so does a lane whose token does not exist.
+  auto issue = [&](int i) {
+    Stage& st = stages[(i % kStages) * kMmaWarps + warp];
+    const int k = first_k(i);
+    if (k >= in) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) cp_async16(&st.codes[r][lane], q.packed + (static_cast<std::int64_t>(rows[r]) * in + k) / 2);
+#pragma unroll
+    for (int j = 0; j < kTokenTiles; ++j) {
+      const int token = tok0 + 8 * j + g;
+      if (token >= tokens) continue;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) cp_async16(&st.x[j][p][lane], x + static_cast<std::int64_t>(token) * in + k + 8 * p);
+    }
+  };
+  // The block scales of tile i (rows g and g + 8): 32 values never straddle a block.
+  auto load_scales = [&](int i, RawScale (&s)[2]) {
+    const int k = min(first_k(i), in - 32);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) s[r] = load_scale(q, (static_cast<std::int64_t>(rows[r]) * in + k) >> q.log2_blocksize);
+  };
+
+  // Prologue: kStages − 1 tiles in flight. Every iteration commits one group, empty or not,
+  // so that "group i" is always tile i.
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < my_tiles) issue(i);
+    cp_async_commit();
+  }
+  RawScale scale[2];
+  if (my_tiles > 0) load_scales(0, scale);
+  __syncthreads();  // the tables are in shared memory
+
+  float acc[kTokenTiles][4] = {};
+  for (int i = 0; i < my_tiles; ++i) {
+    // Refill the stage that tile i − 1 used: this lane read it in the previous iteration.
+    if (i + kStages - 1 < my_tiles) issue(i + kStages - 1);
+    cp_async_commit();
+    RawScale next[2] = {scale[0], scale[1]};  // the next tile's scales: their loads overlap this tile
+    if (i + 1 < my_tiles) load_scales(i + 1, next);
+    cp_async_wait<kStages - 1>();  // tile i's copies have landed
+
+    const Stage& st = stages[(i % kStages) * kMmaWarps + warp];
+    const bool in_row = first_k(i) < in;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    const uint4 codes[2] = {in_row ? st.codes[0][lane] : zero, in_row ? st.codes[1][lane] : zero};
+    const float absmax[2] = {decode_scale(q, s_map, scale[0]), decode_scale(q, s_map, scale[1])};
+    std::uint32_t frag[8][4];
+    if (fabsf(absmax[0]) >= tiny_absmax && fabsf(absmax[1]) >= tiny_absmax) {
+      decode_tile<false>(codes, absmax, s_table, frag);
+    } else {
+      decode_tile<true>(codes, absmax, s_table, frag);
+    }
+#pragma unroll
+    for (int j = 0; j < kTokenTiles; ++j) {
+      const bool has_x = in_row && tok0 + 8 * j + g < tokens;
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {  // piece p: k 8p .. 8p+7 of the lane's 32, i.e. steps 2p and 2p + 1
+        const uint4 xv = has_x ? st.x[j][p][lane] : zero;
+        mma_bf16_16816(acc[j], frag[2 * p], xv.x, xv.y);
+        mma_bf16_16816(acc[j], frag[2 * p + 1], xv.z, xv.w);
+      }
+    }
+    scale[0] = next[0];
+    scale[1] = next[1];
+  }
+  cp_async_wait<0>();
+
+  // Add the 8 warps' partial tiles; element (j, r, lane) of the accumulators is token
+  // tok0 + 8j + 2t + (r & 1), row row0 + g + 8·(r >> 1) (the d layout above).
+#pragma unroll
+  for (int j = 0; j < kTokenTiles; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) s_sum[warp][4 * j + r][lane] = acc[j][r];
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTokenTiles * 4 * 32; e += kMmaThreads) {
+    const int l = e % 32, jr = e / 32, j = jr / 4, r = jr % 4;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) sum += s_sum[w][jr][l];
+    const int token = tok0 + 8 * j + 2 * (l % 4) + (r & 1);
+    const int row = row0 + l / 4 + 8 * (r >> 1);
+    if (token < tokens && row < out) y[static_cast<std::int64_t>(token) * out + row] = __float2bfloat16_rn(sum);
+  }
+}
+//! [mma-kernel]
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+constexpr int kMaxRowTiles = 65535;  // gridDim.y
+
+std::string gemm4_mma_unsupported(const DeviceQuant4& W) {
+  if (W.shape.size() != 2) {
+    return "the 4-bit weight must be 2-D (out x in), got " + std::to_string(W.shape.size()) + " dimensions";
+  }
+  const std::int64_t out = W.shape[0], in = W.shape[1];
+  if (in % 32 != 0) return "W has in = " + std::to_string(in) + " columns, not a multiple of 32";
+  if (in > (1 << 30)) return "W has in = " + std::to_string(in) + " columns, more than 2^30";
+  if (out > static_cast<std::int64_t>(kMaxRowTiles) * kTileRows) {
+    return "W has out = " + std::to_string(out) + " rows, more than " + std::to_string(kMaxRowTiles * kTileRows);
+  }
+  return {};
+}
+
+/// Below this |absmax| some table value times absmax may be subnormal, so the kernel flushes
+/// (dequant_value_d); above it no product can be (|t·a| >= min|t|·|a| >= FLT_MIN for t != 0).
+static float tiny_absmax_of(QuantType type) {
+  const auto& table = type == QuantType::nf4 ? nf4_table : fp4_table;
+  double smallest = INFINITY;
+  for (float v : table)
+    if (v != 0.0f) smallest = std::fmin(smallest, std::fabs(static_cast<double>(v)));
+  return std::nextafter(static_cast<float>(FLT_MIN / smallest), INFINITY);  // rounded up: never too small
+}
+
+template <int kTokenTiles>
+static void launch_mma(const DeviceQuant4& W, const bf16* x, bf16* y, int out, int in, int tokens,
+                       cudaStream_t stream) {
+  auto kernel = gemm4_mma_kernel<kTokenTiles>;
+  const std::size_t smem = sizeof(WarpStage<kTokenTiles>) * kMmaWarps * mma_stages<kTokenTiles>();
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const int tokens_per_block = 8 * kTokenTiles;
+  // Token tiles vary fastest, so the blocks that share a row tile run together and the second
+  // and later ones find its codes in the L2 cache.
+  const dim3 grid(static_cast<unsigned>((tokens + tokens_per_block - 1) / tokens_per_block),
+                  static_cast<unsigned>((out + kTileRows - 1) / kTileRows));
+  kernel<<<grid, kMmaThreads, smem, stream>>>(W.view(), reinterpret_cast<const __nv_bfloat16*>(x),
+                                              reinterpret_cast<__nv_bfloat16*>(y), out, in, tokens,
+                                              tiny_absmax_of(W.type));
+  CUDA_CHECK_LAUNCH();
+}
+
+void gemm4_mma(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, cudaStream_t stream) {
+  const std::string why = gemm4_mma_unsupported(W);
+  if (!why.empty()) throw std::invalid_argument("gemm4_mma: " + why);
+  if (tokens < 0) throw std::invalid_argument("gemm4_mma: tokens = " + std::to_string(tokens) + " is negative");
+  const int out = static_cast<int>(W.shape[0]), in = static_cast<int>(W.shape[1]);
+  if (tokens == 0 || out == 0) return;
+  if (x == nullptr || y == nullptr) throw std::invalid_argument("gemm4_mma: null input or output pointer");
+  if (reinterpret_cast<std::uintptr_t>(x) % 16 != 0) {
+    throw std::invalid_argument("gemm4_mma: x (tokens x in bf16) must be 16-byte aligned");
+  }
+  // One token tile (8 tokens) per block up to 8 tokens, two up to 16, four beyond: the
+  // decoded weights serve every token tile of the block.
+  if (tokens <= 8) {
+    launch_mma<1>(W, x, y, out, in, tokens, stream);
+  } else if (tokens <= 16) {
+    launch_mma<2>(W, x, y, out, in, tokens, stream);
+  } else {
+    launch_mma<4>(W, x, y, out, in, tokens, stream);
+  }
+}
+
+}  // namespace qlora::cuda
