@@ -20,21 +20,19 @@ constexpr int kMmaWarps = 8;  // warps of a block; they split the K dimension be
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kTileRows = 16;  // output features of a block: the M of one mma
 constexpr int kTileK = 128;    // k values one warp consumes per pipeline stage: 32 per lane
+constexpr int kStages = 4;     // code tiles per warp in shared memory: 3 in flight while 1 is used
 
-/// Pipeline depth: as many stages as fit next to the x tiles (more token tiles, fewer stages).
-template <int kTokenTiles>
-constexpr int mma_stages() {
-  return kTokenTiles == 1 ? 4 : kTokenTiles == 2 ? 3 : 2;
-}
+/// Blocks per multiprocessor that the registers are sized for (__launch_bounds__): 3 blocks of
+/// 256 threads leave 85 registers a thread, 2 leave 128. Each token tile of x costs 16.
+constexpr int mma_min_blocks(int token_tiles) { return token_tiles == 1 ? 3 : 2; }
 
 //! [mma-stage]
-/// One pipeline stage of one warp in shared memory. Slot [..][lane] is written and read by
-/// that lane only: each lane copies exactly the bytes its own fragments need, so a lane
-/// waits for its own copies and no barrier between the warp's lanes is needed.
-template <int kTokenTiles>
+/// One pipeline stage of one warp in shared memory: the codes of one 128-wide k tile of its 16
+/// rows, 1 KB. Slot [r][lane] is written and read by that lane only: each lane copies exactly
+/// the bytes its own fragments need, so a lane waits for its own copies and no barrier
+/// between the warp's lanes is needed.
 struct WarpStage {
-  uint4 codes[2][32];            ///< [row g, row g + 8][lane]: the lane's 32 codes (16 bytes) of the row
-  uint4 x[kTokenTiles][4][32];   ///< [token tile j][piece][lane]: 32 values of x for token 8j + g
+  uint4 codes[2][32];  ///< [row g, row g + 8][lane]: the lane's 32 codes (16 bytes) of the row
 };
 //! [mma-stage]
 
@@ -77,32 +75,51 @@ static __device__ __forceinline__ std::uint32_t word_of(const uint4& v, int j) {
 }
 
 //! [mma-decode]
-/// The two values of one packed byte (the first in the high nibble) as a bf16 pair, the
-/// first in the low half: table value times block absmax in float32, rounded to bf16,
-/// exactly dequantize_4bit_bf16(). The flush of subnormal products (dequant_value_d) is only
-/// needed when |absmax| is so small that some product can be subnormal; kFlush says so.
+/// Table value times block absmax in float32, exactly dequantize_4bit_f32(). The flush of a
+/// subnormal product (dequant_value_d) is only needed when |absmax| is so small that some
+/// product can be subnormal; kFlush says so.
 template <bool kFlush>
-static __device__ __forceinline__ std::uint32_t decode_pair(std::uint32_t byte, const float* s_table, float absmax) {
-  const float t_first = s_table[(byte >> 4) & 0x0f], t_second = s_table[byte & 0x0f];
-  const float first = kFlush ? dequant_value_d(t_first, absmax) : __fmul_rn(t_first, absmax);
-  const float second = kFlush ? dequant_value_d(t_second, absmax) : __fmul_rn(t_second, absmax);
-  const __nv_bfloat162 pair = __floats2bfloat162_rn(first, second);
-  return reinterpret_cast<const std::uint32_t&>(pair);
+static __device__ __forceinline__ float scaled(float table_value, float absmax) {
+  return kFlush ? dequant_value_d(table_value, absmax) : __fmul_rn(table_value, absmax);
+}
+
+/// The 8 codes of one 32-bit code word (bytes m = 0..3, the first value of each in the high
+/// nibble) as 4 bf16 pairs, pair m = byte m with its first value in the low half: rounded to
+/// bf16, exactly dequantize_4bit_bf16(). Byte m of `hi` is 4 × the high nibble of byte m, the
+/// byte offset of its table entry in shared memory (GEMV version 3's trick), so a code costs
+/// one byte extract and one shared load.
+template <bool kFlush>
+static __device__ __forceinline__ void decode_word(std::uint32_t word, const float* s_table, float absmax,
+                                                   std::uint32_t (&pairs)[4]) {
+  const std::uint32_t hi = (word >> 2) & 0x3c3c3c3cu, lo = (word << 2) & 0x3c3c3c3cu;
+  const char* table = reinterpret_cast<const char*>(s_table);
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const auto select = static_cast<std::uint32_t>(0x4440 | m);  // byte m, zero-extended
+    const float first = *reinterpret_cast<const float*>(table + __byte_perm(hi, 0u, select));
+    const float second = *reinterpret_cast<const float*>(table + __byte_perm(lo, 0u, select));
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(scaled<kFlush>(first, absmax), scaled<kFlush>(second, absmax));
+    pairs[m] = reinterpret_cast<const std::uint32_t&>(pair);
+  }
 }
 
 /// The A fragments of a lane for one 128-wide k tile: 8 mma steps of 4 registers. The lane's
 /// 16 code bytes of row g (codes[0]) and of row g + 8 (codes[1]) hold its k values 32t ..
-/// 32t + 31 of the tile in order; step s takes k 4s .. 4s+3 of them, bytes 2s and 2s+1.
+/// 32t + 31 of the tile in order; step s takes k 4s .. 4s+3 of them, bytes 2s and 2s + 1:
+/// byte 2s is register r (row g or g + 8), byte 2s + 1 register 2 + r (see mma-kernel).
 template <bool kFlush>
 static __device__ __forceinline__ void decode_tile(const uint4 (&codes)[2], const float (&absmax)[2],
                                                    const float* s_table, std::uint32_t (&frag)[8][4]) {
 #pragma unroll
-  for (int s = 0; s < 8; ++s) {
+  for (int r = 0; r < 2; ++r) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const std::uint32_t two_bytes = word_of(codes[r], s / 2) >> (16 * (s % 2));
-      frag[s][r] = decode_pair<kFlush>(two_bytes & 0xff, s_table, absmax[r]);             // k 4s, 4s+1
-      frag[s][2 + r] = decode_pair<kFlush>((two_bytes >> 8) & 0xff, s_table, absmax[r]);  // k 4s+2, 4s+3
+    for (int j = 0; j < 4; ++j) {  // word j: bytes 4j .. 4j+3, steps 2j and 2j + 1
+      std::uint32_t pairs[4];
+      decode_word<kFlush>(word_of(codes[r], j), s_table, absmax[r], pairs);
+      frag[2 * j][r] = pairs[0];
+      frag[2 * j][2 + r] = pairs[1];
+      frag[2 * j + 1][r] = pairs[2];
+      frag[2 * j + 1][2 + r] = pairs[3];
     }
   }
 }
@@ -120,17 +137,23 @@ static __device__ __forceinline__ void decode_tile(const uint4 (&codes)[2], cons
 /// holds k 32t .. 32t + 31, i.e. 16 consecutive bytes of codes per row, and 64 consecutive bytes
 /// of x per token. Every fragment is then one aligned 16-byte load of the bitsandbytes layout: no
 /// repacked copy of the weights.
+///
+/// The codes stream from device memory once, through the cp.async pipeline. x is small and every
+/// block reads the same x, so it stays in the L2 cache: each lane loads its x fragments with
+/// plain loads at the start of a tile, and the decode of the tile's codes hides their latency.
+/// (Staging x in shared memory too would take 2 KB per token tile next to each 1 KB of codes,
+/// and the pipeline would then fit fewer stages and fewer warps.)
 template <int kTokenTiles>
-__global__ void __launch_bounds__(kMmaThreads)
+__global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
     gemm4_mma_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y, int out,
                      int in, int tokens, float tiny_absmax) {
-  constexpr int kStages = mma_stages<kTokenTiles>();
-  using Stage = WarpStage<kTokenTiles>;
-  extern __shared__ uint4 s_dynamic[];
-  auto* stages = reinterpret_cast<Stage*>(s_dynamic);  // [stage][warp]
+  // The warps' partial sums at the end reuse the pipeline's shared memory.
+  using Sums = float[kMmaWarps][kTokenTiles * 4][32];
+  static_assert(sizeof(Sums) <= sizeof(WarpStage) * kStages * kMmaWarps);
+  __shared__ WarpStage stages[kStages][kMmaWarps];
   __shared__ float s_table[16];
   __shared__ float s_map[256];
-  __shared__ float s_sum[kMmaWarps][kTokenTiles * 4][32];
+  auto& s_sum = *reinterpret_cast<Sums*>(&stages[0][0]);
   if (threadIdx.x < 16) s_table[threadIdx.x] = q.table[threadIdx.x];
   if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMmaThreads == 256
 
@@ -139,32 +162,25 @@ __global__ void __launch_bounds__(kMmaThreads)
   const int tok0 = blockIdx.x * 8 * kTokenTiles;
   const int row0 = blockIdx.y * kTileRows;
   // Rows past the end read the last row (valid memory); their sums are never stored.
-  const int rows[2] = {min(row0 + g, out - 1), min(row0 + g + 8, out - 1)};
+  const std::int64_t row_start[2] = {static_cast<std::int64_t>(min(row0 + g, out - 1)) * in,
+                                     static_cast<std::int64_t>(min(row0 + g + 8, out - 1)) * in};
   const int num_tiles = (in + kTileK - 1) / kTileK;
   const int my_tiles = warp < num_tiles ? (num_tiles - 1 - warp) / kMmaWarps + 1 : 0;
   auto first_k = [&](int i) { return (warp + kMmaWarps * i) * kTileK + 32 * t; };  // lane's k in its tile i
 
-  // Tile i's copies. A lane whose 32 k values lie past the end of a row (in % 128 != 0) copies
-  // nothing and uses zeros; so does a lane whose token does not exist.
+  // Tile i's code copies. A lane whose 32 k values lie past the end of a row (in % 128 != 0)
+  // copies nothing and uses zeros.
   auto issue = [&](int i) {
-    Stage& st = stages[(i % kStages) * kMmaWarps + warp];
     const int k = first_k(i);
     if (k >= in) return;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) cp_async16(&st.codes[r][lane], q.packed + (static_cast<std::int64_t>(rows[r]) * in + k) / 2);
-#pragma unroll
-    for (int j = 0; j < kTokenTiles; ++j) {
-      const int token = tok0 + 8 * j + g;
-      if (token >= tokens) continue;
-#pragma unroll
-      for (int p = 0; p < 4; ++p) cp_async16(&st.x[j][p][lane], x + static_cast<std::int64_t>(token) * in + k + 8 * p);
-    }
+    for (int r = 0; r < 2; ++r) cp_async16(&stages[i % kStages][warp].codes[r][lane], q.packed + (row_start[r] + k) / 2);
   };
   // The block scales of tile i (rows g and g + 8): 32 values never straddle a block.
   auto load_scales = [&](int i, RawScale (&s)[2]) {
     const int k = min(first_k(i), in - 32);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) s[r] = load_scale(q, (static_cast<std::int64_t>(rows[r]) * in + k) >> q.log2_blocksize);
+    for (int r = 0; r < 2; ++r) s[r] = load_scale(q, (row_start[r] + k) >> q.log2_blocksize);
   };
 
   // Prologue: kStages − 1 tiles in flight. Every iteration commits one group, empty or not,
@@ -179,7 +195,22 @@ __global__ void __launch_bounds__(kMmaThreads)
   __syncthreads();  // the tables are in shared memory
 
   float acc[kTokenTiles][4] = {};
+  const uint4 zero = make_uint4(0, 0, 0, 0);
   for (int i = 0; i < my_tiles; ++i) {
+    const int k = first_k(i);
+    const bool in_row = k < in;
+    // The lane's 32 values of x for token tile j (zeros for a missing token or past the row's
+    // end). Tile 0's loads are in flight during the decode below, tile j + 1's during tile j's mma.
+    auto load_x = [&](int j, uint4 (&v)[4]) {
+      const int token = tok0 + 8 * j + g;
+      const bool has_x = in_row && token < tokens;
+      const auto* src = reinterpret_cast<const uint4*>(x + static_cast<std::int64_t>(min(token, tokens - 1)) * in +
+                                                       min(k, in - 32));
+#pragma unroll
+      for (int p = 0; p < 4; ++p) v[p] = has_x ? __ldg(src + p) : zero;
+    };
+    uint4 xv[2][4];
+    load_x(0, xv[0]);
     // Refill the stage that tile i − 1 used: this lane read it in the previous iteration.
     if (i + kStages - 1 < my_tiles) issue(i + kStages - 1);
     cp_async_commit();
@@ -187,9 +218,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     if (i + 1 < my_tiles) load_scales(i + 1, next);
     cp_async_wait<kStages - 1>();  // tile i's copies have landed
 
-    const Stage& st = stages[(i % kStages) * kMmaWarps + warp];
-    const bool in_row = first_k(i) < in;
-    const uint4 zero = make_uint4(0, 0, 0, 0);
+    const WarpStage& st = stages[i % kStages][warp];
     const uint4 codes[2] = {in_row ? st.codes[0][lane] : zero, in_row ? st.codes[1][lane] : zero};
     const float absmax[2] = {decode_scale(q, s_map, scale[0]), decode_scale(q, s_map, scale[1])};
     std::uint32_t frag[8][4];
@@ -200,18 +229,19 @@ __global__ void __launch_bounds__(kMmaThreads)
     }
 #pragma unroll
     for (int j = 0; j < kTokenTiles; ++j) {
-      const bool has_x = in_row && tok0 + 8 * j + g < tokens;
+      if (j + 1 < kTokenTiles) load_x(j + 1, xv[(j + 1) % 2]);
+      const uint4(&v)[4] = xv[j % 2];
 #pragma unroll
       for (int p = 0; p < 4; ++p) {  // piece p: k 8p .. 8p+7 of the lane's 32, i.e. steps 2p and 2p + 1
-        const uint4 xv = has_x ? st.x[j][p][lane] : zero;
-        mma_bf16_16816(acc[j], frag[2 * p], xv.x, xv.y);
-        mma_bf16_16816(acc[j], frag[2 * p + 1], xv.z, xv.w);
+        mma_bf16_16816(acc[j], frag[2 * p], v[p].x, v[p].y);
+        mma_bf16_16816(acc[j], frag[2 * p + 1], v[p].z, v[p].w);
       }
     }
     scale[0] = next[0];
     scale[1] = next[1];
   }
   cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stages
 
   // Add the 8 warps' partial tiles; element (j, r, lane) of the accumulators is token
   // tok0 + 8j + 2t + (r & 1), row row0 + g + 8·(r >> 1) (the d layout above).
@@ -263,17 +293,14 @@ static float tiny_absmax_of(QuantType type) {
 template <int kTokenTiles>
 static void launch_mma(const DeviceQuant4& W, const bf16* x, bf16* y, int out, int in, int tokens,
                        cudaStream_t stream) {
-  auto kernel = gemm4_mma_kernel<kTokenTiles>;
-  const std::size_t smem = sizeof(WarpStage<kTokenTiles>) * kMmaWarps * mma_stages<kTokenTiles>();
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   const int tokens_per_block = 8 * kTokenTiles;
   // Token tiles vary fastest, so the blocks that share a row tile run together and the second
   // and later ones find its codes in the L2 cache.
   const dim3 grid(static_cast<unsigned>((tokens + tokens_per_block - 1) / tokens_per_block),
                   static_cast<unsigned>((out + kTileRows - 1) / kTileRows));
-  kernel<<<grid, kMmaThreads, smem, stream>>>(W.view(), reinterpret_cast<const __nv_bfloat16*>(x),
-                                              reinterpret_cast<__nv_bfloat16*>(y), out, in, tokens,
-                                              tiny_absmax_of(W.type));
+  gemm4_mma_kernel<kTokenTiles><<<grid, kMmaThreads, 0, stream>>>(W.view(), reinterpret_cast<const __nv_bfloat16*>(x),
+                                                                  reinterpret_cast<__nv_bfloat16*>(y), out, in, tokens,
+                                                                  tiny_absmax_of(W.type));
   CUDA_CHECK_LAUNCH();
 }
 
