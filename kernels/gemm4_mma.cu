@@ -22,9 +22,11 @@ constexpr int kTileRows = 16;  // output features of a block: the M of one mma
 constexpr int kTileK = 128;    // k values one warp consumes per pipeline stage: 32 per lane
 constexpr int kStages = 4;     // code tiles per warp in shared memory: 3 in flight while 1 is used
 
-/// Blocks per multiprocessor that the registers are sized for (__launch_bounds__): 3 blocks of
-/// 256 threads leave 85 registers a thread, 2 leave 128. Each token tile of x costs 16.
-constexpr int mma_min_blocks(int token_tiles) { return token_tiles == 1 ? 3 : 2; }
+/// Blocks per multiprocessor that the registers are sized for (__launch_bounds__): 4 blocks of
+/// 256 threads leave 64 registers a thread, 3 leave 80, 2 leave 128; each token tile of x takes
+/// 16 (nvcc -Xptxas -v: no local memory for any of the three). At one token tile, 4 blocks per
+/// multiprocessor run the 512 blocks of an 8192-row weight in one wave on 132 multiprocessors.
+constexpr int mma_min_blocks(int token_tiles) { return token_tiles == 1 ? 4 : token_tiles == 2 ? 3 : 2; }
 
 //! [mma-stage]
 /// One pipeline stage of one warp in shared memory: the codes of one 128-wide k tile of its 16
@@ -103,23 +105,33 @@ static __device__ __forceinline__ void decode_word(std::uint32_t word, const flo
   }
 }
 
-/// The A fragments of a lane for one 128-wide k tile: 8 mma steps of 4 registers. The lane's
-/// 16 code bytes of row g (codes[0]) and of row g + 8 (codes[1]) hold its k values 32t ..
-/// 32t + 31 of the tile in order; step s takes k 4s .. 4s+3 of them, bytes 2s and 2s + 1:
-/// byte 2s is register r (row g or g + 8), byte 2s + 1 register 2 + r (see mma-kernel).
-template <bool kFlush>
-static __device__ __forceinline__ void decode_tile(const uint4 (&codes)[2], const float (&absmax)[2],
-                                                   const float* s_table, std::uint32_t (&frag)[8][4]) {
+/// One 128-wide k tile of one warp: decode the lane's codes and multiply. The lane's 16 code
+/// bytes of row g (codes[0]) and of row g + 8 (codes[1]) hold its k values 32t .. 32t + 31 in
+/// order, and xv[j][p] its x values 8p .. 8p + 7 of token 8j + g. Step s of the 8 mma steps takes
+/// k 4s .. 4s + 3: code bytes 2s (A registers 0 and 1: rows g and g + 8) and 2s + 1 (registers 2
+/// and 3), and x piece s / 2, words 2·(s % 2) and 2·(s % 2) + 1 (B registers 0 and 1). Code word
+/// j covers steps 2j and 2j + 1; it is decoded just before its mma, so only two steps' A
+/// fragments are live at a time.
+template <bool kFlush, int kTokenTiles>
+static __device__ __forceinline__ void mma_tile(const uint4 (&codes)[2], const float (&absmax)[2],
+                                                const float* s_table, const uint4 (&xv)[kTokenTiles][4],
+                                                float (&acc)[kTokenTiles][4]) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
+  for (int j = 0; j < 4; ++j) {
+    std::uint32_t even[4], odd[4];  // A fragments of steps 2j and 2j + 1
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {  // word j: bytes 4j .. 4j+3, steps 2j and 2j + 1
+    for (int r = 0; r < 2; ++r) {
       std::uint32_t pairs[4];
       decode_word<kFlush>(word_of(codes[r], j), s_table, absmax[r], pairs);
-      frag[2 * j][r] = pairs[0];
-      frag[2 * j][2 + r] = pairs[1];
-      frag[2 * j + 1][r] = pairs[2];
-      frag[2 * j + 1][2 + r] = pairs[3];
+      even[r] = pairs[0];
+      even[2 + r] = pairs[1];
+      odd[r] = pairs[2];
+      odd[2 + r] = pairs[3];
+    }
+#pragma unroll
+    for (int n = 0; n < kTokenTiles; ++n) {
+      mma_bf16_16816(acc[n], even, xv[n][j].x, xv[n][j].y);
+      mma_bf16_16816(acc[n], odd, xv[n][j].z, xv[n][j].w);
     }
   }
 }
@@ -199,18 +211,18 @@ __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
   for (int i = 0; i < my_tiles; ++i) {
     const int k = first_k(i);
     const bool in_row = k < in;
-    // The lane's 32 values of x for token tile j (zeros for a missing token or past the row's
-    // end). Tile 0's loads are in flight during the decode below, tile j + 1's during tile j's mma.
-    auto load_x = [&](int j, uint4 (&v)[4]) {
-      const int token = tok0 + 8 * j + g;
+    // The lane's 32 values of x for each token tile (zeros for a missing token or past the
+    // row's end), first: the loads are in flight while the codes arrive and are decoded.
+    uint4 xv[kTokenTiles][4];
+#pragma unroll
+    for (int n = 0; n < kTokenTiles; ++n) {
+      const int token = tok0 + 8 * n + g;
       const bool has_x = in_row && token < tokens;
       const auto* src = reinterpret_cast<const uint4*>(x + static_cast<std::int64_t>(min(token, tokens - 1)) * in +
                                                        min(k, in - 32));
 #pragma unroll
-      for (int p = 0; p < 4; ++p) v[p] = has_x ? __ldg(src + p) : zero;
-    };
-    uint4 xv[2][4];
-    load_x(0, xv[0]);
+      for (int p = 0; p < 4; ++p) xv[n][p] = has_x ? __ldg(src + p) : zero;
+    }
     // Refill the stage that tile i − 1 used: this lane read it in the previous iteration.
     if (i + kStages - 1 < my_tiles) issue(i + kStages - 1);
     cp_async_commit();
@@ -221,21 +233,10 @@ __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
     const WarpStage& st = stages[i % kStages][warp];
     const uint4 codes[2] = {in_row ? st.codes[0][lane] : zero, in_row ? st.codes[1][lane] : zero};
     const float absmax[2] = {decode_scale(q, s_map, scale[0]), decode_scale(q, s_map, scale[1])};
-    std::uint32_t frag[8][4];
     if (fabsf(absmax[0]) >= tiny_absmax && fabsf(absmax[1]) >= tiny_absmax) {
-      decode_tile<false>(codes, absmax, s_table, frag);
+      mma_tile<false>(codes, absmax, s_table, xv, acc);
     } else {
-      decode_tile<true>(codes, absmax, s_table, frag);
-    }
-#pragma unroll
-    for (int j = 0; j < kTokenTiles; ++j) {
-      if (j + 1 < kTokenTiles) load_x(j + 1, xv[(j + 1) % 2]);
-      const uint4(&v)[4] = xv[j % 2];
-#pragma unroll
-      for (int p = 0; p < 4; ++p) {  // piece p: k 8p .. 8p+7 of the lane's 32, i.e. steps 2p and 2p + 1
-        mma_bf16_16816(acc[j], frag[2 * p], v[p].x, v[p].y);
-        mma_bf16_16816(acc[j], frag[2 * p + 1], v[p].z, v[p].w);
-      }
+      mma_tile<true>(codes, absmax, s_table, xv, acc);
     }
     scale[0] = next[0];
     scale[1] = next[1];
@@ -243,19 +244,19 @@ __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the stages
 
-  // Add the 8 warps' partial tiles; element (j, r, lane) of the accumulators is token
-  // tok0 + 8j + 2t + (r & 1), row row0 + g + 8·(r >> 1) (the d layout above).
+  // Add the 8 warps' partial tiles; element (n, r, lane) of the accumulators is token
+  // tok0 + 8n + 2t + (r & 1), row row0 + g + 8·(r >> 1) (the d layout above).
 #pragma unroll
-  for (int j = 0; j < kTokenTiles; ++j)
+  for (int n = 0; n < kTokenTiles; ++n)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) s_sum[warp][4 * j + r][lane] = acc[j][r];
+    for (int r = 0; r < 4; ++r) s_sum[warp][4 * n + r][lane] = acc[n][r];
   __syncthreads();
   for (int e = threadIdx.x; e < kTokenTiles * 4 * 32; e += kMmaThreads) {
-    const int l = e % 32, jr = e / 32, j = jr / 4, r = jr % 4;
+    const int l = e % 32, nr = e / 32, n = nr / 4, r = nr % 4;
     float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) sum += s_sum[w][jr][l];
-    const int token = tok0 + 8 * j + 2 * (l % 4) + (r & 1);
+    for (int w = 0; w < kMmaWarps; ++w) sum += s_sum[w][nr][l];
+    const int token = tok0 + 8 * n + 2 * (l % 4) + (r & 1);
     const int row = row0 + l / 4 + 8 * (r >> 1);
     if (token < tokens && row < out) y[static_cast<std::int64_t>(token) * out + row] = __float2bfloat16_rn(sum);
   }
