@@ -472,7 +472,8 @@ json bench_mma(Context& ctx, const WeightCopies& copies, const std::vector<bf16>
   const double w16_bytes = 2.0 * static_cast<double>(w_bf16.size());
   DequantScratch scratch;
   for (int tokens : token_counts) {
-    json entry = {{"tokens", tokens}};
+    json entry = {{"tokens", tokens}, {"rotation_copies_bf16", copies.bf16_count()},
+                  {"rotation_copies_4bit", copies.q4_count()}};
     const auto x = to_bf16(normal_values(static_cast<std::size_t>(tokens) * s.in, 300 + tokens, 1.0f));
     const auto x_dev = to_device(std::span<const bf16>(x));
     DeviceBuffer<bf16> y(static_cast<std::size_t>(tokens) * s.out);
@@ -500,7 +501,10 @@ json bench_mma(Context& ctx, const WeightCopies& copies, const std::vector<bf16>
     variants.push_back(measure("cuBLAS bf16", w16_bytes, w_bf16, [&](int i) {
       gemm_bf16_xwt(ctx.cublas, x_dev.data(), copies.w(i), y.data(), OutType::bf16, tokens, s.in, s.out);
     }));
-    if (variants.back()["valid"].get<bool>()) cublas_us = variants.back()["us"].get<double>();
+    if (variants.back()["valid"].get<bool>()) {
+      cublas_us = variants.back()["us"].get<double>();
+      variants.back()["time_vs_cublas"] = 1.0;
+    }
     variants.push_back(measure("mma", w4_bytes, w_deq,
                                [&](int i) { gemm4_mma(copies.q(i), x_dev.data(), y.data(), tokens); }));
     if (tokens <= kMaxGemvTokens) {
@@ -553,7 +557,8 @@ json bench_shape(Context& ctx, const Shape& s, bool quick) {
   result["gemv"] = bench_gemv(ctx, copies, w_bf16, w_deq, s);
   result["linear"] = bench_linear(ctx, q, w_bf16, w_deq, w_dev, s, quick ? std::vector<int>{512} : std::vector<int>{512, 4096});
   result["mma"] = bench_mma(ctx, copies, w_bf16, w_deq, s,
-                            quick ? std::vector<int>{1, 8, 32, 512} : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 512, 4096});
+                            quick ? std::vector<int>{1, 8, 32, 512}
+                                  : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 4096});
   return result;
 }
 
