@@ -717,10 +717,12 @@ QLORA_COMMAND([](CLI::App& app) {
   auto a = std::make_shared<BenchKernelsArgs>();
   auto* cmd = qlora::cli::command_group(app, "bench", "Benchmarks (each chapter adds its own)")->add_subcommand(
       "kernels",
-      "Chapter 5: copy bandwidth, cuBLAS bf16 GEMM/GEMV, and our NF4 quantize/dequantize, fused 4-bit GEMV\n"
-      "and dequantize+GEMM linear on LLaMA weight shapes, each validated before it is timed (needs a CUDA GPU)");
+      "Chapter 5: copy bandwidth, cuBLAS bf16 GEMM/GEMV, and our NF4 quantize/dequantize, fused 4-bit GEMV,\n"
+      "dequantize+GEMM linear and fused 4-bit matmul on tensor cores on LLaMA weight shapes, each validated\n"
+      "before it is timed (needs a CUDA GPU)");
   cmd->add_option("--json", a->json, "also write the results as JSON to this file");
-  cmd->add_flag("--quick", a->quick, "two shapes, fewer repetitions, linear at 512 tokens only");
+  cmd->add_flag("--quick", a->quick,
+                "two shapes, fewer repetitions, linear at 512 tokens only, matmul at 1, 8, 32 and 512 tokens");
   cmd->add_option("--shape", a->shapes, "only these weight shapes, OUTxIN (repeatable), e.g. --shape 8192x8192");
   cmd->add_flag("--profile", a->profile,
                 "for a profiler (ncu): run every variant once, for its validation, and time nothing");
