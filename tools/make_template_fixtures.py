@@ -255,8 +255,9 @@ def alpaca_case(tok, sp, name, record, add_generation_prompt):
         ids = tok(rendered)["input_ids"]
         mask = [0 if i < len(source_ids) else 1 for i in range(len(ids))]
     expected = [1] + sentencepiece_ids(sp, rendered, {"</s>": 2})
+    # "rendered" spells out the BOS that add_special_tokens puts first, as the chat templates do.
     return {"name": name, "template": "alpaca", "add_generation_prompt": add_generation_prompt,
-            "record": record, "rendered": rendered, "ids": list(ids), "assistant_mask": mask,
+            "record": record, "rendered": tok.bos_token + rendered, "ids": list(ids), "assistant_mask": mask,
             "sentencepiece_agrees": expected == list(ids)}
 
 
