@@ -23,8 +23,8 @@
 #   sanitize  compute-sanitizer memcheck over every GPU test binary and racecheck over the kernel
 #             tests ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so)
 #   oom       chapter 7: a 65B step at batch 4 in a 42 GiB card, to show the out-of-memory message
-#   instruct  chapter 8: scripts/gpu_instruct.sh (kjv15M instruction-tuned on WordNet, with and
-#             without --train-on-inputs; the data carried by scripts/gpu_pack.sh)
+#   instruct  chapter 8: scripts/instruct_recipe.sh gpu (kjv15M instruction-tuned on WordNet, with
+#             and without --train-on-inputs; the data carried by scripts/gpu_pack.sh)
 #   profile   chapter 7: Nsight Compute's time per kernel of one training step at the 7B width with
 #             $PROFILE_LAYERS layers (default 2), grouped by NVTX range (scripts/gpu_profile.sh)
 # Everything lands in $OUT/results.tgz.
@@ -114,8 +114,8 @@ for phase in "${phases[@]}"; do
         > "$res/oom_65b_batch4.log" 2>&1
       echo "rc $?"; grep -v "^loading" "$res/oom_65b_batch4.log" | tail -8 ;;
     instruct)
-      OUT=$res timeout ${INSTRUCT_TIMEOUT:-400} bash scripts/gpu_instruct.sh build/cuda "$QLORA_DATA_DIR/instruct-gpu" \
-        > "$res/gpu_instruct.log" 2>&1; echo "gpu_instruct: $?"; cat "$res/gpu_instruct.log" ;;
+      OUT=$res timeout ${INSTRUCT_TIMEOUT:-400} bash scripts/instruct_recipe.sh gpu build/cuda "$QLORA_DATA_DIR/instruct-gpu" \
+        > "$res/instruct.log" 2>&1; echo "instruct_recipe: $?"; cat "$res/instruct.log" ;;
     profile)
       timeout 420 bash scripts/gpu_profile.sh build/cuda "$res/profile" ${PROFILE_LAYERS:-2}; echo "gpu_profile: $?" ;;
     hfspeed)

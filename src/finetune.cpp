@@ -100,8 +100,12 @@ FinetuneData load_instruct_data(const fs::path& train_file, const fs::path& val_
   d.train_examples = make_examples(train, tok, {report.chat_template, train_on_inputs, seq_len}, train_file,
                                    report.train_skipped);
   const fs::path& val_source = val_file.empty() ? train_file : val_file;
-  for (std::size_t i = 0; i < val.size() && report.val_samples.size() < 3; ++i)
-    report.val_samples.push_back(val[i].conversation);
+  // Samples are single-turn: one user message (after a system message, if any) and its answer.
+  for (std::size_t i = 0; i < val.size() && report.val_samples.size() < 3; ++i) {
+    const auto& m = val[i].conversation.messages;
+    const auto users = std::count_if(m.begin(), m.end(), [](const Message& x) { return x.role == Role::user; });
+    if (users == 1 && m.back().role == Role::assistant) report.val_samples.push_back(val[i].conversation);
+  }
   d.val_examples = make_examples(val, tok, {report.chat_template, false, seq_len}, val_source, report.val_skipped);
   auto require_some = [&](const std::vector<Example>& examples, const fs::path& file, const SkippedRecords& skipped,
                           const std::string& what) {

@@ -49,7 +49,7 @@ struct InstructDataReport {
   ChatTemplate chat_template = ChatTemplate::llama2;
   int train_records = 0, val_records = 0;
   SkippedRecords train_skipped, val_skipped;
-  std::vector<Conversation> val_samples;  ///< the first three held-out records, for sample replies
+  std::vector<Conversation> val_samples;  ///< the first three single-turn held-out records, for sample replies
 };
 
 /// Instruction data (chapter 8): the records of train_file (JSONL, instruct_data.hpp) as

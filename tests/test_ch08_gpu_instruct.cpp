@@ -9,9 +9,11 @@
 #include "file_helpers.hpp"
 #include "finetune.hpp"
 #include "gpu_trainer.cuh"
+#include "instruct_helpers.hpp"
 #include "llama2c.hpp"
 #include "llama_model.hpp"
 #include "llama_model_gpu.cuh"
+#include "lora_helpers.hpp"
 #include "model_helpers.hpp"
 
 #include <catch2/catch.hpp>
@@ -21,52 +23,15 @@
 #include <vector>
 
 using namespace qlora;
+using qlora::test::host_grads;
+using qlora::test::rel_frobenius;
 
 namespace {
 
-void add_lora(LlamaModel& m, std::uint64_t seed) {
-  LoraSetup s;
-  s.config.r = 4;
-  s.config.alpha = 8.0f;
-  s.config.dropout = 0.0f;
-  std::mt19937_64 rng(seed);
-  m.add_lora(s, rng);
-  for (auto& [name, a] : m.named_adapters())
-    for (float& b : a->B) b = static_cast<float>(0.04 * (2.0 * uniform01(rng) - 1.0));
-}
-
-std::vector<float> host_grads(LlamaModel& m) {
-  std::vector<float> g;
-  for (auto& [name, a] : m.named_adapters()) {
-    g.insert(g.end(), a->dA.begin(), a->dA.end());
-    g.insert(g.end(), a->dB.begin(), a->dB.end());
-  }
-  return g;
-}
-
-double rel_frobenius(const std::vector<float>& a, const std::vector<float>& ref) {
-  REQUIRE(a.size() == ref.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    REQUIRE(std::isfinite(a[i]));
-    num += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
-    den += static_cast<double>(ref[i]) * ref[i];
-  }
-  return std::sqrt(num / den);
-}
-
-// Examples of the given lengths, drawn from the model's vocabulary; the first 60% of each
-// is its prompt (label −100), the rest its answer.
+// Examples of the given lengths from the model's vocabulary; the first 60% of each is
+// its prompt (label −100), the rest its answer.
 std::vector<Example> masked_examples(const std::vector<int>& lengths, int vocab, std::uint64_t seed) {
-  std::vector<Example> out;
-  for (std::size_t i = 0; i < lengths.size(); ++i) {
-    Example e;
-    e.ids = test::random_tokens(lengths[i], vocab, seed + i);
-    e.labels = e.ids;
-    for (int t = 0; t < lengths[i] * 3 / 5; ++t) e.labels[static_cast<std::size_t>(t)] = kIgnoreIndex;
-    out.push_back(std::move(e));
-  }
-  return out;
+  return test::labelled_examples(lengths, vocab, seed, 0.6);
 }
 
 }  // namespace
@@ -78,7 +43,7 @@ TEST_CASE("GPU heads 1 and 2 on a masked, right-padded batch match the CPU model
   const LlamaWeights w = load_llama_weights(*path);
   LlamaModel cpu(w, BaseStorage::nf4_dq);
   cpu.set_bf16_compute(true);
-  add_lora(cpu, 3);
+  test::add_random_lora(cpu, 0.0f, 3);
   const auto examples = masked_examples({70, 23, 41, 9, 56}, w.config.vocab_size, 8);
   // Two batches of different longest lengths (69 and 40 inputs), run one after the other
   // on the same GPU model: its buffers are sized for the first, the second is shorter.
@@ -99,7 +64,7 @@ TEST_CASE("GPU heads 1 and 2 on a masked, right-padded batch match the CPU model
       const float loss_gpu = gpu.forward(mb.x.data(), mb.y.data(), mb.B, mb.T, true, rng_gpu);
       gpu.backward();
       LlamaModel back(w, BaseStorage::bfloat16);
-      add_lora(back, 3);
+      test::add_random_lora(back, 0.0f, 3);
       gpu.download_adapters(back);
       INFO("loss cpu " << loss_cpu << " gpu " << loss_gpu);
       CHECK(std::fabs(loss_gpu - loss_cpu) < 1e-2);
@@ -137,10 +102,10 @@ TEST_CASE("GpuTrainer follows CpuTrainer over an instruction fine-tune with grad
   cfg.progress = false;
   LlamaModel cpu_model(w, BaseStorage::nf4_dq);
   cpu_model.set_bf16_compute(true);
-  add_lora(cpu_model, 5);
+  test::add_random_lora(cpu_model, 0.0f, 5);
   const auto cpu = finetune(cpu_model, data, cfg);
   LlamaModel host(w, BaseStorage::nf4_dq);
-  add_lora(host, 5);
+  test::add_random_lora(host, 0.0f, 5);
   cuda::GpuTrainer gpu_tr(host, cfg.optim, cfg.weight_decay);
   const auto gpu = finetune(gpu_tr, data, cfg);
   REQUIRE(gpu.size() == cpu.size());

@@ -8,8 +8,9 @@
 #include "file_helpers.hpp"
 #include "finetune.hpp"
 #include "instruct_data.hpp"
+#include "instruct_helpers.hpp"
+#include "lora_helpers.hpp"
 #include "model_helpers.hpp"
-#include "tokenizer_helpers.hpp"
 
 #include <nlohmann/json.hpp>
 
@@ -25,6 +26,8 @@
 
 using namespace qlora;
 using qlora::test::PieceTokenizer;
+using qlora::test::host_grads;
+using qlora::test::rel_frobenius;
 namespace fs = std::filesystem;
 
 namespace {
@@ -47,49 +50,13 @@ LlamaModel small_model(std::uint64_t seed) {
   c.vocab_size = 300;
   c.seq_len = 48;
   LlamaModel m(random_llama_weights(c, seed), BaseStorage::float32);
-  LoraSetup s;
-  s.config.r = 4;
-  s.config.alpha = 8.0f;
-  s.config.dropout = 0.0f;
-  std::mt19937_64 rng(seed + 1);
-  m.add_lora(s, rng);
-  std::mt19937_64 brng(seed + 2);
-  for (auto& [name, a] : m.named_adapters())
-    for (float& b : a->B) b = static_cast<float>(0.05 * (2.0 * uniform01(brng) - 1.0));
+  test::add_random_lora(m, 0.0f, seed + 1);
   return m;
 }
 
-std::vector<float> grads(LlamaModel& m) {
-  std::vector<float> g;
-  for (auto& [name, a] : m.named_adapters()) {
-    g.insert(g.end(), a->dA.begin(), a->dA.end());
-    g.insert(g.end(), a->dB.begin(), a->dB.end());
-  }
-  return g;
-}
-
-double rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  REQUIRE(a.size() == b.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
-
-// Examples of the given lengths from seeded ids; the second half of each is the "answer".
+// Examples of the given lengths; the second half of each is the "answer".
 std::vector<Example> random_examples(const std::vector<int>& lengths, int vocab, std::uint64_t seed) {
-  std::vector<Example> out;
-  for (std::size_t i = 0; i < lengths.size(); ++i) {
-    Example e;
-    e.ids = test::random_tokens(lengths[i], vocab, seed + i);
-    e.labels = e.ids;
-    for (int t = 0; t < lengths[i] / 2; ++t) e.labels[static_cast<std::size_t>(t)] = kIgnoreIndex;
-    e.line = static_cast<int>(i) + 1;
-    out.push_back(std::move(e));
-  }
-  return out;
+  return test::labelled_examples(lengths, vocab, seed, 0.5);
 }
 
 }  // namespace
@@ -284,7 +251,7 @@ TEST_CASE("Right padding changes no real token's loss or gradient (attention is 
     m.zero_grad();
     loss_sum += static_cast<double>(m.forward(one.x.data(), one.y.data(), 1, one.T, false, rng)) * static_cast<double>(one.counted);
     m.backward();
-    auto g = grads(m);
+    auto g = host_grads(m);
     if (g_sum.empty()) g_sum.assign(g.size(), 0.0f);
     for (std::size_t k = 0; k < g.size(); ++k) g_sum[k] += g[k] * static_cast<float>(one.counted);
     counted += one.counted;
@@ -298,7 +265,7 @@ TEST_CASE("Right padding changes no real token's loss or gradient (attention is 
     const double loss = m.forward(all.x.data(), all.y.data(), 3, all.T, false, rng);
     m.backward();
     CHECK(loss == Approx(loss_sum / static_cast<double>(counted)).epsilon(1e-5));
-    CHECK(rel_diff(grads(m), g_sum) < 1e-4);
+    CHECK(rel_frobenius(host_grads(m), g_sum) < 1e-4);
   }
 }
 
@@ -309,19 +276,19 @@ TEST_CASE("Gradient accumulation: the mean over every counted token of the step,
   std::mt19937_64 rng(1);
   tr.zero_grad();
   const double one = accumulate_gradients(tr, {pad_batch(ex, {0, 1}, 0)}, rng);
-  const auto g_one = grads(m);
+  const auto g_one = host_grads(m);
   tr.zero_grad();
   const std::vector<MicroBatch> two = {pad_batch(ex, {0}, 0), pad_batch(ex, {1}, 0)};
   const double acc = accumulate_gradients(tr, two, rng);
-  const auto g_acc = grads(m);
+  const auto g_acc = host_grads(m);
   CHECK(acc == Approx(one).epsilon(1e-5));
-  CHECK(rel_diff(g_acc, g_one) < 1e-4);
+  CHECK(rel_frobenius(g_acc, g_one) < 1e-4);
   // The plain average of the two micro-batch means is a different quantity: this test would see it.
   tr.zero_grad();
   tr.train_micro_batch(two[0].x.data(), two[0].y.data(), 1, two[0].T, rng);
   tr.train_micro_batch(two[1].x.data(), two[1].y.data(), 1, two[1].T, rng);
   tr.scale_grads(0.5f);
-  CHECK(rel_diff(grads(m), g_one) > 1e-2);
+  CHECK(rel_frobenius(host_grads(m), g_one) > 1e-2);
   // A micro-batch without a counted target is not run.
   MicroBatch none = pad_batch(ex, {1}, 0);
   std::fill(none.y.begin(), none.y.end(), kIgnoreIndex);

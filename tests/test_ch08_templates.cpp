@@ -5,7 +5,7 @@
 // token that straddles the prompt and the answer goes, on a made-up tokenizer.
 #include "chat_template.hpp"
 #include "file_helpers.hpp"
-#include "tokenizer_helpers.hpp"
+#include "instruct_helpers.hpp"
 #include "tokenizer.hpp"
 
 #include <nlohmann/json.hpp>

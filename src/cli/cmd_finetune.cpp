@@ -229,10 +229,9 @@ void print_replies(const char* when, LlamaModel& m, const Tokenizer& tok, const 
   std::printf("%s greedy replies (template %s):\n", when, to_string(report.chat_template).c_str());
   for (const Conversation& c : report.val_samples) {
     const Conversation prompt = prompt_part(c);
-    if (prompt.messages.empty() || prompt.messages.back().role != Role::user) continue;
-    std::printf("  prompt:    %s\n", prompt.messages.back().content.c_str());
-    if (prompt.messages.size() < c.messages.size())
-      std::printf("  reference: %s\n", c.messages.back().content.c_str());
+    std::printf("  prompt:    %s%s\n", prompt.messages.back().content.c_str(),
+                c.input.empty() ? "" : (" [input: " + c.input + "]").c_str());
+    std::printf("  reference: %s\n", c.messages.back().content.c_str());
     std::printf("  reply:     %s\n", generate_reply(m, tok, report.chat_template, prompt, s).c_str());
   }
   std::printf("\n");

@@ -1,12 +1,16 @@
-// A made-up tokenizer for the chapter 8 tests: a few pieces, longest match first, a
-// SentencePiece-like dummy-prefix space and byte tokens for the rest. Small enough to put
-// a token where a test wants it (across a prompt/answer boundary, say).
+// Inputs shared by the chapter 8 tests: a made-up tokenizer (a few pieces, longest match
+// first, a SentencePiece-like dummy-prefix space and byte tokens for the rest: small
+// enough to put a token where a test wants it, across a prompt/answer boundary, say), and
+// examples of given lengths whose first part is prompt.
 #pragma once
 
+#include "instruct_data.hpp"
+#include "model_helpers.hpp"
 #include "tokenizer.hpp"
 
 #include <algorithm>
 #include <cctype>
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -66,5 +70,22 @@ class PieceTokenizer final : public Tokenizer {
   std::vector<std::string> pieces_;
   bool lowercase_;
 };
+
+/// Examples of the given lengths with seeded ids in [0, vocab); the first
+/// prompt_fraction of each is prompt (label kIgnoreIndex), the rest answer.
+inline std::vector<Example> labelled_examples(const std::vector<int>& lengths, int vocab, std::uint64_t seed,
+                                              double prompt_fraction) {
+  std::vector<Example> out;
+  for (std::size_t i = 0; i < lengths.size(); ++i) {
+    Example e;
+    e.ids = random_tokens(lengths[i], vocab, seed + i);
+    e.labels = e.ids;
+    const auto prompt = static_cast<std::size_t>(prompt_fraction * lengths[i]);
+    std::fill(e.labels.begin(), e.labels.begin() + static_cast<std::ptrdiff_t>(prompt), kIgnoreIndex);
+    e.line = static_cast<int>(i) + 1;
+    out.push_back(std::move(e));
+  }
+  return out;
+}
 
 }  // namespace qlora::test
