@@ -6,7 +6,7 @@
 # writes log.jsonl, summary.json (val_loss_*: the loss on the held-out responses) and,
 # in RUN.log, the greedy replies to three held-out prompts before and after.
 #   cpu: 3000 training / 300 held-out records, batch 8, 150 steps, lr 2e-3, 10 warmup
-#        steps (minutes on two cores)
+#        steps, validation on the first 64 held-out records (minutes on two cores)
 #   gpu: 12000 / 1000 records, chapter 7's recipe: batch 32, 400 steps, lr 1e-3, 20 warmup
 # Usage: scripts/instruct_recipe.sh cpu|gpu [BUILD_DIR] [DATA_DIR]
 # (default build/cpu or build/cuda; DATA_DIR default out/instruct-data-SIZE, made from
@@ -17,7 +17,8 @@ cd "$(dirname "$0")/.."
 size=${1:-}
 case $size in
   cpu) build=${2:-build/cpu}; records=(--train 3000 --held-out 300)
-       recipe=(--device cpu --model kjv15M.bin --batch 8 --steps 150 --lr 2e-3 --warmup 10 --eval-every 0) ;;
+       recipe=(--device cpu --model kjv15M.bin --batch 8 --steps 150 --lr 2e-3 --warmup 10 --eval-every 0
+               --val-windows 64) ;;
   gpu) build=${2:-build/cuda}; records=(--train 12000 --held-out 1000)
        recipe=(--device cuda --model kjv15M-hf --batch 32 --steps 400 --lr 1e-3 --warmup 20 --eval-every 50) ;;
   *) echo "usage: scripts/instruct_recipe.sh cpu|gpu [BUILD_DIR] [DATA_DIR]" >&2; exit 2 ;;

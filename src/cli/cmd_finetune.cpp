@@ -334,7 +334,8 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--eval-every", o->cfg.eval_every, "validate every N steps (0: only before/after)")
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
-  cmd->add_option("--val-windows", o->cfg.val_windows, "cap on validation windows (0: all)")
+  cmd->add_option("--val-windows", o->cfg.val_windows,
+                  "cap on validation windows (instruction data: on held-out examples, the first N) (0: all)")
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
   cmd->add_option("--save-every", o->cfg.save_every, "checkpoint every N steps (0: only the final adapter)")
