@@ -25,7 +25,8 @@ changes another word's record; the order and the split below use a second, indep
   - a two-turn conversation: the question, the definition, then "Give a synonym." -> another word
     of the synset, or "Use it in a sentence." -> the gloss's first example.
 
-Held out: the words whose (second) hash falls in the last tenth, so no held-out word is ever trained on.
+Held out: the (word, part of speech) pairs whose (second) hash falls in the last tenth, so no
+held-out meaning is ever trained on (the same word may be trained as another part of speech).
 Records are ordered by that hash; --train and --held-out cap their numbers.
 """
 import argparse
