@@ -199,7 +199,7 @@ void GpuDecoder::layers(int N) {
   const int D = c.dim, KV = c.kv_dim(), HD = c.hidden_dim, H = c.n_heads, KVH = c.n_kv_heads, hs = c.head_size();
   const cudaStream_t s = m_.stream_;
   std::mt19937_64 no_dropout;  // eval mode: never drawn from
-  DeviceLoraCache lc;
+  DeviceLoraCache& lc = lora_cache_;
   for (DeviceFloats* d : {&x_, &xn_, &q_, &o_, &tmp_}) d->resize(usz(N) * D);
   for (DeviceFloats* d : {&k_, &v_}) d->resize(usz(N) * KV);
   for (DeviceFloats* d : {&h1_, &h3_, &g_}) d->resize(usz(N) * HD);

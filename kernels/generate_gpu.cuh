@@ -57,6 +57,7 @@ class GpuDecoder {
   int slots_, max_seq_;
   std::vector<DeviceFloats> kc_, vc_;  ///< per layer: slots × max_seq × kv_dim
   DeviceFloats x_, xn_, inv_, q_, k_, v_, o_, tmp_, h1_, h3_, g_, scores_, logits_;
+  DeviceLoraCache lora_cache_;  ///< the adapters' forward cache, unused in eval but kept to stay allocated
   DeviceBuffer<int> tokens_, pos_, slot_, ids_;
   DeviceBuffer<float> max_logit_;
   DeviceBuffer<double> draws_, probs_, sorted_probs_;
