@@ -5,8 +5,9 @@
 //
 // The cache is float32, as the CPU model's: attention reads it in float32 on both sides,
 // so the cache adds no rounding the CPU does not make, and it is small beside the weights
-// (2·layers·max_seq·kv_dim·4 bytes per sequence: 6 MiB for kjv15M's 256 positions, 256
-// MiB for a 7B model's 2048 — BF16 would halve it at the cost of a rounding per value).
+// (2·layers·max_seq·kv_dim·4 bytes per sequence: 3.4 MiB for kjv15M's 256 positions, 1 GiB
+// for LLaMA-7B's 2048 beside its 3.5 GiB of 4-bit weights — BF16 would halve it at the cost
+// of a rounding per value).
 //
 // Prompts of different lengths: each prompt is prefilled alone into its own cache slot
 // (its tokens at positions 0..P−1, all at once), then every sequence advances one token
