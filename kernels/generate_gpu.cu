@@ -341,9 +341,12 @@ std::vector<std::string> generate_text_gpu(LlamaModelGpu& model, const Tokenizer
   std::mt19937_64 rng(cfg.seed);
   for (double& x : u) x = uniform01(rng);
   GenerateStats st;
-  const auto start = std::chrono::steady_clock::now();
+  using Clock = std::chrono::steady_clock;
+  const auto seconds_since = [](Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); };
+  const auto start = Clock::now();
   for (std::size_t first = 0; first < ids.size(); first += kMaxDecodeBatch) {
     const int n = static_cast<int>(std::min<std::size_t>(kMaxDecodeBatch, ids.size() - first));
+    const auto prefill_start = Clock::now();
     // The last generated token is never fed back: the cache needs P + max_tokens − 1 positions.
     GpuDecoder dec(model, n, std::max(longest + cfg.max_tokens - 1, longest));
     dec.set_draws(u);
@@ -351,6 +354,8 @@ std::vector<std::string> generate_text_gpu(LlamaModelGpu& model, const Tokenizer
       dec.prefill(b, ids[first + usz(b)]);
       st.prompt_tokens += static_cast<long long>(ids[first + usz(b)].size());
     }
+    CUDA_CHECK(cudaStreamSynchronize(model.stream()));  // only to time the prefill apart
+    st.prefill_seconds += seconds_since(prefill_start);
     std::vector<bool> done(usz(n), false);
     std::vector<int> pos(usz(n));
     for (int step = 0; step < cfg.max_tokens; ++step) {
@@ -374,7 +379,7 @@ std::vector<std::string> generate_text_gpu(LlamaModelGpu& model, const Tokenizer
     }
   }
   CUDA_CHECK(cudaStreamSynchronize(model.stream()));
-  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  st.seconds = seconds_since(start);
   if (stats) *stats = st;
   std::vector<std::string> out;
   for (const auto& seq : ids) out.push_back(tok.decode(seq));

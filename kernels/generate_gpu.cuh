@@ -74,10 +74,14 @@ class GpuDecoder {
 };
 
 /// Decoding's cost: prompt tokens prefilled, tokens generated, seconds from the first
-/// prefill to the last token on the host.
+/// prefill to the last token on the host, and of those the prefills' (cache allocation included).
 struct GenerateStats {
   long long prompt_tokens = 0, generated_tokens = 0;
-  double seconds = 0;
+  double seconds = 0, prefill_seconds = 0;
+  /// Generated tokens per second of decoding, prefill left out.
+  double decode_tokens_per_s() const {
+    return seconds > prefill_seconds ? static_cast<double>(generated_tokens) / (seconds - prefill_seconds) : 0.0;
+  }
 };
 
 /// generate_text for each prompt, decoded kMaxDecodeBatch at a time on the GPU, in order.

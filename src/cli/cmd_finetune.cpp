@@ -517,9 +517,10 @@ void generate_on_gpu(const ModelOptions& m, const std::filesystem::path& mp, con
   const std::unique_ptr<cuda::LlamaModelGpu> gpu = gpu_model(m, mp, *tok);
   cuda::GenerateStats st;
   for (const std::string& text : cuda::generate_text_gpu(*gpu, *tok, prompts, s, &st)) std::printf("%s\n", text.c_str());
-  std::printf("generated %lld tokens for %zu prompt(s) (%lld prompt tokens) in %.3f s: %.1f tokens/s on the GPU\n",
-              st.generated_tokens, prompts.size(), st.prompt_tokens, st.seconds,
-              st.seconds > 0 ? static_cast<double>(st.generated_tokens) / st.seconds : 0.0);
+  std::printf("generated %lld tokens for %zu prompt(s) in %.3f s (prefill of %lld prompt tokens: %.3f s): "
+              "%.1f tokens/s on the GPU, decoding\n",
+              st.generated_tokens, prompts.size(), st.seconds, st.prompt_tokens, st.prefill_seconds,
+              st.decode_tokens_per_s());
 #else
   (void)m, (void)mp, (void)prompts, (void)s;
   throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
