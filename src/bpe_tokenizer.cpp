@@ -308,7 +308,6 @@ ByteLevelBpeTokenizer::ByteLevelBpeTokenizer(const fs::path& tokenizer_json)
     : file_("tokenizer.json '" + tokenizer_json.string() + "'") {
   const json doc = read_json(tokenizer_json, "tokenizer.json");
   if (!doc.is_object()) throw std::runtime_error(file_ + " is not a JSON object");
-
   // Parts that change the ids and that we do not implement. The post_processor only adds
   // BOS/EOS when asked to (add_special_tokens=True), which encode never does.
   if (const json* n = field(doc, "normalizer"))
@@ -319,47 +318,54 @@ ByteLevelBpeTokenizer::ByteLevelBpeTokenizer(const fs::path& tokenizer_json)
   if (!decoder || text_field(*decoder, "type", file_ + ": decoder") != "ByteLevel")
     throw std::runtime_error(file_ + ": decoder " + (decoder ? decoder->dump() : "null") +
                              " is not implemented (only ByteLevel)");
-
-  // The model: BPE without dropout, unknown token, subword affixes or byte fallback.
   const json* model = field(doc, "model");
   if (!model || !model->is_object()) throw std::runtime_error(file_ + ": model is missing");
+
+  read_vocabulary(*model, field(doc, "added_tokens"));
+  read_merges(*model);
+  read_pre_tokenizer(field(doc, "pre_tokenizer"));
+  read_bos_eos(tokenizer_json.parent_path());
+}
+
+void ByteLevelBpeTokenizer::place_token(const json& id_value, const std::string& token, const std::string& where) {
+  const auto id = id_value.get<long long>();
+  if (id < 0 || id >= std::numeric_limits<int>::max())
+    throw std::runtime_error(where + ": id " + std::to_string(id) + " is out of range");
+  if (static_cast<std::size_t>(id) >= tokens_.size()) {
+    tokens_.resize(static_cast<std::size_t>(id) + 1);
+    special_.resize(tokens_.size());
+  }
+  auto& slot = tokens_[static_cast<std::size_t>(id)];
+  if (!slot.empty() && slot != token)
+    throw std::runtime_error(where + ": id " + std::to_string(id) + " is both '" + slot + "' and '" + token + "'");
+  slot = token;
+}
+
+void ByteLevelBpeTokenizer::read_vocabulary(const json& model, const json* added) {
+  // The model: BPE without dropout, unknown token, subword affixes or byte fallback.
   const std::string mwhere = file_ + ": model";
-  if (const std::string type = text_field(*model, "type", mwhere); type != "BPE")
+  if (const std::string type = text_field(model, "type", mwhere); type != "BPE")
     throw std::runtime_error(mwhere + ".type '" + type + "' is not implemented (only BPE)");
   for (const char* key : {"dropout", "unk_token"})
-    if (const json* v = field(*model, key))
+    if (const json* v = field(model, key))
       throw std::runtime_error(mwhere + "." + key + " = " + v->dump() + " is not implemented (only null)");
   for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
-    if (const json* v = field(*model, key); v && *v != "")
+    if (const json* v = field(model, key); v && *v != "")
       throw std::runtime_error(mwhere + "." + key + " = " + v->dump() + " is not implemented (only null)");
-  if (flag(*model, "byte_fallback", false, mwhere))
+  if (flag(model, "byte_fallback", false, mwhere))
     throw std::runtime_error(mwhere + ".byte_fallback = true is not implemented");
-  ignore_merges_ = flag(*model, "ignore_merges", false, mwhere);
+  ignore_merges_ = flag(model, "ignore_merges", false, mwhere);
 
-  // Vocabulary and added tokens fill the ids 0..N-1, each exactly once (an added token
-  // that is also in the vocabulary must have the vocabulary's id).
-  const json* vocab = field(*model, "vocab");
+  // The vocabulary and the added tokens fill the ids 0..N-1, each exactly once (an added
+  // token that is also in the vocabulary must have the vocabulary's id).
+  const json* vocab = field(model, "vocab");
   if (!vocab || !vocab->is_object()) throw std::runtime_error(mwhere + ".vocab is missing or not an object");
-  auto place = [&](const json& id_value, const std::string& token, const std::string& where) {
-    const auto id = id_value.get<long long>();
-    if (id < 0 || id >= std::numeric_limits<int>::max())
-      throw std::runtime_error(where + ": id " + std::to_string(id) + " is out of range");
-    if (static_cast<std::size_t>(id) >= tokens_.size()) {
-      tokens_.resize(static_cast<std::size_t>(id) + 1);
-      special_.resize(tokens_.size());
-    }
-    auto& slot = tokens_[static_cast<std::size_t>(id)];
-    if (!slot.empty() && slot != token)
-      throw std::runtime_error(where + ": id " + std::to_string(id) + " is both '" + slot + "' and '" + token + "'");
-    slot = token;
-  };
   for (const auto& [token, id] : vocab->items()) {
     if (!id.is_number_integer() || token.empty())
       throw std::runtime_error(mwhere + ".vocab: entry '" + token + "' is not a non-empty token with an integer id");
-    place(id, token, mwhere + ".vocab");
+    place_token(id, token, mwhere + ".vocab");
     vocab_.emplace(token, id.get<int>());
   }
-  const json* added = field(doc, "added_tokens");
   if (added && !added->is_array()) throw std::runtime_error(file_ + ": added_tokens is not a list");
   for (const json& t : added ? *added : json::array()) {
     const std::string where = file_ + ": added_tokens entry " + t.dump();
@@ -369,9 +375,9 @@ ByteLevelBpeTokenizer::ByteLevelBpeTokenizer(const fs::path& tokenizer_json)
     if (content.empty()) throw std::runtime_error(where + " has empty content");
     for (const char* key : {"lstrip", "rstrip", "single_word"})
       if (flag(t, key, false, where)) throw std::runtime_error(where + ": " + key + " = true is not implemented");
-    if (const auto it = vocab_.find(content); it != vocab_.end() && it->second != id->get<int>())
+    if (const auto it = vocab_.find(content); it != vocab_.end() && it->second != id->get<long long>())
       throw std::runtime_error(where + ": the vocabulary has '" + content + "' as id " + std::to_string(it->second));
-    place(*id, content, where);
+    place_token(*id, content, where);
     special_[static_cast<std::size_t>(id->get<int>())] = flag(t, "special", false, where);
     // tokenizers' default for a missing "normalized" is true (AddedToken::default).
     (flag(t, "normalized", true, where) ? added_normalized_ : added_raw_).push_back({content, id->get<int>()});
@@ -385,9 +391,12 @@ ByteLevelBpeTokenizer::ByteLevelBpeTokenizer(const fs::path& tokenizer_json)
   }
   bytes_.reserve(tokens_.size());
   for (const auto& t : tokens_) bytes_.push_back(token_bytes(t));
+}
 
-  // Merges, in rank order: "left right" strings (tokenizers before 0.20) or [left, right].
-  const json* merges = field(*model, "merges");
+void ByteLevelBpeTokenizer::read_merges(const json& model) {
+  // In rank order: "left right" strings (tokenizers before 0.20) or [left, right] pairs.
+  const std::string mwhere = file_ + ": model";
+  const json* merges = field(model, "merges");
   if (!merges || !merges->is_array()) throw std::runtime_error(mwhere + ".merges is missing or not a list");
   for (std::size_t rank = 0; rank < merges->size(); ++rank) {
     const json& m = (*merges)[rank];
@@ -414,10 +423,10 @@ ByteLevelBpeTokenizer::ByteLevelBpeTokenizer(const fs::path& tokenizer_json)
     if (!merges_.emplace(key, std::pair{static_cast<int>(rank), merged->second}).second)
       throw std::runtime_error(where + " repeats an earlier merge");
   }
+}
 
-  // The pre-tokenizer: Split(Regex, Isolated) and ByteLevel steps, alone or in a Sequence,
-  // with exactly one ByteLevel.
-  const json* pre = field(doc, "pre_tokenizer");
+void ByteLevelBpeTokenizer::read_pre_tokenizer(const json* pre) {
+  // Split(Regex, Isolated) and ByteLevel steps, alone or in a Sequence, with exactly one ByteLevel.
   if (!pre) throw std::runtime_error(file_ + ": pre_tokenizer is null; only byte-level pre-tokenizers are implemented");
   const std::string pwhere = file_ + ": pre_tokenizer";
   const bool sequence = text_field(*pre, "type", pwhere) == "Sequence";
@@ -450,24 +459,25 @@ ByteLevelBpeTokenizer::ByteLevelBpeTokenizer(const fs::path& tokenizer_json)
   }
   if (std::count_if(pre_steps_.begin(), pre_steps_.end(), [](const PreStep& s) { return s.byte_level; }) != 1)
     throw std::runtime_error(pwhere + " must have exactly one ByteLevel step");
+}
 
-  // BOS and EOS: tokenizer_config.json's token texts, else config.json's ids.
-  const fs::path dir = tokenizer_json.parent_path();
+void ByteLevelBpeTokenizer::read_bos_eos(const fs::path& dir) {
+  // tokenizer_config.json's token texts, else config.json's ids.
   const fs::path tok_config = dir / "tokenizer_config.json", config = dir / "config.json";
+  const std::string tc_where = "tokenizer_config.json '" + tok_config.string() + "'";
+  const std::string mc_where = "config.json '" + config.string() + "'";
   const json tc = fs::exists(tok_config) ? read_json(tok_config, "tokenizer_config.json") : json::object();
   const json mc = fs::exists(config) ? read_json(config, "config.json") : json::object();
-  auto find_special = [&](const char* token_key, const char* id_key, std::string& source) -> std::optional<int> {
-    const std::string tc_where = "tokenizer_config.json '" + tok_config.string() + "'";
-    const std::string mc_where = "config.json '" + config.string() + "'";
+  auto find = [&](const char* token_key, const char* id_key, std::string& source) -> std::optional<int> {
     source = tc_where + " has no " + token_key + " and " + mc_where + " no " + id_key;
     if (const json* t = field(tc, token_key)) {
       const json* content = t->is_object() ? field(*t, "content") : t;
       if (!content || !content->is_string())
         throw std::runtime_error(tc_where + ": " + token_key + " " + t->dump() + " is not a token's text");
-      if (auto id = special_token_id(content->get<std::string>())) return id;
-      if (const auto it = vocab_.find(content->get<std::string>()); it != vocab_.end()) return it->second;
-      throw std::runtime_error(tc_where + ": " + token_key + " '" + content->get<std::string>() + "' is not a token of " +
-                               file_);
+      const std::string text = content->get<std::string>();
+      if (auto id = special_token_id(text)) return id;
+      if (const auto it = vocab_.find(text); it != vocab_.end()) return it->second;
+      throw std::runtime_error(tc_where + ": " + token_key + " '" + text + "' is not a token of " + file_);
     }
     if (const json* v = field(mc, id_key)) {
       const json& id = v->is_array() && !v->empty() ? (*v)[0] : *v;
@@ -477,8 +487,8 @@ ByteLevelBpeTokenizer::ByteLevelBpeTokenizer(const fs::path& tokenizer_json)
     }
     return std::nullopt;
   };
-  bos_ = find_special("bos_token", "bos_token_id", bos_source_);
-  eos_ = find_special("eos_token", "eos_token_id", eos_source_);
+  bos_ = find("bos_token", "bos_token_id", bos_source_);
+  eos_ = find("eos_token", "eos_token_id", eos_source_);
 }
 
 ByteLevelBpeTokenizer::~ByteLevelBpeTokenizer() = default;

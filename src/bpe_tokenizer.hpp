@@ -16,6 +16,8 @@
 
 #include "tokenizer.hpp"
 
+#include <nlohmann/json_fwd.hpp>
+
 #include <array>
 #include <cstdint>
 #include <filesystem>
@@ -95,6 +97,12 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
   std::optional<int> bos_, eos_;
   std::string bos_source_, eos_source_;  ///< where BOS/EOS were looked for, for the error
 
+  // The constructor's parts, in order; each throws naming file_ and the field.
+  void place_token(const nlohmann::json& id, const std::string& token, const std::string& where);
+  void read_vocabulary(const nlohmann::json& model, const nlohmann::json* added_tokens);
+  void read_merges(const nlohmann::json& model);
+  void read_pre_tokenizer(const nlohmann::json* pre_tokenizer);
+  void read_bos_eos(const std::filesystem::path& dir);
   std::vector<int> bpe(const std::string& piece) const;
 };
 
