@@ -79,7 +79,8 @@ FinetuneData load_finetune_data(const fs::path& text_file, const Tokenizer& tok,
 
 fs::path find_tokenizer_for(const fs::path& model) {
   const auto dir = fs::is_directory(model) ? model : model.parent_path();
-  if (auto p = dir / "tokenizer.model"; fs::exists(p)) return p;
+  for (const char* name : {"tokenizer.model", "tokenizer.json"})
+    if (auto p = dir / name; fs::exists(p)) return p;
   return require_model("tokenizer.model");
 }
 
