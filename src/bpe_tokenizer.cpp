@@ -252,7 +252,6 @@ struct ByteLevelBpeTokenizer::Regex {
 
 namespace {
 
-//! [split-isolated]
 // tokenizers' Split with behavior Isolated: every match is a piece, and so is every
 // stretch between two matches; empty pieces are dropped. Matches are found as Oniguruma's
 // find_iter finds them: after an empty match, or at the end of the previous match, an
@@ -275,7 +274,6 @@ std::vector<std::string> split_isolated(const ByteLevelBpeTokenizer::Regex& re, 
   if (piece_start < text.size()) pieces.emplace_back(text.substr(piece_start));
   return pieces;
 }
-//! [split-isolated]
 
 }  // namespace
 
@@ -572,42 +570,40 @@ std::vector<int> ByteLevelBpeTokenizer::bpe(const std::string& piece) const {
 }
 //! [bpe-merge]
 
+std::vector<ByteLevelBpeTokenizer::Segment> ByteLevelBpeTokenizer::cut_out(const std::vector<Segment>& segments,
+                                                                          const std::vector<Added>& set) const {
+  std::vector<Segment> out;
+  for (const Segment& seg : segments) {
+    if (seg.id >= 0) {
+      out.push_back(seg);
+      continue;
+    }
+    // The leftmost match, the longest there: the set is sorted longest first.
+    std::size_t start = 0;
+    for (std::size_t i = 0; i < seg.text.size();) {
+      const auto at = std::string_view(seg.text).substr(i);
+      const auto hit = !added_first_byte_[static_cast<unsigned char>(at[0])]
+                           ? set.end()
+                           : std::find_if(set.begin(), set.end(), [&](const Added& a) { return at.starts_with(a.content); });
+      if (hit == set.end()) {
+        ++i;
+        continue;
+      }
+      if (start < i) out.push_back({seg.text.substr(start, i - start), -1});
+      out.push_back({hit->content, hit->id});
+      start = i += hit->content.size();
+    }
+    if (start < seg.text.size()) out.push_back({seg.text.substr(start), -1});
+  }
+  return out;
+}
+
 //! [bpe-encode]
 std::vector<int> ByteLevelBpeTokenizer::encode(const std::string& text) const {
   require_utf8(text);
   // 1. Cut out the added tokens: those matched on the raw text first, then the
-  //    "normalized" ones in what is left (the normalizer is null). Each search takes the
-  //    leftmost match, the longest there (the sets are sorted longest first).
-  struct Segment {
-    std::string text;
-    int id;  // an added token's id, or -1 for text
-  };
-  std::vector<Segment> segments{{text, -1}};
-  for (const auto* set : {&added_raw_, &added_normalized_}) {
-    std::vector<Segment> next;
-    for (const Segment& seg : segments) {
-      if (seg.id >= 0) {
-        next.push_back(seg);
-        continue;
-      }
-      std::size_t start = 0;
-      for (std::size_t i = 0; i < seg.text.size();) {
-        const auto at = std::string_view(seg.text).substr(i);
-        const auto hit = !added_first_byte_[static_cast<unsigned char>(at[0])]
-                             ? set->end()
-                             : std::find_if(set->begin(), set->end(), [&](const Added& a) { return at.starts_with(a.content); });
-        if (hit == set->end()) {
-          ++i;
-          continue;
-        }
-        if (start < i) next.push_back({seg.text.substr(start, i - start), -1});
-        next.push_back({hit->content, hit->id});
-        start = i += hit->content.size();
-      }
-      if (start < seg.text.size()) next.push_back({seg.text.substr(start), -1});
-    }
-    segments = std::move(next);
-  }
+  //    "normalized" ones in what is left (the normalizer is null, so they match as written).
+  const auto segments = cut_out(cut_out({{text, -1}}, added_raw_), added_normalized_);
   // 2. and 3. Pre-tokenize each stretch of text, then BPE each piece.
   std::vector<int> ids;
   for (const Segment& seg : segments) {

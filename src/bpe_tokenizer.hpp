@@ -82,6 +82,11 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
     std::string content;
     int id = 0;
   };
+  /// A stretch of the text being encoded: an added token, or text still to pre-tokenize.
+  struct Segment {
+    std::string text;
+    int id;  ///< the added token's id, or -1 for text
+  };
 
   std::string file_;                          ///< "tokenizer.json 'PATH'", for messages
   std::vector<std::string> tokens_;           ///< id → token
@@ -103,6 +108,8 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
   void read_merges(const nlohmann::json& model);
   void read_pre_tokenizer(const nlohmann::json* pre_tokenizer);
   void read_bos_eos(const std::filesystem::path& dir);
+  /// Step 1 for one set of added tokens: cuts them out of the text segments.
+  std::vector<Segment> cut_out(const std::vector<Segment>& segments, const std::vector<Added>& set) const;
   std::vector<int> bpe(const std::string& piece) const;
 };
 

@@ -31,10 +31,10 @@ class Tokenizer {
   /// The text one id adds after `prev` when streaming (dummy-prefix space dropped after BOS).
   virtual std::string decode_piece(int prev, int id) const = 0;
   /// Beginning and end of sequence: 1 and 2 in LLaMA-2's vocabulary, 128000 and 128001
-  /// (or 128009, <|eot_id|>, for instruction models) in LLaMA-3's.
+  /// (or 128009, `<|eot_id|>`, for instruction models) in LLaMA-3's.
   virtual int bos_id() const = 0;
   virtual int eos_id() const = 0;
-  /// The id of the special (control) token written `text`, e.g. "<|eot_id|>" or "</s>".
+  /// The id of the special (control) token written `text`, e.g. `<|eot_id|>` or `</s>`.
   virtual std::optional<int> special_token_id(const std::string& text) const = 0;
 };
 
@@ -76,10 +76,10 @@ class Llama2cTokenizer final : public Tokenizer {
   std::vector<int> encode(const std::string& text) const override;
   std::string decode(const std::vector<int>& ids) const override;
   std::string decode_piece(int prev, int id) const override;
-  /// llama2.c's vocabulary is LLaMA-2's: <unk>, <s>, </s> first.
+  /// llama2.c's vocabulary is LLaMA-2's: `<unk>`, `<s>`, `</s>` first.
   int bos_id() const override { return 1; }
   int eos_id() const override { return 2; }
-  /// "<unk>", "<s>" or "</s>": the only special pieces of the vocabulary.
+  /// `<unk>`, `<s>` or `</s>`: the only special pieces of the vocabulary.
   std::optional<int> special_token_id(const std::string& text) const override;
   const std::string& piece(int id) const;
   float score(int id) const;
