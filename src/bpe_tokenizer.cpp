@@ -217,9 +217,10 @@ void check_portable(const std::string& pattern, const std::string& where) {
 
 struct ByteLevelBpeTokenizer::Regex {
   std::unique_ptr<pcre2_code, decltype(&pcre2_code_free)> code{nullptr, pcre2_code_free};
+  std::string where;  ///< the file and the pre-tokenizer step, for messages
 
-  Regex(const std::string& pattern, const std::string& where) {
-    check_portable(pattern, where);
+  Regex(const std::string& pattern, const std::string& where_) : where(where_ + ": pattern '" + pattern + "'") {
+    check_portable(pattern, where_);
     int error = 0;
     PCRE2_SIZE offset = 0;
     code.reset(pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP,
@@ -227,8 +228,8 @@ struct ByteLevelBpeTokenizer::Regex {
     if (!code) {
       std::array<PCRE2_UCHAR, 256> msg{};
       pcre2_get_error_message(error, msg.data(), msg.size());
-      throw std::runtime_error(where + ": pattern '" + pattern + "' does not compile at offset " +
-                               std::to_string(offset) + ": " + reinterpret_cast<const char*>(msg.data()));
+      throw std::runtime_error(where + " does not compile at offset " + std::to_string(offset) + ": " +
+                               reinterpret_cast<const char*>(msg.data()));
     }
   }
 
@@ -243,7 +244,8 @@ struct ByteLevelBpeTokenizer::Regex {
     if (rc < 0) {
       std::array<PCRE2_UCHAR, 256> msg{};
       pcre2_get_error_message(rc, msg.data(), msg.size());
-      throw std::runtime_error(std::string("pre-tokenizer regex failed: ") + reinterpret_cast<const char*>(msg.data()));
+      throw std::runtime_error(where + " failed at byte " + std::to_string(start) + ": " +
+                               reinterpret_cast<const char*>(msg.data()));
     }
     const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(m.get());
     return {ov[0], ov[1]};
@@ -254,8 +256,8 @@ namespace {
 
 // tokenizers' Split with behavior Isolated: every match is a piece, and so is every
 // stretch between two matches; empty pieces are dropped. Matches are found as Oniguruma's
-// find_iter finds them: after an empty match, or at the end of the previous match, an
-// empty match does not count and the search moves on by one character.
+// find_iter finds them: an empty match where the previous match ended does not count, and
+// the search moves on by one character.
 std::vector<std::string> split_isolated(const ByteLevelBpeTokenizer::Regex& re, std::string_view text) {
   std::vector<std::string> pieces;
   std::size_t pos = 0, piece_start = 0, last_end = std::string_view::npos;
