@@ -11,7 +11,8 @@ output:
 
 Inputs: tests/fixtures/bpe/mixed.txt (committed: many scripts, contractions, numbers, code,
 whitespace, emoji, the special-token strings) and, when found, the first 200 KB of
-tinyshakespeare.txt (--shakespeare, else $QLORA_DATA_DIR, ../shared/data, ./data).
+tinyshakespeare.txt (--shakespeare, else $QLORA_DATA_DIR, ../shared/data, ./data, ./shared/data,
+./.carry/shared/data).
 
 Outputs, in OUT/ (LLaMA-3's layout) and OUT/gpt2/ (GPT-2's layout):
   tokenizer.json         as `tokenizers` saved it
@@ -71,7 +72,8 @@ def find_shakespeare(arg):
         if not os.path.isfile(arg):
             fail(f"--shakespeare {arg}: no such file")
         return arg
-    dirs = [os.environ.get("QLORA_DATA_DIR", ""), os.path.join(REPO, "..", "shared", "data"), os.path.join(REPO, "data")]
+    dirs = [os.environ.get("QLORA_DATA_DIR", ""), os.path.join(REPO, "..", "shared", "data"), os.path.join(REPO, "data"),
+            os.path.join(REPO, "shared", "data"), os.path.join(REPO, ".carry", "shared", "data")]
     for d in dirs:
         p = os.path.join(d, "tinyshakespeare.txt")
         if d and os.path.isfile(p):
