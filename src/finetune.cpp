@@ -119,7 +119,8 @@ FinetuneData load_instruct_data(const fs::path& train_file, const fs::path& val_
 
 fs::path find_tokenizer_for(const fs::path& model) {
   const auto dir = fs::is_directory(model) ? model : model.parent_path();
-  if (auto p = dir / "tokenizer.model"; fs::exists(p)) return p;
+  for (const char* name : {"tokenizer.model", "tokenizer.json"})
+    if (auto p = dir / name; fs::exists(p)) return p;
   return require_model("tokenizer.model");
 }
 

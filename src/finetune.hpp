@@ -64,8 +64,8 @@ FinetuneData load_instruct_data(const std::filesystem::path& train_file, const s
                                 bool train_on_inputs, int seq_len, InstructDataReport& report,
                                 double val_fraction = 0.1);
 
-/// The SentencePiece tokenizer.model next to a model file (or inside a model folder),
-/// else require_model("tokenizer.model").
+/// The tokenizer next to a model file (or inside a model folder): tokenizer.model
+/// (SentencePiece), else tokenizer.json (byte-level BPE); else require_model("tokenizer.model").
 std::filesystem::path find_tokenizer_for(const std::filesystem::path& model);
 
 /// A PEFT adapter with setup's LoraConfig and target modules and no module tensors yet:

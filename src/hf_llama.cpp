@@ -13,6 +13,7 @@
 #include <charconv>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <set>
 #include <stdexcept>
@@ -130,6 +131,19 @@ void parse_rope(const nlohmann::json& cfg, LlamaConfig& c, const std::string& wh
 // change the computation and are not implemented here are refused by name; the rest
 // (architectures, dtype, token ids, initializer_range, use_cache, pretraining_tp, which
 // only splits matmuls, quantization_config, read elsewhere) are ignored.
+// bos_token_id or eos_token_id: an id, a list of ids, or null (none); absent: `fallback`.
+std::vector<int> token_ids(const nlohmann::json& cfg, const char* key, int fallback, const std::string& where) {
+  if (!cfg.contains(key)) return {fallback};
+  const nlohmann::json& v = cfg[key];
+  std::vector<int> ids;
+  for (const auto& id : v.is_array() ? v : v.is_null() ? nlohmann::json::array() : nlohmann::json::array({v})) {
+    if (!id.is_number_integer() || id.get<long long>() < 0 || id.get<long long>() > std::numeric_limits<int>::max())
+      throw std::runtime_error(where + ": \"" + key + "\" " + v.dump() + " is not a token id or a list of them");
+    ids.push_back(id.get<int>());
+  }
+  return ids;
+}
+
 LlamaConfig parse_config(const nlohmann::json& cfg, const std::string& where) {
   if (!cfg.is_object()) throw std::runtime_error(where + ": not a JSON object");
   if (!cfg.contains("model_type") || (cfg["model_type"] != "llama" && cfg["model_type"] != "mistral"))
@@ -159,6 +173,8 @@ LlamaConfig parse_config(const nlohmann::json& cfg, const std::string& where) {
   c.seq_len = get_field<int>(cfg, "max_position_embeddings", where);
   c.norm_eps = present(cfg, "rms_norm_eps") ? get_field<float>(cfg, "rms_norm_eps", where) : 1e-6f;
   c.shared_classifier = present(cfg, "tie_word_embeddings") && get_field<bool>(cfg, "tie_word_embeddings", where);
+  c.bos_token_ids = token_ids(cfg, "bos_token_id", 1, where);
+  c.eos_token_ids = token_ids(cfg, "eos_token_id", 2, where);
   parse_rope(cfg, c, where);
   // null means no window; MistralConfig's default is 4096. A window in a "llama" config is
   // honoured too: refusing the longer sequences is never wrong.
@@ -350,8 +366,10 @@ void write_hf_config(const std::filesystem::path& path, const LlamaConfig& c) {
   }
   if (mistral) cfg["sliding_window"] = c.sliding_window;
   cfg["tie_word_embeddings"] = c.shared_classifier;
-  cfg["bos_token_id"] = 1;
-  cfg["eos_token_id"] = 2;
+  // An id, a list of ids, or null, as transformers writes them.
+  for (const auto& [key, ids] : {std::pair{"bos_token_id", &c.bos_token_ids}, std::pair{"eos_token_id", &c.eos_token_ids}})
+    cfg[key] = ids->empty() ? nlohmann::ordered_json(nullptr) : ids->size() == 1 ? nlohmann::ordered_json(ids->front())
+                                                                                 : nlohmann::ordered_json(*ids);
   cfg["hidden_act"] = "silu";
   cfg["torch_dtype"] = "bfloat16";
   cfg["attention_bias"] = false;

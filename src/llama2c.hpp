@@ -54,6 +54,10 @@ struct LlamaConfig {
   float rope_theta = 10000.0f;
   RopeScaling rope_scaling{};
   int sliding_window = 0;  ///< Mistral: a token sees at most this many positions (itself included); 0: all
+  /// BOS and EOS ids as config.json gives them (none: null; several EOS ids: transformers'
+  /// generation stops at any). LLaMA-2's 1 and 2, transformers' defaults, unless it says otherwise.
+  std::vector<int> bos_token_ids{1};
+  std::vector<int> eos_token_ids{2};
 
   int head_size() const { return dim / n_heads; }
   int kv_dim() const { return head_size() * n_kv_heads; }

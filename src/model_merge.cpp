@@ -44,15 +44,22 @@ int merge_peft_adapter(LlamaWeights& weights, const PeftAdapter& adapter, const 
 
 namespace {
 
-// tokenizer.model next to the base, if its vocabulary is the model's (llama2.c folders
-// hold models with different tokenizers side by side, e.g. stories260K's 512 tokens).
+// The tokenizer next to the base, if its vocabulary is the model's (llama2.c folders hold
+// models with different tokenizers side by side, e.g. stories260K's 512 tokens):
+// tokenizer.model, else tokenizer.json with the tokenizer_config.json that names its BOS/EOS.
 bool copy_tokenizer(const fs::path& model, int vocab_size, const fs::path& out_dir) {
-  const auto src = (fs::is_directory(model) ? model : model.parent_path()) / "tokenizer.model";
-  if (!fs::exists(src) || load_tokenizer(src)->vocab_size() != vocab_size) return false;
-  std::ifstream in(src, std::ios::binary);
-  const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-  if (!in && !in.eof()) throw std::runtime_error("cannot read " + src.string());
-  write_file_atomic(out_dir / "tokenizer.model", std::span<const char>(bytes.data(), bytes.size()));
+  const auto dir = fs::is_directory(model) ? model : model.parent_path();
+  const bool sentencepiece = fs::exists(dir / "tokenizer.model");
+  const auto main = dir / (sentencepiece ? "tokenizer.model" : "tokenizer.json");
+  if (!fs::exists(main) || load_tokenizer(main)->vocab_size() != vocab_size) return false;
+  std::vector<fs::path> files{main};
+  if (!sentencepiece && fs::exists(dir / "tokenizer_config.json")) files.push_back(dir / "tokenizer_config.json");
+  for (const auto& src : files) {
+    std::ifstream in(src, std::ios::binary);
+    const std::string bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+    if (!in && !in.eof()) throw std::runtime_error("cannot read " + src.string());
+    write_file_atomic(out_dir / src.filename(), std::span<const char>(bytes.data(), bytes.size()));
+  }
   return true;
 }
 

@@ -30,13 +30,14 @@ int merge_peft_adapter(LlamaWeights& weights, const PeftAdapter& adapter, const 
 /// What merge_model did.
 struct MergeSummary {
   int modules = 0;              ///< projections that received s·B·A
-  bool tokenizer_copied = false;  ///< tokenizer.model was found next to the model and copied
+  bool tokenizer_copied = false;  ///< the tokenizer next to the model was copied (see merge_model)
 };
 
 /// `qlora merge`: loads the base (llama2.c .bin or Hugging Face folder), merges the PEFT
 /// adapter folder into it and writes out_dir/config.json + model.safetensors in BF16
-/// (write_hf_llama; each file atomically). A tokenizer.model next to the base whose
-/// vocabulary size equals the model's is copied alongside (atomically).
+/// (write_hf_llama; each file atomically), with the base's BOS/EOS ids. The tokenizer next
+/// to the base, if its vocabulary size equals the model's, is copied alongside (atomically):
+/// tokenizer.model, else tokenizer.json and its tokenizer_config.json.
 MergeSummary merge_model(const std::filesystem::path& model, const std::filesystem::path& adapter_dir,
                          const std::filesystem::path& out_dir);
 

@@ -1,6 +1,8 @@
 // Tokenizers (chapter 7, "Tokens"). See tokenizer.hpp.
 #include "tokenizer.hpp"
 
+#include "bpe_tokenizer.hpp"
+
 #include <sentencepiece_processor.h>
 
 #include <algorithm>
@@ -73,6 +75,22 @@ std::string SentencePieceTokenizer::decode_piece(int prev, int id) const {
   return render_piece(replace_all(impl_->sp.IdToPiece(id), "\u2581", " "), prev == bos_id());
 }
 
+int SentencePieceTokenizer::bos_id() const {
+  if (const int id = impl_->sp.bos_id(); id >= 0) return id;
+  throw std::runtime_error("the SentencePiece model has no BOS piece");
+}
+
+int SentencePieceTokenizer::eos_id() const {
+  if (const int id = impl_->sp.eos_id(); id >= 0) return id;
+  throw std::runtime_error("the SentencePiece model has no EOS piece");
+}
+
+std::optional<int> SentencePieceTokenizer::special_token_id(const std::string& text) const {
+  const int id = impl_->sp.PieceToId(text);  // the unknown piece's id when there is no such piece
+  if (impl_->sp.IdToPiece(id) != text || !(impl_->sp.IsControl(id) || impl_->sp.IsUnknown(id))) return std::nullopt;
+  return id;
+}
+
 // ---------------------------------------------------------------------------
 // llama2.c tokenizer.bin
 
@@ -119,6 +137,12 @@ int Llama2cTokenizer::lookup(const std::string& s) const {
     return pieces_[static_cast<std::size_t>(id)] < key;
   });
   return it != sorted_.end() && pieces_[static_cast<std::size_t>(*it)] == s ? *it : -1;
+}
+
+std::optional<int> Llama2cTokenizer::special_token_id(const std::string& text) const {
+  const int id = lookup(text);
+  if (id < 0 || id > eos_id()) return std::nullopt;
+  return id;
 }
 
 //! [llama2c-encode]
@@ -176,8 +200,13 @@ std::string Llama2cTokenizer::decode(const std::vector<int>& ids) const {
 }
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& path) {
-  if (std::filesystem::is_directory(path)) return std::make_unique<SentencePieceTokenizer>(path / "tokenizer.model");
+  if (std::filesystem::is_directory(path)) {
+    if (std::filesystem::exists(path / "tokenizer.model") || !std::filesystem::exists(path / "tokenizer.json"))
+      return std::make_unique<SentencePieceTokenizer>(path / "tokenizer.model");
+    return std::make_unique<ByteLevelBpeTokenizer>(path / "tokenizer.json");
+  }
   if (path.extension() == ".bin") return std::make_unique<Llama2cTokenizer>(path);
+  if (path.extension() == ".json") return std::make_unique<ByteLevelBpeTokenizer>(path);
   return std::make_unique<SentencePieceTokenizer>(path);
 }
 

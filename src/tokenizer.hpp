@@ -1,10 +1,11 @@
-// Tokenizers for the LLaMA models (chapter 7, "Tokens"). Two formats:
+// Tokenizers for the LLaMA models (chapter 7, "Tokens"). Three formats:
 //  - tokenizer.model: a SentencePiece model, run by the SentencePiece library itself
 //    (what Hugging Face's LlamaTokenizer does);
 //  - tokenizer.bin: llama2.c's export of the same vocabulary (max_token_length int32,
 //    then per token: float32 score, int32 length, the UTF-8 bytes), with llama2.c's
-//    greedy BPE-merge encoder.
-// Neither encoder adds BOS: the caller puts id 1 in front. Both add SentencePiece's
+//    greedy BPE-merge encoder;
+//  - tokenizer.json: Hugging Face's byte-level BPE (LLaMA-3), in bpe_tokenizer.hpp.
+// No encoder adds BOS: the caller puts bos_id() in front (1 for LLaMA-2). The first two add SentencePiece's
 // "dummy prefix" (a leading space, shown as ▁) to the text, and both fall back to the
 // byte tokens <0x00>..<0xFF> (ids 3..258 in the LLaMA vocabulary) for characters that
 // have no piece. How the llama2.c encoder differs from SentencePiece is spelled out
@@ -13,6 +14,7 @@
 
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -28,8 +30,12 @@ class Tokenizer {
   virtual std::string decode(const std::vector<int>& ids) const = 0;
   /// The text one id adds after `prev` when streaming (dummy-prefix space dropped after BOS).
   virtual std::string decode_piece(int prev, int id) const = 0;
-  int bos_id() const { return 1; }
-  int eos_id() const { return 2; }
+  /// Beginning and end of sequence: 1 and 2 in LLaMA-2's vocabulary, 128000 and 128001
+  /// (or 128009, `<|eot_id|>`, for instruction models) in LLaMA-3's.
+  virtual int bos_id() const = 0;
+  virtual int eos_id() const = 0;
+  /// The id of the special (control) token written `text`, e.g. `<|eot_id|>` or `</s>`.
+  virtual std::optional<int> special_token_id(const std::string& text) const = 0;
 };
 
 /// tokenizer.model through sentencepiece::SentencePieceProcessor.
@@ -42,6 +48,10 @@ class SentencePieceTokenizer final : public Tokenizer {
   std::vector<int> encode(const std::string& text) const override;
   std::string decode(const std::vector<int>& ids) const override;
   std::string decode_piece(int prev, int id) const override;
+  /// The model's own (1 and 2 for LLaMA); std::runtime_error when it has none.
+  int bos_id() const override;
+  int eos_id() const override;
+  std::optional<int> special_token_id(const std::string& text) const override;
 
  private:
   struct Impl;
@@ -66,6 +76,11 @@ class Llama2cTokenizer final : public Tokenizer {
   std::vector<int> encode(const std::string& text) const override;
   std::string decode(const std::vector<int>& ids) const override;
   std::string decode_piece(int prev, int id) const override;
+  /// llama2.c's vocabulary is LLaMA-2's: `<unk>`, `<s>`, `</s>` first.
+  int bos_id() const override { return 1; }
+  int eos_id() const override { return 2; }
+  /// `<unk>`, `<s>` or `</s>`: the only special pieces of the vocabulary.
+  std::optional<int> special_token_id(const std::string& text) const override;
   const std::string& piece(int id) const;
   float score(int id) const;
 
@@ -76,7 +91,8 @@ class Llama2cTokenizer final : public Tokenizer {
   int lookup(const std::string& s) const;
 };
 
-/// Picks by file: "*.model" → SentencePiece, "*.bin" → llama2.c; a directory → its tokenizer.model.
+/// Picks by file: "*.model" → SentencePiece, "*.bin" → llama2.c, "*.json" → byte-level BPE;
+/// a directory → its tokenizer.model, else its tokenizer.json.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::filesystem::path& path);
 
 }  // namespace qlora

@@ -139,6 +139,14 @@ TEST_CASE("HF config: defaults and harmless fields", "[ch07][config]") {
   const auto c = read_config(j);
   CHECK(c.n_kv_heads == c.n_heads);  // null means one kv head per query head
   CHECK(c.head_size() == 16);
+  CHECK(c.bos_token_ids == std::vector<int>{1});
+  CHECK(c.eos_token_ids == std::vector<int>{2, 3});
+  CHECK(plain.bos_token_ids == std::vector<int>{1});  // transformers' defaults when absent
+  CHECK(plain.eos_token_ids == std::vector<int>{2});
+  j["bos_token_id"] = nullptr;
+  CHECK(read_config(j).bos_token_ids.empty());
+  j["bos_token_id"] = "<s>";
+  CHECK_THROWS_WITH(read_config(j), Catch::Contains("\"bos_token_id\""));
 }
 
 TEST_CASE("HF config: Mistral is LLaMA with a sliding window", "[ch07][config]") {
@@ -281,6 +289,8 @@ TEST_CASE("HF writer: llama3 scaling and a sliding window round trip", "[ch07][c
   ck.config.rope_scaling = {.type = RopeScaling::Type::llama3, .factor = 8.0f, .low_freq_factor = 1.0f,
                             .high_freq_factor = 4.0f, .original_max_position_embeddings = 32};
   ck.config.sliding_window = 64;
+  ck.config.bos_token_ids = {38};  // LLaMA-3 style: BOS 128000, EOS 128001 and 128009
+  ck.config.eos_token_ids = {37, 39};
   for (const auto& s : llama_tensor_specs(ck.config)) {
     std::size_t n = 1;
     for (auto d : s.shape) n *= static_cast<std::size_t>(d);
@@ -297,8 +307,12 @@ TEST_CASE("HF writer: llama3 scaling and a sliding window round trip", "[ch07][c
   CHECK(written["rope_scaling"]["rope_type"] == "llama3");
   CHECK(written["rope_scaling"]["original_max_position_embeddings"] == 32);
   CHECK_FALSE(written.contains("rope_parameters"));
+  CHECK(written["bos_token_id"] == 38);
+  CHECK(written["eos_token_id"] == json{37, 39});
 
   const auto back = read_hf_llama(dir).config;
+  CHECK(back.bos_token_ids == ck.config.bos_token_ids);
+  CHECK(back.eos_token_ids == ck.config.eos_token_ids);
   check_same_rope(back, ck.config);
   CHECK(back.sliding_window == 64);
   CHECK(back.norm_eps == 1e-5f);

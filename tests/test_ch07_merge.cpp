@@ -13,6 +13,7 @@
 //    so their errors add to ~√7·1e-3 ≈ 3e-3 relative, more where attention or SwiGLU
 //    amplify (measured: 5.3e-3 on this model). We allow 1e-2, still far below the
 //    adapter's own effect (checked to be > 0.1 relative).
+#include "bpe_tokenizer.hpp"
 #include "file_helpers.hpp"
 #include "finetune.hpp"
 #include "hf_llama.hpp"
@@ -22,6 +23,7 @@
 #include "safetensors.hpp"
 
 #include <catch2/catch.hpp>
+#include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -120,6 +122,41 @@ TEST_CASE("qlora merge: HF base + adapter folder → BF16 HF folder with the sam
   CHECK(err < 1e-2);
   CHECK(err > 0);  // BF16 rounding did happen (the file is BF16, not F32)
   CHECK(effect > 0.1);
+}
+
+TEST_CASE("merge: a LLaMA-3-style base's tokenizer.json, its config and BOS/EOS ids go along", "[ch07][merge]") {
+  const auto base_dir = test::temp_path("test_ch07_merge", "bpe_base");
+  const auto adapter_dir = test::temp_path("test_ch07_merge", "bpe_adapter");
+  const auto out_dir = test::temp_path("test_ch07_merge", "bpe_merged");
+  LlamaConfig cfg = tiny_config(2, false);  // 32 tokens: 30 byte-level characters, then BOS and EOS
+  cfg.bos_token_ids = {30};
+  cfg.eos_token_ids = {31, 29};
+  write_hf_llama(base_dir, checkpoint_from_weights(random_llama_weights(cfg, 23)));
+  nlohmann::json vocab = nlohmann::json::object();
+  for (int i = 0; i < 30; ++i) vocab[byte_level_chars()[static_cast<std::size_t>(i) + 'a']] = i;
+  auto special = [](int id, const char* text) {
+    return nlohmann::json{{"id", id}, {"content", text}, {"special", true}, {"normalized", false}};
+  };
+  const nlohmann::json tok = {
+      {"added_tokens", {special(30, "<|begin_of_text|>"), special(31, "<|eot_id|>")}},
+      {"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", true}}},
+      {"decoder", {{"type", "ByteLevel"}}},
+      {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}}};
+  std::ofstream(base_dir / "tokenizer.json") << tok.dump();
+  std::ofstream(base_dir / "tokenizer_config.json") << R"({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})";
+  write_peft_adapter(adapter_dir, random_adapter(load_llama_weights(base_dir), 24));
+
+  const MergeSummary s = merge_model(base_dir, adapter_dir, out_dir);
+  CHECK(s.tokenizer_copied);
+  CHECK(test::read_bytes(out_dir / "tokenizer.json") == test::read_bytes(base_dir / "tokenizer.json"));
+  CHECK(test::read_bytes(out_dir / "tokenizer_config.json") == test::read_bytes(base_dir / "tokenizer_config.json"));
+  const auto merged = read_hf_config(out_dir / "config.json");
+  CHECK(merged.bos_token_ids == std::vector<int>{30});
+  CHECK(merged.eos_token_ids == std::vector<int>{31, 29});
+  const auto t = load_tokenizer(find_tokenizer_for(out_dir));
+  CHECK(t->bos_id() == 30);
+  CHECK(t->eos_id() == 31);
+  CHECK(t->encode("abc<|eot_id|>") == std::vector<int>{0, 1, 2, 31});
 }
 
 TEST_CASE("merge: an adapter of another model is refused naming the module", "[ch07][merge]") {

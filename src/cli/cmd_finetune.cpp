@@ -56,7 +56,7 @@ struct ModelOptions {
                                    "frozen base format: f32 bf16 nf4 nf4-dq fp4 fp4-dq int4 "
                                    "(a folder saved in 4 bits: its own)")
                        ->capture_default_str();
-    cmd->add_option("--tokenizer", tokenizer, "tokenizer.model (default: next to the model, else the model path)");
+    cmd->add_option("--tokenizer", tokenizer, "tokenizer.model, tokenizer.bin or tokenizer.json (default: next to the model, else the model path)");
     if (with_adapter) cmd->add_option("--adapter", adapter, "PEFT adapter folder to apply");
   }
   std::filesystem::path model_path() const { return require_model(model); }

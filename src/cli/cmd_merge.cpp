@@ -28,6 +28,6 @@ QLORA_COMMAND([](CLI::App& app) {
     const auto mp = qlora::require_model(o->model);
     const auto s = qlora::merge_model(mp, o->adapter, o->out);
     std::printf("merged %d adapted projections of %s into %s (BF16)%s\n", s.modules, mp.string().c_str(),
-                o->out.c_str(), s.tokenizer_copied ? ", tokenizer.model copied" : "");
+                o->out.c_str(), s.tokenizer_copied ? ", tokenizer copied" : "");
   });
 });
