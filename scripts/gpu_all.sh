@@ -8,9 +8,11 @@
 #   ctest     every `gpu` test
 #   kernels   chapter 5: scripts/gpu_kernels.sh (tests + benchmark)
 #   optim     chapter 6: scripts/gpu_optim.sh (tests + benchmark)
-#   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage)
+#   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage; RECIPE_RUNS,
+#             RECIPE_SEEDS, RECIPE_JOBS as that script says; into $RECIPE_DIR, default recipe)
+#   hfrecipe  chapter 7: the same recipe in transformers + PEFT + bitsandbytes (tools/hf_recipe.py), per
+#             storage in $HF_RUNS and seed in $HF_SEEDS, $HF_JOBS at once; into $HF_DIR, default hf_recipe
 #   peft      chapter 7: our adapter in PEFT gives our logits (tools/peft_check.py)
-#   hfspeed   chapter 7: transformers + PEFT training the same recipe, the speed reference
 #   bnb       build bitsandbytes from .carry/anchors (scripts/build_bnb.sh) for the phases after it
 #   configfix chapter 7: tiny transformers models of each config style and their logits (tools/make_config_fixtures.py)
 #   bnbcmp    chapter 3: our quantization against bitsandbytes' (scripts/gpu_bnb.sh: fixtures, rcp table)
@@ -21,13 +23,15 @@
 #   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, TF32 vs fp32 products
 #   plan      chapter 7: 13B, 33B, 65B steps on the whole card against qlora plan (scripts/gpu_scale.sh plan)
 #   sanitize  compute-sanitizer memcheck over every GPU test binary and racecheck over the kernel
-#             tests ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so)
+#             tests ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so;
+#             $SANITIZE_BINS, a glob, and $SANITIZE_TOOLS narrow it)
 #   oom       chapter 7: a 65B step at batch 4 in a 42 GiB card, to show the out-of-memory message
 #   instruct  chapter 8: scripts/instruct_recipe.sh gpu (kjv15M instruction-tuned on WordNet, with
 #             and without --train-on-inputs; the data carried by scripts/gpu_pack.sh)
 #   profile   chapter 7: Nsight Compute's time per kernel of one training step at the 7B width with
 #             $PROFILE_LAYERS layers (default 2), grouped by NVTX range (scripts/gpu_profile.sh)
-# Everything lands in $OUT/results.tgz.
+# A phase written PHASE& runs in the background (for correctness work beside runs whose
+# speed does not matter); the phase "wait" waits for those. Everything lands in $OUT/results.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -44,8 +48,8 @@ export QLORA_MODELS_DIR=$root/.carry/shared/models QLORA_DATA_DIR=$root/.carry/s
 { date -u; nvidia-smi; python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'; } \
   > "$res/device.txt" 2>&1
 head -20 "$res/device.txt"
-for phase in "${phases[@]}"; do
-  echo "=== $phase $(date -u +%T)"
+run_phase() {
+  local phase=$1
   case $phase in
     fixtures)
       timeout 120 python3 tools/make_quant_fixtures.py --out "$res/quant" > "$res/fixtures_quant.log" 2>&1; echo "quant fixtures: $?"
@@ -65,9 +69,18 @@ for phase in "${phases[@]}"; do
       OUT=$res/ch06 timeout 120 bash scripts/gpu_optim.sh build/cuda > "$res/gpu_optim.log" 2>&1; echo "gpu_optim: $?"
       tail -25 "$res/gpu_optim.log" ;;
     recipe)
-      OUT=$res timeout ${RECIPE_TIMEOUT:-400} bash scripts/gpu_recipe.sh build/cuda ${RECIPE_STORAGES:-} \
-        > "$res/gpu_recipe.log" 2>&1; echo "gpu_recipe: $?"; cat "$res/gpu_recipe.log"
-      python3 tools/recipe_table.py "$res/recipe" --json "$res/recipe.json" --png "$res/recipe.png" ;;
+      d=$res/${RECIPE_DIR:-recipe}
+      RECIPE_OUT=$d timeout ${RECIPE_TIMEOUT:-400} bash scripts/gpu_recipe.sh build/cuda ${RECIPE_RUNS:-} \
+        > "$d.log" 2>&1; echo "gpu_recipe: $?"; cat "$d.log" ;;
+    hfrecipe)
+      d=$res/${HF_DIR:-hf_recipe}; mkdir -p "$d"
+      for seed in ${HF_SEEDS:-1337}; do
+        for run in ${HF_RUNS:-bf16 nf4 nf4-dq fp4 fp4-dq nf4-dq-paged8}; do echo "$run $seed"; done
+      done | PYTHONPATH=/tmp/site:/tmp/bnb timeout ${HF_TIMEOUT:-400} xargs -P "${HF_JOBS:-1}" -L 1 bash -c '
+        storage=${0%-paged8} optim=adamw_32bit; [[ $0 == *-paged8 ]] && optim=paged_adamw_8bit
+        python3 tools/hf_recipe.py --model .carry/shared/models/kjv15M-hf --data .carry/shared/data/tinyshakespeare.txt \
+          --storage $storage --optim $optim --seed $1 --json '"$d"'/$0-seed$1.json > '"$d"'/$0-seed$1.log 2>&1
+        echo "hf recipe $0 seed $1: exit $?, $(grep -E "^step 400" '"$d"'/$0-seed$1.log)"' ;;
     peft)
       timeout 120 bash scripts/gpu_peft_check.sh build/cuda "$res/recipe/nf4-dq/adapter" > "$res/peft_check.log" 2>&1
       echo "peft check: $?"; tail -15 "$res/peft_check.log" ;;
@@ -98,10 +111,11 @@ for phase in "${phases[@]}"; do
       timeout 300 bash scripts/gpu_scale.sh build/cuda "$res/scale65" 65b; echo "gpu_scale 65b: $?" ;;
     sanitize)
       san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
-      for bin in build/cuda/tests/test_*_gpu_*; do
+      for bin in build/cuda/tests/${SANITIZE_BINS:-test_*_gpu_*}; do
         [[ -x $bin && $bin != *.cmake ]] || continue  # the test binaries, not CTest's generated lists
         tools=(memcheck)
         [[ $bin == *ops || $bin == *kernels || $bin == *lora ]] && tools+=(racecheck)
+        [[ -n ${SANITIZE_TOOLS:-} ]] && tools=($SANITIZE_TOOLS)
         for tool in "${tools[@]}"; do
           log="$res/sanitize_$(basename "$bin")_$tool.log"
           timeout ${SANITIZE_TIMEOUT:-90} "$san" --tool $tool --error-exitcode 99 --print-limit 20 "$bin" > "$log" 2>&1
@@ -118,10 +132,17 @@ for phase in "${phases[@]}"; do
         > "$res/instruct.log" 2>&1; echo "instruct_recipe: $?"; cat "$res/instruct.log" ;;
     profile)
       timeout 420 bash scripts/gpu_profile.sh build/cuda "$res/profile" ${PROFILE_LAYERS:-2}; echo "gpu_profile: $?" ;;
-    hfspeed)
-      timeout 180 python3 tools/hf_recipe_bench.py --base .carry/shared/models/kjv15M-hf --json "$res/hf_recipe_bench.json" \
-        > "$res/hf_recipe_bench.log" 2>&1; echo "hf speed: $?"; tail -14 "$res/hf_recipe_bench.log" ;;
   esac
+}
+for phase in "${phases[@]}"; do
+  echo "=== $phase $(date -u +%T)"
+  if [[ $phase == *"&" ]]; then
+    run_phase "${phase%&}" > "$res/${phase%&}.background.log" 2>&1 &
+  elif [[ $phase == wait ]]; then
+    wait; cat "$res"/*.background.log
+  else
+    run_phase "$phase"
+  fi
   # After every phase, so a run cut short still returns what it did; adapters and
   # checkpoints of the recipe runs stay behind (too large to bring back, and not needed).
   tar czf "$OUT/results.tgz" --exclude='checkpoint-*' --exclude='adapter' -C /tmp results

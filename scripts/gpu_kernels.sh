@@ -38,12 +38,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max
 # first mismatch) even when everything passes.
 step ctest 90 ctest --test-dir "$build" -L gpu -R ch05 --output-on-failure
 step tests 90 "$test_bin" "[ch05]" --durations yes
-step bench 180 "$qlora_bin" bench kernels --json "$logs/kernels.json"
+step bench 210 "$qlora_bin" bench kernels --json "$logs/kernels.json"
 # memcheck: every case (cuBLAS included). racecheck: the kernels that use shared
-# memory (quantize, dequantize v2 and v3, fused GEMVs); cuBLAS' own kernels are not ours.
+# memory (quantize, dequantize v2 and v3, fused GEMVs, the tensor-core matmul); cuBLAS'
+# own kernels are not ours.
 step memcheck 120 "$sanitizer" --tool memcheck --error-exitcode 1 "$test_bin" "[ch05]"
 step racecheck 90 "$sanitizer" --tool racecheck --error-exitcode 1 "$test_bin" \
-  "*GPU quantize is*,*GPU dequantize*,*GEMV*"
+  "*GPU quantize is*,*GPU dequantize*,*GEMV*,*tensor-core*"
 
 # Optional (NCU=1 in the environment): Nsight Compute on one shape, each of our dequantize
 # kernels and fused GEMVs once (--profile times nothing, so every launch is a validation
@@ -52,7 +53,7 @@ step racecheck 90 "$sanitizer" --tool racecheck --error-exitcode 1 "$test_bin" \
 if [[ ${NCU:-0} == 1 ]]; then
   ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [[ -x $ncu_bin ]]; then
-    step ncu 150 "$ncu_bin" -k 'regex:dequant4_|gemv4_(fused|multirow)' \
+    step ncu 150 "$ncu_bin" -k 'regex:dequant4_|gemv4_(fused|multirow)|gemm4_mma' \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
       --section SchedulerStats --section WarpStateStats \
       --metrics l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum,l1tex__t_requests_pipe_lsu_mem_global_op_st.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum,dram__bytes_read.sum,dram__bytes_write.sum,smsp__inst_executed.sum \
@@ -68,8 +69,8 @@ objdump=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
 lib=$build/libqlora_cuda.a
 if [[ -x $objdump && -f $lib ]]; then
   {
-    "$objdump" --dump-resource-usage "$lib" | grep -A1 -E "quantize4_kernel|quantize_nested|dequant4_|gemv4_"
-    "$objdump" -sass "$lib" | awk '/Function : /{name = ($3 ~ /dequant4_|gemv4_/) ? $3 : ""} name && /(LDG|STG|LDS|STS|LDL|STL)/{
+    "$objdump" --dump-resource-usage "$lib" | grep -A1 -E "quantize4_kernel|quantize_nested|dequant4_|gemv4_|gemm4_mma"
+    "$objdump" -sass "$lib" | awk '/Function : /{name = ($3 ~ /dequant4_|gemv4_|gemm4_mma/) ? $3 : ""} name && /(LDG|STG|LDS|STS|LDL|STL)/{
         match($0, /(LDG|STG|LDS|STS|LDL|STL)[A-Z0-9._]*/); n[name" "substr($0, RSTART, RLENGTH)]++}
       END{for (k in n) print n[k], k}' | sort -k2
   } >"$logs/sass.log" 2>&1

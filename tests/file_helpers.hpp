@@ -39,10 +39,10 @@ inline void write_bytes(const std::filesystem::path& p, const std::vector<std::u
   out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
 }
 
-/// The model's path, or nullopt after a Catch WARN saying the test is skipped.
-inline std::optional<std::filesystem::path> model_or_warn(const std::string& name) {
+/// The model's path, or nullopt after failing the test: a missing model is never a silent pass.
+inline std::optional<std::filesystem::path> model_or_fail(const std::string& name) {
   auto p = find_model(name);
-  if (!p) WARN("skipped: model '" << name << "' not found in the model search path (see scripts/fetch_models.sh)");
+  if (!p) FAIL_CHECK("model '" << name << "' not found in the model search path (scripts/fetch_models.sh fetches it)");
   return p;
 }
 

@@ -23,21 +23,19 @@ struct FinetuneFixture {
   FinetuneData data;
 };
 
-/// Loaded once: the model, the tokenizer and the data; nullptr (with a warning) when absent.
+/// Loaded once: the model, the tokenizer and the data; nullptr (and the test fails) when absent.
 inline const FinetuneFixture* finetune_fixture() {
   static std::unique_ptr<FinetuneFixture> f = []() -> std::unique_ptr<FinetuneFixture> {
     auto model = find_model("kjv15M.bin");
     auto text = find_data("tinyshakespeare.txt");
-    if (!model || !text) {
-      WARN("kjv15M.bin or tinyshakespeare.txt not found: fine-tune tests skipped");
-      return nullptr;
-    }
+    if (!model || !text) return nullptr;
     auto out = std::make_unique<FinetuneFixture>();
     out->weights = load_llama_weights(*model);
     SentencePieceTokenizer tok(find_tokenizer_for(*model));
     out->data = load_finetune_data(*text, tok);
     return out;
   }();
+  if (!f) FAIL_CHECK("kjv15M.bin or tinyshakespeare.txt not found in the model/data search path");
   return f.get();
 }
 

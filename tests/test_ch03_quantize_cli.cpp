@@ -21,7 +21,7 @@
 #include <unistd.h>
 
 using namespace qlora;
-using test::model_or_warn;
+using test::model_or_fail;
 namespace fs = std::filesystem;
 
 namespace {
@@ -158,7 +158,7 @@ TEST_CASE("quantize CLI on a generated safetensors: layout, values, report, dequ
 }
 
 TEST_CASE("quantize CLI on stories260K.bin: HF layout, BF16 norms, 4.5 and ~4.13 bits/parameter", "[ch03][cli]") {
-  auto bin = model_or_warn("stories260K.bin");
+  auto bin = model_or_fail("stories260K.bin");
   if (!bin) return;
   auto ck = read_llama2c(*bin);
   convert_rope_layout(ck, RopeLayout::rotate_half);
@@ -234,7 +234,7 @@ TEST_CASE("demo prints the error and bits/parameter tables for stories260K", "[c
   auto missing = run_qlora("demo --model no-such-model.bin");
   CHECK(missing.rc != 0);
   CHECK(missing.output.find("no-such-model.bin") != std::string::npos);
-  if (!model_or_warn("stories260K.bin")) return;
+  if (!model_or_fail("stories260K.bin")) return;
   auto r = run_qlora("demo");
   INFO(r.output);
   REQUIRE(r.rc == 0);

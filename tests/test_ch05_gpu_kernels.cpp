@@ -9,6 +9,7 @@
 #include "fast_math_reciprocal.cuh"
 #include "fast_math_reciprocal.hpp"
 #include "fp4.hpp"
+#include "gemm4_mma.cuh"
 #include "gemv4.cuh"
 #include "linear4.cuh"
 #include "matmul.hpp"
@@ -127,11 +128,15 @@ struct MatmulError {
   std::int64_t nonfinite = 0;
 };
 
+/// The allowed error of one output: per_abs_sum·S + per_value·|y_ref| + absolute.
+struct ErrorBound {
+  double per_abs_sum = 0.0, per_value = 0.0, absolute = 0.0;
+};
+
 MatmulError matmul_error(const std::vector<float>& ref, const std::vector<float>& abs_sum, const std::vector<float>& got,
-                         int K) {
+                         const ErrorBound& b) {
   MatmulError e;
   double num = 0.0, den = 0.0;
-  const double per_term = K * std::ldexp(1.0, -23) + 2.0 * std::ldexp(1.0, -8);
   for (std::size_t i = 0; i < ref.size(); ++i) {
     if (!std::isfinite(got[i])) {
       ++e.nonfinite;
@@ -141,7 +146,7 @@ MatmulError matmul_error(const std::vector<float>& ref, const std::vector<float>
     const double d = static_cast<double>(got[i]) - ref[i];
     num += d * d;
     den += static_cast<double>(ref[i]) * ref[i];
-    const double bound = per_term * abs_sum[i] + 1e-30;
+    const double bound = b.per_abs_sum * abs_sum[i] + b.per_value * std::fabs(ref[i]) + b.absolute;
     const double ratio = std::fabs(d) / bound;
     if (ratio > e.worst_bound_ratio) {
       e.worst_bound_ratio = ratio;
@@ -150,6 +155,11 @@ MatmulError matmul_error(const std::vector<float>& ref, const std::vector<float>
   }
   e.rel_frobenius = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
   return e;
+}
+
+MatmulError matmul_error(const std::vector<float>& ref, const std::vector<float>& abs_sum, const std::vector<float>& got,
+                         int K) {
+  return matmul_error(ref, abs_sum, got, ErrorBound{K * std::ldexp(1.0, -23) + 2.0 * std::ldexp(1.0, -8), 0.0, 1e-30});
 }
 //! [error-bound]
 
@@ -178,10 +188,15 @@ struct TestWeight {
   std::vector<float> deq;  // dequantize_4bit_bf16, as float
 };
 
-TestWeight make_weight(int out, int in, QuantType type, int blocksize, bool dq) {
+/// tiny_row >= 0: that row is scaled down so far (block absmax about 1e-37) that table value ×
+/// absmax is subnormal for the small table values (flushed to zero) and normal for the others.
+TestWeight make_weight(int out, int in, QuantType type, int blocksize, bool dq, int tiny_row = -1) {
   const auto n = static_cast<std::size_t>(out) * static_cast<std::size_t>(in);
   auto w = awkward_values(n, blocksize);
   for (float& x : w) x *= 0.02f;  // weight-like scale
+  if (tiny_row >= 0) {
+    for (int i = 0; i < in; ++i) w[static_cast<std::size_t>(tiny_row) * in + i] *= 1.5e-36f;
+  }
   TestWeight t;
   t.host = quantize_4bit(w, {out, in}, type, blocksize, dq);
   t.device = DeviceQuant4::upload(t.host);
@@ -441,4 +456,83 @@ TEST_CASE("ch05: 4-bit linear forward and input backward match the FP64 referenc
     }
   }
   REQUIRE(scratch.bytes() == static_cast<std::size_t>(out) * in * sizeof(bf16));  // one matrix, reused
+}
+
+//! [mma-error-bound]
+// The tensor-core matmul multiplies exactly dequantize_4bit_bf16()'s weights by exactly the
+// bf16 inputs, and every product of two bf16 values (8 significant bits each) is exact in
+// float32. What remains:
+//  1. the float32 accumulation over K terms, inside the tensor cores (which may truncate
+//     rather than round each addition, so one ulp, 2^-23, per addition) and across warps:
+//     at most K·2^-23·S, S = Σ|x_k·w_k|;
+//  2. the final rounding of y to bf16: at most half an ulp, 2^-8·|ŷ| <= 2^-8·(|y| + K·2^-23·S),
+//     or, for a y in bf16's subnormal range, half its spacing 2^-133.
+// Together |y_gpu - y_ref| <= 2^-8·|y_ref| + K·2^-23·(1 + 2^-8)·S + 2^-134, and the float
+// rounding of the FP64 reference (2^-24·|y_ref|) is well inside the slack of 1. This is half the GEMV's bound
+// per S term and keeps the |y| term from hiding a wrong weight: one weight off by a bf16 ulp
+// in a row of |y| ~ S already exceeds it.
+ErrorBound mma_bound(int K) {
+  return {K * std::ldexp(1.0, -23) * (1.0 + std::ldexp(1.0, -8)), std::ldexp(1.0, -8), std::ldexp(1.0, -134)};
+}
+//! [mma-error-bound]
+
+TEST_CASE("ch05: tensor-core 4-bit matmul matches the FP64 reference", "[ch05][gpu]") {
+  struct Case {
+    int out, in, blocksize;
+    QuantType type;
+    bool dq;
+    std::vector<int> tokens;
+    int tiny_row;
+  };
+  // out never a multiple of the 16 rows of a block. in = 4096: 32 k tiles of 128, 4 per warp;
+  // 2080 and 8224 end in a partial tile (one 32-value chunk of it), 8224 leaves the warps
+  // unequal tile counts; 96 is less than one tile, so 7 of the 8 warps have no work.
+  // Blocksize 4096 spans several rows; 32 puts 4 blocks in a tile. Token counts cover one
+  // token tile per block (1..8), two (9..16) and four (17 and more), partial ones included.
+  // Row 5 of the two cases without double quantization and with blocks inside a row has block
+  // scales so small that some dequantized weights are subnormal and must be flushed to zero,
+  // as the CPU reference does (double quantization would reconstruct those scales near the
+  // mean scale, not near zero).
+  const Case cases[] = {{1000, 4096, 64, QuantType::nf4, true, {1, 2, 3, 7, 8, 16, 33}, -1},
+                        {200, 512, 64, QuantType::nf4, false, {1, 8, 20}, 5},
+                        {333, 2080, 128, QuantType::nf4, true, {1, 8, 9, 64, 128, 512}, -1},
+                        {77, 96, 32, QuantType::fp4, false, {1, 2, 3, 7, 8, 16, 33, 64}, 5},
+                        {513, 1024, 4096, QuantType::nf4, false, {1, 5, 17}, -1},
+                        {300, 8224, 256, QuantType::nf4, true, {1, 4, 16}, -1},
+                        {40, 192, 64, QuantType::fp4, true, {3, 40, 128}, -1}};
+  for (const auto& c : cases) {
+    const auto w = make_weight(c.out, c.in, c.type, c.blocksize, c.dq, c.tiny_row);
+    REQUIRE(gemm4_mma_unsupported(w.device).empty());
+    const auto w_abs = abs_of(w.deq);
+    for (int tokens : c.tokens) {
+      const auto x = bf16_rounded(awkward_values(static_cast<std::size_t>(tokens) * c.in, 64));
+      const auto xb = to_bf16(x);
+      const auto dx = to_device(std::span<const bf16>(xb));
+      std::vector<float> ref(static_cast<std::size_t>(tokens) * c.out), abs_sum(ref.size());
+      matmul_xwt_ref(x.data(), w.deq.data(), ref.data(), tokens, c.in, c.out, false);
+      const auto x_abs = abs_of(x);
+      matmul_xwt_ref(x_abs.data(), w_abs.data(), abs_sum.data(), tokens, c.in, c.out, false);
+      DeviceBuffer<bf16> y(ref.size());
+      y.poison();
+      gemm4_mma(w.device, dx.data(), y.data(), tokens);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const auto got = from_bf16(y.download());
+      const std::string what = "gemm4_mma " + to_string(c.type) + (c.dq ? "+dq " : " ") + std::to_string(c.out) +
+                               "x" + std::to_string(c.in) + " bs " + std::to_string(c.blocksize) + " tokens " +
+                               std::to_string(tokens);
+      require_close(what.c_str(), matmul_error(ref, abs_sum, got, mma_bound(c.in)), 5e-3);
+    }
+  }
+}
+
+TEST_CASE("ch05: tensor-core 4-bit matmul refuses what it cannot run, by name", "[ch05][gpu]") {
+  const auto odd = make_weight(129, 1001, QuantType::nf4, 64, true);
+  DeviceBuffer<bf16> x(1001 * 2 + 8), y(129 * 2);
+  REQUIRE_THAT(gemm4_mma_unsupported(odd.device), Catch::Contains("in = 1001"));
+  REQUIRE_THROWS_WITH(gemm4_mma(odd.device, x.data(), y.data(), 1), Catch::Contains("in = 1001"));
+  const auto w = make_weight(64, 64, QuantType::nf4, 64, true);
+  REQUIRE_THROWS_WITH(gemm4_mma(w.device, x.data() + 1, y.data(), 1), Catch::Contains("16-byte aligned"));
+  REQUIRE_THROWS_WITH(gemm4_mma(w.device, x.data(), y.data(), -1), Catch::Contains("tokens = -1"));
+  auto flat = DeviceQuant4::upload(quantize_4bit(awkward_values(4096, 64), {4096}, QuantType::nf4, 64, false));
+  REQUIRE_THROWS_WITH(gemm4_mma(flat, x.data(), y.data(), 1), Catch::Contains("2-D"));
 }

@@ -23,7 +23,7 @@
 #include <iterator>
 
 using namespace qlora;
-using test::model_or_warn;
+using test::model_or_fail;
 using test::read_bytes;
 using test::write_bytes;
 namespace fs = std::filesystem;
@@ -74,7 +74,7 @@ std::vector<float> matvec(const std::vector<float>& w, const std::vector<float>&
 }  // namespace
 
 TEST_CASE("llama2.c reader: stories260K header, names, shapes and GQA", "[ch07][checkpoint]") {
-  auto path = model_or_warn("stories260K.bin");
+  auto path = model_or_fail("stories260K.bin");
   if (!path) return;
   auto ck = read_llama2c(*path);
   const auto& c = ck.config;
@@ -121,7 +121,7 @@ TEST_CASE("llama2.c reader: stories260K header, names, shapes and GQA", "[ch07][
 }
 
 TEST_CASE("llama2.c reader: corrupt headers and sizes are rejected naming the file", "[ch07][checkpoint]") {
-  auto path = model_or_warn("stories260K.bin");
+  auto path = model_or_fail("stories260K.bin");
   if (!path) return;
   const auto orig = read_bytes(*path);
   auto dir = temp_dir("corrupt");
@@ -190,8 +190,8 @@ TEST_CASE("RoPE permutation: inverse pair, a hand example, and attention scores 
 }
 
 TEST_CASE("HF reader: kjv15M-hf equals kjv15M.bin after the permutation, to bf16 rounding", "[ch07][checkpoint]") {
-  auto bin = model_or_warn("kjv15M.bin");
-  auto hf = model_or_warn("kjv15M-hf");
+  auto bin = model_or_fail("kjv15M.bin");
+  auto hf = model_or_fail("kjv15M-hf");
   if (!bin || !hf) return;
   auto a = read_llama2c(*bin);
   auto b = read_hf_llama(*hf);
@@ -219,7 +219,7 @@ TEST_CASE("HF reader: kjv15M-hf equals kjv15M.bin after the permutation, to bf16
 }
 
 TEST_CASE("HF writer and reader round trip stories260K (GQA) in BF16", "[ch07][checkpoint]") {
-  auto path = model_or_warn("stories260K.bin");
+  auto path = model_or_fail("stories260K.bin");
   if (!path) return;
   auto a = read_llama2c(*path);
   auto dir = temp_dir("hf260K");

@@ -44,7 +44,7 @@
 
 using namespace qlora;
 using qlora::test::random_tokens;
-using qlora::test::model_or_warn;
+using qlora::test::model_or_fail;
 using qlora::test::add_random_lora;
 using qlora::test::host_grads;
 using qlora::test::rel_frobenius;
@@ -78,7 +78,7 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 TEST_CASE("GPU model matches the CPU model computing in BF16: loss, logits, LoRA gradients (four storages)", "[ch07][gpu]") {
   for (const char* name : {"stories260K.bin", "kjv15M-hf"}) {
-    const auto path = model_or_warn(name);
+    const auto path = model_or_fail(name);
     if (!path) continue;
     const LlamaWeights w = load_llama_weights(*path);
     for (BaseStorage st : {BaseStorage::nf4_dq, BaseStorage::bfloat16, BaseStorage::fp4, BaseStorage::int4}) {
@@ -171,7 +171,7 @@ TEST_CASE("GPU model runs projections loaded in 4 bits as stored (blocksizes 64 
 // boundary (2⁻⁸ each, diluted in the sum): gradients within 1e-3 relative Frobenius. Chunks
 // of 100 rows over 512 (the last one short), 2 ignored targets, and a batch with none.
 TEST_CASE("Chunked head (version 2) gives version 1's loss and gradients, and keeps no logits", "[ch07][gpu]") {
-  const auto path = model_or_warn("kjv15M-hf");
+  const auto path = model_or_fail("kjv15M-hf");
   if (!path) return;
   LlamaModel host(load_llama_weights(*path), BaseStorage::nf4_dq);
   add_random_lora(host, 0.1f, 17);
@@ -213,7 +213,7 @@ TEST_CASE("Chunked head (version 2) gives version 1's loss and gradients, and ke
 // named item of plan_training_memory equals LlamaModelGpu::buffer_inventory, byte for byte,
 // with and without checkpointing, offloaded or not, with and without dropout.
 TEST_CASE("qlora plan predicts the GPU model's buffers exactly", "[ch07][gpu][plan]") {
-  const auto path = model_or_warn("kjv15M-hf");
+  const auto path = model_or_fail("kjv15M-hf");
   if (!path) return;
   const LlamaWeights w = load_llama_weights(*path);
   struct Run { bool ckpt, offload; float dropout; int B, T; };
@@ -250,7 +250,7 @@ TEST_CASE("qlora plan predicts the GPU model's buffers exactly", "[ch07][gpu][pl
 }
 
 TEST_CASE("GPU model: bad input is refused with a clear error", "[ch07][gpu]") {
-  const auto path = model_or_warn("stories260K.bin");
+  const auto path = model_or_fail("stories260K.bin");
   if (!path) return;
   LlamaModel cpu(load_llama_weights(*path), BaseStorage::nf4_dq);
   add_random_lora(cpu, 0.0f, 1);
@@ -265,7 +265,7 @@ TEST_CASE("GPU model: bad input is refused with a clear error", "[ch07][gpu]") {
 }
 
 TEST_CASE("GPU fine-tune follows the CPU fine-tune over its first steps and resumes across devices", "[ch07][gpu]") {
-  const auto path = model_or_warn("kjv15M-hf");
+  const auto path = model_or_fail("kjv15M-hf");
   if (!path) return;
   const auto tok = load_tokenizer(qlora::find_tokenizer_for(*path));
   const auto data = load_finetune_data(require_data("tinyshakespeare.txt"), *tok);
@@ -319,7 +319,7 @@ TEST_CASE("GPU fine-tune follows the CPU fine-tune over its first steps and resu
 // Chapter 7, "When things go wrong": the GPU trainer runs the same loop, so a NaN loss
 // skips the step there too, with the loss the device already returns per micro-batch.
 TEST_CASE("GPU fine-tune skips a step with a NaN loss and stops a diverged run", "[ch07][gpu][long-runs]") {
-  const auto path = model_or_warn("kjv15M-hf");
+  const auto path = model_or_fail("kjv15M-hf");
   if (!path) return;
   const auto tok = load_tokenizer(qlora::find_tokenizer_for(*path));
   const auto data = load_finetune_data(require_data("tinyshakespeare.txt"), *tok);
@@ -376,7 +376,7 @@ TEST_CASE("GPU fine-tune skips a step with a NaN loss and stops a diverged run",
 }
 
 TEST_CASE("GPU fine-tune with the paged 8-bit optimizer trains", "[ch07][gpu]") {
-  const auto path = model_or_warn("kjv15M-hf");
+  const auto path = model_or_fail("kjv15M-hf");
   if (!path) return;
   const auto tok = load_tokenizer(qlora::find_tokenizer_for(*path));
   const auto data = load_finetune_data(require_data("tinyshakespeare.txt"), *tok);
@@ -400,7 +400,7 @@ TEST_CASE("GPU fine-tune with the paged 8-bit optimizer trains", "[ch07][gpu]") 
 }
 
 TEST_CASE("GPU gradient checkpointing gives the same gradients and keeps fewer activations, offloaded or not", "[ch07][gpu]") {
-  const auto path = model_or_warn("kjv15M-hf");
+  const auto path = model_or_fail("kjv15M-hf");
   if (!path) return;
   LlamaModel host(load_llama_weights(*path), BaseStorage::nf4_dq);
   add_random_lora(host, 0.1f, 9);

@@ -157,7 +157,7 @@ TEST_CASE("merge: an adapter of another model is refused naming the module", "[c
 }
 
 TEST_CASE("qlora eval --dump-logits writes the first window's tokens and logits", "[ch07][merge][cli]") {
-  const auto model = test::model_or_warn("kjv15M.bin");
+  const auto model = test::model_or_fail("kjv15M.bin");
   if (!model) return;
   const auto file = test::temp_path("test_ch07_merge", "logits.safetensors");
   auto [rc, text] = test::run_qlora("eval --model '" + model->string() + "' --storage f32 --held-out --windows 1 --seq-len 16 "

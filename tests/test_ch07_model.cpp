@@ -79,7 +79,7 @@ int argmax(const std::vector<float>& v, std::size_t off, std::size_t n) {
 TEST_CASE("stories260K greedy decoding reproduces the known 48-token answer", "[ch07][model]") {
   const auto path = find_model("stories260K.bin");
   if (!path) {
-    WARN("stories260K.bin not found in the model search path; skipping");
+    FAIL_CHECK("stories260K.bin not found in the model search path");
     return;
   }
   LlamaModel m(load_llama_weights(*path), BaseStorage::float32);
@@ -306,7 +306,7 @@ TEST_CASE("base storages: stored bits and logits against the float32 model", "[c
   for (const char* name : {"stories260K.bin", "kjv15M.bin"}) {
     const auto path = find_model(name);
     if (!path) {
-      WARN(name << " not found; skipping");
+      FAIL_CHECK(name << " not found in the model search path");
       continue;
     }
     const LlamaWeights w = load_llama_weights(*path);
@@ -361,7 +361,7 @@ TEST_CASE("llama2.c .bin and the Hugging Face folder give identical logits (kjv1
   const auto bin = find_model("kjv15M.bin");
   const auto hf = find_model("kjv15M-hf");
   if (!bin || !hf) {
-    WARN("kjv15M.bin or kjv15M-hf not found; skipping");
+    FAIL_CHECK("kjv15M.bin or kjv15M-hf not found in the model search path");
     return;
   }
   // The HF folder holds the .bin's weights rounded to BF16 (q/k rows permuted). Rounding
@@ -388,7 +388,7 @@ TEST_CASE("tokenizers: SentencePiece round trip and llama2.c's tokenizer.bin agr
   const auto model = find_model("tokenizer.model");
   const auto bin = find_model("tokenizer.bin");
   if (!model || !bin) {
-    WARN("tokenizer.model or tokenizer.bin not found; skipping");
+    FAIL_CHECK("tokenizer.model or tokenizer.bin not found in the model search path");
     return;
   }
   const SentencePieceTokenizer sp(*model);
@@ -475,9 +475,8 @@ double rel_max_diff(const std::vector<float>& a, const std::vector<float>& b) {
 TEST_CASE("model matches PyTorch/transformers + PEFT fixtures (logits, loss, LoRA gradients)", "[ch07][model][fixtures]") {
   const std::filesystem::path dir = std::filesystem::path(QLORA_FIXTURES_DIR) / "llama";
   if (!std::filesystem::exists(dir / "index.json")) {
-    WARN("no " << (dir / "index.json").string()
-               << ": run tools/make_llama_fixtures.py where torch/transformers/peft are installed; "
-                  "fixture comparison skipped");
+    FAIL_CHECK("no " << (dir / "index.json").string()
+                     << ": tools/make_llama_fixtures.py makes it where torch/transformers/peft are installed");
     return;
   }
   nlohmann::json index;
@@ -487,7 +486,7 @@ TEST_CASE("model matches PyTorch/transformers + PEFT fixtures (logits, loss, LoR
     const std::string name = cs.at("name");
     const auto path = find_model(cs.at("model").get<std::string>());
     if (!path) {
-      WARN("model " << cs.at("model") << " not found; fixture case " << name << " skipped");
+      FAIL_CHECK("model " << cs.at("model") << " of fixture case " << name << " not found in the model search path");
       continue;
     }
     SECTION(name) {
@@ -556,7 +555,7 @@ TEST_CASE("model matches PyTorch/transformers + PEFT fixtures (logits, loss, LoR
 TEST_CASE("gradient checkpointing on kjv15M: activation memory with and without", "[ch07][model]") {
   const auto path = find_model("kjv15M.bin");
   if (!path) {
-    WARN("kjv15M.bin not found; skipping");
+    FAIL_CHECK("kjv15M.bin not found in the model search path");
     return;
   }
   LlamaModel m(load_llama_weights(*path), BaseStorage::nf4_dq);

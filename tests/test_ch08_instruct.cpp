@@ -343,7 +343,7 @@ TEST_CASE("Instruction tuning: the loss on trained responses falls; a resumed ru
 }
 
 TEST_CASE("qlora finetune and generate with instruction data (kjv15M, 3 steps)", "[ch08][cli]") {
-  const auto model = test::model_or_warn("kjv15M.bin");
+  const auto model = test::model_or_fail("kjv15M.bin");
   if (!model) return;
   std::vector<std::string> lines = {R"({"instruction": "Define light.", "output": ""})"};
   for (int i = 0; i < 30; ++i)

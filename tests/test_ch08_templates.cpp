@@ -53,7 +53,7 @@ TEST_CASE("Templates: our ids and assistant masks are transformers' for every ca
   REQUIRE(fs::exists(file));
   std::ifstream in(file);
   const auto fixture = nlohmann::json::parse(in);
-  const auto tok_path = test::model_or_warn(fixture.at("tokenizer_file").get<std::string>());
+  const auto tok_path = test::model_or_fail(fixture.at("tokenizer_file").get<std::string>());
   if (!tok_path) return;
   SentencePieceTokenizer tok(*tok_path);
   REQUIRE(fixture.at("bos_id").get<int>() == tok.bos_id());

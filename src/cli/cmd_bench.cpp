@@ -7,7 +7,10 @@
 //  - dequantize (each version): GB/s over packed codes + scales + bf16 output, and % of copy;
 //  - GEMV at 1, 4, 8 tokens (each version): µs and speedup over cuBLAS bf16 GEMV on the
 //    original bf16 weights;
-//  - linear forward at 512 and 4096 tokens: time / cuBLAS bf16 GEMM time.
+//  - linear forward at 512 and 4096 tokens: time / cuBLAS bf16 GEMM time;
+//  - matmul at 1 to 4096 tokens: the tensor-core 4-bit matmul (gemm4_mma), GEMV version 4 (up to
+//    8 tokens) and dequantize + cuBLAS beside cuBLAS on the bf16 weight: µs, effective GB/s
+//    (the weight as that variant reads it, bf16 or 4-bit, plus x and y), TFLOP/s, time / cuBLAS.
 // Every variant is validated once before it is timed (byte equality with the CPU
 // reference for quantize/dequantize, an FP64 CPU reference on sampled outputs for the
 // matmuls); a variant that fails is reported and skipped, the others go on. Timing:
@@ -29,6 +32,7 @@
 #ifdef QLORA_HAVE_CUDA
 #include "bf16.hpp"
 #include "dequant4.cuh"
+#include "gemm4_mma.cuh"
 #include "gemv4.cuh"
 #include "linear4.cuh"
 #include "quant4.hpp"
@@ -327,23 +331,45 @@ double checked_time_us(const Context& ctx, const std::function<void(int)>& call,
   return median_us(call, ctx.reps);
 }
 
-json bench_gemv(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& w_bf16, const std::vector<bf16>& w_deq,
-                const DeviceBuffer<bf16>& w_dev, const Shape& s) {
+/// Copies of one weight, bf16 (for cuBLAS) and 4-bit, to rotate over so that consecutive
+/// calls never find the weight in the L2 cache (copy 0 of the bf16 one is the caller's).
+class WeightCopies {
+ public:
+  WeightCopies(const Context& ctx, const DeviceQuant4& q, const DeviceBuffer<bf16>& w_dev)
+      : first_(w_dev.data()),
+        bf16_count_(rotation_copies(w_dev.bytes(), ctx.l2_bytes)),
+        q4_count_(rotation_copies(static_cast<std::size_t>(q.storage_bytes()), ctx.l2_bytes)) {
+    for (int c = 1; c < bf16_count_; ++c) {
+      extra_.emplace_back(w_dev.size());
+      CUDA_CHECK(cudaMemcpy(extra_.back().data(), w_dev.data(), w_dev.bytes(), cudaMemcpyDeviceToDevice));
+    }
+    for (int c = 0; c < q4_count_; ++c) q4_.push_back(q.clone());
+  }
+  /// The bf16 weight for call number i.
+  const bf16* w(int i) const {
+    const int c = i % bf16_count_;
+    return c == 0 ? first_ : extra_[static_cast<std::size_t>(c - 1)].data();
+  }
+  /// The 4-bit weight for call number i.
+  const DeviceQuant4& q(int i) const { return q4_[static_cast<std::size_t>(i % q4_count_)]; }
+  int bf16_count() const { return bf16_count_; }
+  int q4_count() const { return q4_count_; }
+
+ private:
+  const bf16* first_;
+  int bf16_count_, q4_count_;
+  std::vector<DeviceBuffer<bf16>> extra_;
+  std::vector<DeviceQuant4> q4_;
+};
+
+json bench_gemv(Context& ctx, const WeightCopies& copies, const std::vector<bf16>& w_bf16,
+                const std::vector<bf16>& w_deq, const Shape& s) {
   json rows = json::array();
   const std::size_t w_bytes = w_bf16.size() * sizeof(bf16);
-  const int bf16_copies = rotation_copies(w_bytes, ctx.l2_bytes);
-  const int q_copies = rotation_copies(static_cast<std::size_t>(q.storage_bytes()), ctx.l2_bytes);
-  std::vector<DeviceBuffer<bf16>> ws;  // extra copies of the bf16 weight for cuBLAS (copy 0 is w_dev)
-  for (int c = 1; c < bf16_copies; ++c) {
-    ws.emplace_back(w_bf16.size());
-    CUDA_CHECK(cudaMemcpy(ws.back().data(), w_dev.data(), w_bytes, cudaMemcpyDeviceToDevice));
-  }
-  auto w_copy = [&](int i) { return i % bf16_copies == 0 ? w_dev.data() : ws[static_cast<std::size_t>(i % bf16_copies - 1)].data(); };
-  std::vector<DeviceQuant4> qs;
-  for (int c = 0; c < q_copies; ++c) qs.push_back(q.clone());
-
+  const DeviceQuant4& q = copies.q(0);
   for (int tokens : {1, 4, 8}) {
-    json entry = {{"tokens", tokens}, {"rotation_copies_bf16", bf16_copies}, {"rotation_copies_4bit", q_copies}};
+    json entry = {{"tokens", tokens}, {"rotation_copies_bf16", copies.bf16_count()},
+                  {"rotation_copies_4bit", copies.q4_count()}};
     const auto x = to_bf16(normal_values(static_cast<std::size_t>(tokens) * s.in, 100 + tokens, 1.0f));
     const auto x_dev = to_device(std::span<const bf16>(x));
     DeviceBuffer<bf16> y(static_cast<std::size_t>(tokens) * s.out);
@@ -354,7 +380,7 @@ json bench_gemv(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& w_
       double worst = 0.0;
       cublas_us = checked_time_us(
           ctx,
-          [&](int i) { gemm_bf16_xwt(ctx.cublas, x_dev.data(), w_copy(i), y.data(), OutType::bf16, tokens, s.in, s.out); },
+          [&](int i) { gemm_bf16_xwt(ctx.cublas, x_dev.data(), copies.w(i), y.data(), OutType::bf16, tokens, s.in, s.out); },
           y, x, w_bf16, tokens, s, worst);
       entry["cublas_us"] = cublas_us;
       entry["cublas_gbs"] = static_cast<double>(w_bytes) / (cublas_us * 1e3);
@@ -373,7 +399,7 @@ json bench_gemv(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& w_
         double worst = 0.0;
         const double us = checked_time_us(
             ctx,
-            [&](int i) { gemv4(qs[static_cast<std::size_t>(i % q_copies)], x_dev.data(), y.data(), tokens, version); },
+            [&](int i) { gemv4(copies.q(i), x_dev.data(), y.data(), tokens, version); },
             y, x, w_deq, tokens, s, worst);
         row.update({{"valid", true}, {"us", us}, {"worst_error_over_bound", worst},
                     {"gbs", static_cast<double>(q.storage_bytes()) / (us * 1e3)}});
@@ -429,6 +455,73 @@ json bench_linear(Context& ctx, const DeviceQuant4& q, const std::vector<bf16>& 
   return rows;
 }
 
+/// Bytes a matmul must move at least: its weight as the variant reads it, x and y in bf16.
+double matmul_bytes(double weight_bytes, int tokens, const Shape& s) {
+  return weight_bytes + 2.0 * tokens * (static_cast<double>(s.in) + s.out);
+}
+
+//! [bench-mma]
+/// The tensor-core 4-bit matmul beside everything else that computes the same product, at each
+/// token count, in one run: cuBLAS on the bf16 weight (the reference time), GEMV version 4 (up to
+/// its token limit), dequantize + cuBLAS (linear4_forward). Each is checked against FP64 first.
+json bench_mma(Context& ctx, const WeightCopies& copies, const std::vector<bf16>& w_bf16,
+               const std::vector<bf16>& w_deq, const Shape& s, const std::vector<int>& token_counts) {
+  json rows = json::array();
+  const DeviceQuant4& q = copies.q(0);
+  const double w4_bytes = static_cast<double>(q.storage_bytes());
+  const double w16_bytes = 2.0 * static_cast<double>(w_bf16.size());
+  DequantScratch scratch;
+  for (int tokens : token_counts) {
+    json entry = {{"tokens", tokens}, {"rotation_copies_bf16", copies.bf16_count()},
+                  {"rotation_copies_4bit", copies.q4_count()}};
+    const auto x = to_bf16(normal_values(static_cast<std::size_t>(tokens) * s.in, 300 + tokens, 1.0f));
+    const auto x_dev = to_device(std::span<const bf16>(x));
+    DeviceBuffer<bf16> y(static_cast<std::size_t>(tokens) * s.out);
+    const double flops = 2.0 * tokens * static_cast<double>(s.in) * s.out;
+    double cublas_us = 0.0;
+    // One row per variant: time, effective bandwidth over its own input bytes, TFLOP/s.
+    auto measure = [&](const char* name, double weight_bytes, const std::vector<bf16>& w_ref,
+                       const std::function<void(int)>& call) {
+      std::printf("  matmul %d token(s): %s\n", tokens, name);
+      std::fflush(stdout);
+      json row = {{"name", name}};
+      try {
+        double worst = 0.0;
+        const double us = checked_time_us(ctx, call, y, x, w_ref, tokens, s, worst);
+        row.update({{"valid", true}, {"us", us}, {"worst_error_over_bound", worst},
+                    {"gbs", matmul_bytes(weight_bytes, tokens, s) / (us * 1e3)}, {"tflops", flops / (us * 1e6)}});
+        if (cublas_us > 0.0) row["time_vs_cublas"] = us / cublas_us;
+        return row;
+      } catch (const std::exception& e) {
+        row.update(failed(e.what()));
+        return row;
+      }
+    };
+    json variants = json::array();
+    variants.push_back(measure("cuBLAS bf16", w16_bytes, w_bf16, [&](int i) {
+      gemm_bf16_xwt(ctx.cublas, x_dev.data(), copies.w(i), y.data(), OutType::bf16, tokens, s.in, s.out);
+    }));
+    if (variants.back()["valid"].get<bool>()) {
+      cublas_us = variants.back()["us"].get<double>();
+      variants.back()["time_vs_cublas"] = 1.0;
+    }
+    variants.push_back(measure("mma", w4_bytes, w_deq,
+                               [&](int i) { gemm4_mma(copies.q(i), x_dev.data(), y.data(), tokens); }));
+    if (tokens <= kMaxGemvTokens) {
+      variants.push_back(measure("gemv v4", w4_bytes, w_deq, [&](int i) {
+        gemv4(copies.q(i), x_dev.data(), y.data(), tokens, GemvVersion::prefetch);
+      }));
+    }
+    variants.push_back(measure("dequant+cuBLAS", w4_bytes, w_deq, [&](int i) {
+      linear4_forward(ctx.cublas, copies.q(i), x_dev.data(), tokens, y.data(), OutType::bf16, scratch);
+    }));
+    entry["variants"] = variants;
+    rows.push_back(entry);
+  }
+  return rows;
+}
+//! [bench-mma]
+
 json bench_shape(Context& ctx, const Shape& s, bool quick) {
   std::printf("\n== %d x %d (out x in), NF4, blocksize 64, double quantization ==\n", s.out, s.in);
   std::fflush(stdout);
@@ -460,8 +553,12 @@ json bench_shape(Context& ctx, const Shape& s, bool quick) {
   result["bits_per_parameter"] = 8.0 * static_cast<double>(q.storage_bytes()) / static_cast<double>(n);
 
   result["dequant"] = bench_dequant(ctx, q, w_deq);
-  result["gemv"] = bench_gemv(ctx, q, w_bf16, w_deq, w_dev, s);
+  const WeightCopies copies(ctx, q, w_dev);
+  result["gemv"] = bench_gemv(ctx, copies, w_bf16, w_deq, s);
   result["linear"] = bench_linear(ctx, q, w_bf16, w_deq, w_dev, s, quick ? std::vector<int>{512} : std::vector<int>{512, 4096});
+  result["mma"] = bench_mma(ctx, copies, w_bf16, w_deq, s,
+                            quick ? std::vector<int>{1, 8, 32, 512}
+                                  : std::vector<int>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 4096});
   return result;
 }
 
@@ -505,6 +602,20 @@ void print_table(const json& doc) {
                   num(l, "cublas_us", "%.1f").c_str(), num(l, "linear4_us", "%.1f").c_str(),
                   num(l, "ratio_vs_cublas", "%.2fx").c_str(), num(l, "cublas_tflops", "%.0f").c_str());
   }
+  std::printf("\n%-12s %6s %-15s %10s %9s %9s %10s %10s\n", "shape", "tokens", "matmul", "µs", "GB/s", "TFLOP/s",
+              "time/cuBLAS", "speedup");
+  for (const auto& s : doc["shapes"]) {
+    const std::string shape = std::to_string(s["out"].get<int>()) + "x" + std::to_string(s["in"].get<int>());
+    for (const auto& m : s["mma"])
+      for (const auto& v : m["variants"]) {
+        char speedup[16] = "";
+        if (v.contains("time_vs_cublas"))
+          std::snprintf(speedup, sizeof speedup, "%.2fx", 1.0 / v["time_vs_cublas"].get<double>());
+        std::printf("%-12s %6d %-15s %10s %9s %9s %10s %10s\n", shape.c_str(), m["tokens"].get<int>(),
+                    v["name"].get<std::string>().c_str(), num(v, "us", "%.1f").c_str(), num(v, "gbs", "%.0f").c_str(),
+                    num(v, "tflops", "%.1f").c_str(), num(v, "time_vs_cublas", "%.3f").c_str(), speedup);
+      }
+  }
   int failures = 0;
   for (const auto& s : doc["shapes"]) {
     failures += !s["quantize"]["valid"].get<bool>();
@@ -512,6 +623,8 @@ void print_table(const json& doc) {
     for (const auto& g : s["gemv"])
       for (const auto& v : g["variants"]) failures += !v["valid"].get<bool>();
     for (const auto& l : s["linear"]) failures += !l["valid"].get<bool>();
+    for (const auto& m : s["mma"])
+      for (const auto& v : m["variants"]) failures += !v["valid"].get<bool>();
   }
   std::printf("\nvalidation: %s\n", failures == 0 ? "every variant matched its CPU reference"
                                                    : (std::to_string(failures) + " variant(s) FAILED, see above").c_str());
@@ -604,10 +717,12 @@ QLORA_COMMAND([](CLI::App& app) {
   auto a = std::make_shared<BenchKernelsArgs>();
   auto* cmd = qlora::cli::command_group(app, "bench", "Benchmarks (each chapter adds its own)")->add_subcommand(
       "kernels",
-      "Chapter 5: copy bandwidth, cuBLAS bf16 GEMM/GEMV, and our NF4 quantize/dequantize, fused 4-bit GEMV\n"
-      "and dequantize+GEMM linear on LLaMA weight shapes, each validated before it is timed (needs a CUDA GPU)");
+      "Chapter 5: copy bandwidth, cuBLAS bf16 GEMM/GEMV, and our NF4 quantize/dequantize, fused 4-bit GEMV,\n"
+      "dequantize+GEMM linear and fused 4-bit matmul on tensor cores on LLaMA weight shapes, each validated\n"
+      "before it is timed (needs a CUDA GPU)");
   cmd->add_option("--json", a->json, "also write the results as JSON to this file");
-  cmd->add_flag("--quick", a->quick, "two shapes, fewer repetitions, linear at 512 tokens only");
+  cmd->add_flag("--quick", a->quick,
+                "two shapes, fewer repetitions, linear at 512 tokens only, matmul at 1, 8, 32 and 512 tokens");
   cmd->add_option("--shape", a->shapes, "only these weight shapes, OUTxIN (repeatable), e.g. --shape 8192x8192");
   cmd->add_flag("--profile", a->profile,
                 "for a profiler (ncu): run every variant once, for its validation, and time nothing");

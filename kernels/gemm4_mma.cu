@@ -1,0 +1,329 @@
+// The fused 4-bit matmul on tensor cores (chapter 5). See gemm4_mma.cuh.
+// CPU reference: matmul_xwt_ref() on dequantize_4bit_bf16() weights.
+#include "gemm4_mma.cuh"
+
+#include "dequant4.cuh"
+#include "fp4.hpp"
+#include "nf4.hpp"
+
+#include <cuda_bf16.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace qlora::cuda {
+
+constexpr int kMmaWarps = 8;  // warps of a block; they split the K dimension between them
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr int kTileRows = 16;  // output features of a block: the M of one mma
+constexpr int kTileK = 128;    // k values one warp consumes per pipeline stage: 32 per lane
+constexpr int kStages = 4;     // code tiles per warp in shared memory: 3 in flight while 1 is used
+
+/// Blocks per multiprocessor that the registers are sized for (__launch_bounds__): 4 blocks of
+/// 256 threads leave 64 registers a thread, 3 leave 80, 2 leave 128; each token tile of x takes
+/// 16 (nvcc -Xptxas -v: no local memory for any of the three). At one token tile, 4 blocks per
+/// multiprocessor run the 512 blocks of an 8192-row weight in one wave on 132 multiprocessors.
+constexpr int mma_min_blocks(int token_tiles) { return token_tiles == 1 ? 4 : token_tiles == 2 ? 3 : 2; }
+
+//! [mma-stage]
+/// One pipeline stage of one warp in shared memory: the codes of one 128-wide k tile of its 16
+/// rows, 1 KB. Slot [r][lane] is written and read by that lane only: each lane copies exactly
+/// the bytes its own fragments need, so a lane waits for its own copies and no barrier
+/// between the warp's lanes is needed.
+struct WarpStage {
+  uint4 codes[2][32];  ///< [row g, row g + 8][lane]: the lane's 32 codes (16 bytes) of the row
+};
+//! [mma-stage]
+
+//! [mma-async-copy]
+/// cp.async: a 16-byte copy from global to shared memory that does not go through registers
+/// and does not block the thread; .cg keeps it out of L1 (the weights are read once).
+/// Copies are grouped (commit) and waited for by group: wait<N> returns when at most the N
+/// most recent groups of this thread are still in flight.
+static __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+static __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+//! [mma-async-copy]
+
+//! [mma-instruction]
+/// d += A·B for one 16 × 8 × 16 tile: A (16 × 16, row-major) in four registers of bf16 pairs,
+/// B (16 × 8, column-major) in two, d (16 × 8) in four float32 values. PTX ISA, "Matrix
+/// fragments for mma.m16n8k16 with floating point type", with g = lane / 4, t = lane % 4:
+///   a[0]: A[g][2t, 2t+1]   a[1]: A[g+8][2t, 2t+1]   a[2]: A[g][2t+8, 2t+9]   a[3]: A[g+8][2t+8, 2t+9]
+///   b[0]: B[2t, 2t+1][g]   b[1]: B[2t+8, 2t+9][g]
+///   d[0], d[1]: D[g][2t, 2t+1]   d[2], d[3]: D[g+8][2t, 2t+1]
+/// and in every pair the lower index sits in the lower 16 bits.
+static __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                                      std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+//! [mma-instruction]
+
+static __device__ __forceinline__ std::uint32_t word_of(const uint4& v, int j) {
+  return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
+}
+
+//! [mma-decode]
+/// Table value times block absmax in float32, exactly dequantize_4bit_f32(). The flush of a
+/// subnormal product (dequant_value_d) is only needed when |absmax| is so small that some
+/// product can be subnormal; kFlush says so.
+template <bool kFlush>
+static __device__ __forceinline__ float scaled(float table_value, float absmax) {
+  return kFlush ? dequant_value_d(table_value, absmax) : __fmul_rn(table_value, absmax);
+}
+
+/// The 8 codes of one 32-bit code word (bytes m = 0..3, the first value of each in the high
+/// nibble) as 4 bf16 pairs, pair m = byte m with its first value in the low half: rounded to
+/// bf16, exactly dequantize_4bit_bf16(). Byte m of `hi` is 4 × the high nibble of byte m, the
+/// byte offset of its table entry in shared memory (GEMV version 3's trick), so a code costs
+/// one byte extract and one shared load.
+template <bool kFlush>
+static __device__ __forceinline__ void decode_word(std::uint32_t word, const float* s_table, float absmax,
+                                                   std::uint32_t (&pairs)[4]) {
+  const std::uint32_t hi = (word >> 2) & 0x3c3c3c3cu, lo = (word << 2) & 0x3c3c3c3cu;
+  const char* table = reinterpret_cast<const char*>(s_table);
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const auto select = static_cast<std::uint32_t>(0x4440 | m);  // byte m, zero-extended
+    const float first = *reinterpret_cast<const float*>(table + __byte_perm(hi, 0u, select));
+    const float second = *reinterpret_cast<const float*>(table + __byte_perm(lo, 0u, select));
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(scaled<kFlush>(first, absmax), scaled<kFlush>(second, absmax));
+    pairs[m] = reinterpret_cast<const std::uint32_t&>(pair);
+  }
+}
+
+/// One 128-wide k tile of one warp: decode the lane's codes and multiply. The lane's 16 code
+/// bytes of row g (codes[0]) and of row g + 8 (codes[1]) hold its k values 32t .. 32t + 31 in
+/// order, and xv[j][p] its x values 8p .. 8p + 7 of token 8j + g. Step s of the 8 mma steps takes
+/// k 4s .. 4s + 3: code bytes 2s (A registers 0 and 1: rows g and g + 8) and 2s + 1 (registers 2
+/// and 3), and x piece s / 2, words 2·(s % 2) and 2·(s % 2) + 1 (B registers 0 and 1). Code word
+/// j covers steps 2j and 2j + 1; it is decoded just before its mma, so only two steps' A
+/// fragments are live at a time.
+template <bool kFlush, int kTokenTiles>
+static __device__ __forceinline__ void mma_tile(const uint4 (&codes)[2], const float (&absmax)[2],
+                                                const float* s_table, const uint4 (&xv)[kTokenTiles][4],
+                                                float (&acc)[kTokenTiles][4]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    std::uint32_t even[4], odd[4];  // A fragments of steps 2j and 2j + 1
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      std::uint32_t pairs[4];
+      decode_word<kFlush>(word_of(codes[r], j), s_table, absmax[r], pairs);
+      even[r] = pairs[0];
+      even[2 + r] = pairs[1];
+      odd[r] = pairs[2];
+      odd[2 + r] = pairs[3];
+    }
+#pragma unroll
+    for (int n = 0; n < kTokenTiles; ++n) {
+      mma_bf16_16816(acc[n], even, xv[n][j].x, xv[n][j].y);
+      mma_bf16_16816(acc[n], odd, xv[n][j].z, xv[n][j].w);
+    }
+  }
+}
+//! [mma-decode]
+
+//! [mma-kernel]
+/// Block (blockIdx.y, blockIdx.x): output features row0 .. row0 + 15 for tokens tok0 ..
+/// tok0 + 8·kTokenTiles − 1. Its 8 warps split K: warp w takes the 128-wide k tiles w, w + 8,
+/// w + 16, ..., accumulates a 16 × 8 tile per token tile with mma.sync, and the warps' partial
+/// sums are added in shared memory at the end, in a fixed order.
+///
+/// The k permutation: an mma adds A[m][κ]·B[κ][n] over κ = 0..15, so any one-to-one map from κ
+/// to real k, the same for A and B, gives the same sum. We map the κ that lane t holds at step s
+/// (2t, 2t+1, 2t+8, 2t+9) to real k = 32t + 4s + (0, 1, 2, 3): over the 8 steps of a tile, lane t
+/// holds k 32t .. 32t + 31, i.e. 16 consecutive bytes of codes per row, and 64 consecutive bytes
+/// of x per token. Every fragment is then one aligned 16-byte load of the bitsandbytes layout: no
+/// repacked copy of the weights.
+///
+/// The codes stream from device memory once, through the cp.async pipeline. x is small and every
+/// block reads the same x, so it stays in the L2 cache: each lane loads its x fragments with
+/// plain loads at the start of a tile, and the decode of the tile's codes hides their latency.
+/// (Staging x in shared memory too would take 2 KB per token tile next to each 1 KB of codes,
+/// and the pipeline would then fit fewer stages and fewer warps.)
+template <int kTokenTiles>
+__global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
+    gemm4_mma_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y, int out,
+                     int in, int tokens, float tiny_absmax) {
+  // The warps' partial sums at the end reuse the pipeline's shared memory.
+  using Sums = float[kMmaWarps][kTokenTiles * 4][32];
+  static_assert(sizeof(Sums) <= sizeof(WarpStage) * kStages * kMmaWarps);
+  __shared__ WarpStage stages[kStages][kMmaWarps];
+  __shared__ float s_table[16];
+  __shared__ float s_map[256];
+  auto& s_sum = *reinterpret_cast<Sums*>(&stages[0][0]);
+  if (threadIdx.x < 16) s_table[threadIdx.x] = q.table[threadIdx.x];
+  if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMmaThreads == 256
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int tok0 = blockIdx.x * 8 * kTokenTiles;
+  const int row0 = blockIdx.y * kTileRows;
+  // Rows past the end read the last row (valid memory); their sums are never stored.
+  const std::int64_t row_start[2] = {static_cast<std::int64_t>(min(row0 + g, out - 1)) * in,
+                                     static_cast<std::int64_t>(min(row0 + g + 8, out - 1)) * in};
+  const int num_tiles = (in + kTileK - 1) / kTileK;
+  const int my_tiles = warp < num_tiles ? (num_tiles - 1 - warp) / kMmaWarps + 1 : 0;
+  auto first_k = [&](int i) { return (warp + kMmaWarps * i) * kTileK + 32 * t; };  // lane's k in its tile i
+
+  // Tile i's code copies. A lane whose 32 k values lie past the end of a row (in % 128 != 0)
+  // copies nothing and uses zeros.
+  auto issue = [&](int i) {
+    const int k = first_k(i);
+    if (k >= in) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) cp_async16(&stages[i % kStages][warp].codes[r][lane], q.packed + (row_start[r] + k) / 2);
+  };
+  // The block scales of tile i (rows g and g + 8): 32 values never straddle a block.
+  auto load_scales = [&](int i, RawScale (&s)[2]) {
+    const int k = min(first_k(i), in - 32);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) s[r] = load_scale(q, (row_start[r] + k) >> q.log2_blocksize);
+  };
+
+  // Prologue: kStages − 1 tiles in flight. Every iteration commits one group, empty or not,
+  // so that "group i" is always tile i.
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) {
+    if (i < my_tiles) issue(i);
+    cp_async_commit();
+  }
+  RawScale scale[2];
+  if (my_tiles > 0) load_scales(0, scale);
+  __syncthreads();  // the tables are in shared memory
+
+  float acc[kTokenTiles][4] = {};
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  for (int i = 0; i < my_tiles; ++i) {
+    const int k = first_k(i);
+    const bool in_row = k < in;
+    // The lane's 32 values of x for each token tile (zeros for a missing token or past the
+    // row's end), first: the loads are in flight while the codes arrive and are decoded.
+    uint4 xv[kTokenTiles][4];
+#pragma unroll
+    for (int n = 0; n < kTokenTiles; ++n) {
+      const int token = tok0 + 8 * n + g;
+      const bool has_x = in_row && token < tokens;
+      const auto* src = reinterpret_cast<const uint4*>(x + static_cast<std::int64_t>(min(token, tokens - 1)) * in +
+                                                       min(k, in - 32));
+#pragma unroll
+      for (int p = 0; p < 4; ++p) xv[n][p] = has_x ? __ldg(src + p) : zero;
+    }
+    // Refill the stage that tile i − 1 used: this lane read it in the previous iteration.
+    if (i + kStages - 1 < my_tiles) issue(i + kStages - 1);
+    cp_async_commit();
+    RawScale next[2] = {scale[0], scale[1]};  // the next tile's scales: their loads overlap this tile
+    if (i + 1 < my_tiles) load_scales(i + 1, next);
+    cp_async_wait<kStages - 1>();  // tile i's copies have landed
+
+    const WarpStage& st = stages[i % kStages][warp];
+    const uint4 codes[2] = {in_row ? st.codes[0][lane] : zero, in_row ? st.codes[1][lane] : zero};
+    const float absmax[2] = {decode_scale(q, s_map, scale[0]), decode_scale(q, s_map, scale[1])};
+    if (fabsf(absmax[0]) >= tiny_absmax && fabsf(absmax[1]) >= tiny_absmax) {
+      mma_tile<false>(codes, absmax, s_table, xv, acc);
+    } else {
+      mma_tile<true>(codes, absmax, s_table, xv, acc);
+    }
+    scale[0] = next[0];
+    scale[1] = next[1];
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stages
+
+  // Add the 8 warps' partial tiles; element (n, r, lane) of the accumulators is token
+  // tok0 + 8n + 2t + (r & 1), row row0 + g + 8·(r >> 1) (the d layout above).
+#pragma unroll
+  for (int n = 0; n < kTokenTiles; ++n)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) s_sum[warp][4 * n + r][lane] = acc[n][r];
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTokenTiles * 4 * 32; e += kMmaThreads) {
+    const int l = e % 32, nr = e / 32, n = nr / 4, r = nr % 4;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) sum += s_sum[w][nr][l];
+    const int token = tok0 + 8 * n + 2 * (l % 4) + (r & 1);
+    const int row = row0 + l / 4 + 8 * (r >> 1);
+    if (token < tokens && row < out) y[static_cast<std::int64_t>(token) * out + row] = __float2bfloat16_rn(sum);
+  }
+}
+//! [mma-kernel]
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+constexpr int kMaxRowTiles = 65535;  // gridDim.y
+
+std::string gemm4_mma_unsupported(const DeviceQuant4& W) {
+  if (W.shape.size() != 2) {
+    return "the 4-bit weight must be 2-D (out x in), got " + std::to_string(W.shape.size()) + " dimensions";
+  }
+  const std::int64_t out = W.shape[0], in = W.shape[1];
+  if (in % 32 != 0) return "W has in = " + std::to_string(in) + " columns, not a multiple of 32";
+  if (in > (1 << 30)) return "W has in = " + std::to_string(in) + " columns, more than 2^30";
+  if (out > static_cast<std::int64_t>(kMaxRowTiles) * kTileRows) {
+    return "W has out = " + std::to_string(out) + " rows, more than " + std::to_string(kMaxRowTiles * kTileRows);
+  }
+  return {};
+}
+
+/// Below this |absmax| some table value times absmax may be subnormal, so the kernel flushes
+/// (dequant_value_d); above it no product can be (|t·a| >= min|t|·|a| >= FLT_MIN for t != 0).
+static float tiny_absmax_of(QuantType type) {
+  const auto& table = type == QuantType::nf4 ? nf4_table : fp4_table;
+  double smallest = INFINITY;
+  for (float v : table)
+    if (v != 0.0f) smallest = std::fmin(smallest, std::fabs(static_cast<double>(v)));
+  return std::nextafter(static_cast<float>(FLT_MIN / smallest), INFINITY);  // rounded up: never too small
+}
+
+template <int kTokenTiles>
+static void launch_mma(const DeviceQuant4& W, const bf16* x, bf16* y, int out, int in, int tokens,
+                       cudaStream_t stream) {
+  const int tokens_per_block = 8 * kTokenTiles;
+  // Token tiles vary fastest, so the blocks that share a row tile run together and the second
+  // and later ones find its codes in the L2 cache.
+  const dim3 grid(static_cast<unsigned>((tokens + tokens_per_block - 1) / tokens_per_block),
+                  static_cast<unsigned>((out + kTileRows - 1) / kTileRows));
+  gemm4_mma_kernel<kTokenTiles><<<grid, kMmaThreads, 0, stream>>>(W.view(), reinterpret_cast<const __nv_bfloat16*>(x),
+                                                                  reinterpret_cast<__nv_bfloat16*>(y), out, in, tokens,
+                                                                  tiny_absmax_of(W.type));
+  CUDA_CHECK_LAUNCH();
+}
+
+void gemm4_mma(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, cudaStream_t stream) {
+  const std::string why = gemm4_mma_unsupported(W);
+  if (!why.empty()) throw std::invalid_argument("gemm4_mma: " + why);
+  if (tokens < 0) throw std::invalid_argument("gemm4_mma: tokens = " + std::to_string(tokens) + " is negative");
+  const int out = static_cast<int>(W.shape[0]), in = static_cast<int>(W.shape[1]);
+  if (tokens == 0 || out == 0) return;
+  if (x == nullptr || y == nullptr) throw std::invalid_argument("gemm4_mma: null input or output pointer");
+  if (reinterpret_cast<std::uintptr_t>(x) % 16 != 0) {
+    throw std::invalid_argument("gemm4_mma: x (tokens x in bf16) must be 16-byte aligned");
+  }
+  // One token tile (8 tokens) per block up to 8 tokens, two up to 16, four beyond: the
+  // decoded weights serve every token tile of the block.
+  if (tokens <= 8) {
+    launch_mma<1>(W, x, y, out, in, tokens, stream);
+  } else if (tokens <= 16) {
+    launch_mma<2>(W, x, y, out, in, tokens, stream);
+  } else {
+    launch_mma<4>(W, x, y, out, in, tokens, stream);
+  }
+}
+
+}  // namespace qlora::cuda
