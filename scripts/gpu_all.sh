@@ -3,8 +3,9 @@
 # scripts/gpu_pack.sh puts in .carry: the CUDA build (built here at
 # /work/main/build/cuda), our shared libraries and the models.
 # Usage: scripts/gpu_all.sh [PHASE...]; phases, in order (default: all):
-#   fixtures  reference outputs from PyTorch/transformers (tools/make_*_fixtures.py; the prompt
-#             templates' with the LLaMA-2 tokenizer: tools/make_template_fixtures.py)
+#   fixtures  reference outputs from PyTorch/transformers (tools/make_*_fixtures.py, then tokfix)
+#   tokfix    the tokenizer fixtures only: prompt templates (tools/make_template_fixtures.py) and
+#             byte-level BPE (tools/make_bpe_fixtures.py, with the `tokenizers` library)
 #   ctest     every `gpu` test
 #   kernels   chapter 5: scripts/gpu_kernels.sh (tests + benchmark)
 #   optim     chapter 6: scripts/gpu_optim.sh (tests + benchmark)
@@ -56,9 +57,13 @@ run_phase() {
       timeout 180 python3 tools/make_llama_fixtures.py --kjv15m-hf .carry/shared/models/kjv15M-hf \
         --stories260k .carry/shared/models/stories260K.bin --out "$res/llama" > "$res/fixtures_llama.log" 2>&1
       echo "llama fixtures: $?"
+      run_phase tokfix ;;
+    tokfix)
       timeout 120 python3 tools/make_template_fixtures.py --out "$res/templates" \
         --tokenizer .carry/shared/models/tokenizer.model > "$res/fixtures_templates.log" 2>&1
-      echo "template fixtures: $?"; tail -3 "$res/fixtures_templates.log" ;;
+      echo "template fixtures: $?"; tail -3 "$res/fixtures_templates.log"
+      timeout 120 python3 tools/make_bpe_fixtures.py --out "$res/bpe" > "$res/fixtures_bpe.log" 2>&1
+      echo "bpe fixtures: $?"; tail -3 "$res/fixtures_bpe.log" ;;
     ctest)
       timeout 330 ctest --test-dir /work/main/build/cuda -L gpu --output-on-failure > "$res/ctest_gpu.log" 2>&1
       echo "ctest gpu: $?"; grep -E "tests passed|Test +#|Failed|FAILED" "$res/ctest_gpu.log" | tail -30 ;;
