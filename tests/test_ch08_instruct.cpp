@@ -7,6 +7,7 @@
 #include "example_batches.hpp"
 #include "file_helpers.hpp"
 #include "finetune.hpp"
+#include "generate.hpp"
 #include "instruct_data.hpp"
 #include "instruct_helpers.hpp"
 #include "lora_helpers.hpp"
@@ -44,10 +45,10 @@ const PieceTokenizer& piece_tok() {
   return tok;
 }
 
-// A small LLaMA (random weights, vocabulary 300: the piece tokenizer's ids) with adapters.
-LlamaModel small_model(std::uint64_t seed) {
+// A small LLaMA (random weights, vocabulary 300 by default) with adapters.
+LlamaModel small_model(std::uint64_t seed, int vocab = 300) {
   LlamaConfig c = test::tiny_config(2, true);
-  c.vocab_size = 300;
+  c.vocab_size = vocab;
   c.seq_len = 48;
   LlamaModel m(random_llama_weights(c, seed), BaseStorage::float32);
   test::add_random_lora(m, 0.0f, seed + 1);
@@ -340,6 +341,32 @@ TEST_CASE("Instruction tuning: the loss on trained responses falls; a resumed ru
   shorter.out.clear();
   LlamaModel m = small_model(31);
   CHECK_THROWS_WITH(finetune(m, data, shorter), Catch::Contains("more than --seq-len 8 + 1"));
+}
+
+TEST_CASE("Generation stops where the generated text ends with the turn's end", "[ch08][generate]") {
+  const PieceTokenizer& tok = piece_tok();
+  LlamaModel m = small_model(41, tok.vocab_size());  // every id the model picks has a piece
+  SampleConfig s;
+  s.max_tokens = 12;
+  s.temperature = 1.0f;  // sampled from a fixed seed: varied tokens, the same in both runs
+  const std::vector<int> prompt{tok.bos_id(), 3, 4};
+  // The first seed whose 12 tokens hold no EOS or BOS (which would stop it earlier).
+  std::vector<int> free_run;
+  for (s.seed = 1; free_run.size() != prompt.size() + 12; ++s.seed) {
+    REQUIRE(s.seed < 100);
+    free_run = generate_ids(m, tok, prompt, s);
+  }
+  --s.seed;
+  // Stop at what the model writes as its 3rd to 5th tokens: it must stop after the 5th,
+  // which is the first place the generated text ends with it.
+  const std::string stop = tok.decode({free_run.begin() + 5, free_run.begin() + 8});
+  REQUIRE(!stop.empty());
+  for (int k = 1; k < 5; ++k) {
+    const std::string text = tok.decode({free_run.begin() + 3, free_run.begin() + 3 + k});
+    REQUIRE((text.size() < stop.size() || text.compare(text.size() - stop.size(), stop.size(), stop) != 0));
+  }
+  const auto stopped = generate_ids(m, tok, prompt, s, stop);
+  CHECK(stopped == std::vector<int>(free_run.begin(), free_run.begin() + 8));
 }
 
 TEST_CASE("qlora finetune and generate with instruction data (kjv15M, 3 steps)", "[ch08][cli]") {
