@@ -62,7 +62,7 @@ std::vector<Example> random_examples(const std::vector<int>& lengths, int vocab,
 
 }  // namespace
 
-TEST_CASE("JSONL records: Alpaca and conversations; a malformed one names FILE:LINE and the field", "[ch08][data]") {
+TEST_CASE("JSONL records: Alpaca and conversations, and a malformed one names FILE:LINE and the field", "[ch08][data]") {
   const auto good = write_jsonl("good.jsonl", {
       R"({"instruction": "Define cat.", "output": "a small feline"})",
       "",
@@ -109,7 +109,7 @@ TEST_CASE("JSONL records: Alpaca and conversations; a malformed one names FILE:L
   CHECK_THROWS_WITH(read_instruct_jsonl(test::temp_path("ch08", "missing.jsonl")), Catch::Contains("cannot read"));
 }
 
-TEST_CASE("Examples: labels on the responses only, or on every token; skipped records counted with their lines",
+TEST_CASE("Examples: labels on the responses only, or on every token, and skipped records counted with their lines",
           "[ch08][data]") {
   const auto file = write_jsonl("mixed.jsonl", {
       R"({"instruction": "the word", "output": "the"})",
@@ -200,7 +200,7 @@ TEST_CASE("pad_batch: right padding to the batch's longest, no loss on pads", "[
   CHECK(mb.counted == (9 - 4) + (3 - 1));
 }
 
-TEST_CASE("Length grouping follows transformers; the schedule is a function of seed and epoch", "[ch08][batches]") {
+TEST_CASE("Length grouping follows transformers, and the schedule is a function of seed and epoch", "[ch08][batches]") {
   // 400 examples, batch 4: megabatches of min(400 / 16, 50) = 25 batches = 100 examples.
   std::vector<int> lengths(400);
   std::mt19937_64 rng(3);
@@ -298,7 +298,7 @@ TEST_CASE("Gradient accumulation: the mean over every counted token of the step,
   CHECK(accumulate_gradients(tr, {none, pad_batch(ex, {0, 1}, 0)}, rng) == Approx(one).epsilon(1e-5));
 }
 
-TEST_CASE("Instruction tuning: the loss on trained responses falls; a resumed run trains on the same batches",
+TEST_CASE("Instruction tuning: the loss on trained responses falls, and a resumed run trains on the same batches",
           "[ch08][finetune]") {
   std::vector<int> lengths;
   for (int i = 0; i < 24; ++i) lengths.push_back(6 + (i * 7) % 20);
