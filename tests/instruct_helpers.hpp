@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -56,6 +57,13 @@ class PieceTokenizer final : public Tokenizer {
       prev = id;
     }
     return s;
+  }
+  int bos_id() const override { return 1; }
+  int eos_id() const override { return 2; }
+  std::optional<int> special_token_id(const std::string& text) const override {
+    if (text == "<s>") return 1;
+    if (text == "</s>") return 2;
+    return std::nullopt;
   }
   std::string decode_piece(int prev, int id) const override {
     if (id < 3) return "";
