@@ -3,7 +3,9 @@
 # scripts/gpu_pack.sh puts in .carry: the CUDA build (built here at
 # /work/main/build/cuda), our shared libraries and the models.
 # Usage: scripts/gpu_all.sh [PHASE...]; phases, in order (default: all):
-#   fixtures  reference outputs from PyTorch/transformers (tools/make_*_fixtures.py)
+#   fixtures  reference outputs from PyTorch/transformers (tools/make_*_fixtures.py, then tokfix)
+#   tokfix    the tokenizer fixtures only: prompt templates (tools/make_template_fixtures.py) and
+#             byte-level BPE (tools/make_bpe_fixtures.py, with the `tokenizers` library)
 #   ctest     every `gpu` test
 #   kernels   chapter 5: scripts/gpu_kernels.sh (tests + benchmark)
 #   optim     chapter 6: scripts/gpu_optim.sh (tests + benchmark)
@@ -25,6 +27,8 @@
 #             tests ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so;
 #             $SANITIZE_BINS, a glob, and $SANITIZE_TOOLS narrow it)
 #   oom       chapter 7: a 65B step at batch 4 in a 42 GiB card, to show the out-of-memory message
+#   instruct  chapter 8: scripts/instruct_recipe.sh gpu (kjv15M instruction-tuned on WordNet, with
+#             and without --train-on-inputs; the data carried by scripts/gpu_pack.sh)
 #   profile   chapter 7: Nsight Compute's time per kernel of one training step at the 7B width with
 #             $PROFILE_LAYERS layers (default 2), grouped by NVTX range (scripts/gpu_profile.sh)
 # A phase written PHASE& runs in the background (for correctness work beside runs whose
@@ -52,7 +56,14 @@ run_phase() {
       timeout 120 python3 tools/make_quant_fixtures.py --out "$res/quant" > "$res/fixtures_quant.log" 2>&1; echo "quant fixtures: $?"
       timeout 180 python3 tools/make_llama_fixtures.py --kjv15m-hf .carry/shared/models/kjv15M-hf \
         --stories260k .carry/shared/models/stories260K.bin --out "$res/llama" > "$res/fixtures_llama.log" 2>&1
-      echo "llama fixtures: $?" ;;
+      echo "llama fixtures: $?"
+      run_phase tokfix ;;
+    tokfix)
+      timeout 120 python3 tools/make_template_fixtures.py --out "$res/templates" \
+        --tokenizer .carry/shared/models/tokenizer.model > "$res/fixtures_templates.log" 2>&1
+      echo "template fixtures: $?"; tail -3 "$res/fixtures_templates.log"
+      timeout 120 python3 tools/make_bpe_fixtures.py --out "$res/bpe" > "$res/fixtures_bpe.log" 2>&1
+      echo "bpe fixtures: $?"; tail -3 "$res/fixtures_bpe.log" ;;
     ctest)
       timeout 330 ctest --test-dir /work/main/build/cuda -L gpu --output-on-failure > "$res/ctest_gpu.log" 2>&1
       echo "ctest gpu: $?"; grep -E "tests passed|Test +#|Failed|FAILED" "$res/ctest_gpu.log" | tail -30 ;;
@@ -121,6 +132,9 @@ run_phase() {
       build/cuda/qlora bench train --shape 65b --batch 4 --seq-len 512 --rank 64 --memory-limit-gib 42 --warmup 1 --steps 1 \
         > "$res/oom_65b_batch4.log" 2>&1
       echo "rc $?"; grep -v "^loading" "$res/oom_65b_batch4.log" | tail -8 ;;
+    instruct)
+      OUT=$res timeout ${INSTRUCT_TIMEOUT:-400} bash scripts/instruct_recipe.sh gpu build/cuda "$QLORA_DATA_DIR/instruct-gpu" \
+        > "$res/instruct.log" 2>&1; echo "instruct_recipe: $?"; cat "$res/instruct.log" ;;
     profile)
       timeout 420 bash scripts/gpu_profile.sh build/cuda "$res/profile" ${PROFILE_LAYERS:-2}; echo "gpu_profile: $?" ;;
   esac

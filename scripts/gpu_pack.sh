@@ -5,7 +5,8 @@
 #   .carry/libs.tar.xz  our Debian shared libraries (SentencePiece, OpenBLAS and what they
 #                       load), which the GPU machine's image lacks
 #   .carry/shared       the models and data the GPU phases read (kjv15M-hf, stories260K,
-#                       the tokenizers, tinyshakespeare), copied from the model search path
+#                       the tokenizers, tinyshakespeare), copied from the model search path, and
+#                       the instruct phase's WordNet records (tools/make_instruct_data.py)
 #   .carry/anchors      bitsandbytes' source tarball (../shared/anchors), built there
 # Usage: scripts/gpu_pack.sh [BUILD_DIR]  (default build/cuda, built with `cmake --preset cuda`)
 set -euo pipefail
@@ -30,6 +31,7 @@ tar cJf .carry/libs.tar.xz -C .carry libs && rm -rf .carry/libs
 tar cJf .carry/build-cuda.tar.xz -C .carry build-cuda && rm -rf .carry/build-cuda
 cp -r "$models/kjv15M-hf" "$models/stories260K.bin" "$models/tokenizer.model" "$models/tokenizer.bin" .carry/shared/models/
 cp "$data/tinyshakespeare.txt" .carry/shared/data/
+python3 tools/make_instruct_data.py --out .carry/shared/data/instruct-gpu --train 12000 --held-out 1000
 # The reference library's source, built on the GPU machine by scripts/build_bnb.sh.
 anchors=${QLORA_ANCHORS_DIR:-../shared/anchors}
 mkdir -p .carry/anchors && cp "$anchors"/bitsandbytes-*.tar.gz .carry/anchors/

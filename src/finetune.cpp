@@ -4,6 +4,7 @@
 #include "adamw.hpp"
 #include "adamw8bit.hpp"
 #include "checkpoint.hpp"
+#include "example_batches.hpp"
 #include "interrupt.hpp"
 #include "search_path.hpp"
 
@@ -13,6 +14,7 @@
 #include <chrono>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <cstdio>
 #include <fstream>
 #include <iterator>
@@ -74,6 +76,44 @@ FinetuneData load_finetune_data(const fs::path& text_file, const Tokenizer& tok,
   FinetuneData d;
   d.train.assign(ids.begin(), ids.end() - static_cast<std::ptrdiff_t>(n_val));
   d.val.assign(ids.end() - static_cast<std::ptrdiff_t>(n_val), ids.end());
+  return d;
+}
+
+FinetuneData load_instruct_data(const fs::path& train_file, const fs::path& val_file, const Tokenizer& tok,
+                                const std::optional<ChatTemplate>& chat_template, bool train_on_inputs, int seq_len,
+                                InstructDataReport& report, double val_fraction) {
+  std::vector<InstructRecord> train = read_instruct_jsonl(train_file), val;
+  if (!val_file.empty()) {
+    val = read_instruct_jsonl(val_file);
+  } else {
+    const auto n_val = std::max<std::size_t>(1, static_cast<std::size_t>(static_cast<double>(train.size()) * val_fraction));
+    if (train.size() <= n_val)
+      throw std::runtime_error("data file " + train_file.string() + " has " + std::to_string(train.size()) +
+                               " records: too few to hold some out (give the held-out records with --val-data)");
+    val.assign(train.end() - static_cast<std::ptrdiff_t>(n_val), train.end());
+    train.resize(train.size() - n_val);
+  }
+  report.chat_template = chat_template ? *chat_template : default_template(train);
+  report.train_records = static_cast<int>(train.size());
+  report.val_records = static_cast<int>(val.size());
+  FinetuneData d;
+  d.train_examples = make_examples(train, tok, {report.chat_template, train_on_inputs, seq_len}, train_file,
+                                   report.train_skipped);
+  const fs::path& val_source = val_file.empty() ? train_file : val_file;
+  // Samples are single-turn: one user message (after a system message, if any) and its answer.
+  for (std::size_t i = 0; i < val.size() && report.val_samples.size() < 3; ++i) {
+    const auto& m = val[i].conversation.messages;
+    const auto users = std::count_if(m.begin(), m.end(), [](const Message& x) { return x.role == Role::user; });
+    if (users == 1 && m.back().role == Role::assistant) report.val_samples.push_back(val[i].conversation);
+  }
+  d.val_examples = make_examples(val, tok, {report.chat_template, false, seq_len}, val_source, report.val_skipped);
+  auto require_some = [&](const std::vector<Example>& examples, const fs::path& file, const SkippedRecords& skipped,
+                          const std::string& what) {
+    if (examples.empty())
+      throw std::runtime_error("no " + what + " example left in " + file.string() + ": " + skipped.summary(seq_len));
+  };
+  require_some(d.train_examples, train_file, report.train_skipped, "training");
+  require_some(d.val_examples, val_source, report.val_skipped, "held-out");
   return d;
 }
 
@@ -163,6 +203,35 @@ double validation_loss(const BatchLoss& loss, const std::vector<int>& tokens, in
     sum += static_cast<double>(loss(x.data(), y.data(), static_cast<int>(nb), seq_len)) * static_cast<double>(nb);
   }
   return sum / static_cast<double>(windows);
+}
+
+double validation_loss(const BatchLoss& loss, const std::vector<Example>& examples, int batch, int max_examples) {
+  std::size_t n = examples.size();
+  if (max_examples > 0) n = std::min(n, static_cast<std::size_t>(max_examples));
+  if (n == 0) throw std::invalid_argument("no held-out example to validate on");
+  std::vector<int> order(n);
+  for (std::size_t i = 0; i < n; ++i) order[i] = static_cast<int>(i);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    return examples[static_cast<std::size_t>(a)].ids.size() > examples[static_cast<std::size_t>(b)].ids.size();
+  });
+  double sum = 0;
+  std::int64_t counted = 0;
+  for (std::size_t b0 = 0; b0 < n; b0 += static_cast<std::size_t>(batch)) {
+    const std::vector<int> idx(order.begin() + static_cast<std::ptrdiff_t>(b0),
+                               order.begin() + static_cast<std::ptrdiff_t>(std::min(n, b0 + static_cast<std::size_t>(batch))));
+    const MicroBatch mb = pad_batch(examples, idx, 0);
+    // A batch's loss is its mean over its counted targets: weighted by their number, the
+    // batches add up to the mean over every held-out response token.
+    sum += static_cast<double>(loss(mb.x.data(), mb.y.data(), mb.B, mb.T)) * static_cast<double>(mb.counted);
+    counted += mb.counted;
+  }
+  if (counted == 0) throw std::invalid_argument("the held-out examples have no response token");
+  return sum / static_cast<double>(counted);
+}
+
+double held_out_loss(const BatchLoss& loss, const FinetuneData& data, int seq_len, int batch, int max_windows) {
+  return data.instruct() ? validation_loss(loss, data.val_examples, batch, max_windows)
+                         : validation_loss(loss, data.val, seq_len, batch, max_windows);
 }
 
 double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int seq_len, int batch, int max_windows) {
@@ -288,6 +357,28 @@ TrainingInterrupted::TrainingInterrupted(int sig, int at_step, fs::path dir)
       step(at_step),
       checkpoint(std::move(dir)) {}
 
+//! [loss-normalization]
+double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, std::mt19937_64& dropout_rng) {
+  std::int64_t counted = 0;
+  for (const MicroBatch& mb : micro) counted += mb.counted;
+  // Micro-batch m weighs w_m = counted_m / counted. backward gives the gradient of each
+  // micro-batch's mean, so the accumulated gradient is kept in units of the latest
+  // micro-batch's weight (rescaled by w_prev / w_m before adding one) and multiplied by
+  // the last weight at the end. With equal counts (text windows) no rescaling happens
+  // and this is the plain average.
+  double loss = 0, w_prev = 0;
+  for (const MicroBatch& mb : micro) {
+    if (mb.counted == 0) continue;  // no loss, no gradient
+    const double w = static_cast<double>(mb.counted) / static_cast<double>(counted);
+    if (w_prev > 0 && w != w_prev) tr.scale_grads(static_cast<float>(w_prev / w));
+    loss += static_cast<double>(tr.train_micro_batch(mb.x.data(), mb.y.data(), mb.B, mb.T, dropout_rng)) * w;
+    w_prev = w;
+  }
+  if (w_prev > 0 && w_prev != 1.0) tr.scale_grads(static_cast<float>(w_prev));
+  return loss;
+}
+//! [loss-normalization]
+
 //! [training_loop]
 std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const FinetuneConfig& cfg) {
   if (cfg.batch < 1 || cfg.seq_len < 2 || cfg.grad_accum < 1 || cfg.steps < 0)
@@ -295,7 +386,13 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
   if (cfg.max_bad_steps < 1) throw std::invalid_argument("finetune: --max-bad-steps must be >= 1");
   check_sequence_length(tr.config(), cfg.seq_len, "finetune: --seq-len " + std::to_string(cfg.seq_len));
   const auto T = static_cast<std::size_t>(cfg.seq_len);
-  if (data.train.size() < T + 2) throw std::invalid_argument("training text is shorter than one --seq-len window");
+  if (!data.instruct() && data.train.size() < T + 2)
+    throw std::invalid_argument("training text is shorter than one --seq-len window");
+  for (const auto& e : data.train_examples)
+    if (e.ids.size() > T + 1)
+      throw std::invalid_argument("the example of line " + std::to_string(e.line) + " has " +
+                                  std::to_string(e.ids.size()) + " tokens, more than --seq-len " +
+                                  std::to_string(cfg.seq_len) + " + 1");
 
   tr.zero_grad();
   // Two generators: one picks the data windows, one draws the dropout masks. Both are
@@ -328,30 +425,49 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
   }
 
   const std::size_t B = static_cast<std::size_t>(cfg.batch);
-  const double max_start = static_cast<double>(data.train.size() - T - 1);
-  std::vector<int> x(B * T), y(B * T);
+  // Text: batch windows at random offsets drawn from data_rng. Instruction data:
+  // micro-batch k of the example schedule, k counted from the first step.
+  std::optional<ExampleSchedule> schedule;
+  if (data.instruct()) {
+    std::vector<int> lengths;
+    for (const auto& e : data.train_examples) lengths.push_back(static_cast<int>(e.ids.size()));
+    schedule.emplace(std::move(lengths), cfg.batch, cfg.seed, cfg.group_by_length);
+  }
+  auto micro_batch = [&](int step, int micro) {
+    if (schedule)
+      return pad_batch(data.train_examples, schedule->batch(std::int64_t{step - 1} * cfg.grad_accum + micro), 0);
+    const double max_start = static_cast<double>(data.train.size() - T - 1);
+    MicroBatch mb;
+    mb.B = cfg.batch;
+    mb.T = cfg.seq_len;
+    mb.counted = static_cast<std::int64_t>(B * T);
+    mb.x.resize(B * T);
+    mb.y.resize(B * T);
+    for (std::size_t b = 0; b < B; ++b) {
+      const auto off = static_cast<std::size_t>(uniform01(state.data_rng) * (max_start + 1.0));
+      for (std::size_t t = 0; t < T; ++t) {
+        mb.x[b * T + t] = data.train[off + t];
+        mb.y[b * T + t] = data.train[off + t + 1];
+      }
+    }
+    return mb;
+  };
   std::vector<StepRecord> records;
   const BatchLoss eval = [&](const int* ex, const int* ey, int eb, int et) { return tr.eval_batch(ex, ey, eb, et); };
   const auto t_begin = std::chrono::steady_clock::now();
   for (int step = start + 1; step <= cfg.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     tr.zero_grad();
-    double loss_sum = 0;
-    for (int micro = 0; micro < cfg.grad_accum; ++micro) {
-      for (std::size_t b = 0; b < B; ++b) {
-        const auto off = static_cast<std::size_t>(uniform01(state.data_rng) * (max_start + 1.0));
-        for (std::size_t t = 0; t < T; ++t) {
-          x[b * T + t] = data.train[off + t];
-          y[b * T + t] = data.train[off + t + 1];
-        }
-      }
-      loss_sum += tr.train_micro_batch(x.data(), y.data(), cfg.batch, cfg.seq_len, state.dropout_rng);
+    std::vector<MicroBatch> micro(static_cast<std::size_t>(cfg.grad_accum));
+    std::int64_t positions = 0;
+    for (int m = 0; m < cfg.grad_accum; ++m) {
+      micro[static_cast<std::size_t>(m)] = micro_batch(step, m);
+      positions += std::int64_t{micro[static_cast<std::size_t>(m)].B} * micro[static_cast<std::size_t>(m)].T;
     }
-    // backward gives the gradient of each micro-batch's mean loss; average them.
-    if (cfg.grad_accum > 1) tr.scale_grads(1.0f / static_cast<float>(cfg.grad_accum));
+    const double loss = accumulate_gradients(tr, micro, state.dropout_rng);
     StepRecord rec;
     rec.step = step;
-    rec.loss = static_cast<float>(loss_sum / cfg.grad_accum);
+    rec.loss = static_cast<float>(loss);
     // Measured even without clipping (an infinite bound scales nothing), so that a NaN
     // gradient behind a finite loss is caught too: one host sync per step on the GPU.
     rec.grad_norm = tr.clip_grad_norm(cfg.clip > 0 ? cfg.clip : std::numeric_limits<double>::infinity());
@@ -372,10 +488,11 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
     //! [skip-non-finite]
     state.step = step;
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    rec.tokens_per_s = static_cast<double>(B * T) * cfg.grad_accum / dt;
+    rec.positions = positions;
+    rec.tokens_per_s = static_cast<double>(positions) / dt;
     rec.peak_mem_mb = tr.peak_memory_mb();
     if (cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps))
-      rec.val_loss = static_cast<float>(validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows));
+      rec.val_loss = static_cast<float>(held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows));
     if (log) {
       nlohmann::json j = {{"step", rec.step},           {"loss", rec.loss},
                           {"lr", rec.lr},               {"grad_norm", rec.grad_norm},

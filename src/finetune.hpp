@@ -11,6 +11,7 @@
 // on the GPU; data order, logging and checkpoints are one code path for both.
 #pragma once
 #include "llama_model.hpp"
+#include "example_batches.hpp"
 #include "peft_adapter.hpp"
 #include "tokenizer.hpp"
 
@@ -19,6 +20,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -26,16 +28,40 @@
 
 namespace qlora {
 
-/// Token ids of a text, split into a training part and a held-out validation part.
+/// What a fine-tune reads: the token ids of a text, split into a training part and a
+/// held-out validation part; or instruction examples (instruct_data.hpp), likewise split.
 struct FinetuneData {
   std::vector<int> train;  ///< the first 90% of the tokens (BOS first)
   std::vector<int> val;    ///< the last 10%, contiguous
+  std::vector<Example> train_examples;  ///< instruction data: trained in padded batches (example_batches.hpp)
+  std::vector<Example> val_examples;    ///< held out: validation is the loss on their responses
+  bool instruct() const { return !train_examples.empty(); }
 };
 
 /// Reads a UTF-8 text file, encodes it with `tok`, puts BOS first and holds out the
 /// last `val_fraction` of the tokens. Throws std::runtime_error naming the file when
 /// it cannot be read or is too short to split.
 FinetuneData load_finetune_data(const std::filesystem::path& text_file, const Tokenizer& tok,
+                                double val_fraction = 0.1);
+
+/// What load_instruct_data read and left out.
+struct InstructDataReport {
+  ChatTemplate chat_template = ChatTemplate::llama2;
+  int train_records = 0, val_records = 0;
+  SkippedRecords train_skipped, val_skipped;
+  std::vector<Conversation> val_samples;  ///< the first three single-turn held-out records, for sample replies
+};
+
+/// Instruction data (chapter 8): the records of train_file (JSONL, instruct_data.hpp) as
+/// training examples; held out, the records of val_file, or when it is empty the last
+/// val_fraction of train_file's records (contiguous, at least one). Rendered with
+/// `chat_template`, else default_template of the training records; training labels on
+/// the responses only unless train_on_inputs, held-out labels always on the responses
+/// only, so that validation measures the same thing either way. Throws
+/// std::runtime_error naming the file when no example is left on either side.
+FinetuneData load_instruct_data(const std::filesystem::path& train_file, const std::filesystem::path& val_file,
+                                const Tokenizer& tok, const std::optional<ChatTemplate>& chat_template,
+                                bool train_on_inputs, int seq_len, InstructDataReport& report,
                                 double val_fraction = 0.1);
 
 /// The tokenizer next to a model file (or inside a model folder): tokenizer.model
@@ -80,6 +106,7 @@ struct FinetuneConfig {
   int save_every = 0;    ///< checkpoint every N steps into out/checkpoint-STEP (0: never)
   int save_total_limit = 3;  ///< keep the newest N checkpoints in out (0: all); never the one resumed from
   int max_bad_steps = 3;     ///< stop after this many non-finite steps in a row (each is skipped)
+  bool group_by_length = true;  ///< instruction data: batches of similar lengths (example_batches.hpp)
   std::uint64_t seed = 1337;
   std::filesystem::path out;     ///< log.jsonl and checkpoints go here (empty: nothing written)
   std::filesystem::path resume;  ///< a checkpoint, or an output folder (its newest complete checkpoint), to continue from
@@ -102,10 +129,11 @@ class TrainingInterrupted : public std::runtime_error {
 /// One optimizer step as logged.
 struct StepRecord {
   int step = 0;          ///< 1-based
-  float loss = 0;        ///< mean training loss over the step's micro-batches
+  float loss = 0;        ///< mean training loss over the step's counted targets (all micro-batches)
   float lr = 0;
   double grad_norm = 0;  ///< before clipping
-  double tokens_per_s = 0;
+  std::int64_t positions = 0;  ///< input positions computed (batch × T per micro-batch, padding included)
+  double tokens_per_s = 0;     ///< positions per second
   double peak_mem_mb = 0;  ///< peak memory of the training device so far, MiB (Trainer::peak_memory_mb)
   float val_loss = -1;   ///< when validated at this step, else −1
   std::string skipped;   ///< "non-finite loss" or "non-finite gradient norm" when the update was skipped, else empty
@@ -125,6 +153,12 @@ double validation_loss(const BatchLoss& loss, const std::vector<int>& tokens, in
 /// The same on the CPU model.
 double validation_loss(LlamaModel& model, const std::vector<int>& tokens, int seq_len, int batch,
                        int max_windows = 0);
+/// Mean loss over every counted target of the examples (at most max_examples when > 0),
+/// `batch` examples per forward, padded to each batch's longest; the batches go by
+/// length, so few pads are computed. Throws std::invalid_argument when there is none.
+double validation_loss(const BatchLoss& loss, const std::vector<Example>& examples, int batch, int max_examples = 0);
+/// The held-out loss of either kind of data: the text's windows or the examples' responses.
+double held_out_loss(const BatchLoss& loss, const FinetuneData& data, int seq_len, int batch, int max_windows);
 
 //! [trainer]
 /// What the training loop drives: a model with LoRA adapters, their gradients and an
@@ -197,6 +231,13 @@ class CpuTrainer final : public Trainer {
   LlamaModel& model_;
   std::unique_ptr<Optim> opt_;
 };
+
+/// One optimizer step's forward and backward passes: the gradient and the returned loss
+/// are those of the mean over every counted target of all the micro-batches, as
+/// transformers' Trainer takes it across gradient accumulation (num_items_in_batch), so
+/// a token weighs the same in a micro-batch of short answers as in one of long answers.
+/// A micro-batch without counted targets is not run.
+double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, std::mt19937_64& dropout_rng);
 
 /// Trains the trainer's adapters (its model must have LoRA). With cfg.resume, first
 /// loads the adapter, the optimizer state and the generator states of that checkpoint

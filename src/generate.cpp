@@ -8,6 +8,12 @@
 
 namespace qlora {
 
+namespace {
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+}  // namespace
+
 int sample_token(const std::vector<float>& logits, float temperature, float top_p, std::mt19937_64& rng) {
   if (logits.empty()) throw std::invalid_argument("sample_token: empty logits");
   const auto argmax = static_cast<int>(std::max_element(logits.begin(), logits.end()) - logits.begin());
@@ -35,15 +41,15 @@ int sample_token(const std::vector<float>& logits, float temperature, float top_
   return order[keep - 1];
 }
 
-std::string generate_text(LlamaModel& model, const Tokenizer& tok, const std::string& prompt, const SampleConfig& cfg) {
-  std::vector<int> ids{tok.bos_id()};
-  const auto p = tok.encode(prompt);
-  ids.insert(ids.end(), p.begin(), p.end());
+std::vector<int> generate_ids(LlamaModel& model, const Tokenizer& tok, std::vector<int> ids, const SampleConfig& cfg,
+                              const std::string& stop) {
   // Generation stops where the model's attention ends: its context or a shorter sliding window.
   const LlamaConfig& c = model.config();
   const int limit = c.sliding_window > 0 ? std::min(c.seq_len, c.sliding_window) : c.seq_len;
+  if (ids.empty()) throw std::invalid_argument("generate: empty prompt");
   if (static_cast<int>(ids.size()) >= limit)
     throw std::invalid_argument("prompt is longer than the model's context of " + std::to_string(limit) + " tokens");
+  const std::size_t prompt = ids.size();
   std::mt19937_64 rng(cfg.seed);
   model.reset_kv();
   const std::vector<float>* logits = nullptr;
@@ -52,9 +58,29 @@ std::string generate_text(LlamaModel& model, const Tokenizer& tok, const std::st
     const int next = sample_token(*logits, cfg.temperature, cfg.top_p, rng);
     if (next == tok.eos_id() || next == tok.bos_id()) break;
     ids.push_back(next);
+    if (!stop.empty()) {
+      if (ends_with(tok.decode({ids.begin() + static_cast<std::ptrdiff_t>(prompt), ids.end()}), stop)) break;
+    }
     if (static_cast<int>(ids.size()) < limit) logits = &model.decode_step(next, static_cast<int>(ids.size()) - 1);
   }
-  return tok.decode(ids);
+  return ids;
+}
+
+std::string generate_text(LlamaModel& model, const Tokenizer& tok, const std::string& prompt, const SampleConfig& cfg) {
+  std::vector<int> ids{tok.bos_id()};
+  const auto p = tok.encode(prompt);
+  ids.insert(ids.end(), p.begin(), p.end());
+  return tok.decode(generate_ids(model, tok, std::move(ids), cfg));
+}
+
+std::string generate_reply(LlamaModel& model, const Tokenizer& tok, ChatTemplate t, const Conversation& prompt,
+                           const SampleConfig& cfg) {
+  const auto ids = tokenize_chat(render_chat(t, prompt, true), tok).ids;
+  const std::string stop = turn_end_text(t);
+  const auto all = generate_ids(model, tok, ids, cfg, stop);
+  std::string reply = tok.decode({all.begin() + static_cast<std::ptrdiff_t>(ids.size()), all.end()});
+  if (!stop.empty() && ends_with(reply, stop)) reply.resize(reply.size() - stop.size());
+  return reply;
 }
 
 }  // namespace qlora

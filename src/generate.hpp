@@ -1,7 +1,9 @@
-// Text generation with the KV-cache decoder (chapter 7, "Samples"): the prompt is fed
-// token by token after BOS, then each next token is picked greedily (temperature 0)
-// or sampled with temperature and top-p (nucleus) truncation from a seeded generator.
+// Text generation with the KV-cache decoder (chapter 7, "Samples"; chapter 8, replies in
+// a prompt template): the prompt is fed token by token, then each next token is picked
+// greedily (temperature 0) or sampled with temperature and top-p (nucleus) truncation
+// from a seeded generator.
 #pragma once
+#include "chat_template.hpp"
 #include "llama_model.hpp"
 #include "tokenizer.hpp"
 
@@ -21,7 +23,19 @@ struct SampleConfig {
 /// Next token from logits: argmax at temperature 0, else a top-p sample of softmax(logits/temperature).
 int sample_token(const std::vector<float>& logits, float temperature, float top_p, std::mt19937_64& rng);
 
-/// Prompt plus up to max_tokens generated tokens (stops at EOS/BOS or the end of the model's context: seq_len, or a shorter sliding_window), decoded.
+/// The prompt ids followed by up to max_tokens generated ids: stops at EOS/BOS, the end of
+/// the model's context (seq_len, or a shorter sliding_window), or once the generated text
+/// ends with `stop` (when not empty; the ids that spell it are kept).
+std::vector<int> generate_ids(LlamaModel& model, const Tokenizer& tok, std::vector<int> prompt_ids,
+                              const SampleConfig& cfg, const std::string& stop = "");
+
+/// Prompt plus up to max_tokens generated tokens (BOS first, as in training on text), decoded.
 std::string generate_text(LlamaModel& model, const Tokenizer& tok, const std::string& prompt, const SampleConfig& cfg);
+
+/// The assistant's reply to a conversation (chapter 8): the conversation rendered by the
+/// template with its generation prompt, tokenized as in training, continued until EOS or
+/// the template's end of turn (turn_end_text, removed from the reply).
+std::string generate_reply(LlamaModel& model, const Tokenizer& tok, ChatTemplate t, const Conversation& prompt,
+                           const SampleConfig& cfg);
 
 }  // namespace qlora

@@ -20,6 +20,7 @@
 // default runs the LoRA and attention products in TF32 (kernels/float_math.cuh): ≈ 1e-3
 // relative per product, below the BF16 flips above; NF4+DQ runs in both arithmetics.
 #include "file_helpers.hpp"
+#include "lora_helpers.hpp"
 #include "model_helpers.hpp"
 #include "finetune.hpp"
 #include "finetune_helpers.hpp"
@@ -44,6 +45,9 @@
 using namespace qlora;
 using qlora::test::random_tokens;
 using qlora::test::model_or_fail;
+using qlora::test::add_random_lora;
+using qlora::test::host_grads;
+using qlora::test::rel_frobenius;
 
 namespace {
 
@@ -68,40 +72,6 @@ double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
     m = std::max(m, std::fabs(static_cast<double>(a[i]) - b[i]));
   }
   return m;
-}
-
-double rel_frobenius(const std::vector<float>& a, const std::vector<float>& ref) {
-  REQUIRE(a.size() == ref.size());
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    REQUIRE(std::isfinite(a[i]));
-    num += (static_cast<double>(a[i]) - ref[i]) * (static_cast<double>(a[i]) - ref[i]);
-    den += static_cast<double>(ref[i]) * ref[i];
-  }
-  return std::sqrt(num / den);
-}
-
-// Adapters with random non-zero B (PEFT starts B at 0, which would leave dA = 0 and
-// hide half the backward).
-void add_random_lora(LlamaModel& m, float dropout, std::uint64_t seed) {
-  LoraSetup s;
-  s.config.r = 4;
-  s.config.alpha = 8.0f;
-  s.config.dropout = dropout;
-  std::mt19937_64 rng(seed);
-  m.add_lora(s, rng);
-  std::normal_distribution<float> nd(0.0f, 0.02f);
-  for (auto& [name, a] : m.named_adapters())
-    for (float& b : a->B) b = nd(rng);
-}
-
-std::vector<float> host_grads(LlamaModel& m) {
-  std::vector<float> g;
-  for (auto& [name, a] : m.named_adapters()) {
-    g.insert(g.end(), a->dA.begin(), a->dA.end());
-    g.insert(g.end(), a->dB.begin(), a->dB.end());
-  }
-  return g;
 }
 
 }  // namespace

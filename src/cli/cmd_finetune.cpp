@@ -1,7 +1,8 @@
-// `qlora finetune`, `qlora eval`, `qlora generate` (chapter 7): QLoRA fine-tuning of a
-// LLaMA checkpoint on a text file, perplexity of a text file, and text generation,
-// each with or without a PEFT adapter. The work is in finetune.hpp and generate.hpp;
-// this file only parses flags and prints.
+// `qlora finetune`, `qlora eval`, `qlora generate` (chapters 7 and 8): QLoRA fine-tuning
+// of a LLaMA checkpoint on a text file or instruction data, perplexity of a text file,
+// and text generation (or a reply in a prompt template), each with or without a PEFT
+// adapter. The work is in finetune.hpp and generate.hpp; this file only parses flags and
+// prints.
 #include "atomic_file.hpp"
 #include "checkpoint.hpp"
 #include "command.hpp"
@@ -220,6 +221,30 @@ std::vector<StepRecord> finetune_until_interrupted(Trainer& trainer, const Finet
 }
 //! [interrupted]
 
+// Instruction data: the model's greedy replies to the first held-out prompts, beside the
+// reference answers, in the training template.
+void print_replies(const char* when, LlamaModel& m, const Tokenizer& tok, const InstructDataReport& report, int tokens) {
+  SampleConfig s;
+  s.max_tokens = tokens;
+  std::printf("%s greedy replies (template %s):\n", when, to_string(report.chat_template).c_str());
+  for (const Conversation& c : report.val_samples) {
+    const Conversation prompt = prompt_part(c);
+    std::printf("  prompt:    %s%s\n", prompt.messages.back().content.c_str(),
+                c.input.empty() ? "" : (" [input: " + c.input + "]").c_str());
+    std::printf("  reference: %s\n", c.messages.back().content.c_str());
+    std::printf("  reply:     %s\n", generate_reply(m, tok, report.chat_template, prompt, s).c_str());
+  }
+  std::printf("\n");
+}
+
+// The flags that only instruction data takes, refused by name with a text file.
+void refuse_instruct_flags(const CLI::App& cmd, const std::string& data) {
+  for (const char* flag : {"--val-data", "--template", "--train-on-inputs", "--group-by-length"})
+    if (cmd.count(flag) > 0)
+      throw std::invalid_argument(std::string(flag) + " applies to instruction data (*.jsonl); " + data +
+                                  " is read as plain text");
+}
+
 void print_sample(const char* when, LlamaModel& m, const Tokenizer& tok, int tokens) {
   SampleConfig s;
   s.max_tokens = tokens;
@@ -262,6 +287,9 @@ QLORA_COMMAND([](CLI::App& app) {
     std::string optim = "adamw_32bit";
     bool checkpointing = false;
     bool stream = false;
+    std::string val_data;
+    std::string chat_template;
+    bool train_on_inputs = false;
   };
   auto o = std::make_shared<Options>();
   o->cfg.steps = 100;
@@ -271,9 +299,20 @@ QLORA_COMMAND([](CLI::App& app) {
   o->cfg.eval_every = 50;
   o->cfg.save_every = 50;
   o->cfg.val_windows = 64;
-  auto* cmd = app.add_subcommand("finetune", "Chapter 7: QLoRA fine-tune of a LLaMA checkpoint on a text file (CPU or GPU)");
+  auto* cmd = app.add_subcommand("finetune", "Chapters 7 and 8: QLoRA fine-tune of a LLaMA checkpoint on a text file or instruction data (CPU or GPU)");
   o->m.add(cmd, false);
-  cmd->add_option("--data", o->data, "UTF-8 text file (name searched in the data path)")->capture_default_str();
+  cmd->add_option("--data", o->data,
+                  "UTF-8 text file, or instruction data: *.jsonl of Alpaca records or conversations "
+                  "(name searched in the data path)")
+      ->capture_default_str();
+  cmd->add_option("--val-data", o->val_data, "held-out *.jsonl records (default: the last 10% of --data's)");
+  cmd->add_option("--template", o->chat_template,
+                  "prompt template of instruction data: llama2, chatml or alpaca "
+                  "(default: alpaca when every record is an Alpaca record, else llama2)");
+  cmd->add_flag("--train-on-inputs", o->train_on_inputs,
+                "instruction data: a loss on the prompt tokens too (default: on the responses only)");
+  cmd->add_flag("--group-by-length,!--no-group-by-length", o->cfg.group_by_length,
+                "instruction data: batches of examples of similar length (default on)");
   // Every number is checked here, before anything is loaded, so a bad flag is named at once.
   cmd->add_option("--rank,-r", o->rank, "LoRA rank")->capture_default_str()->check(qlora::cli::positive);
   cmd->add_option("--alpha", o->alpha, "LoRA alpha")->capture_default_str()->check(qlora::cli::positive);
@@ -295,7 +334,8 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--eval-every", o->cfg.eval_every, "validate every N steps (0: only before/after)")
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
-  cmd->add_option("--val-windows", o->cfg.val_windows, "cap on validation windows (0: all)")
+  cmd->add_option("--val-windows", o->cfg.val_windows,
+                  "cap on validation windows (instruction data: on held-out examples, the first N) (0: all)")
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
   cmd->add_option("--save-every", o->cfg.save_every, "checkpoint every N steps (0: only the final adapter)")
@@ -326,10 +366,15 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_flag("--stream", o->stream,
                 "build the model on the GPU from a Hugging Face folder, one tensor at a time, with no host copy "
                 "(for models the CPU cannot hold; the greedy samples are skipped)");
-  cmd->add_option("--sample-tokens", o->sample_tokens, "length of the ROMEO: samples")
+  cmd->add_option("--sample-tokens", o->sample_tokens, "length of the ROMEO: samples (instruction data: of the replies)")
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
   cmd->callback([o, cmd] {
+    // Flags that do not fit the data are refused before anything is loaded.
+    const bool instruct = std::filesystem::path(o->data).extension() == ".jsonl";
+    if (!instruct) refuse_instruct_flags(*cmd, o->data);
+    const auto chat_template =
+        o->chat_template.empty() ? std::nullopt : std::optional(parse_chat_template(o->chat_template));
     TrainingSetup plan;  // for the advice after an out-of-memory error
     plan.batch = o->cfg.batch;
     plan.seq_len = o->cfg.seq_len;
@@ -367,16 +412,36 @@ QLORA_COMMAND([](CLI::App& app) {
         frozen_bytes = host->frozen_storage_bytes();
         trainer = make_trainer(o->device, *host, cfg);
       }
-      const auto data = load_finetune_data(require_data(o->data), *tok);
-      const std::int64_t lora_parameters = trainer->lora_parameter_count();
-      std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
-                  storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
       if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
       check_seq_len(cfg.seq_len, trainer->config(), mp);
+      const auto data_path = require_data(o->data);
+      InstructDataReport report;
+      FinetuneData data;
+      const std::int64_t lora_parameters = trainer->lora_parameter_count();
+      if (instruct) {
+        data = load_instruct_data(data_path, o->val_data.empty() ? std::filesystem::path{} : require_data(o->val_data),
+                                  *tok, chat_template, o->train_on_inputs, cfg.seq_len, report);
+        std::printf("model %s (%s base), %zu train / %zu held-out examples (template %s, loss on %s), "
+                    "%lld LoRA parameters\n",
+                    mp.string().c_str(), storage.c_str(), data.train_examples.size(), data.val_examples.size(),
+                    to_string(report.chat_template).c_str(), o->train_on_inputs ? "every token" : "the responses",
+                    static_cast<long long>(lora_parameters));
+        if (report.train_skipped.total() > 0)
+          std::printf("training, %s: %s\n", o->data.c_str(), report.train_skipped.summary(cfg.seq_len).c_str());
+        if (report.val_skipped.total() > 0)
+          std::printf("held out, %s: %s\n", (o->val_data.empty() ? o->data : o->val_data).c_str(),
+                      report.val_skipped.summary(cfg.seq_len).c_str());
+      } else {
+        data = load_finetune_data(data_path, *tok);
+        std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
+                    storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
+      }
       std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
       const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
       auto sample = [&](const char* when) {
-        if (host)
+        if (host && instruct)
+          print_replies(when, *host, *tok, report, o->sample_tokens);
+        else if (host)
           print_sample(when, *host, *tok, o->sample_tokens);
         else
           std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
@@ -385,18 +450,18 @@ QLORA_COMMAND([](CLI::App& app) {
       if (!cfg.resume.empty()) std::printf("resuming from %s\n", resolve_resume(cfg.resume).string().c_str());
       double before = -1;
       if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
-        before = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
+        before = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
         print_val("before", before);
         sample("before");
         std::fflush(stdout);
       }
       const auto records = finetune_until_interrupted(*trainer, data, cfg);
-      const double after = validation_loss(eval, data.val, cfg.seq_len, cfg.batch, cfg.val_windows);
+      const double after = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
       print_val("after", after);
       // Throughput over the whole run: tokens trained / seconds spent in training steps.
       double tokens = 0, seconds = 0, peak = 0;
       for (const auto& r : records) {
-        const double n = static_cast<double>(cfg.batch) * cfg.seq_len * cfg.grad_accum;
+        const auto n = static_cast<double>(r.positions);
         tokens += n;
         seconds += n / r.tokens_per_s;
         peak = std::max(peak, r.peak_mem_mb);
@@ -404,7 +469,7 @@ QLORA_COMMAND([](CLI::App& app) {
       if (!records.empty())
         std::printf("%d steps in %.1f s: %.0f tokens/s, peak memory %.0f MiB (%s)\n", static_cast<int>(records.size()),
                     seconds, tokens / seconds, peak, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
-      const nlohmann::json summary = {
+      nlohmann::json summary = {
           {"model", mp.filename().string()}, {"storage", storage}, {"device", trainer->device()},
           {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
           {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
@@ -412,7 +477,15 @@ QLORA_COMMAND([](CLI::App& app) {
           {"val_windows", cfg.val_windows}, {"gradient_checkpointing", o->checkpointing}, {"val_loss_before", before}, {"val_loss_after", after},
           {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
           {"peak_mem_mb", peak}, {"frozen_bytes", frozen_bytes}, {"lora_parameters", lora_parameters},
-          {"streamed", o->stream}};
+          {"streamed", o->stream}, {"data", std::filesystem::path(o->data).filename().string()}};
+      if (instruct) {
+        summary["template"] = to_string(report.chat_template);
+        summary["train_on_inputs"] = o->train_on_inputs;
+        summary["group_by_length"] = cfg.group_by_length;
+        summary["train_examples"] = data.train_examples.size();
+        summary["val_examples"] = data.val_examples.size();
+        summary["skipped_records"] = report.train_skipped.total() + report.val_skipped.total();
+      }
       write_text_atomic(cfg.out / "summary.json", summary.dump(2) + "\n");
       sample("after");
       write_peft_adapter(cfg.out / "adapter", trainer->adapter());
@@ -458,6 +531,9 @@ QLORA_COMMAND([](CLI::App& app) {
     return ids;
   };
   cmd->callback([o, text_ids] {
+    if (std::filesystem::path(o->data).extension() == ".jsonl")
+      throw std::invalid_argument("qlora eval reads a text file; the held-out response loss of instruction data (" +
+                                  o->data + ") is what qlora finetune reports before and after training");
     const auto mp = o->m.model_path();
     if (o->device == "cuda") {
       if (!o->dump_logits.empty()) throw std::invalid_argument("--dump-logits: only with --device cpu");
@@ -490,19 +566,46 @@ QLORA_COMMAND([](CLI::App& app) {
   struct Options {
     ModelOptions m;
     std::string prompt = "ROMEO:";
+    std::string chat_template;
+    std::string system;
+    std::string input;
     SampleConfig s;
   };
   auto o = std::make_shared<Options>();
-  auto* cmd = app.add_subcommand("generate", "Chapter 7: generate text, optionally with a PEFT adapter");
+  auto* cmd = app.add_subcommand("generate", "Chapters 7 and 8: generate text, or a reply in a prompt template, "
+                                             "optionally with a PEFT adapter");
   o->m.add(cmd, true);
-  cmd->add_option("--prompt", o->prompt, "prompt text")->capture_default_str();
+  cmd->add_option("--prompt", o->prompt, "prompt text (with --template: the user's message, or Alpaca's instruction)")
+      ->capture_default_str();
+  cmd->add_option("--template", o->chat_template,
+                  "llama2, chatml or alpaca: format --prompt as a user turn, as finetune formats its instruction "
+                  "data, and print the reply");
+  cmd->add_option("--system", o->system, "with --template llama2 or chatml: a system message first");
+  cmd->add_option("--input", o->input, "with --template: Alpaca's input (chat templates: after the instruction)");
   cmd->add_option("--max-tokens", o->s.max_tokens, "tokens to generate")->capture_default_str()->check(qlora::cli::non_negative);
   cmd->add_option("--temperature", o->s.temperature, "0: greedy")->capture_default_str()->check(qlora::cli::non_negative);
   cmd->add_option("--top-p", o->s.top_p, "nucleus sampling mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--seed", o->s.seed, "sampling seed")->capture_default_str();
-  cmd->callback([o] {
+  cmd->callback([o, cmd] {
+    if (o->chat_template.empty())
+      for (const char* flag : {"--system", "--input"})
+        if (cmd->count(flag) > 0) throw std::invalid_argument(std::string(flag) + " needs --template");
+    // The prompt as an instruction record: alpaca renders it as its instruction (and
+    // input), the chat templates as the user's turn.
+    Conversation c;
+    if (!o->chat_template.empty()) {
+      const ChatTemplate t = parse_chat_template(o->chat_template);
+      if (!o->system.empty()) c.messages.push_back({Role::system, o->system});
+      c.messages.push_back({Role::user, o->prompt});
+      c.instruction_record = true;
+      c.input = o->input;
+      render_chat(t, c, true);  // a template that cannot take it says so before the model loads
+    }
     const auto mp = o->m.model_path();
     auto [model, tok] = o->m.load_with_tokenizer(mp);
-    std::printf("%s\n", generate_text(model, *tok, o->prompt, o->s).c_str());
+    if (o->chat_template.empty())
+      std::printf("%s\n", generate_text(model, *tok, o->prompt, o->s).c_str());
+    else
+      std::printf("%s\n", generate_reply(model, *tok, parse_chat_template(o->chat_template), c, o->s).c_str());
   });
 });

@@ -1,0 +1,152 @@
+// Chapter 8, templates: llama2, chatml and alpaca against transformers' apply_chat_template
+// (and Stanford Alpaca's prompt) token for token, with the LLaMA-2 tokenizer
+// (tests/fixtures/templates, written by tools/make_template_fixtures.py); then what the
+// fixtures cannot show: the structure each template refuses, Python's strip, and where a
+// token that straddles the prompt and the answer goes, on a made-up tokenizer.
+#include "chat_template.hpp"
+#include "file_helpers.hpp"
+#include "instruct_helpers.hpp"
+#include "tokenizer.hpp"
+
+#include <nlohmann/json.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <fstream>
+#include <map>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+using namespace qlora;
+using qlora::test::PieceTokenizer;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A fixture case's input as the C++ side reads it: a conversation, or an Alpaca record.
+Conversation conversation_of(const nlohmann::json& c) {
+  Conversation conv;
+  if (c.contains("messages")) {
+    for (const auto& m : c.at("messages")) {
+      const std::string role = m.at("role");
+      const Role r = role == "system" ? Role::system : role == "user" ? Role::user : Role::assistant;
+      conv.messages.push_back({r, m.at("content").get<std::string>()});
+    }
+    return conv;
+  }
+  const auto& rec = c.at("record");
+  conv.instruction_record = true;
+  conv.input = rec.value("input", "");
+  conv.messages.push_back({Role::user, rec.at("instruction").get<std::string>()});
+  if (rec.contains("output")) conv.messages.push_back({Role::assistant, rec.at("output").get<std::string>()});
+  return conv;
+}
+
+}  // namespace
+
+TEST_CASE("Templates: our ids and assistant masks are transformers' for every case", "[ch08][templates][fixtures]") {
+  const fs::path file = fs::path(QLORA_FIXTURES_DIR) / "templates" / "templates.json";
+  INFO("fixtures: run python3 tools/make_template_fixtures.py --out tests/fixtures/templates where transformers, "
+       "sentencepiece and protobuf are installed (it writes " << file.string() << ")");
+  REQUIRE(fs::exists(file));
+  std::ifstream in(file);
+  const auto fixture = nlohmann::json::parse(in);
+  const auto tok_path = test::model_or_fail(fixture.at("tokenizer_file").get<std::string>());
+  if (!tok_path) return;
+  SentencePieceTokenizer tok(*tok_path);
+  REQUIRE(fixture.at("bos_id").get<int>() == tok.bos_id());
+  REQUIRE(fixture.at("eos_id").get<int>() == tok.eos_id());
+  std::map<std::string, int> per_template;
+  for (const auto& c : fixture.at("cases")) {
+    const std::string name = c.at("template").get<std::string>() + "/" + c.at("name").get<std::string>();
+    INFO(name);
+    // The fixture script checks transformers against the sentencepiece library run directly.
+    CHECK(c.at("sentencepiece_agrees").get<bool>());
+    const ChatTemplate t = parse_chat_template(c.at("template"));
+    const RenderedChat r = render_chat(t, conversation_of(c), c.at("add_generation_prompt").get<bool>());
+    CHECK(rendered_text(r) == c.at("rendered").get<std::string>());
+    const TokenizedChat got = tokenize_chat(r, tok);
+    CHECK(got.ids == c.at("ids").get<std::vector<int>>());
+    const auto mask = c.at("assistant_mask").get<std::vector<int>>();
+    CHECK(std::vector<int>(got.assistant_mask.begin(), got.assistant_mask.end()) == mask);
+    ++per_template[c.at("template").get<std::string>()];
+  }
+  // Every template is covered by several conversations.
+  for (const char* t : {"llama2", "chatml", "alpaca"}) CHECK(per_template[t] >= 5);
+}
+
+TEST_CASE("Templates: the published structure, and refusals naming what is wrong", "[ch08][templates]") {
+  const Conversation chat{{{Role::system, "Be brief."},
+                           {Role::user, " hi "},
+                           {Role::assistant, " hello "},
+                           {Role::user, "bye"},
+                           {Role::assistant, "see you"}},
+                          false,
+                          ""};
+  CHECK(rendered_text(render_chat(ChatTemplate::llama2, chat, false)) ==
+        "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n hi [/INST] hello </s><s>[INST] bye [/INST] see you </s>");
+  CHECK(rendered_text(render_chat(ChatTemplate::chatml, chat, true)) ==
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n hi <|im_end|>\n<|im_start|>assistant\n hello "
+        "<|im_end|>\n<|im_start|>user\nbye<|im_end|>\n<|im_start|>assistant\nsee you<|im_end|>\n"
+        "<|im_start|>assistant\n");
+  // An instruction record: alpaca keeps the input apart, the chat templates append it.
+  const Conversation rec{{{Role::user, "Define {input}."}, {Role::assistant, "a word"}}, true, "lexeme"};
+  CHECK(rendered_text(render_chat(ChatTemplate::alpaca, rec, false)) ==
+        "<s>Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n### Instruction:\nDefine {input}.\n\n"
+        "### Input:\nlexeme\n\n### Response:a word</s>");
+  CHECK(rendered_text(render_chat(ChatTemplate::llama2, rec, false)) ==
+        "<s>[INST] Define {input}.\n\nlexeme [/INST] a word </s>");
+
+  auto refused = [](ChatTemplate t, const Conversation& c, bool gen, const std::string& fragment) {
+    INFO(to_string(t) << ": expected an error containing \"" << fragment << "\"");
+    CHECK_THROWS_WITH(render_chat(t, c, gen), Catch::Contains(fragment));
+  };
+  const Conversation two_users{{{Role::user, "a"}, {Role::user, "b"}}, false, ""};
+  refused(ChatTemplate::llama2, two_users, false, "message 2 is user, expected assistant");
+  const Conversation late_system{{{Role::user, "a"}, {Role::assistant, "b"}, {Role::system, "c"}}, false, ""};
+  refused(ChatTemplate::llama2, late_system, false, "message 3 is system, expected user");
+  refused(ChatTemplate::llama2, Conversation{{{Role::system, "s"}}, false, ""}, false, "no user message");
+  refused(ChatTemplate::alpaca, chat, false, "template alpaca takes one instruction");
+  refused(ChatTemplate::alpaca, Conversation{{{Role::user, "q"}}, true, ""}, false, "and its output");
+  CHECK_THROWS_WITH(parse_chat_template("vicuna"), Catch::Contains("unknown template 'vicuna'"));
+  CHECK(turn_end_text(ChatTemplate::chatml) == "<|im_end|>");
+  CHECK(turn_end_text(ChatTemplate::llama2).empty());
+  CHECK(prompt_part(chat).messages.size() == 4);
+}
+
+TEST_CASE("python_strip strips what Python's str.strip() strips", "[ch08][templates]") {
+  CHECK(python_strip("  a b \t\n") == "a b");
+  // NBSP, ideographic space, line separator and the ASCII separators \x1c-\x1f are whitespace to Python.
+  CHECK(python_strip("\xC2\xA0\xE3\x80\x80x\xE2\x80\xA8\x1f") == "x");
+  // Zero-width space (U+200B) is not, nor are letters that share bytes with spaces.
+  CHECK(python_strip("\xE2\x80\x8Bx") == "\xE2\x80\x8Bx");
+  CHECK(python_strip(" caf\xC3\xA9 ") == "caf\xC3\xA9");
+  CHECK(python_strip(" \t ").empty());
+}
+
+TEST_CASE("A token across the prompt/answer boundary: the answer's in chat templates, the prompt's in alpaca",
+          "[ch08][templates]") {
+  // ":f" spans the end of "### Response:" and the start of "forsake".
+  const PieceTokenizer tok({":f", "orsake"});
+  const Conversation rec{{{Role::user, "q"}, {Role::assistant, "forsake"}}, true, ""};
+  const TokenizedChat alpaca = tokenize_chat(render_chat(ChatTemplate::alpaca, rec, false), tok);
+  const auto colon_f = std::find(alpaca.ids.begin(), alpaca.ids.end(), 3) - alpaca.ids.begin();
+  REQUIRE(colon_f < static_cast<std::ptrdiff_t>(alpaca.ids.size()));
+  CHECK(alpaca.assistant_mask[static_cast<std::size_t>(colon_f)] == 0);      // as Stanford Alpaca counts it
+  CHECK(alpaca.assistant_mask[static_cast<std::size_t>(colon_f) + 1] == 1);  // "orsake"
+  CHECK(alpaca.assistant_mask.back() == 1);                                  // EOS
+  CHECK(alpaca.ids.front() == tok.bos_id());
+
+  RenderedChat same = render_chat(ChatTemplate::alpaca, rec, false);
+  same.straddler_is_assistant = true;  // transformers' {% generation %} rule
+  CHECK(tokenize_chat(same, tok).assistant_mask[static_cast<std::size_t>(colon_f)] == 1);
+
+  // A tokenizer whose pieces do not spell the text back cannot place the answer's tokens.
+  const PieceTokenizer lower({"ok"}, true);
+  const Conversation upper{{{Role::user, "Why?"}, {Role::assistant, "OK"}}, false, ""};
+  CHECK_THROWS_WITH(tokenize_chat(render_chat(ChatTemplate::chatml, upper, false), lower),
+                    Catch::Contains("does not spell"));
+}
