@@ -130,6 +130,7 @@ class LlamaModelGpu {
   cudaStream_t stream() const { return stream_; }
 
  private:
+  friend class GpuDecoder;  // generation (kernels/generate_gpu.cuh) runs the same weights through linear()
   struct LayerActs;
   struct Layer {
     DeviceBuffer<float> rms_att, rms_ffn;

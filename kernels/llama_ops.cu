@@ -102,15 +102,17 @@ __global__ void to_bf16_kernel(const float* __restrict__ x, bf16* __restrict__ y
 
 //! [rope-cuda]
 // One thread per rotated pair (row n, head h, pair i): the rotate-half pair
-// (x[i], x[i + hs/2]) of head h, as the CPU's rope.
-__global__ void rope_kernel(float* __restrict__ v, std::int64_t pairs, int T, int n_heads, int half,
-                            const float* __restrict__ cos_t, const float* __restrict__ sin_t, float sign) {
+// (x[i], x[i + hs/2]) of head h, as the CPU's rope. Row n sits at position pos[n] when
+// the rows carry their positions (decoding), else at n % T (a batch of whole sequences).
+__global__ void rope_kernel(float* __restrict__ v, std::int64_t pairs, int T, const int* __restrict__ pos,
+                            int n_heads, int half, const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                            float sign) {
   for (std::int64_t j = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; j < pairs;
        j += (std::int64_t)gridDim.x * blockDim.x) {
     const int i = static_cast<int>(j % half);
     const std::int64_t head = j / half;  // row n's head h, counted over all rows
     const std::int64_t n = head / n_heads;
-    const std::int64_t tab = (n % T) * half + i;
+    const std::int64_t tab = (pos ? pos[n] : n % T) * half + i;
     const float c = cos_t[tab], s = sign * sin_t[tab];
     float* x = v + head * 2 * half + i;
     const float x0 = x[0], x1 = x[half];
@@ -119,6 +121,18 @@ __global__ void rope_kernel(float* __restrict__ v, std::int64_t pairs, int T, in
   }
 }
 //! [rope-cuda]
+
+// Row n's key or value (KV values) into its cache slot at its position: the CPU's
+// decode_step writes k and v straight into kcache_/vcache_ the same way.
+__global__ void kv_cache_write_kernel(const float* __restrict__ x, float* __restrict__ cache,
+                                      const int* __restrict__ pos, const int* __restrict__ slot, std::int64_t n,
+                                      int KV, int max_seq) {
+  for (std::int64_t j = blockIdx.x * (std::int64_t)blockDim.x + threadIdx.x; j < n;
+       j += (std::int64_t)gridDim.x * blockDim.x) {
+    const std::int64_t row = j / KV;
+    cache[((std::int64_t)slot[row] * max_seq + pos[row]) * KV + j % KV] = x[j];
+  }
+}
 
 // ---------------------------------------------------------------------------------
 // One block per row
@@ -252,6 +266,39 @@ __global__ void attention_forward_kernel(const float* __restrict__ q, const floa
 }
 //! [attention-forward-cuda]
 
+//! [attention-cached-cuda]
+// Decoding: query row (n, h) against its sequence's cache, keys 0..pos[n] of slot
+// slot[n] (the CPU's attend). The same warp-per-row scheme as the kernel above: lanes
+// over the keys for scores and softmax, then over the head dimensions for Σ_s p_s·v_s.
+__global__ void attention_cached_kernel(const float* __restrict__ q, const float* __restrict__ kc,
+                                        const float* __restrict__ vc, float* __restrict__ scores,
+                                        float* __restrict__ out, const int* __restrict__ pos,
+                                        const int* __restrict__ slot, int N, int H, int KVH, int hs, int max_seq,
+                                        float scale) {
+  const std::int64_t row_id = (std::int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row_id >= (std::int64_t)N * H) return;  // uniform over the warp
+  const int n = static_cast<int>(row_id / H), h = static_cast<int>(row_id % H);
+  const int t = pos[n], KV = KVH * hs;
+  const float* qr = q + (std::int64_t)n * H * hs + (std::int64_t)h * hs;
+  const std::int64_t base = (std::int64_t)slot[n] * max_seq * KV + (std::int64_t)(h / (H / KVH)) * hs;
+  const float* K = kc + base;
+  float* p = scores + row_id * max_seq;
+
+  float mx = -INFINITY;
+  for (int s = lane; s <= t; s += 32) {
+    float d = 0.0f;
+    for (int i = 0; i < hs; ++i) d += qr[i] * K[(std::int64_t)s * KV + i];
+    d *= scale;
+    p[s] = d;
+    mx = fmaxf(mx, d);
+  }
+  normalize_causal_row(p, t, t + 1, warp_max(mx), lane);
+  __syncwarp();  // every lane now reads every p[s]
+  weighted_rows(p, vc + base, t, KV, hs, out + (std::int64_t)n * H * hs + (std::int64_t)h * hs, lane);
+}
+//! [attention-cached-cuda]
+
 //! [attention-backward-cuda]
 // Pass 1, per query row: dp_s = dout_t·v_s, ds_s = p_s (dp_s − Σ p·dp)·scale (the
 // gradient of the score), dq_t = Σ_s ds_s·k_s. Only this warp writes row t of ds and dq.
@@ -356,8 +403,38 @@ void rope(float* v, int N, int T, int n_heads, int hs, const float* cos_t, const
           "rope: need N >= 0, T > 0, n_heads > 0 and an even head size (got hs=" + std::to_string(hs) + ")");
   const std::int64_t pairs = (std::int64_t)N * n_heads * (hs / 2);
   if (pairs == 0) return;
-  rope_kernel<<<blocks_for(pairs), kThreads, 0, s>>>(v, pairs, T, n_heads, hs / 2, cos_t, sin_t,
+  rope_kernel<<<blocks_for(pairs), kThreads, 0, s>>>(v, pairs, T, nullptr, n_heads, hs / 2, cos_t, sin_t,
                                                      inverse ? -1.0f : 1.0f);
+  CUDA_CHECK_LAUNCH();
+}
+
+void rope_at(float* v, int N, const int* pos, int n_heads, int hs, const float* cos_t, const float* sin_t,
+             cudaStream_t s) {
+  require(N >= 0 && n_heads > 0 && hs > 0 && hs % 2 == 0,
+          "rope_at: need N >= 0, n_heads > 0 and an even head size (got hs=" + std::to_string(hs) + ")");
+  const std::int64_t pairs = (std::int64_t)N * n_heads * (hs / 2);
+  if (pairs == 0) return;
+  rope_kernel<<<blocks_for(pairs), kThreads, 0, s>>>(v, pairs, 1, pos, n_heads, hs / 2, cos_t, sin_t, 1.0f);
+  CUDA_CHECK_LAUNCH();
+}
+
+void kv_cache_write(const float* x, float* cache, const int* pos, const int* slot, int N, int KV, int max_seq,
+                    cudaStream_t s) {
+  require(N >= 0 && KV > 0 && max_seq > 0, "kv_cache_write: need N >= 0, KV > 0 and max_seq > 0");
+  const std::int64_t n = (std::int64_t)N * KV;
+  if (n == 0) return;
+  kv_cache_write_kernel<<<blocks_for(n), kThreads, 0, s>>>(x, cache, pos, slot, n, KV, max_seq);
+  CUDA_CHECK_LAUNCH();
+}
+
+void attention_cached(const float* q, const float* kc, const float* vc, float* scores, float* out, const int* pos,
+                      const int* slot, int N, int H, int KVH, int hs, int max_seq, cudaStream_t s) {
+  check_attention(1, 1, H, KVH, hs, "attention_cached");
+  require(N >= 0 && max_seq > 0, "attention_cached: need N >= 0 and max_seq > 0");
+  if (N == 0) return;
+  const float scale = 1.0f / sqrtf(static_cast<float>(hs));
+  attention_cached_kernel<<<warp_blocks((std::int64_t)N * H), 32 * kWarpsPerBlock, 0, s>>>(
+      q, kc, vc, scores, out, pos, slot, N, H, KVH, hs, max_seq, scale);
   CUDA_CHECK_LAUNCH();
 }
 

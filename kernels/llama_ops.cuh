@@ -38,6 +38,19 @@ void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, cons
 void rope(float* v, int N, int T, int n_heads, int hs, const float* cos_t, const float* sin_t, bool inverse,
           cudaStream_t s);
 
+/// rope with each row's position given: row n at pos[n] (device array of N), forward only.
+/// The decode step's rows are tokens of different sequences at different positions.
+void rope_at(float* v, int N, const int* pos, int n_heads, int hs, const float* cos_t, const float* sin_t,
+             cudaStream_t s);
+/// The KV cache's write: row n of x (N×KV) goes to cache[(slot[n]·max_seq + pos[n])·KV …], the cache
+/// being slots × max_seq × KV. CPU reference: LlamaModel::decode_step's k and v projections into its cache.
+void kv_cache_write(const float* x, float* cache, const int* pos, const int* slot, int N, int KV, int max_seq,
+                    cudaStream_t s);
+/// Attention of N query rows (q, out: N×(H·hs)) against a KV cache (kc, vc: slots × max_seq × KVH·hs):
+/// row n sees positions 0..pos[n] of slot slot[n]. scores: N×H×max_seq scratch. CPU reference:
+/// qlora::attend, as LlamaModel::decode_step calls it.
+void attention_cached(const float* q, const float* kc, const float* vc, float* scores, float* out, const int* pos,
+                      const int* slot, int N, int H, int KVH, int hs, int max_seq, cudaStream_t s);
 /// Causal softmax attention with H query heads sharing KVH key/value heads. q, out: N×(H·hs); k, v: N×(KVH·hs);
 /// att: B×H×T×T softmax weights, zero above the diagonal. T ≤ 1024. CPU reference: qlora::attention_forward.
 void attention_forward(const float* q, const float* k, const float* v, float* att, float* out, int B, int T, int H,

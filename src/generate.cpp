@@ -5,6 +5,7 @@
 #include <cmath>
 #include <numeric>
 #include <stdexcept>
+#include <string>
 
 namespace qlora {
 
@@ -41,11 +42,27 @@ int sample_token(const std::vector<float>& logits, float temperature, float top_
   return order[keep - 1];
 }
 
+// Generation stops where the model's attention ends: its context or a shorter sliding window.
+int context_limit(const LlamaConfig& c) { return c.sliding_window > 0 ? std::min(c.seq_len, c.sliding_window) : c.seq_len; }
+
+std::vector<int> prompt_ids(const Tokenizer& tok, const std::string& prompt) {
+  std::vector<int> ids{tok.bos_id()};
+  const auto p = tok.encode(prompt);
+  ids.insert(ids.end(), p.begin(), p.end());
+  return ids;
+}
+
+void check_generation_fits(const LlamaConfig& c, int prompt_tokens, int max_tokens) {
+  const int limit = context_limit(c);
+  if (static_cast<long long>(prompt_tokens) + max_tokens > limit)
+    throw std::invalid_argument("a prompt of " + std::to_string(prompt_tokens) + " tokens (BOS included) plus --max-tokens " +
+                                std::to_string(max_tokens) + " exceeds the model's context of " + std::to_string(limit) +
+                                " tokens");
+}
+
 std::vector<int> generate_ids(LlamaModel& model, const Tokenizer& tok, std::vector<int> ids, const SampleConfig& cfg,
                               const std::string& stop) {
-  // Generation stops where the model's attention ends: its context or a shorter sliding window.
-  const LlamaConfig& c = model.config();
-  const int limit = c.sliding_window > 0 ? std::min(c.seq_len, c.sliding_window) : c.seq_len;
+  const int limit = context_limit(model.config());
   if (ids.empty()) throw std::invalid_argument("generate: empty prompt");
   if (static_cast<int>(ids.size()) >= limit)
     throw std::invalid_argument("prompt is longer than the model's context of " + std::to_string(limit) + " tokens");
@@ -67,10 +84,7 @@ std::vector<int> generate_ids(LlamaModel& model, const Tokenizer& tok, std::vect
 }
 
 std::string generate_text(LlamaModel& model, const Tokenizer& tok, const std::string& prompt, const SampleConfig& cfg) {
-  std::vector<int> ids{tok.bos_id()};
-  const auto p = tok.encode(prompt);
-  ids.insert(ids.end(), p.begin(), p.end());
-  return tok.decode(generate_ids(model, tok, std::move(ids), cfg));
+  return tok.decode(generate_ids(model, tok, prompt_ids(tok, prompt), cfg));
 }
 
 std::string generate_reply(LlamaModel& model, const Tokenizer& tok, ChatTemplate t, const Conversation& prompt,

@@ -23,9 +23,17 @@ struct SampleConfig {
 /// Next token from logits: argmax at temperature 0, else a top-p sample of softmax(logits/temperature).
 int sample_token(const std::vector<float>& logits, float temperature, float top_p, std::mt19937_64& rng);
 
+/// The positions generation may fill: the model's context (seq_len), or a shorter sliding window.
+int context_limit(const LlamaConfig& c);
+/// What the model reads of a prompt: BOS, then its tokens.
+std::vector<int> prompt_ids(const Tokenizer& tok, const std::string& prompt);
+/// Throws std::invalid_argument when a prompt of `prompt_tokens` (BOS included) plus
+/// `max_tokens` generated ones does not fit in context_limit(c), naming --max-tokens.
+void check_generation_fits(const LlamaConfig& c, int prompt_tokens, int max_tokens);
+
 /// The prompt ids followed by up to max_tokens generated ids: stops at EOS/BOS, the end of
-/// the model's context (seq_len, or a shorter sliding_window), or once the generated text
-/// ends with `stop` (when not empty; the ids that spell it are kept).
+/// the model's context (context_limit), or once the generated text ends with `stop` (when
+/// not empty; the ids that spell it are kept).
 std::vector<int> generate_ids(LlamaModel& model, const Tokenizer& tok, std::vector<int> prompt_ids,
                               const SampleConfig& cfg, const std::string& stop = "");
 

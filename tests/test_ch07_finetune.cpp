@@ -171,6 +171,12 @@ TEST_CASE("qlora finetune / eval / generate run end to end and reject bad flags"
       {ft + " --stream --device cpu", {"--stream", "GPU"}},
       {ft + " --stream --device cpu --model kjv15M-hf", {"--stream", "GPU"}},
   };
+  // Generation: a prompt and its tokens to come must fit in the context; a prompts file needs a prompt.
+  const fs::path no_prompts = out / "no_prompts.txt";
+  { std::ofstream(no_prompts) << "\n\n"; }
+  refused.push_back({"generate --max-tokens 300", {"--max-tokens 300", "context of 256"}});
+  refused.push_back({"generate --prompts '" + no_prompts.string() + "'", {"--prompts", "no_prompts.txt", "no prompts"}});
+  refused.push_back({"generate --prompts '" + (out / "missing.txt").string() + "'", {"--prompts", "missing.txt"}});
   if (find_model("stories260K.bin"))  // its own 512-token tokenizer is not shipped: the LLaMA-2 one is refused
     refused.push_back({"generate --model stories260K.bin", {"tokenizer (32000 tokens)", "stories260K.bin", "512"}});
   for (const auto& [args, words] : refused) {
@@ -180,6 +186,11 @@ TEST_CASE("qlora finetune / eval / generate run end to end and reject bad flags"
     for (const auto& w : words) CHECK(text_r.find(w) != std::string::npos);
     CHECK(text_r.find("step 1/") == std::string::npos);
   }
+  // --device cuda with no device to be seen (or no CUDA in this build) is refused by name.
+  auto [rc_dev, dev_text] = test::run_shell("CUDA_VISIBLE_DEVICES=-1 '" + test::qlora_bin() + "' generate --device cuda");
+  INFO(dev_text);
+  CHECK(rc_dev != 0);
+  CHECK(dev_text.find("--device cuda") != std::string::npos);
 }
 
 // The (loss, grad_norm) of every step in a finetune log.jsonl, by step.

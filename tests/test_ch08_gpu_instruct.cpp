@@ -38,7 +38,7 @@ std::vector<Example> masked_examples(const std::vector<int>& lengths, int vocab,
 
 TEST_CASE("GPU heads 1 and 2 on a masked, right-padded batch match the CPU model, at two lengths in turn",
           "[ch08][gpu]") {
-  const auto path = test::model_or_fail("kjv15M.bin");
+  const auto path = test::model_or_fail("kjv15M-hf");
   if (!path) return;
   const LlamaWeights w = load_llama_weights(*path);
   LlamaModel cpu(w, BaseStorage::nf4_dq);
@@ -83,7 +83,7 @@ TEST_CASE("GPU heads 1 and 2 on a masked, right-padded batch match the CPU model
 }
 
 TEST_CASE("GpuTrainer follows CpuTrainer over an instruction fine-tune with gradient accumulation", "[ch08][gpu]") {
-  const auto path = test::model_or_fail("kjv15M.bin");
+  const auto path = test::model_or_fail("kjv15M-hf");
   if (!path) return;
   const LlamaWeights w = load_llama_weights(*path);
   std::vector<int> lengths;

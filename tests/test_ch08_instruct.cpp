@@ -7,6 +7,7 @@
 #include "example_batches.hpp"
 #include "file_helpers.hpp"
 #include "finetune.hpp"
+#include "generate.hpp"
 #include "instruct_data.hpp"
 #include "instruct_helpers.hpp"
 #include "lora_helpers.hpp"
@@ -44,10 +45,10 @@ const PieceTokenizer& piece_tok() {
   return tok;
 }
 
-// A small LLaMA (random weights, vocabulary 300: the piece tokenizer's ids) with adapters.
-LlamaModel small_model(std::uint64_t seed) {
+// A small LLaMA (random weights, vocabulary 300 by default) with adapters.
+LlamaModel small_model(std::uint64_t seed, int vocab = 300) {
   LlamaConfig c = test::tiny_config(2, true);
-  c.vocab_size = 300;
+  c.vocab_size = vocab;
   c.seq_len = 48;
   LlamaModel m(random_llama_weights(c, seed), BaseStorage::float32);
   test::add_random_lora(m, 0.0f, seed + 1);
@@ -61,7 +62,7 @@ std::vector<Example> random_examples(const std::vector<int>& lengths, int vocab,
 
 }  // namespace
 
-TEST_CASE("JSONL records: Alpaca and conversations; a malformed one names FILE:LINE and the field", "[ch08][data]") {
+TEST_CASE("JSONL records: Alpaca and conversations, and a malformed one names FILE:LINE and the field", "[ch08][data]") {
   const auto good = write_jsonl("good.jsonl", {
       R"({"instruction": "Define cat.", "output": "a small feline"})",
       "",
@@ -108,7 +109,7 @@ TEST_CASE("JSONL records: Alpaca and conversations; a malformed one names FILE:L
   CHECK_THROWS_WITH(read_instruct_jsonl(test::temp_path("ch08", "missing.jsonl")), Catch::Contains("cannot read"));
 }
 
-TEST_CASE("Examples: labels on the responses only, or on every token; skipped records counted with their lines",
+TEST_CASE("Examples: labels on the responses only, or on every token, and skipped records counted with their lines",
           "[ch08][data]") {
   const auto file = write_jsonl("mixed.jsonl", {
       R"({"instruction": "the word", "output": "the"})",
@@ -199,7 +200,7 @@ TEST_CASE("pad_batch: right padding to the batch's longest, no loss on pads", "[
   CHECK(mb.counted == (9 - 4) + (3 - 1));
 }
 
-TEST_CASE("Length grouping follows transformers; the schedule is a function of seed and epoch", "[ch08][batches]") {
+TEST_CASE("Length grouping follows transformers, and the schedule is a function of seed and epoch", "[ch08][batches]") {
   // 400 examples, batch 4: megabatches of min(400 / 16, 50) = 25 batches = 100 examples.
   std::vector<int> lengths(400);
   std::mt19937_64 rng(3);
@@ -297,7 +298,7 @@ TEST_CASE("Gradient accumulation: the mean over every counted token of the step,
   CHECK(accumulate_gradients(tr, {none, pad_batch(ex, {0, 1}, 0)}, rng) == Approx(one).epsilon(1e-5));
 }
 
-TEST_CASE("Instruction tuning: the loss on trained responses falls; a resumed run trains on the same batches",
+TEST_CASE("Instruction tuning: the loss on trained responses falls, and a resumed run trains on the same batches",
           "[ch08][finetune]") {
   std::vector<int> lengths;
   for (int i = 0; i < 24; ++i) lengths.push_back(6 + (i * 7) % 20);
@@ -340,6 +341,32 @@ TEST_CASE("Instruction tuning: the loss on trained responses falls; a resumed ru
   shorter.out.clear();
   LlamaModel m = small_model(31);
   CHECK_THROWS_WITH(finetune(m, data, shorter), Catch::Contains("more than --seq-len 8 + 1"));
+}
+
+TEST_CASE("Generation stops where the generated text ends with the turn's end", "[ch08][generate]") {
+  const PieceTokenizer& tok = piece_tok();
+  LlamaModel m = small_model(41, tok.vocab_size());  // every id the model picks has a piece
+  SampleConfig s;
+  s.max_tokens = 12;
+  s.temperature = 1.0f;  // sampled from a fixed seed: varied tokens, the same in both runs
+  const std::vector<int> prompt{tok.bos_id(), 3, 4};
+  // The first seed whose 12 tokens hold no EOS or BOS (which would stop it earlier).
+  std::vector<int> free_run;
+  for (s.seed = 1; free_run.size() != prompt.size() + 12; ++s.seed) {
+    REQUIRE(s.seed < 100);
+    free_run = generate_ids(m, tok, prompt, s);
+  }
+  --s.seed;
+  // Stop at what the model writes as its 3rd to 5th tokens: it must stop after the 5th,
+  // which is the first place the generated text ends with it.
+  const std::string stop = tok.decode({free_run.begin() + 5, free_run.begin() + 8});
+  REQUIRE(!stop.empty());
+  for (int k = 1; k < 5; ++k) {
+    const std::string text = tok.decode({free_run.begin() + 3, free_run.begin() + 3 + k});
+    REQUIRE((text.size() < stop.size() || text.compare(text.size() - stop.size(), stop.size(), stop) != 0));
+  }
+  const auto stopped = generate_ids(m, tok, prompt, s, stop);
+  CHECK(stopped == std::vector<int>(free_run.begin(), free_run.begin() + 8));
 }
 
 TEST_CASE("qlora finetune and generate with instruction data (kjv15M, 3 steps)", "[ch08][cli]") {

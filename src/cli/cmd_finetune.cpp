@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -28,6 +29,7 @@
 #ifdef QLORA_HAVE_CUDA
 #include "bnb_config.hpp"
 #include "cuda_check.cuh"
+#include "generate_gpu.cuh"
 #include "gpu_trainer.cuh"
 #include "hf_folder.hpp"
 #include "hf_llama.hpp"
@@ -118,28 +120,36 @@ std::unique_ptr<Trainer> make_trainer(const std::string& device, LlamaModel& mod
   return std::make_unique<CpuTrainer>(model, cfg.optim, cfg.weight_decay);
 }
 
-// `qlora eval --device cuda`. A Hugging Face folder without an adapter streams onto the
-// GPU (no host copy of the model: this is how a 65B model is evaluated); anything else is
-// loaded on the host first and uploaded.
+#ifdef QLORA_HAVE_CUDA
+// The model on the GPU for eval and generate. A Hugging Face folder without an adapter
+// streams onto the GPU (no host copy of the model: this is how a 65B model is evaluated);
+// anything else is loaded on the host first and uploaded.
+std::unique_ptr<cuda::LlamaModelGpu> gpu_model(const ModelOptions& m, const std::filesystem::path& mp,
+                                               const Tokenizer& tok) {
+  if (!cuda::cuda_device_present()) throw std::invalid_argument("--device cuda: no CUDA device is available here");
+  // A folder already in 4 bits loads as stored through the host model (small models only).
+  if (std::filesystem::is_directory(mp) && m.adapter.empty() && !read_bnb_4bit_config(mp / "config.json")) {
+    const HfLlamaFolder folder(mp);
+    ModelOptions::check_tokenizer(tok, folder.config(), mp);
+    std::mt19937_64 no_adapters(0);
+    return std::make_unique<cuda::LlamaModelGpu>(folder.config(), parse_base_storage(m.storage),
+                                                 cuda::folder_fill(folder), std::nullopt, no_adapters,
+                                                 cuda::print_load_progress);
+  }
+  LlamaModel host = m.load(mp);
+  ModelOptions::check_tokenizer(tok, host.config(), mp);
+  return std::make_unique<cuda::LlamaModelGpu>(host);
+}
+#endif
+
+// `qlora eval --device cuda`.
 double eval_on_gpu(const ModelOptions& m, const std::filesystem::path& mp, int seq_len, int batch, int windows,
                    const std::function<std::vector<int>(const Tokenizer&)>& text_ids) {
 #ifdef QLORA_HAVE_CUDA
   if (!cuda::cuda_device_present()) throw std::invalid_argument("--device cuda: no CUDA device is available here");
   auto tok = m.load_tok(mp);
-  std::unique_ptr<cuda::LlamaModelGpu> gpu;
-  // A folder already in 4 bits loads as stored through the host model (small models only).
-  if (std::filesystem::is_directory(mp) && m.adapter.empty() && !read_bnb_4bit_config(mp / "config.json")) {
-    const HfLlamaFolder folder(mp);
-    ModelOptions::check_tokenizer(*tok, folder.config(), mp);
-    check_seq_len(seq_len, folder.config(), mp);
-    std::mt19937_64 no_adapters(0);
-    gpu = std::make_unique<cuda::LlamaModelGpu>(folder.config(), parse_base_storage(m.storage), cuda::folder_fill(folder),
-                                                std::nullopt, no_adapters, cuda::print_load_progress);
-  } else {
-    auto [host, t] = m.load_with_tokenizer(mp);
-    check_seq_len(seq_len, host.config(), mp);
-    gpu = std::make_unique<cuda::LlamaModelGpu>(host);
-  }
+  const std::unique_ptr<cuda::LlamaModelGpu> gpu = gpu_model(m, mp, *tok);
+  check_seq_len(seq_len, gpu->config(), mp);
   const BatchLoss loss = [&](const int* x, const int* y, int B, int T) {
     std::mt19937_64 no_dropout(0);
     return gpu->forward(x, y, B, T, false, no_dropout);
@@ -562,6 +572,50 @@ QLORA_COMMAND([](CLI::App& app) {
   });
 });
 
+// The prompts of `qlora generate --prompts FILE`: one per line, blank lines skipped.
+std::vector<std::string> read_prompts(const std::string& file) {
+  std::ifstream in(file);
+  if (!in) throw std::invalid_argument("--prompts " + file + ": cannot open the file");
+  std::vector<std::string> prompts;
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (!line.empty()) prompts.push_back(line);
+  }
+  if (prompts.empty()) throw std::invalid_argument("--prompts " + file + ": no prompts in the file (one per line)");
+  return prompts;
+}
+
+// `qlora generate --device cuda`: the prompts decoded as batches on the GPU, then tokens/s.
+void generate_on_gpu(const ModelOptions& m, const std::filesystem::path& mp, const std::vector<std::string>& prompts,
+                     const SampleConfig& s) {
+#ifdef QLORA_HAVE_CUDA
+  auto tok = m.load_tok(mp);
+  const std::unique_ptr<cuda::LlamaModelGpu> gpu = gpu_model(m, mp, *tok);
+  cuda::GenerateStats st;
+  for (const std::string& text : cuda::generate_text_gpu(*gpu, *tok, prompts, s, &st)) std::printf("%s\n", text.c_str());
+  std::printf("generated %lld tokens for %zu prompt(s) in %.3f s (prefill of %lld prompt tokens: %.3f s): "
+              "%.1f tokens/s on the GPU, decoding\n",
+              st.generated_tokens, prompts.size(), st.seconds, st.prompt_tokens, st.prefill_seconds,
+              st.decode_tokens_per_s());
+#else
+  (void)m, (void)mp, (void)prompts, (void)s;
+  throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
+#endif
+}
+
+// --device auto: cuda when this build has CUDA and a device is present.
+bool generate_uses_gpu(const std::string& device) {
+  if (device == "cpu") return false;  // never touches the driver
+#ifdef QLORA_HAVE_CUDA
+  const bool present = cuda::cuda_device_present();
+  if (device == "cuda" && !present) throw std::invalid_argument("--device cuda: no CUDA device is available here");
+  return present;
+#else
+  if (device == "cuda") throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
+  return false;
+#endif
+}
+
 QLORA_COMMAND([](CLI::App& app) {
   struct Options {
     ModelOptions m;
@@ -569,6 +623,8 @@ QLORA_COMMAND([](CLI::App& app) {
     std::string chat_template;
     std::string system;
     std::string input;
+    std::string prompts;
+    std::string device = "cpu";
     SampleConfig s;
   };
   auto o = std::make_shared<Options>();
@@ -586,6 +642,11 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--temperature", o->s.temperature, "0: greedy")->capture_default_str()->check(qlora::cli::non_negative);
   cmd->add_option("--top-p", o->s.top_p, "nucleus sampling mass")->capture_default_str()->check(CLI::Range(0.0, 1.0));
   cmd->add_option("--seed", o->s.seed, "sampling seed")->capture_default_str();
+  cmd->add_option("--prompts", o->prompts,
+                  "file of prompts, one per line, generated in order (on the GPU as batches of up to 32)");
+  cmd->add_option("--device", o->device, "cpu (the float32 reference), cuda, or auto (cuda when a GPU is present)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->callback([o, cmd] {
     if (o->chat_template.empty())
       for (const char* flag : {"--system", "--input"})
@@ -594,6 +655,8 @@ QLORA_COMMAND([](CLI::App& app) {
     // input), the chat templates as the user's turn.
     Conversation c;
     if (!o->chat_template.empty()) {
+      if (!o->prompts.empty()) throw std::invalid_argument("--prompts with --template is not implemented: one --prompt at a time");
+      if (o->device != "cpu") throw std::invalid_argument("--template with --device " + o->device + " is not implemented: use --device cpu");
       const ChatTemplate t = parse_chat_template(o->chat_template);
       if (!o->system.empty()) c.messages.push_back({Role::system, o->system});
       c.messages.push_back({Role::user, o->prompt});
@@ -601,11 +664,18 @@ QLORA_COMMAND([](CLI::App& app) {
       c.input = o->input;
       render_chat(t, c, true);  // a template that cannot take it says so before the model loads
     }
+    const std::vector<std::string> prompts = o->prompts.empty() ? std::vector<std::string>{o->prompt}
+                                                                : read_prompts(o->prompts);
     const auto mp = o->m.model_path();
+    if (generate_uses_gpu(o->device)) return generate_on_gpu(o->m, mp, prompts, o->s);
     auto [model, tok] = o->m.load_with_tokenizer(mp);
-    if (o->chat_template.empty())
-      std::printf("%s\n", generate_text(model, *tok, o->prompt, o->s).c_str());
-    else
+    if (!o->chat_template.empty()) {
       std::printf("%s\n", generate_reply(model, *tok, parse_chat_template(o->chat_template), c, o->s).c_str());
+      return;
+    }
+    for (const std::string& p : prompts) {
+      check_generation_fits(model.config(), static_cast<int>(prompt_ids(*tok, p).size()), o->s.max_tokens);
+      std::printf("%s\n", generate_text(model, *tok, p, o->s).c_str());
+    }
   });
 });
