@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
-#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -66,10 +65,13 @@ class PieceTokenizer final : public Tokenizer {
     if (prev == bos_id() && !p.empty() && p[0] == ' ') p.erase(0, 1);
     return p;
   }
-  // LLaMA's ids: <unk> 0, <s> 1, </s> 2.
   int bos_id() const override { return 1; }
   int eos_id() const override { return 2; }
-  std::optional<int> special_token_id(const std::string&) const override { return std::nullopt; }
+  std::optional<int> special_token_id(const std::string& text) const override {
+    for (int id = 0; id < 3; ++id)
+      if (pieces_[static_cast<std::size_t>(id)] == text) return id;
+    return std::nullopt;
+  }
 
  private:
   std::vector<std::string> pieces_;
