@@ -9,6 +9,9 @@
 #   ctest     every `gpu` test
 #   kernels   chapter 5: scripts/gpu_kernels.sh (tests + benchmark)
 #   optim     chapter 6: scripts/gpu_optim.sh (tests + benchmark)
+#   mma       chapter 5: the tensor-core 4-bit matmul's tests, its benchmark at 8192x8192 and
+#             28672x8192 beside cuBLAS, then memcheck and racecheck of its tests
+#   generate  chapter 7: qlora generate --device cuda, one prompt and a batch of 16, greedy
 #   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage; RECIPE_RUNS,
 #             RECIPE_SEEDS, RECIPE_JOBS as that script says; into $RECIPE_DIR, default recipe)
 #   hfrecipe  chapter 7: the same recipe in transformers + PEFT + bitsandbytes (tools/hf_recipe.py), per
@@ -70,6 +73,22 @@ run_phase() {
     kernels)
       OUT=$res/ch05 timeout 300 bash scripts/gpu_kernels.sh build/cuda > "$res/gpu_kernels.log" 2>&1; echo "gpu_kernels: $?"
       grep -A40 "^=== bench" "$res/gpu_kernels.log" | tail -45 ;;
+    mma)
+      build/cuda/tests/test_ch05_gpu_kernels "*tensor-core*" > "$res/mma_tests.log" 2>&1
+      echo "mma tests: $?"; tail -3 "$res/mma_tests.log"
+      timeout 240 build/cuda/qlora bench kernels --shape 8192x8192 --shape 28672x8192 --json "$res/kernels-mma.json" \
+        > "$res/kernels-mma.log" 2>&1; echo "bench kernels: $?"; grep -A30 -i "matmul" "$res/kernels-mma.log" | head -60
+      san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+      for tool in memcheck racecheck; do
+        timeout ${SANITIZE_TIMEOUT:-90} "$san" --tool $tool --error-exitcode 99 --print-limit 20 \
+          build/cuda/tests/test_ch05_gpu_kernels "*tensor-core*" > "$res/sanitize_mma_$tool.log" 2>&1
+        echo "mma $tool: rc $?; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$res/sanitize_mma_$tool.log" | tail -1)"
+      done ;;
+    generate)
+      for p in "--prompt ROMEO:" "--prompts tests/fixtures/generate_prompts.txt"; do
+        build/cuda/qlora generate --device cuda --model kjv15M-hf $p --max-tokens 200 --temperature 0 2>&1
+        echo "generate ($p): $?"
+      done > "$res/generate.log" 2>&1; grep -E "tokens/s|generate \(" "$res/generate.log" ;;
     optim)
       OUT=$res/ch06 timeout 120 bash scripts/gpu_optim.sh build/cuda > "$res/gpu_optim.log" 2>&1; echo "gpu_optim: $?"
       tail -25 "$res/gpu_optim.log" ;;

@@ -58,13 +58,6 @@ class PieceTokenizer final : public Tokenizer {
     }
     return s;
   }
-  int bos_id() const override { return 1; }
-  int eos_id() const override { return 2; }
-  std::optional<int> special_token_id(const std::string& text) const override {
-    if (text == "<s>") return 1;
-    if (text == "</s>") return 2;
-    return std::nullopt;
-  }
   std::string decode_piece(int prev, int id) const override {
     if (id < 3) return "";
     std::string p = id >= static_cast<int>(pieces_.size())
@@ -72,6 +65,13 @@ class PieceTokenizer final : public Tokenizer {
                         : pieces_[static_cast<std::size_t>(id)];
     if (prev == bos_id() && !p.empty() && p[0] == ' ') p.erase(0, 1);
     return p;
+  }
+  int bos_id() const override { return 1; }
+  int eos_id() const override { return 2; }
+  std::optional<int> special_token_id(const std::string& text) const override {
+    for (int id = 0; id < 3; ++id)
+      if (pieces_[static_cast<std::size_t>(id)] == text) return id;
+    return std::nullopt;
   }
 
  private:

@@ -211,13 +211,18 @@ TEST_CASE("byte-level BPE: BOS and EOS from tokenizer_config.json, else config.j
                     Catch::Contains("config.json") && Catch::Contains("eos_token_id 17"));
 }
 
-TEST_CASE("byte-level BPE: load_tokenizer picks tokenizer.json in a folder without tokenizer.model", "[ch07][bpe]") {
+TEST_CASE("byte-level BPE: load_tokenizer takes a folder's tokenizer.model, else its tokenizer.json", "[ch07][bpe]") {
   const fs::path file = write_folder(tiny_tokenizer(), {{"bos_token", "<|bos|>"}, {"eos_token", "<|eot|>"}});
   for (const fs::path& p : {file, file.parent_path()}) {
     const auto tok = load_tokenizer(p);
     REQUIRE(dynamic_cast<const ByteLevelBpeTokenizer*>(tok.get()) != nullptr);
     CHECK(tok->encode(" abc") == std::vector<int>{3, 5});
     CHECK(tok->bos_id() == 13);
+  }
+  // A folder with both: tokenizer.model is taken.
+  if (const auto sp = test::model_or_fail("tokenizer.model")) {
+    fs::copy_file(*sp, file.parent_path() / "tokenizer.model");
+    CHECK(dynamic_cast<const SentencePieceTokenizer*>(load_tokenizer(file.parent_path()).get()) != nullptr);
   }
 }
 
