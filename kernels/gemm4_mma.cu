@@ -233,7 +233,9 @@ __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
     const WarpStage& st = stages[i % kStages][warp];
     const uint4 codes[2] = {in_row ? st.codes[0][lane] : zero, in_row ? st.codes[1][lane] : zero};
     const float absmax[2] = {decode_scale(q, s_map, scale[0]), decode_scale(q, s_map, scale[1])};
-    if (fabsf(absmax[0]) >= tiny_absmax && fabsf(absmax[1]) >= tiny_absmax) {
+    // mma.sync.aligned must be executed by the whole warp at once, and each branch has its
+    // own copy of it, so the choice is made for the warp: the flush path when any lane needs it.
+    if (__all_sync(0xffffffffu, fabsf(absmax[0]) >= tiny_absmax && fabsf(absmax[1]) >= tiny_absmax)) {
       mma_tile<false>(codes, absmax, s_table, xv, acc);
     } else {
       mma_tile<true>(codes, absmax, s_table, xv, acc);

@@ -68,13 +68,14 @@ run_phase() {
       timeout 120 python3 tools/make_bpe_fixtures.py --out "$res/bpe" > "$res/fixtures_bpe.log" 2>&1
       echo "bpe fixtures: $?"; tail -3 "$res/fixtures_bpe.log" ;;
     ctest)
-      timeout 330 ctest --test-dir /work/main/build/cuda -L gpu --output-on-failure > "$res/ctest_gpu.log" 2>&1
+      # CTest's own per-test timeout: a hung kernel fails its test instead of stopping the phase.
+      timeout -k 10 330 ctest --test-dir /work/main/build/cuda -L gpu --timeout 120 --output-on-failure > "$res/ctest_gpu.log" 2>&1
       echo "ctest gpu: $?"; grep -E "tests passed|Test +#|Failed|FAILED" "$res/ctest_gpu.log" | tail -30 ;;
     kernels)
       OUT=$res/ch05 timeout 300 bash scripts/gpu_kernels.sh build/cuda > "$res/gpu_kernels.log" 2>&1; echo "gpu_kernels: $?"
       grep -A40 "^=== bench" "$res/gpu_kernels.log" | tail -45 ;;
     mma)
-      build/cuda/tests/test_ch05_gpu_kernels "*tensor-core*" > "$res/mma_tests.log" 2>&1
+      timeout -k 10 120 build/cuda/tests/test_ch05_gpu_kernels "*tensor-core*" > "$res/mma_tests.log" 2>&1
       echo "mma tests: $?"; tail -3 "$res/mma_tests.log"
       timeout 240 build/cuda/qlora bench kernels --shape 8192x8192 --shape 28672x8192 --json "$res/kernels-mma.json" \
         > "$res/kernels-mma.log" 2>&1; echo "bench kernels: $?"; grep -A30 -i "matmul" "$res/kernels-mma.log" | head -60

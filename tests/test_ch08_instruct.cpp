@@ -395,10 +395,27 @@ TEST_CASE("qlora finetune and generate with instruction data (kjv15M, 3 steps)",
   CHECK(summary.at("train_on_inputs") == false);
   CHECK(summary.at("val_loss_after").get<double>() < summary.at("val_loss_before").get<double>());
 
-  const auto gen = test::run_qlora("generate --model kjv15M.bin --adapter '" + (out / "adapter").string() +
-                                   "' --template llama2 --prompt 'What does word 3 mean?' --max-tokens 6");
+  const std::string generate = "generate --model kjv15M.bin --adapter '" + (out / "adapter").string() +
+                               "' --template llama2 --max-tokens 6";
+  const auto gen = test::run_qlora(generate + " --prompt 'What does word 3 mean?'");
   INFO(gen.output);
   CHECK(gen.rc == 0);
+  // --chat: one turn on stdin is the same reply as --prompt; a second turn (after an empty
+  // line, skipped) is answered from the conversation so far, after the first reply.
+  const std::string chat = "' " + generate + " --chat";
+  const auto one_turn = test::run_shell("printf 'What does word 3 mean?\\n' | '" + test::qlora_bin() + chat);
+  INFO(one_turn.output);
+  CHECK(one_turn.rc == 0);
+  CHECK(one_turn.output == gen.output);
+  const auto two_turns =
+      test::run_shell("printf 'What does word 3 mean?\\n\\nAnd word 4?\\n' | '" + test::qlora_bin() + chat);
+  INFO(two_turns.output);
+  CHECK(two_turns.rc == 0);
+  CHECK(two_turns.output.size() > gen.output.size());
+  CHECK(two_turns.output.compare(0, gen.output.size(), gen.output) == 0);
+  const auto chat_alone = test::run_qlora("generate --model kjv15M.bin --chat");
+  CHECK(chat_alone.rc != 0);
+  CHECK_THAT(chat_alone.output, Catch::Contains("--chat needs --template"));
   // Refusals by name, before any model is loaded.
   const auto text_with_template = test::run_qlora("finetune --model kjv15M.bin --template chatml --steps 1");
   CHECK(text_with_template.rc != 0);

@@ -19,7 +19,9 @@ Outputs, in OUT/ (LLaMA-3's layout) and OUT/gpt2/ (GPT-2's layout):
   tokenizer_config.json  bos_token / eos_token, as transformers reads them
   cases.json             [{name, text, ids, decoded}] with ids = encode(text,
                          add_special_tokens=False).ids and decoded = decode(ids,
-                         skip_special_tokens=True); plus "single_ids": decode([id],
+                         skip_special_tokens=True); a piece of tinyshakespeare.txt is named by
+                         {name, text_from: {file, offset, length}, ids} (its decoded text is
+                         itself) so that no shared data is copied into the repository; plus "single_ids": decode([id],
                          skip_special_tokens=True) for every id (partial UTF-8 becomes U+FFFD)
 and OUT/manifest.json with the versions, the inputs' hashes and what each fixture exercises.
 
@@ -39,6 +41,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import sys
 
 import tokenizers
@@ -233,11 +236,24 @@ def write_json(path, obj):
         f.write("\n")
 
 
+def shared_form(case):
+    """A case whose text is a piece of tinyshakespeare.txt names the piece instead of holding
+    it: the shared data is read through the search path, never copied into the repository."""
+    m = re.fullmatch(r"shakespeare (?:first (\d+) chars|chunk \d+ at (\d+))", case["name"])
+    if not m:
+        return case
+    if case["decoded"] != case["text"]:
+        fail(f"case {case['name']!r}: decodes to other text, so it cannot be stored by reference")
+    offset = 0 if m.group(1) else int(m.group(2))  # tinyshakespeare.txt is ASCII: characters are bytes
+    return {"name": case["name"], "text_from": {"file": "tinyshakespeare.txt", "offset": offset,
+                                                "length": len(case["text"].encode())}, "ids": case["ids"]}
+
+
 def write_cases(path, cases, single):
     """One case per line: the file stays readable and diffable without an id per line."""
     with open(path, "w", encoding="utf-8") as f:
         f.write('{"cases": [\n')
-        f.write(",\n".join(json.dumps(c, ensure_ascii=False) for c in cases))
+        f.write(",\n".join(json.dumps(shared_form(c), ensure_ascii=False) for c in cases))
         f.write('\n],\n"single_ids": [\n')
         f.write(",\n".join(json.dumps(t, ensure_ascii=False) for t in single))
         f.write("\n]}\n")

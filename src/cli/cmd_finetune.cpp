@@ -20,11 +20,14 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <iostream>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
+
+#include <unistd.h>
 
 #ifdef QLORA_HAVE_CUDA
 #include "bnb_config.hpp"
@@ -616,6 +619,34 @@ bool generate_uses_gpu(const std::string& device) {
 #endif
 }
 
+//! [chat-session]
+// `qlora generate --chat`: the conversation grows by one user line and one reply per turn,
+// and every reply is generated from the whole conversation so far, rendered by the template
+// as in training. `c` ends with the --prompt turn; `first` says whether it was given.
+static void chat_session(LlamaModel& model, const Tokenizer& tok, ChatTemplate t, Conversation c, bool first,
+                         const SampleConfig& s) {
+  auto reply = [&] {
+    const std::string text = generate_reply(model, tok, t, c, s);
+    std::printf("%s\n", text.c_str());
+    std::fflush(stdout);
+    c.messages.push_back({Role::assistant, text});
+  };
+  if (first) reply();
+  else c.messages.pop_back();
+  const bool terminal = isatty(STDIN_FILENO) != 0;
+  std::string line;
+  auto next_line = [&] {
+    if (terminal) std::fputs("> ", stderr);  // a prompt only for a person at the keyboard
+    return static_cast<bool>(std::getline(std::cin, line));
+  };
+  while (next_line()) {
+    if (line.empty()) continue;
+    c.messages.push_back({Role::user, line});
+    reply();
+  }
+}
+//! [chat-session]
+
 QLORA_COMMAND([](CLI::App& app) {
   struct Options {
     ModelOptions m;
@@ -625,6 +656,7 @@ QLORA_COMMAND([](CLI::App& app) {
     std::string input;
     std::string prompts;
     std::string device = "cpu";
+    bool chat = false;
     SampleConfig s;
   };
   auto o = std::make_shared<Options>();
@@ -644,6 +676,9 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--seed", o->s.seed, "sampling seed")->capture_default_str();
   cmd->add_option("--prompts", o->prompts,
                   "file of prompts, one per line, generated in order (on the GPU as batches of up to 32)");
+  cmd->add_flag("--chat", o->chat,
+                "with --template: a conversation on stdin, one user turn per line (--prompt, when given, is "
+                "the first); each reply ends at the template's end of turn");
   cmd->add_option("--device", o->device, "cpu (the float32 reference), cuda, or auto (cuda when a GPU is present)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
@@ -653,6 +688,7 @@ QLORA_COMMAND([](CLI::App& app) {
         if (cmd->count(flag) > 0) throw std::invalid_argument(std::string(flag) + " needs --template");
     // The prompt as an instruction record: alpaca renders it as its instruction (and
     // input), the chat templates as the user's turn.
+    if (o->chat && o->chat_template.empty()) throw std::invalid_argument("--chat needs --template");
     Conversation c;
     if (!o->chat_template.empty()) {
       if (!o->prompts.empty()) throw std::invalid_argument("--prompts with --template is not implemented: one --prompt at a time");
@@ -669,6 +705,7 @@ QLORA_COMMAND([](CLI::App& app) {
     const auto mp = o->m.model_path();
     if (generate_uses_gpu(o->device)) return generate_on_gpu(o->m, mp, prompts, o->s);
     auto [model, tok] = o->m.load_with_tokenizer(mp);
+    if (o->chat) return chat_session(model, *tok, parse_chat_template(o->chat_template), c, cmd->count("--prompt") > 0, o->s);
     if (!o->chat_template.empty()) {
       std::printf("%s\n", generate_reply(model, *tok, parse_chat_template(o->chat_template), c, o->s).c_str());
       return;
