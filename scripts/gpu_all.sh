@@ -26,7 +26,8 @@
 #             (scripts/gpu_scale.sh 65b; SCALE65_RUNS picks among 48 42 42-offload)
 #   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, TF32 vs fp32 products
 #   plan      chapter 7: 13B, 33B, 65B steps on the whole card against qlora plan (scripts/gpu_scale.sh plan)
-#   sanitize  compute-sanitizer memcheck and racecheck over every GPU test binary ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so;
+#   sanitize  compute-sanitizer memcheck and racecheck over every GPU test binary
+#             ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so;
 #             $SANITIZE_BINS, a glob, and $SANITIZE_TOOLS narrow it)
 #   oom       chapter 7: a 65B step at batch 4 in a 42 GiB card, to show the out-of-memory message
 #   instruct  chapter 8: scripts/instruct_recipe.sh gpu (kjv15M instruction-tuned on WordNet, with
