@@ -26,8 +26,8 @@
 #             (scripts/gpu_scale.sh 65b; SCALE65_RUNS picks among 48 42 42-offload)
 #   scale     chapter 7: 7B streamed load + training against transformers + bitsandbytes, TF32 vs fp32 products
 #   plan      chapter 7: 13B, 33B, 65B steps on the whole card against qlora plan (scripts/gpu_scale.sh plan)
-#   sanitize  compute-sanitizer memcheck over every GPU test binary and racecheck over the kernel
-#             tests ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so;
+#   sanitize  compute-sanitizer memcheck and racecheck over every GPU test binary
+#             ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so;
 #             $SANITIZE_BINS, a glob, and $SANITIZE_TOOLS narrow it)
 #   oom       chapter 7: a 65B step at batch 4 in a 42 GiB card, to show the out-of-memory message
 #   instruct  chapter 8: scripts/instruct_recipe.sh gpu (kjv15M instruction-tuned on WordNet, with
@@ -138,8 +138,7 @@ run_phase() {
       san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
       for bin in build/cuda/tests/${SANITIZE_BINS:-test_*_gpu_*}; do
         [[ -x $bin && $bin != *.cmake ]] || continue  # the test binaries, not CTest's generated lists
-        tools=(memcheck)
-        [[ $bin == *ops || $bin == *kernels || $bin == *lora ]] && tools+=(racecheck)
+        tools=(memcheck racecheck)
         [[ -n ${SANITIZE_TOOLS:-} ]] && tools=($SANITIZE_TOOLS)
         for tool in "${tools[@]}"; do
           log="$res/sanitize_$(basename "$bin")_$tool.log"
