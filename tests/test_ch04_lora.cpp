@@ -270,7 +270,7 @@ TEST_CASE("BLAS LoRA forward/backward match the plain-loop reference", "[ch04][l
   CHECK(max_abs_diff(dx1, dx2) <= 1e-4 * max_abs(dx1));
 }
 
-TEST_CASE("Merge folds the adapter into W; unmerge takes it out", "[ch04][lora]") {
+TEST_CASE("Merge folds the adapter into W, unmerge takes it out", "[ch04][lora]") {
   const int in = 40, out = 24, r = 4, T = 6;
   std::mt19937_64 rng(77);
   LoraAdapter ad = random_adapter(in, out, r, rng);
