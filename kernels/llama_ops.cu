@@ -236,6 +236,21 @@ __device__ __forceinline__ void weighted_rows(const float* w, const float* rows,
   }
 }
 
+// p[s] = scale·(q·k_s) for the keys s ≤ t (k_s at K + s·stride); lane takes s = lane,
+// lane+32, … and returns the largest score it wrote.
+__device__ __forceinline__ float causal_scores(const float* qr, const float* K, int t, int stride, int hs, float scale,
+                                               float* p, int lane) {
+  float mx = -INFINITY;
+  for (int s = lane; s <= t; s += 32) {
+    float d = 0.0f;
+    for (int i = 0; i < hs; ++i) d += qr[i] * K[(std::int64_t)s * stride + i];
+    d *= scale;
+    p[s] = d;
+    mx = fmaxf(mx, d);
+  }
+  return mx;
+}
+
 //! [attention-forward-cuda]
 // The lanes take the keys s = lane, lane+32, … for the scores and softmax (att's row is
 // the scratch), then the head dimensions i = lane, lane+32, … for out = Σ_s p_s·v_s.
@@ -252,15 +267,7 @@ __global__ void attention_forward_kernel(const float* __restrict__ q, const floa
   const float* K = k + r.kv;
   float* p = att + row_id * T;  // row_id = (b·H + h)·T + t
 
-  float mx = -INFINITY;
-  for (int s = lane; s <= t; s += 32) {
-    float d = 0.0f;
-    for (int i = 0; i < hs; ++i) d += qr[i] * K[(std::int64_t)s * KV + i];
-    d *= scale;
-    p[s] = d;
-    mx = fmaxf(mx, d);
-  }
-  normalize_causal_row(p, t, T, warp_max(mx), lane);
+  normalize_causal_row(p, t, T, warp_max(causal_scores(qr, K, t, KV, hs, scale, p, lane)), lane);
   __syncwarp();  // every lane now reads every p[s]
   weighted_rows(p, v + r.kv, t, KV, hs, out + r.act, lane);
 }
@@ -285,15 +292,7 @@ __global__ void attention_cached_kernel(const float* __restrict__ q, const float
   const float* K = kc + base;
   float* p = scores + row_id * max_seq;
 
-  float mx = -INFINITY;
-  for (int s = lane; s <= t; s += 32) {
-    float d = 0.0f;
-    for (int i = 0; i < hs; ++i) d += qr[i] * K[(std::int64_t)s * KV + i];
-    d *= scale;
-    p[s] = d;
-    mx = fmaxf(mx, d);
-  }
-  normalize_causal_row(p, t, t + 1, warp_max(mx), lane);
+  normalize_causal_row(p, t, t + 1, warp_max(causal_scores(qr, K, t, KV, hs, scale, p, lane)), lane);
   __syncwarp();  // every lane now reads every p[s]
   weighted_rows(p, vc + base, t, KV, hs, out + (std::int64_t)n * H * hs + (std::int64_t)h * hs, lane);
 }

@@ -1,17 +1,26 @@
 // Helpers shared by the tests that compare LoRA gradients: adapters with random non-zero
-// B, all of a model's adapter gradients in one vector, and the relative Frobenius error.
+// B, all of a model's adapter gradients in one vector, the largest magnitude and the relative
+// Frobenius error.
 #pragma once
 
 #include "llama_model.hpp"
 
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <random>
 #include <vector>
 
 namespace qlora::test {
+
+/// Largest |a_i|, the scale the tests measure errors against.
+inline double max_abs(const std::vector<float>& a) {
+  double m = 0;
+  for (float x : a) m = std::max(m, std::fabs(static_cast<double>(x)));
+  return m;
+}
 
 /// ‖a − ref‖ / ‖ref‖; every element of a must be finite (a NaN is an element never written).
 inline double rel_frobenius(const std::vector<float>& a, const std::vector<float>& ref) {

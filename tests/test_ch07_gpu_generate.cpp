@@ -15,6 +15,7 @@
 // but both models keep being fed the CPU's token (teacher forcing), so the logits still
 // are, at every one of the 32 steps.
 #include "file_helpers.hpp"
+#include "lora_helpers.hpp"
 #include "finetune.hpp"
 #include "generate.hpp"
 #include "generate_gpu.cuh"
@@ -33,17 +34,13 @@
 
 using namespace qlora;
 using qlora::test::model_or_fail;
+using qlora::test::add_random_lora;
+using qlora::test::max_abs;
 
 namespace {
 
 constexpr double kLogitTol = 3e-2;  // of the largest |logit|: test_ch07_gpu_model.cpp's bound, argued above
 constexpr int kSteps = 32;
-
-double max_abs(const float* a, int n) {
-  double m = 0;
-  for (int i = 0; i < n; ++i) m = std::max(m, std::fabs(static_cast<double>(a[i])));
-  return m;
-}
 
 // Largest |gpu − cpu| over one row of logits, as a fraction of the CPU's largest |logit|.
 double logit_err(const float* gpu, const std::vector<float>& cpu) {
@@ -52,30 +49,18 @@ double logit_err(const float* gpu, const std::vector<float>& cpu) {
     REQUIRE(std::isfinite(gpu[i]));  // a NaN is a poisoned value the GPU never wrote
     m = std::max(m, std::fabs(static_cast<double>(gpu[i]) - cpu[i]));
   }
-  return m / max_abs(cpu.data(), static_cast<int>(cpu.size()));
+  return m / max_abs(cpu);
 }
 
 // Whether the two largest logits are closer than the tolerance: the GPU may take either.
 bool near_tie(const std::vector<float>& l) {
   std::vector<float> s = l;
   std::partial_sort(s.begin(), s.begin() + 2, s.end(), std::greater<>());
-  return s[0] - s[1] < kLogitTol * max_abs(l.data(), static_cast<int>(l.size()));
+  return s[0] - s[1] < kLogitTol * max_abs(l);
 }
 
 int argmax(const std::vector<float>& l) {
   return static_cast<int>(std::max_element(l.begin(), l.end()) - l.begin());
-}
-
-// Adapters with random non-zero B (PEFT starts B at 0: the adapter would add nothing).
-void add_random_lora(LlamaModel& m, std::uint64_t seed) {
-  LoraSetup s;
-  s.config.r = 4;
-  s.config.alpha = 8.0f;
-  std::mt19937_64 rng(seed);
-  m.add_lora(s, rng);
-  std::normal_distribution<float> nd(0.0f, 0.02f);
-  for (auto& [name, a] : m.named_adapters())
-    for (float& b : a->B) b = nd(rng);
 }
 
 }  // namespace
@@ -91,7 +76,7 @@ TEST_CASE("Greedy decoding on the GPU follows the CPU model's decode_step for 32
     CAPTURE(adapter);
     LlamaModel cpu(w, BaseStorage::nf4_dq);
     cpu.set_bf16_compute(true);
-    if (adapter) add_random_lora(cpu, 3);
+    if (adapter) add_random_lora(cpu, LoraConfig{}.dropout, 3);  // B random: PEFT's zero B would add nothing
     cuda::LlamaModelGpu gpu(cpu);
     const int P = static_cast<int>(prompt.size());
     cuda::GpuDecoder dec(gpu, 1, P + kSteps);
@@ -133,7 +118,7 @@ TEST_CASE("A batch of prompts of different lengths decodes as each prompt alone"
   const LlamaWeights w = load_llama_weights(*path);
   const auto tok = load_tokenizer(find_tokenizer_for(*path));
   LlamaModel host(w, BaseStorage::nf4_dq);
-  add_random_lora(host, 5);
+  add_random_lora(host, LoraConfig{}.dropout, 5);
   cuda::LlamaModelGpu gpu(host);
   const std::vector<std::vector<int>> prompts = {prompt_ids(*tok, "In the beginning God created the heaven"),
                                                  prompt_ids(*tok, "Jesus wept."),

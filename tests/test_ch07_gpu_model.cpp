@@ -48,6 +48,7 @@ using qlora::test::model_or_fail;
 using qlora::test::add_random_lora;
 using qlora::test::host_grads;
 using qlora::test::rel_frobenius;
+using qlora::test::max_abs;
 
 namespace {
 
@@ -56,12 +57,6 @@ std::vector<int> next_targets(const std::vector<int>& tokens, int B, int T) {
   for (int b = 0; b < B; ++b)
     for (int t = 0; t + 1 < T; ++t) y[static_cast<std::size_t>(b * T + t)] = tokens[static_cast<std::size_t>(b * T + t + 1)];
   return y;
-}
-
-double max_abs(const std::vector<float>& a) {
-  double m = 0;
-  for (float x : a) m = std::max(m, std::fabs(static_cast<double>(x)));
-  return m;
 }
 
 double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
