@@ -28,7 +28,7 @@
 #   plan      chapter 7: 13B, 33B, 65B steps on the whole card against qlora plan (scripts/gpu_scale.sh plan)
 #   sanitize  compute-sanitizer memcheck and racecheck over every GPU test binary
 #             ($SANITIZE_TIMEOUT seconds per run, default 90; a run cut short says so;
-#             $SANITIZE_BINS, a glob, and $SANITIZE_TOOLS narrow it)
+#             $SANITIZE_BINS, a glob, and $SANITIZE_TOOLS narrow it; $SANITIZE_JOBS runs at once)
 #   oom       chapter 7: a 65B step at batch 4 in a 42 GiB card, to show the out-of-memory message
 #   instruct  chapter 8: scripts/instruct_recipe.sh gpu (kjv15M instruction-tuned on WordNet, with
 #             and without --train-on-inputs; the data carried by scripts/gpu_pack.sh)
@@ -80,11 +80,13 @@ run_phase() {
       timeout 240 build/cuda/qlora bench kernels --shape 8192x8192 --shape 28672x8192 --json "$res/kernels-mma.json" \
         > "$res/kernels-mma.log" 2>&1; echo "bench kernels: $?"; grep -A30 -i "matmul" "$res/kernels-mma.log" | head -60
       san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+      pids=()
       for tool in memcheck racecheck; do
-        timeout ${SANITIZE_TIMEOUT:-90} "$san" --tool $tool --error-exitcode 99 --print-limit 20 \
-          build/cuda/tests/test_ch05_gpu_kernels "*tensor-core*" > "$res/sanitize_mma_$tool.log" 2>&1
-        echo "mma $tool: rc $?; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$res/sanitize_mma_$tool.log" | tail -1)"
-      done ;;
+        { timeout ${SANITIZE_TIMEOUT:-90} "$san" --tool $tool --error-exitcode 99 --print-limit 20 \
+            build/cuda/tests/test_ch05_gpu_kernels "*tensor-core*" > "$res/sanitize_mma_$tool.log" 2>&1
+          echo "mma $tool: rc $?; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$res/sanitize_mma_$tool.log" | tail -1)"; } &
+        pids+=($!)
+      done; wait "${pids[@]}" ;;
     generate)
       for p in "--prompt ROMEO:" "--prompts tests/fixtures/generate_prompts.txt"; do
         build/cuda/qlora generate --device cuda --model kjv15M-hf $p --max-tokens 200 --temperature 0 2>&1
@@ -135,18 +137,17 @@ run_phase() {
     scale65)
       timeout 300 bash scripts/gpu_scale.sh build/cuda "$res/scale65" 65b; echo "gpu_scale 65b: $?" ;;
     sanitize)
+      # One sanitizer run per binary and tool, $SANITIZE_JOBS at once (default 1): the tools are
+      # host-bound, so parallel runs share the card well, but no timing phase may run beside them.
       san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
       for bin in build/cuda/tests/${SANITIZE_BINS:-test_*_gpu_*}; do
         [[ -x $bin && $bin != *.cmake ]] || continue  # the test binaries, not CTest's generated lists
-        tools=(memcheck racecheck)
-        [[ -n ${SANITIZE_TOOLS:-} ]] && tools=($SANITIZE_TOOLS)
-        for tool in "${tools[@]}"; do
-          log="$res/sanitize_$(basename "$bin")_$tool.log"
-          timeout ${SANITIZE_TIMEOUT:-90} "$san" --tool $tool --error-exitcode 99 --print-limit 20 "$bin" > "$log" 2>&1
-          rc=$?; [[ $rc == 124 ]] && rc="124 (cut short after ${SANITIZE_TIMEOUT:-90} s)"
-          echo "$(basename "$bin") $tool: rc $rc; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1); $(grep -E "^test cases|All tests passed" "$log" | tail -1)"
-        done
-      done ;;
+        for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do echo "$bin $tool"; done
+      done | SAN=$san RES=$res LIMIT=${SANITIZE_TIMEOUT:-90} xargs -P "${SANITIZE_JOBS:-1}" -L 1 bash -c '
+        log="$RES/sanitize_$(basename "$0")_$1.log"
+        timeout $LIMIT "$SAN" --tool $1 --error-exitcode 99 --print-limit 20 "$0" > "$log" 2>&1
+        rc=$?; [[ $rc == 124 ]] && rc="124 (cut short after $LIMIT s)"
+        echo "$(basename "$0") $1: rc $rc; $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1); $(grep -E "^test cases|All tests passed" "$log" | tail -1)"' ;;
     oom)
       build/cuda/qlora bench train --shape 65b --batch 4 --seq-len 512 --rank 64 --memory-limit-gib 42 --warmup 1 --steps 1 \
         > "$res/oom_65b_batch4.log" 2>&1
