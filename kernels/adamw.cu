@@ -185,7 +185,7 @@ GradClipper::GradClipper(std::vector<DeviceSpan> grads) : grads_(std::move(grads
     blocks_.push_back(b);
     partial_count_ += b;
   }
-  CUDA_CHECK(cudaMalloc(&partials_, sizeof(double) * static_cast<std::size_t>(partial_count_ + 1)));
+  CUDA_MALLOC(&partials_, sizeof(double) * static_cast<std::size_t>(partial_count_ + 1));
 }
 
 GradClipper::~GradClipper() { cudaFree(partials_); }
@@ -329,7 +329,7 @@ CudaAdamW8bit::CudaAdamW8bit(std::vector<DeviceParam> params, AdamWConfig cfg, S
     layout_.push_back(l);
   }
   states_ = StateBuffer(bytes, placement, "AdamW (8-bit) states");
-  CUDA_CHECK(cudaMalloc(&maps_, 512 * sizeof(float)));
+  CUDA_MALLOC(&maps_, 512 * sizeof(float));
   CUDA_CHECK(cudaMemcpy(maps_, adam8bit_map1().data(), 256 * sizeof(float), cudaMemcpyHostToDevice));
   CUDA_CHECK(cudaMemcpy(maps_ + 256, adam8bit_map2().data(), 256 * sizeof(float), cudaMemcpyHostToDevice));
 }

@@ -32,4 +32,12 @@ void throw_cublas_error(cublasStatus_t st, const char* what, const char* file, i
   throw std::runtime_error(std::string("cuBLAS error: ") + cublasGetStatusString(st) + where);
 }
 
+void device_malloc(void** p, std::size_t bytes, const char* file, int line) {
+  const cudaError_t err = cudaMalloc(p, bytes);
+  if (err == cudaSuccess) return;
+  char what[64];
+  std::snprintf(what, sizeof what, "cudaMalloc of %.2f GiB", static_cast<double>(bytes) / (1ull << 30));
+  throw_cuda_error(err, what, file, line);
+}
+
 }  // namespace qlora::cuda

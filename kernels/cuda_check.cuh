@@ -6,6 +6,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <stdexcept>
 #include <string>
 
@@ -22,6 +23,9 @@ class OutOfDeviceMemory : public std::runtime_error {
 [[noreturn]] void throw_cuda_error(cudaError_t err, const char* what, const char* file, int line);
 [[noreturn]] void throw_cublas_error(cublasStatus_t st, const char* what, const char* file, int line);
 
+/// cudaMalloc through CUDA_MALLOC: out of memory then names the size that did not fit.
+void device_malloc(void** p, std::size_t bytes, const char* file, int line);
+
 }  // namespace qlora::cuda
 
 #define CUDA_CHECK(call)                                                                  \
@@ -29,6 +33,9 @@ class OutOfDeviceMemory : public std::runtime_error {
     cudaError_t qlora_err_ = (call);                                                      \
     if (qlora_err_ != cudaSuccess) ::qlora::cuda::throw_cuda_error(qlora_err_, #call, __FILE__, __LINE__); \
   } while (0)
+
+/// cudaMalloc(pp, bytes), checked, with the size in the out-of-memory message.
+#define CUDA_MALLOC(pp, bytes) ::qlora::cuda::device_malloc(reinterpret_cast<void**>(pp), (bytes), __FILE__, __LINE__)
 
 /// After a kernel launch: catches bad launch configurations at once.
 #define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())

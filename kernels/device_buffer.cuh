@@ -22,7 +22,7 @@ class DeviceBuffer {
  public:
   DeviceBuffer() = default;
   explicit DeviceBuffer(std::size_t count) : count_(count) {
-    if (count_ > 0) CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&ptr_), bytes()));
+    if (count_ > 0) CUDA_MALLOC(&ptr_, bytes());
   }
   ~DeviceBuffer() {
     if (ptr_ != nullptr) cudaFree(ptr_);  // destructors must not throw; a failed free is unrecoverable anyway

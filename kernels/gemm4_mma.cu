@@ -48,6 +48,12 @@ static __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
 }
 static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+/// The 8-byte form (version 2's pieces): only .ca exists at this size, which also keeps the
+/// line in L1; nothing rereads it, so that costs nothing but a little L1.
+static __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
+  const auto dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
 template <int kPending>
 static __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
@@ -71,6 +77,37 @@ static __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const std::
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 //! [mma-instruction]
+
+/// y as bf16 or float32 (the model adds its LoRA path to a float32 y).
+static __device__ __forceinline__ void store_y(__nv_bfloat16* y, std::int64_t i, float v) { y[i] = __float2bfloat16_rn(v); }
+static __device__ __forceinline__ void store_y(float* y, std::int64_t i, float v) { y[i] = v; }
+
+/// The end of both versions: the 8 warps' partial tiles added in shared memory (the pipeline's,
+/// free by now) in a fixed order, so the result does not depend on timing, and stored. Element
+/// (n, r, lane) of the accumulators is token tok0 + 8n + 2t + (r & 1), row row0 + g + 8·(r >> 1)
+/// (the d layout of mma_bf16_16816).
+template <int kTokenTiles, class Smem, class OutT>
+static __device__ __forceinline__ void add_warps_and_store(const float (&acc)[kTokenTiles][4], Smem& smem, OutT* y,
+                                                           int row0, int tok0, int out, int tokens) {
+  using Sums = float[kMmaWarps][kTokenTiles * 4][32];
+  static_assert(sizeof(Sums) <= sizeof(Smem));
+  auto& s_sum = *reinterpret_cast<Sums*>(&smem);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int n = 0; n < kTokenTiles; ++n)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) s_sum[warp][4 * n + r][lane] = acc[n][r];
+  __syncthreads();
+  for (int e = threadIdx.x; e < kTokenTiles * 4 * 32; e += kMmaThreads) {
+    const int l = e % 32, nr = e / 32, n = nr / 4, r = nr % 4;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) sum += s_sum[w][nr][l];
+    const int token = tok0 + 8 * n + 2 * (l % 4) + (r & 1);
+    const int row = row0 + l / 4 + 8 * (r >> 1);
+    if (token < tokens && row < out) store_y(y, static_cast<std::int64_t>(token) * out + row, sum);
+  }
+}
 
 static __device__ __forceinline__ std::uint32_t word_of(const uint4& v, int j) {
   return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w;
@@ -155,17 +192,13 @@ static __device__ __forceinline__ void mma_tile(const uint4 (&codes)[2], const f
 /// plain loads at the start of a tile, and the decode of the tile's codes hides their latency.
 /// (Staging x in shared memory too would take 2 KB per token tile next to each 1 KB of codes,
 /// and the pipeline would then fit fewer stages and fewer warps.)
-template <int kTokenTiles>
+template <int kTokenTiles, class OutT>
 __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
-    gemm4_mma_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y, int out,
-                     int in, int tokens, float tiny_absmax) {
-  // The warps' partial sums at the end reuse the pipeline's shared memory.
-  using Sums = float[kMmaWarps][kTokenTiles * 4][32];
-  static_assert(sizeof(Sums) <= sizeof(WarpStage) * kStages * kMmaWarps);
+    gemm4_mma_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, OutT* __restrict__ y, int out, int in,
+                     int tokens, float tiny_absmax) {
   __shared__ WarpStage stages[kStages][kMmaWarps];
   __shared__ float s_table[16];
   __shared__ float s_map[256];
-  auto& s_sum = *reinterpret_cast<Sums*>(&stages[0][0]);
   if (threadIdx.x < 16) s_table[threadIdx.x] = q.table[threadIdx.x];
   if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMmaThreads == 256
 
@@ -245,40 +278,234 @@ __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
   }
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the stages
-
-  // Add the 8 warps' partial tiles; element (n, r, lane) of the accumulators is token
-  // tok0 + 8n + 2t + (r & 1), row row0 + g + 8·(r >> 1) (the d layout above).
-#pragma unroll
-  for (int n = 0; n < kTokenTiles; ++n)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) s_sum[warp][4 * n + r][lane] = acc[n][r];
-  __syncthreads();
-  for (int e = threadIdx.x; e < kTokenTiles * 4 * 32; e += kMmaThreads) {
-    const int l = e % 32, nr = e / 32, n = nr / 4, r = nr % 4;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) sum += s_sum[w][nr][l];
-    const int token = tok0 + 8 * n + 2 * (l % 4) + (r & 1);
-    const int row = row0 + l / 4 + 8 * (r >> 1);
-    if (token < tokens && row < out) y[static_cast<std::int64_t>(token) * out + row] = __float2bfloat16_rn(sum);
-  }
+  add_warps_and_store<kTokenTiles>(acc, stages, y, row0, tok0, out, tokens);
 }
 //! [mma-kernel]
+
+// ---------------------------------------------------------------------------------------------
+// Version 2: the table in registers, the block scale after the product.
+//
+// Version 1 spends most of its instructions on the decode: per code a byte extract, a shared
+// load, a multiply by the block scale and half a conversion to bf16. Two changes halve that.
+//  1. The scale leaves the decode. All 16 κ of one mma step are taken from one quantization
+//     block (64-wide k tiles instead of 128), so the product can be scaled after the mma: the
+//     tensor cores multiply bf16(table value) by x, and one FMA per output and tile adds
+//     absmax × that partial sum. The weight multiplied is then bf16(t)·absmax in float32
+//     rather than bf16(t·absmax): as close to the exact t·absmax as a bf16 weight (2^-9
+//     relative), but no longer bit-identical to dequantize_4bit_bf16() (the test's bound says
+//     how far).
+//  2. The table moves into registers. The 16 bf16 values are 32 bytes: their low bytes in four
+//     registers and their high bytes in four more. prmt (__byte_perm) picks 4 bytes out of 8 by
+//     4 three-bit selectors at once, so two prmt look up 4 codes among entries 0-7 and 8-15 and
+//     a third keeps, per byte, the one the code's top bit asks for: 3 instructions for 4 codes'
+//     low bytes, 3 for their high bytes, 2 more to interleave them into bf16 pairs. No shared
+//     memory, no multiply, no conversion.
+
+constexpr int kTileK2 = 64;  // k values one warp consumes per stage in version 2: one block's worth
+constexpr int kStages2 = 6;  // its stages are half as large, so twice as many fit
+
+//! [mma2-stage]
+/// One stage of one warp in version 2: the codes of one 64-wide k tile of its 16 rows, 512
+/// bytes; slot [r][lane] holds the lane's 16 codes (8 bytes) of row g + 8r, copied by that lane.
+struct WarpStage2 {
+  uint2 codes[2][32];
+};
+//! [mma2-stage]
+
+//! [mma2-table]
+/// The 16 bf16 table values as bytes: byte c % 4 of lo[c / 4] is the low byte of entry c,
+/// and likewise hi for the high bytes.
+struct ByteTables {
+  std::uint32_t lo[4], hi[4];
+};
+
+/// Four lookups at once: byte i of the result is byte (code i) of the 16-byte table t, for the
+/// 4 codes in the 4 nibbles of `codes` (nibble i is code i). prmt sees the 8 bytes of two
+/// registers and three selector bits, so entries 0-7 and 8-15 are looked up separately and the
+/// last prmt takes byte i of the second when code i has its top bit set (selector i + 4).
+static __device__ __forceinline__ std::uint32_t lookup4(const std::uint32_t (&t)[4], std::uint32_t codes,
+                                                        std::uint32_t pick) {
+  const std::uint32_t low8 = __byte_perm(t[0], t[1], codes & 0x7777u);
+  const std::uint32_t high8 = __byte_perm(t[2], t[3], codes & 0x7777u);
+  return __byte_perm(low8, high8, pick);
+}
+
+/// The 8 codes of one code word as 4 bf16 pairs, pair m = byte m of the word (its high nibble,
+/// the first value, in the low half of the pair). In a 16-bit half of the word the nibbles run
+/// second value of byte 0, first of byte 0, second of byte 1, first of byte 1, so the looked-up
+/// bytes of half h are L = [l(e1), l(e0), l(e3), l(e2)] (and H likewise), and the pairs are
+/// [l(e0), h(e0), l(e1), h(e1)] = bytes 1, 5, 0, 4 of (L, H), and bytes 3, 7, 2, 6.
+static __device__ __forceinline__ void decode_word_bf16(std::uint32_t word, const ByteTables& tables,
+                                                        std::uint32_t (&pairs)[4]) {
+  const std::uint32_t picks = 0x32103210u | ((word & 0x88888888u) >> 1);  // per nibble: i or i + 4
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const std::uint32_t codes = word >> (16 * h), pick = picks >> (16 * h);
+    const std::uint32_t L = lookup4(tables.lo, codes, pick), H = lookup4(tables.hi, codes, pick);
+    pairs[2 * h] = __byte_perm(L, H, 0x4051);
+    pairs[2 * h + 1] = __byte_perm(L, H, 0x6273);
+  }
+}
+//! [mma2-table]
+
+//! [mma2-tile]
+/// One 64-wide k tile of one warp in version 2. The k permutation now keeps each step inside the
+/// tile: lane t's κ at step s (2t, 2t+1, 2t+8, 2t+9) are k = 16t + 4s + (0, 1, 2, 3), so lane t
+/// holds k 16t .. 16t + 15 over the 4 steps: 8 code bytes per row (word 0: steps 0 and 1, word
+/// 1: steps 2 and 3) and 32 bytes of x per token (xv[n][0]: steps 0 and 1, xv[n][1]: 2 and 3).
+/// The tile's products are summed unscaled and then added to acc times each row's absmax.
+template <int kTokenTiles>
+static __device__ __forceinline__ void mma2_tile(const uint2 (&codes)[2], const float (&absmax)[2],
+                                                 const ByteTables& tables, const uint4 (&xv)[kTokenTiles][2],
+                                                 float (&acc)[kTokenTiles][4]) {
+  float part[kTokenTiles][4] = {};
+#pragma unroll
+  for (int w = 0; w < 2; ++w) {
+    std::uint32_t rows[2][4];  // [row g, row g + 8][byte m of word w] as bf16 pairs
+#pragma unroll
+    for (int r = 0; r < 2; ++r) decode_word_bf16(w == 0 ? codes[r].x : codes[r].y, tables, rows[r]);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // step 2w + half: code bytes 2·half and 2·half + 1
+      const std::uint32_t a[4] = {rows[0][2 * half], rows[1][2 * half], rows[0][2 * half + 1],
+                                  rows[1][2 * half + 1]};
+#pragma unroll
+      for (int n = 0; n < kTokenTiles; ++n) {
+        const uint4& v = xv[n][w];
+        mma_bf16_16816(part[n], a, half == 0 ? v.x : v.z, half == 0 ? v.y : v.w);
+      }
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < kTokenTiles; ++n) {
+    acc[n][0] = fmaf(part[n][0], absmax[0], acc[n][0]);
+    acc[n][1] = fmaf(part[n][1], absmax[0], acc[n][1]);
+    acc[n][2] = fmaf(part[n][2], absmax[1], acc[n][2]);
+    acc[n][3] = fmaf(part[n][3], absmax[1], acc[n][3]);
+  }
+}
+//! [mma2-tile]
+
+//! [mma2-kernel]
+/// Version 2's block: version 1's shape (16 rows, 8 warps splitting K, token tiles of 8) with
+/// 64-wide tiles, 6 stages, and x for the next tile loaded while this one is decoded (the x of
+/// version 1's tile was waited for at its start).
+template <int kTokenTiles, class OutT>
+__global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
+    gemm4_mma2_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, OutT* __restrict__ y, int out, int in,
+                      int tokens) {
+  __shared__ WarpStage2 stages[kStages2][kMmaWarps];
+  __shared__ float s_map[256];
+  if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMmaThreads == 256
+  ByteTables tables;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    std::uint32_t lo = 0, hi = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const auto v = __bfloat16_as_ushort(__float2bfloat16_rn(q.table[4 * i + b]));
+      lo |= static_cast<std::uint32_t>(v & 0xffu) << (8 * b);
+      hi |= static_cast<std::uint32_t>(v >> 8) << (8 * b);
+    }
+    tables.lo[i] = lo;
+    tables.hi[i] = hi;
+  }
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int tok0 = blockIdx.x * 8 * kTokenTiles;
+  const int row0 = blockIdx.y * kTileRows;
+  const std::int64_t row_start[2] = {static_cast<std::int64_t>(min(row0 + g, out - 1)) * in,
+                                     static_cast<std::int64_t>(min(row0 + g + 8, out - 1)) * in};
+  const int num_tiles = in / kTileK2;  // gemm4_mma_unsupported(W, 2) asks in % 64 == 0
+  const int my_tiles = warp < num_tiles ? (num_tiles - 1 - warp) / kMmaWarps + 1 : 0;
+  auto tile_k = [&](int i) { return (warp + kMmaWarps * i) * kTileK2; };
+
+  auto issue = [&](int i) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      cp_async8(&stages[i % kStages2][warp].codes[r][lane], q.packed + (row_start[r] + tile_k(i) + 16 * t) / 2);
+  };
+  auto load_scales = [&](int i, RawScale (&s)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) s[r] = load_scale(q, (row_start[r] + tile_k(i)) >> q.log2_blocksize);
+  };
+  // The lane's 16 values of x (two 16-byte loads) for each token tile; zeros for a missing token.
+  auto load_x = [&](int i, uint4 (&xv)[kTokenTiles][2]) {
+#pragma unroll
+    for (int n = 0; n < kTokenTiles; ++n) {
+      const int token = tok0 + 8 * n + g;
+      const auto* src = reinterpret_cast<const uint4*>(x + static_cast<std::int64_t>(min(token, tokens - 1)) * in +
+                                                       tile_k(i) + 16 * t);
+#pragma unroll
+      for (int p = 0; p < 2; ++p) xv[n][p] = token < tokens ? __ldg(src + p) : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+#pragma unroll
+  for (int i = 0; i < kStages2 - 1; ++i) {
+    if (i < my_tiles) issue(i);
+    cp_async_commit();
+  }
+  RawScale scale[2];
+  uint4 xv[kTokenTiles][2];
+  if (my_tiles > 0) {
+    load_scales(0, scale);
+    load_x(0, xv);
+  }
+  __syncthreads();  // s_map is in shared memory
+
+  float acc[kTokenTiles][4] = {};
+  for (int i = 0; i < my_tiles; ++i) {
+    if (i + kStages2 - 1 < my_tiles) issue(i + kStages2 - 1);
+    cp_async_commit();
+    RawScale next[2] = {scale[0], scale[1]};
+    uint4 xnext[kTokenTiles][2];
+    if (i + 1 < my_tiles) {
+      load_scales(i + 1, next);
+      load_x(i + 1, xnext);
+    }
+    cp_async_wait<kStages2 - 1>();  // tile i's copies have landed
+
+    const WarpStage2& st = stages[i % kStages2][warp];
+    const uint2 codes[2] = {st.codes[0][lane], st.codes[1][lane]};
+    const float absmax[2] = {decode_scale(q, s_map, scale[0]), decode_scale(q, s_map, scale[1])};
+    mma2_tile<kTokenTiles>(codes, absmax, tables, xv, acc);
+    scale[0] = next[0];
+    scale[1] = next[1];
+#pragma unroll
+    for (int n = 0; n < kTokenTiles; ++n) {
+      xv[n][0] = xnext[n][0];
+      xv[n][1] = xnext[n][1];
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the stages
+  add_warps_and_store<kTokenTiles>(acc, stages, y, row0, tok0, out, tokens);
+}
+//! [mma2-kernel]
 
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
 constexpr int kMaxRowTiles = 65535;  // gridDim.y
 
-std::string gemm4_mma_unsupported(const DeviceQuant4& W) {
+std::string gemm4_mma_unsupported(const DeviceQuant4& W, MmaVersion version) {
   if (W.shape.size() != 2) {
     return "the 4-bit weight must be 2-D (out x in), got " + std::to_string(W.shape.size()) + " dimensions";
   }
   const std::int64_t out = W.shape[0], in = W.shape[1];
-  if (in % 32 != 0) return "W has in = " + std::to_string(in) + " columns, not a multiple of 32";
+  const int align = version == MmaVersion::exact ? 32 : kTileK2;
+  if (in % align != 0) {
+    return "W has in = " + std::to_string(in) + " columns, not a multiple of " + std::to_string(align) +
+           (version == MmaVersion::exact ? "" : " (version 2's k tiles)");
+  }
   if (in > (1 << 30)) return "W has in = " + std::to_string(in) + " columns, more than 2^30";
   if (out > static_cast<std::int64_t>(kMaxRowTiles) * kTileRows) {
     return "W has out = " + std::to_string(out) + " rows, more than " + std::to_string(kMaxRowTiles * kTileRows);
+  }
+  if (version == MmaVersion::register_table && W.blocksize < kTileK2) {
+    return "W has blocksize " + std::to_string(W.blocksize) + "; version 2 scales whole 64-wide k tiles, so it needs "
+           "blocks of at least 64";
   }
   return {};
 }
@@ -293,22 +520,41 @@ static float tiny_absmax_of(QuantType type) {
   return std::nextafter(static_cast<float>(FLT_MIN / smallest), INFINITY);  // rounded up: never too small
 }
 
-template <int kTokenTiles>
-static void launch_mma(const DeviceQuant4& W, const bf16* x, bf16* y, int out, int in, int tokens,
+template <int kTokenTiles, class OutT>
+static void launch_mma(const DeviceQuant4& W, const bf16* x, OutT* y, int out, int in, int tokens, MmaVersion version,
                        cudaStream_t stream) {
   const int tokens_per_block = 8 * kTokenTiles;
   // Token tiles vary fastest, so the blocks that share a row tile run together and the second
   // and later ones find its codes in the L2 cache.
   const dim3 grid(static_cast<unsigned>((tokens + tokens_per_block - 1) / tokens_per_block),
                   static_cast<unsigned>((out + kTileRows - 1) / kTileRows));
-  gemm4_mma_kernel<kTokenTiles><<<grid, kMmaThreads, 0, stream>>>(W.view(), reinterpret_cast<const __nv_bfloat16*>(x),
-                                                                  reinterpret_cast<__nv_bfloat16*>(y), out, in, tokens,
-                                                                  tiny_absmax_of(W.type));
+  const auto* xb = reinterpret_cast<const __nv_bfloat16*>(x);
+  if (version == MmaVersion::exact) {
+    gemm4_mma_kernel<kTokenTiles><<<grid, kMmaThreads, 0, stream>>>(W.view(), xb, y, out, in, tokens,
+                                                                    tiny_absmax_of(W.type));
+  } else {
+    gemm4_mma2_kernel<kTokenTiles><<<grid, kMmaThreads, 0, stream>>>(W.view(), xb, y, out, in, tokens);
+  }
   CUDA_CHECK_LAUNCH();
 }
 
-void gemm4_mma(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, cudaStream_t stream) {
-  const std::string why = gemm4_mma_unsupported(W);
+template <class OutT>
+static void launch_for_tokens(const DeviceQuant4& W, const bf16* x, OutT* y, int out, int in, int tokens,
+                              MmaVersion version, cudaStream_t stream) {
+  // One token tile (8 tokens) per block up to 8 tokens, two up to 16, four beyond: the
+  // decoded weights serve every token tile of the block.
+  if (tokens <= 8) {
+    launch_mma<1>(W, x, y, out, in, tokens, version, stream);
+  } else if (tokens <= 16) {
+    launch_mma<2>(W, x, y, out, in, tokens, version, stream);
+  } else {
+    launch_mma<4>(W, x, y, out, in, tokens, version, stream);
+  }
+}
+
+void gemm4_mma(const DeviceQuant4& W, const bf16* x, void* y, OutType y_type, int tokens, MmaVersion version,
+               cudaStream_t stream) {
+  const std::string why = gemm4_mma_unsupported(W, version);
   if (!why.empty()) throw std::invalid_argument("gemm4_mma: " + why);
   if (tokens < 0) throw std::invalid_argument("gemm4_mma: tokens = " + std::to_string(tokens) + " is negative");
   const int out = static_cast<int>(W.shape[0]), in = static_cast<int>(W.shape[1]);
@@ -317,14 +563,10 @@ void gemm4_mma(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, cudaSt
   if (reinterpret_cast<std::uintptr_t>(x) % 16 != 0) {
     throw std::invalid_argument("gemm4_mma: x (tokens x in bf16) must be 16-byte aligned");
   }
-  // One token tile (8 tokens) per block up to 8 tokens, two up to 16, four beyond: the
-  // decoded weights serve every token tile of the block.
-  if (tokens <= 8) {
-    launch_mma<1>(W, x, y, out, in, tokens, stream);
-  } else if (tokens <= 16) {
-    launch_mma<2>(W, x, y, out, in, tokens, stream);
+  if (y_type == OutType::bf16) {
+    launch_for_tokens(W, x, static_cast<__nv_bfloat16*>(y), out, in, tokens, version, stream);
   } else {
-    launch_mma<4>(W, x, y, out, in, tokens, stream);
+    launch_for_tokens(W, x, static_cast<float*>(y), out, in, tokens, version, stream);
   }
 }
 

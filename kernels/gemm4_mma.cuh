@@ -6,10 +6,12 @@
 // features per tile) and the tokens on the N side (8 per tile), so one to eight tokens
 // use a whole instruction's worth of weights and waste only token columns.
 // CPU reference: matmul_xwt_ref() (src/matmul.cpp, double accumulation) on
-// dequantize_4bit_bf16()'s weights; every weight the kernel multiplies is bit-identical
-// to that reference's bf16 value (tests/test_ch05_gpu_kernels.cpp argues the bound).
+// dequantize_4bit_bf16()'s weights; in version 1 every weight the kernel multiplies is
+// bit-identical to that reference's bf16 value, version 2 trades that for speed
+// (tests/test_ch05_gpu_kernels.cpp argues both bounds).
 #pragma once
 
+#include "linear4.cuh"
 #include "quant4_device.cuh"
 
 #include <cuda_runtime.h>
@@ -18,14 +20,36 @@
 
 namespace qlora::cuda {
 
-/// Empty when gemm4_mma() can run on W, otherwise why not: W must be 2-D with
-/// in % 32 == 0 (each lane's 32 weights of a row are one aligned 16-byte load)
-/// and out < 2^20 (row tiles fit the grid).
-std::string gemm4_mma_unsupported(const DeviceQuant4& W);
+/// The two numbered versions. exact (1): every weight multiplied is dequantize_4bit_bf16()'s,
+/// bit for bit (table value times absmax in float32, rounded to bf16). register_table (2): the
+/// table lookup in registers and the block scale applied to each 64-wide tile's partial sums,
+/// so the weight multiplied is bf16(table value)·absmax: fewer instructions per weight, a
+/// bf16-sized difference per weight from version 1 (tests/test_ch05_gpu_kernels.cpp bounds it).
+enum class MmaVersion { exact = 1, register_table = 2 };
 
-/// y[t·out + o] = bf16(Σ_i x[t·in + i] · deq(W)[o·in + i]) for t < tokens, o < out; x (tokens × in)
-/// and y (tokens × out) are bf16 in device memory, x 16-byte aligned. Throws std::invalid_argument
-/// naming the problem for a W that gemm4_mma_unsupported() refuses, tokens < 0 or a misaligned x.
-void gemm4_mma(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, cudaStream_t stream = nullptr);
+/// Empty when gemm4_mma() can run `version` on W, otherwise why not: W must be 2-D, out < 2^20
+/// (row tiles fit the grid) and in % 32 == 0 (each lane's 32 weights of a row are one aligned
+/// 16-byte load); version 2 needs in % 64 == 0 and blocks of at least 64 (a tile, one scale).
+std::string gemm4_mma_unsupported(const DeviceQuant4& W, MmaVersion version = MmaVersion::exact);
+
+/// y[t·out + o] = Σ_i x[t·in + i] · deq(W)[o·in + i] for t < tokens, o < out, as bf16 or float32
+/// (y_type); x (tokens × in, bf16) and y (tokens × out) in device memory, x 16-byte aligned.
+/// Throws std::invalid_argument naming the problem for a W that gemm4_mma_unsupported() refuses,
+/// tokens < 0 or a misaligned x.
+void gemm4_mma(const DeviceQuant4& W, const bf16* x, void* y, OutType y_type, int tokens,
+               MmaVersion version = MmaVersion::exact, cudaStream_t stream = nullptr);
+
+//! [mma-dispatch]
+/// Up to this many tokens the model's linear layers multiply with gemm4_mma (version 2); beyond
+/// it, dequantize + cuBLAS (linear4_forward). Read off `qlora bench kernels` on an H200
+/// (docs/benchmarks.md): at 8192 × 8192 and 28672 × 8192 version 1 alone beats dequantize +
+/// cuBLAS up to 32 tokens (0.55× against 0.41× cuBLAS's speed at 32) and loses from 64 on.
+inline constexpr int kMmaMaxTokens = 32;
+
+/// Whether the fused kernel should compute Y = X·deq(W)ᵀ for this many tokens.
+inline bool gemm4_mma_pays(const DeviceQuant4& W, int tokens) {
+  return tokens <= kMmaMaxTokens && gemm4_mma_unsupported(W, MmaVersion::register_table).empty();
+}
+//! [mma-dispatch]
 
 }  // namespace qlora::cuda

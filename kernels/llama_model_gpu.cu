@@ -7,6 +7,7 @@
 #include "attention_gemm.cuh"
 
 #include "bf16.hpp"
+#include "gemm4_mma.cuh"
 #include "llama_ops.cuh"
 #include "llama_ops.hpp"
 #include "nvtx_range.cuh"
@@ -294,7 +295,9 @@ void LlamaModelGpu::linear(int l, Proj p, const float* x, const bf16* xb, float*
   const DeviceFrozenLinear& f = layers_[usz(l)].w[usz(I(p))];
   {
     NvtxRange r("base");
-    if (f.q4)
+    if (f.q4 && gemm4_mma_pays(*f.q4, N))
+      gemm4_mma(*f.q4, xb, y, OutType::f32, N, MmaVersion::register_table, stream_);
+    else if (f.q4)
       linear4_forward(cublas_, *f.q4, xb, N, y, OutType::f32, scratch_, false, stream_);
     else
       gemm_bf16_xwt(cublas_, xb, f.w.data(), y, OutType::f32, N, f.in, f.out, false, stream_);

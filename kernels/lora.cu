@@ -22,7 +22,7 @@ DeviceFloats::~DeviceFloats() {
 void DeviceFloats::resize(std::size_t n) {
   if (n > cap_ || p_ == nullptr) {
     DeviceFloats fresh;
-    CUDA_CHECK(cudaMalloc(&fresh.p_, (n > 0 ? n : 1) * sizeof(float)));
+    CUDA_MALLOC(&fresh.p_, (n > 0 ? n : 1) * sizeof(float));
     fresh.cap_ = n;
     *this = std::move(fresh);
   }

@@ -65,7 +65,7 @@ StateBuffer::StateBuffer(std::size_t bytes, StatePlacement placement, const std:
   if (bytes == 0) return;
   CUDA_CHECK(cudaGetDevice(&device_));
   if (placement == StatePlacement::Device) {
-    CUDA_CHECK(cudaMalloc(&ptr_, bytes));
+    CUDA_MALLOC(&ptr_, bytes);
   } else if (placement == StatePlacement::Host) {
     // Pinned and mapped: with unified addressing the kernels use this pointer as it is,
     // and every access crosses the bus. An update reads and writes each state once, so

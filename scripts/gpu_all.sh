@@ -12,6 +12,9 @@
 #   mma       chapter 5: the tensor-core 4-bit matmul's tests, its benchmark at 8192x8192 and
 #             28672x8192 beside cuBLAS, then memcheck and racecheck of its tests
 #   generate  chapter 7: qlora generate --device cuda, one prompt and a batch of 16, greedy
+#   gen7b     chapter 5: greedy decoding of the 7B shape (random weights, NF4+DQ), 1 and 16 sequences of
+#             128 tokens, ours (qlora generate --device cuda) then transformers + bitsandbytes
+#             (tools/hf_generate_bench.py; needs the bnb phase first)
 #   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage; RECIPE_RUNS,
 #             RECIPE_SEEDS, RECIPE_JOBS as that script says; into $RECIPE_DIR, default recipe)
 #   hfrecipe  chapter 7: the same recipe in transformers + PEFT + bitsandbytes (tools/hf_recipe.py), per
@@ -92,6 +95,20 @@ run_phase() {
         build/cuda/qlora generate --device cuda --model kjv15M-hf $p --max-tokens 200 --temperature 0 2>&1
         echo "generate ($p): $?"
       done > "$res/generate.log" 2>&1; grep -E "tokens/s|generate \(" "$res/generate.log" ;;
+    gen7b)
+      m=/tmp/m7b tk=.carry/shared/models/tokenizer.model p="Once upon a time, in a land far away, there lived"
+      [[ -f $m/config.json ]] || timeout 300 build/cuda/qlora bench train --shape 7b --write-hf $m > "$res/gen7b_write.log" 2>&1
+      yes "$p" | head -16 > /tmp/prompts16.txt
+      # Every kernel loaded when the context starts, so the first decode steps do not pay for it.
+      for src in "--prompt=$p" "--prompts=/tmp/prompts16.txt"; do
+        n=$([[ $src == --prompt=* ]] && echo 1 || echo 16)
+        CUDA_MODULE_LOADING=EAGER timeout 300 build/cuda/qlora generate --device cuda --model $m --storage nf4-dq \
+          --tokenizer $tk "$src" --max-tokens 128 --temperature 0 > "$res/gen7b_ours_$n.log" 2>&1
+        echo "ours, $n sequence(s): rc $?; $(grep tokens/s "$res/gen7b_ours_$n.log")"
+      done
+      PYTHONPATH=/tmp/site:/tmp/bnb timeout 400 python3 tools/hf_generate_bench.py --model $m --tokenizer $tk --prompt "$p" \
+        --new-tokens 128 --batch 1 --batch 16 --json "$res/gen7b_hf.json" > "$res/gen7b_hf.log" 2>&1
+      echo "transformers + bitsandbytes: rc $?"; tail -3 "$res/gen7b_hf.log" ;;
     optim)
       OUT=$res/ch06 timeout 120 bash scripts/gpu_optim.sh build/cuda > "$res/gpu_optim.log" 2>&1; echo "gpu_optim: $?"
       tail -25 "$res/gpu_optim.log" ;;

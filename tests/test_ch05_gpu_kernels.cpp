@@ -459,20 +459,37 @@ TEST_CASE("ch05: 4-bit linear forward and input backward match the FP64 referenc
 }
 
 //! [mma-error-bound]
-// The tensor-core matmul multiplies exactly dequantize_4bit_bf16()'s weights by exactly the
-// bf16 inputs, and every product of two bf16 values (8 significant bits each) is exact in
-// float32. What remains:
+// Version 1 multiplies exactly dequantize_4bit_bf16()'s weights by exactly the bf16 inputs,
+// and every product of two bf16 values (8 significant bits each) is exact in float32. What
+// remains:
 //  1. the float32 accumulation over K terms, inside the tensor cores (which may truncate
 //     rather than round each addition, so one ulp, 2^-23, per addition) and across warps:
 //     at most K·2^-23·S, S = Σ|x_k·w_k|;
-//  2. the final rounding of y to bf16: at most half an ulp, 2^-8·|ŷ| <= 2^-8·(|y| + K·2^-23·S),
-//     or, for a y in bf16's subnormal range, half its spacing 2^-133.
+//  2. for a bf16 y, the final rounding: at most half an ulp, 2^-8·|ŷ| <= 2^-8·(|y| + K·2^-23·S),
+//     or, for a y in bf16's subnormal range, half its spacing 2^-134.
 // Together |y_gpu - y_ref| <= 2^-8·|y_ref| + K·2^-23·(1 + 2^-8)·S + 2^-134, and the float
 // rounding of the FP64 reference (2^-24·|y_ref|) is well inside the slack of 1. This is half the GEMV's bound
 // per S term and keeps the |y| term from hiding a wrong weight: one weight off by a bf16 ulp
 // in a row of |y| ~ S already exceeds it.
-ErrorBound mma_bound(int K) {
-  return {K * std::ldexp(1.0, -23) * (1.0 + std::ldexp(1.0, -8)), std::ldexp(1.0, -8), std::ldexp(1.0, -134)};
+ErrorBound mma_bound(int K, OutType y_type) {
+  const bool bf16_out = y_type == OutType::bf16;
+  return {K * std::ldexp(1.0, -23) * (1.0 + std::ldexp(1.0, -8)), bf16_out ? std::ldexp(1.0, -8) : 0.0,
+          std::ldexp(1.0, -134)};
+}
+
+// Version 2 multiplies bf16(t)·a where the reference has w = bf16(t·a): each is within 2^-9
+// of t·a (one bf16 rounding each, and the reference's float32 product adds 2^-24), so they
+// differ by at most 2^-8·(1 + 2^-7)·|w| per weight, which adds 2^-8·(1 + 2^-7)·S. The
+// accumulation is version 1's (64 terms in the tensor cores per tile, then one FMA per tile
+// and the warps' sums: fewer than K roundings of 2^-23, on terms that are themselves within
+// 1 + 2^-7 of |x·w|). A weight the reference flushes to zero (|t·a| below FLT_MIN) is
+// bf16(t)·a here, less than 2^-126·(1 + 2^-8) in size: K·max|x|·2^-126·(1 + 2^-8) at most.
+// This is the GEMV's bound, 2^-8·S looser than version 1's: the weights are still bf16-close
+// to the exact ones, but no longer bit-identical to the reference's.
+ErrorBound mma2_bound(int K, double max_abs_x, OutType y_type) {
+  const ErrorBound v1 = mma_bound(K, y_type);
+  return {(std::ldexp(1.0, -8) + K * std::ldexp(1.0, -23)) * (1.0 + std::ldexp(1.0, -7)), v1.per_value,
+          K * max_abs_x * std::ldexp(1.0, -126) * (1.0 + std::ldexp(1.0, -8)) + v1.absolute};
 }
 //! [mma-error-bound]
 
@@ -484,43 +501,64 @@ TEST_CASE("ch05: tensor-core 4-bit matmul matches the FP64 reference", "[ch05][g
     std::vector<int> tokens;
     int tiny_row;
   };
-  // out never a multiple of the 16 rows of a block. in = 4096: 32 k tiles of 128, 4 per warp;
-  // 2080 and 8224 end in a partial tile (one 32-value chunk of it), 8224 leaves the warps
-  // unequal tile counts; 96 is less than one tile, so 7 of the 8 warps have no work.
+  // out never a multiple of the 16 rows of a block. in = 4096: 32 k tiles of 128 (64 of 64),
+  // 4 per warp; 2080 and 8224 end in a partial tile (one 32-value chunk of it), 8224 leaves the
+  // warps unequal tile counts; 96 is less than one tile, so 7 of the 8 warps have no work.
   // Blocksize 4096 spans several rows; 32 puts 4 blocks in a tile. Token counts cover one
   // token tile per block (1..8), two (9..16) and four (17 and more), partial ones included.
   // Row 5 of the two cases without double quantization and with blocks inside a row has block
   // scales so small that some dequantized weights are subnormal and must be flushed to zero,
   // as the CPU reference does (double quantization would reconstruct those scales near the
-  // mean scale, not near zero).
+  // mean scale, not near zero). Version 2 refuses in = 2080, 96 and 8224 (not multiples of 64)
+  // and blocksize 32, by name; 192 gives it 3 tiles, fewer than its 8 warps.
   const Case cases[] = {{1000, 4096, 64, QuantType::nf4, true, {1, 2, 3, 7, 8, 16, 33}, -1},
                         {200, 512, 64, QuantType::nf4, false, {1, 8, 20}, 5},
                         {333, 2080, 128, QuantType::nf4, true, {1, 8, 9, 64, 128, 512}, -1},
                         {77, 96, 32, QuantType::fp4, false, {1, 2, 3, 7, 8, 16, 33, 64}, 5},
                         {513, 1024, 4096, QuantType::nf4, false, {1, 5, 17}, -1},
                         {300, 8224, 256, QuantType::nf4, true, {1, 4, 16}, -1},
-                        {40, 192, 64, QuantType::fp4, true, {3, 40, 128}, -1}};
+                        {40, 192, 64, QuantType::fp4, true, {3, 40, 128}, -1},
+                        {129, 640, 128, QuantType::fp4, false, {1, 9, 24}, 5}};
   for (const auto& c : cases) {
     const auto w = make_weight(c.out, c.in, c.type, c.blocksize, c.dq, c.tiny_row);
-    REQUIRE(gemm4_mma_unsupported(w.device).empty());
     const auto w_abs = abs_of(w.deq);
-    for (int tokens : c.tokens) {
-      const auto x = bf16_rounded(awkward_values(static_cast<std::size_t>(tokens) * c.in, 64));
-      const auto xb = to_bf16(x);
-      const auto dx = to_device(std::span<const bf16>(xb));
-      std::vector<float> ref(static_cast<std::size_t>(tokens) * c.out), abs_sum(ref.size());
-      matmul_xwt_ref(x.data(), w.deq.data(), ref.data(), tokens, c.in, c.out, false);
-      const auto x_abs = abs_of(x);
-      matmul_xwt_ref(x_abs.data(), w_abs.data(), abs_sum.data(), tokens, c.in, c.out, false);
-      DeviceBuffer<bf16> y(ref.size());
-      y.poison();
-      gemm4_mma(w.device, dx.data(), y.data(), tokens);
-      CUDA_CHECK(cudaDeviceSynchronize());
-      const auto got = from_bf16(y.download());
-      const std::string what = "gemm4_mma " + to_string(c.type) + (c.dq ? "+dq " : " ") + std::to_string(c.out) +
-                               "x" + std::to_string(c.in) + " bs " + std::to_string(c.blocksize) + " tokens " +
-                               std::to_string(tokens);
-      require_close(what.c_str(), matmul_error(ref, abs_sum, got, mma_bound(c.in)), 5e-3);
+    for (auto version : {MmaVersion::exact, MmaVersion::register_table}) {
+      const std::string why = gemm4_mma_unsupported(w.device, version);
+      if (version == MmaVersion::register_table && (c.in % 64 != 0 || c.blocksize < 64)) {
+        REQUIRE_THAT(why, Catch::Contains(c.in % 64 != 0 ? "in = " + std::to_string(c.in) : std::string("blocksize 32")));
+        continue;
+      }
+      REQUIRE(why.empty());
+      for (int tokens : c.tokens) {
+        const auto x = bf16_rounded(awkward_values(static_cast<std::size_t>(tokens) * c.in, 64));
+        const auto xb = to_bf16(x);
+        const auto dx = to_device(std::span<const bf16>(xb));
+        std::vector<float> ref(static_cast<std::size_t>(tokens) * c.out), abs_sum(ref.size());
+        matmul_xwt_ref(x.data(), w.deq.data(), ref.data(), tokens, c.in, c.out, false);
+        const auto x_abs = abs_of(x);
+        matmul_xwt_ref(x_abs.data(), w_abs.data(), abs_sum.data(), tokens, c.in, c.out, false);
+        const double max_x = *std::max_element(x_abs.begin(), x_abs.end());
+        for (auto y_type : {OutType::bf16, OutType::f32}) {
+          std::vector<float> got;
+          if (y_type == OutType::bf16) {
+            DeviceBuffer<bf16> y(ref.size());
+            y.poison();
+            gemm4_mma(w.device, dx.data(), y.data(), y_type, tokens, version);
+            got = from_bf16(y.download());
+          } else {
+            DeviceBuffer<float> y(ref.size());
+            y.poison();
+            gemm4_mma(w.device, dx.data(), y.data(), y_type, tokens, version);
+            got = y.download();
+          }
+          const std::string what = "gemm4_mma v" + std::to_string(static_cast<int>(version)) + " " +
+                                   to_string(c.type) + (c.dq ? "+dq " : " ") + std::to_string(c.out) + "x" +
+                                   std::to_string(c.in) + " bs " + std::to_string(c.blocksize) + " tokens " +
+                                   std::to_string(tokens) + (y_type == OutType::bf16 ? " bf16" : " f32");
+          const auto bound = version == MmaVersion::exact ? mma_bound(c.in, y_type) : mma2_bound(c.in, max_x, y_type);
+          require_close(what.c_str(), matmul_error(ref, abs_sum, got, bound), 5e-3);
+        }
+      }
     }
   }
 }
@@ -529,10 +567,15 @@ TEST_CASE("ch05: tensor-core 4-bit matmul refuses what it cannot run, by name", 
   const auto odd = make_weight(129, 1001, QuantType::nf4, 64, true);
   DeviceBuffer<bf16> x(1001 * 2 + 8), y(129 * 2);
   REQUIRE_THAT(gemm4_mma_unsupported(odd.device), Catch::Contains("in = 1001"));
-  REQUIRE_THROWS_WITH(gemm4_mma(odd.device, x.data(), y.data(), 1), Catch::Contains("in = 1001"));
+  const auto bf = OutType::bf16;
+  REQUIRE_THROWS_WITH(gemm4_mma(odd.device, x.data(), y.data(), bf, 1), Catch::Contains("in = 1001"));
   const auto w = make_weight(64, 64, QuantType::nf4, 64, true);
-  REQUIRE_THROWS_WITH(gemm4_mma(w.device, x.data() + 1, y.data(), 1), Catch::Contains("16-byte aligned"));
-  REQUIRE_THROWS_WITH(gemm4_mma(w.device, x.data(), y.data(), -1), Catch::Contains("tokens = -1"));
+  REQUIRE_THROWS_WITH(gemm4_mma(w.device, x.data() + 1, y.data(), bf, 1), Catch::Contains("16-byte aligned"));
+  REQUIRE_THROWS_WITH(gemm4_mma(w.device, x.data(), y.data(), bf, -1), Catch::Contains("tokens = -1"));
   auto flat = DeviceQuant4::upload(quantize_4bit(awkward_values(4096, 64), {4096}, QuantType::nf4, 64, false));
-  REQUIRE_THROWS_WITH(gemm4_mma(flat, x.data(), y.data(), 1), Catch::Contains("2-D"));
+  REQUIRE_THROWS_WITH(gemm4_mma(flat, x.data(), y.data(), bf, 1), Catch::Contains("2-D"));
+  const auto small_blocks = make_weight(64, 128, QuantType::nf4, 32, false);
+  REQUIRE(gemm4_mma_unsupported(small_blocks.device).empty());
+  REQUIRE_THROWS_WITH(gemm4_mma(small_blocks.device, x.data(), y.data(), bf, 1, MmaVersion::register_table),
+                      Catch::Contains("blocksize 32"));
 }

@@ -436,3 +436,20 @@ TEST_CASE("GPU to_bf16 rounds exactly like f32_to_bf16", "[ch07][gpu]") {
   for (std::size_t i = 0; i < ref.size(); ++i) differ += got[i] != ref[i];
   CHECK(differ == 0);
 }
+
+TEST_CASE("GPU allocation that does not fit names its size and the device's free memory", "[ch07][gpu]") {
+  // 2^50 bytes (1 PiB): more than any card has, refused at once by cudaMalloc without touching memory.
+  const std::size_t pib = std::size_t{1} << 50;
+  try {
+    DeviceBuffer<std::uint8_t> too_big(pib);
+    FAIL("a 1 PiB cudaMalloc succeeded");
+  } catch (const gpu::OutOfDeviceMemory& e) {
+    const std::string msg = e.what();
+    CHECK_THAT(msg, Catch::Contains("CUDA out of memory in cudaMalloc of 1048576.00 GiB"));
+    CHECK_THAT(msg, Catch::Contains("device_buffer.cuh"));
+    CHECK_THAT(msg, Catch::Contains("GiB free of"));
+  }
+  DeviceBuffer<float> fine(16);  // the failure left no error behind for the next call
+  fine.poison();
+  CUDA_CHECK(cudaDeviceSynchronize());
+}

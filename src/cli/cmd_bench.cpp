@@ -8,7 +8,7 @@
 //  - GEMV at 1, 4, 8 tokens (each version): µs and speedup over cuBLAS bf16 GEMV on the
 //    original bf16 weights;
 //  - linear forward at 512 and 4096 tokens: time / cuBLAS bf16 GEMM time;
-//  - matmul at 1 to 4096 tokens: the tensor-core 4-bit matmul (gemm4_mma), GEMV version 4 (up to
+//  - matmul at 1 to 4096 tokens: the tensor-core 4-bit matmul (gemm4_mma, versions 1 and 2), GEMV version 4 (up to
 //    8 tokens) and dequantize + cuBLAS beside cuBLAS on the bf16 weight: µs, effective GB/s
 //    (the weight as that variant reads it, bf16 or 4-bit, plus x and y), TFLOP/s, time / cuBLAS.
 // Every variant is validated once before it is timed (byte equality with the CPU
@@ -505,8 +505,12 @@ json bench_mma(Context& ctx, const WeightCopies& copies, const std::vector<bf16>
       cublas_us = variants.back()["us"].get<double>();
       variants.back()["time_vs_cublas"] = 1.0;
     }
-    variants.push_back(measure("mma", w4_bytes, w_deq,
-                               [&](int i) { gemm4_mma(copies.q(i), x_dev.data(), y.data(), tokens); }));
+    variants.push_back(measure("mma v1", w4_bytes, w_deq, [&](int i) {
+      gemm4_mma(copies.q(i), x_dev.data(), y.data(), OutType::bf16, tokens, MmaVersion::exact);
+    }));
+    variants.push_back(measure("mma v2", w4_bytes, w_deq, [&](int i) {
+      gemm4_mma(copies.q(i), x_dev.data(), y.data(), OutType::bf16, tokens, MmaVersion::register_table);
+    }));
     if (tokens <= kMaxGemvTokens) {
       variants.push_back(measure("gemv v4", w4_bytes, w_deq, [&](int i) {
         gemv4(copies.q(i), x_dev.data(), y.data(), tokens, GemvVersion::prefetch);
