@@ -135,7 +135,12 @@ __global__ void nucleus_kernel(const double* __restrict__ sorted_prob, const int
 
 }  // namespace
 
-GpuDecoder::GpuDecoder(LlamaModelGpu& model, int slots, int max_seq) : m_(model), slots_(slots), max_seq_(max_seq) {
+GpuDecoder::StepGraph::~StepGraph() {
+  if (exec != nullptr) cudaGraphExecDestroy(exec);
+}
+
+GpuDecoder::GpuDecoder(LlamaModelGpu& model, int slots, int max_seq, bool cuda_graphs)
+    : m_(model), slots_(slots), max_seq_(max_seq), cuda_graphs_(cuda_graphs) {
   const LlamaConfig& c = m_.cfg_;
   if (slots < 1 || slots > kMaxDecodeBatch)
     throw std::invalid_argument("GpuDecoder: " + std::to_string(slots) + " sequences; a decode step runs 1 to " +
@@ -251,6 +256,8 @@ void GpuDecoder::prefill(int slot, const std::vector<int>& ids) {
                                 std::to_string(max_seq_));
   for (int id : ids)
     if (id < 0 || id >= m_.cfg_.vocab_size) throw std::out_of_range("GpuDecoder::prefill: token id " + std::to_string(id));
+  // A prefill may grow the buffers a recorded step points into: the next step runs eagerly again.
+  graph_rows_ = eager_rows_ = 0;
   if (tokens_.size() < usz(P)) tokens_ = DeviceBuffer<int>(usz(P));
   CUDA_CHECK(cudaMemcpyAsync(tokens_.data(), ids.data(), usz(P) * sizeof(int), cudaMemcpyHostToDevice, m_.stream_));
   std::vector<int> pos(usz(P));
@@ -265,11 +272,54 @@ void GpuDecoder::step(const std::vector<int>& pos) {
   if (n < 1 || n > slots_)
     throw std::invalid_argument("GpuDecoder::step: " + std::to_string(n) + " rows for " + std::to_string(slots_) + " slots");
   if (tokens_.size() < usz(n)) tokens_ = DeviceBuffer<int>(usz(n));
-  // The sampled ids stay on the device: they are the next step's tokens.
-  CUDA_CHECK(cudaMemcpyAsync(tokens_.data(), ids_.data(), usz(n) * sizeof(int), cudaMemcpyDeviceToDevice, m_.stream_));
   std::vector<int> slot(usz(n));
   std::iota(slot.begin(), slot.end(), 0);
   upload_rows(pos, slot);
+  if (graph_rows_ == n) {
+    CUDA_CHECK(cudaGraphLaunch(graph_.exec, m_.stream_));
+    return;
+  }
+  if (!cuda_graphs_ || eager_rows_ != n) {  // the first step of n rows sizes every buffer
+    step_kernels(n);
+    eager_rows_ = n;
+    return;
+  }
+  capture_step(n);
+}
+
+//! [decode-graph]
+// A decode step of a 7B model is some 650 kernels, most of them a few microseconds long at
+// one token, so launching them one by one from the host costs as much as running them. A
+// CUDA graph records the step once (stream capture: the kernels are recorded, not run) and
+// replays it with one launch. What changes from step to step is read from device memory —
+// the positions (uploaded before the launch), the tokens (the sampled ids) — and the
+// buffers are the ones the eager step sized, so the recorded pointers stay valid.
+void GpuDecoder::capture_step(int n) {
+  cudaGraph_t graph = nullptr;
+  CUDA_CHECK(cudaStreamBeginCapture(m_.stream_, cudaStreamCaptureModeThreadLocal));
+  try {
+    step_kernels(n);
+  } catch (...) {
+    // End the capture, so the stream is usable again, and report the first error.
+    if (cudaStreamEndCapture(m_.stream_, &graph) == cudaSuccess && graph != nullptr) cudaGraphDestroy(graph);
+    cudaGetLastError();
+    throw;
+  }
+  CUDA_CHECK(cudaStreamEndCapture(m_.stream_, &graph));
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t err = cudaGraphInstantiate(&exec, graph, 0);
+  cudaGraphDestroy(graph);
+  CUDA_CHECK(err);
+  if (graph_.exec != nullptr) CUDA_CHECK(cudaGraphExecDestroy(graph_.exec));
+  graph_.exec = exec;
+  graph_rows_ = n;
+  CUDA_CHECK(cudaGraphLaunch(graph_.exec, m_.stream_));
+}
+//! [decode-graph]
+
+void GpuDecoder::step_kernels(int n) {
+  // The sampled ids stay on the device: they are the next step's tokens.
+  CUDA_CHECK(cudaMemcpyAsync(tokens_.data(), ids_.data(), usz(n) * sizeof(int), cudaMemcpyDeviceToDevice, m_.stream_));
   layers(n);
   head(0, n, 0);
 }
@@ -326,7 +376,7 @@ std::vector<float> GpuDecoder::logits(int n) const {
 //! [generate-gpu]
 std::vector<std::string> generate_text_gpu(LlamaModelGpu& model, const Tokenizer& tok,
                                            const std::vector<std::string>& prompts, const SampleConfig& cfg,
-                                           GenerateStats* stats) {
+                                           GenerateStats* stats, bool cuda_graphs) {
   if (prompts.empty()) throw std::invalid_argument("generate on the GPU: no prompts");
   std::vector<std::vector<int>> ids;
   int longest = 0;
@@ -348,7 +398,7 @@ std::vector<std::string> generate_text_gpu(LlamaModelGpu& model, const Tokenizer
     const int n = static_cast<int>(std::min<std::size_t>(kMaxDecodeBatch, ids.size() - first));
     const auto prefill_start = Clock::now();
     // The last generated token is never fed back: the cache needs P + max_tokens − 1 positions.
-    GpuDecoder dec(model, n, std::max(longest + cfg.max_tokens - 1, longest));
+    GpuDecoder dec(model, n, std::max(longest + cfg.max_tokens - 1, longest), cuda_graphs);
     dec.set_draws(u);
     for (int b = 0; b < n; ++b) {
       dec.prefill(b, ids[first + usz(b)]);

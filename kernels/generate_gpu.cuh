@@ -30,7 +30,8 @@ inline constexpr int kMaxDecodeBatch = 32;
 /// positions, the activations of one step, the logits and the sampled ids of each slot.
 class GpuDecoder {
  public:
-  GpuDecoder(LlamaModelGpu& model, int slots, int max_seq);
+  /// cuda_graphs: replay the decode step from a CUDA graph once it has run eagerly (step()).
+  GpuDecoder(LlamaModelGpu& model, int slots, int max_seq, bool cuda_graphs = true);
   int slots() const { return slots_; }
   int max_seq() const { return max_seq_; }
 
@@ -38,7 +39,9 @@ class GpuDecoder {
   /// of `slot`, all rows at once; the logits of its last token land in row `slot`.
   void prefill(int slot, const std::vector<int>& ids);
   /// One decode step for slots 0..n−1: slot b's token (ids(), on the device) at position
-  /// pos[b] goes through every layer against its cache; logits rows 0..n−1.
+  /// pos[b] goes through every layer against its cache; logits rows 0..n−1. The first step of
+  /// a row count runs eagerly (it sizes the buffers); with cuda_graphs the second is captured
+  /// into a CUDA graph and every later one replays it, the positions uploaded before the launch.
   void step(const std::vector<int>& pos);
   /// Picks each of rows 0..n−1's next token on the device into ids(): greedy at
   /// temperature 0, else sample_token's top-p draw with u = draws()[draw] as its uniform.
@@ -66,6 +69,23 @@ class GpuDecoder {
   DeviceBuffer<unsigned char> sort_temp_;
   std::size_t sort_temp_bytes_ = 0;
 
+  /// An instantiated graph of the decode step for graph_rows_ rows (RAII).
+  struct StepGraph {
+    cudaGraphExec_t exec = nullptr;
+    StepGraph() = default;
+    StepGraph(const StepGraph&) = delete;
+    StepGraph& operator=(const StepGraph&) = delete;
+    ~StepGraph();
+  };
+  bool cuda_graphs_;
+  int eager_rows_ = 0;  ///< rows of the last eager step: the buffers are sized for them
+  int graph_rows_ = 0;
+  StepGraph graph_;
+
+  /// What a decode step launches after the positions are on the device.
+  void step_kernels(int n);
+  /// Records step_kernels(n) into graph_ and launches it.
+  void capture_step(int n);
   /// N rows (tokens_, pos_, slot_ on the device) through every layer into x_.
   void layers(int N);
   /// Final norm and classifier of n rows of x_ from `row`, into logits rows from `out_row`.
@@ -90,6 +110,6 @@ struct GenerateStats {
 /// as generate_text would alone. One copy to the host per step: the sampled ids.
 std::vector<std::string> generate_text_gpu(LlamaModelGpu& model, const Tokenizer& tok,
                                            const std::vector<std::string>& prompts, const SampleConfig& cfg,
-                                           GenerateStats* stats = nullptr);
+                                           GenerateStats* stats = nullptr, bool cuda_graphs = true);
 
 }  // namespace qlora::cuda

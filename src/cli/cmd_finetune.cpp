@@ -590,18 +590,19 @@ std::vector<std::string> read_prompts(const std::string& file) {
 
 // `qlora generate --device cuda`: the prompts decoded as batches on the GPU, then tokens/s.
 void generate_on_gpu(const ModelOptions& m, const std::filesystem::path& mp, const std::vector<std::string>& prompts,
-                     const SampleConfig& s) {
+                     const SampleConfig& s, bool cuda_graphs) {
 #ifdef QLORA_HAVE_CUDA
   auto tok = m.load_tok(mp);
   const std::unique_ptr<cuda::LlamaModelGpu> gpu = gpu_model(m, mp, *tok);
   cuda::GenerateStats st;
-  for (const std::string& text : cuda::generate_text_gpu(*gpu, *tok, prompts, s, &st)) std::printf("%s\n", text.c_str());
+  for (const std::string& text : cuda::generate_text_gpu(*gpu, *tok, prompts, s, &st, cuda_graphs))
+    std::printf("%s\n", text.c_str());
   std::printf("generated %lld tokens for %zu prompt(s) in %.3f s (prefill of %lld prompt tokens: %.3f s): "
               "%.1f tokens/s on the GPU, decoding\n",
               st.generated_tokens, prompts.size(), st.seconds, st.prompt_tokens, st.prefill_seconds,
               st.decode_tokens_per_s());
 #else
-  (void)m, (void)mp, (void)prompts, (void)s;
+  (void)m, (void)mp, (void)prompts, (void)s, (void)cuda_graphs;
   throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
 #endif
 }
@@ -657,6 +658,7 @@ QLORA_COMMAND([](CLI::App& app) {
     std::string prompts;
     std::string device = "cpu";
     bool chat = false;
+    bool no_cuda_graphs = false;
     SampleConfig s;
   };
   auto o = std::make_shared<Options>();
@@ -679,6 +681,9 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_flag("--chat", o->chat,
                 "with --template: a conversation on stdin, one user turn per line (--prompt, when given, is "
                 "the first); each reply ends at the template's end of turn");
+  cmd->add_flag("--no-cuda-graphs", o->no_cuda_graphs,
+                "on the GPU: launch every kernel of a decode step from the host instead of replaying the step "
+                "from a CUDA graph (to measure what the graph saves)");
   cmd->add_option("--device", o->device, "cpu (the float32 reference), cuda, or auto (cuda when a GPU is present)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
@@ -703,7 +708,8 @@ QLORA_COMMAND([](CLI::App& app) {
     const std::vector<std::string> prompts = o->prompts.empty() ? std::vector<std::string>{o->prompt}
                                                                 : read_prompts(o->prompts);
     const auto mp = o->m.model_path();
-    if (generate_uses_gpu(o->device)) return generate_on_gpu(o->m, mp, prompts, o->s);
+    if (o->no_cuda_graphs && o->device == "cpu") throw std::invalid_argument("--no-cuda-graphs needs --device cuda or auto");
+    if (generate_uses_gpu(o->device)) return generate_on_gpu(o->m, mp, prompts, o->s, !o->no_cuda_graphs);
     auto [model, tok] = o->m.load_with_tokenizer(mp);
     if (o->chat) return chat_session(model, *tok, parse_chat_template(o->chat_template), c, cmd->count("--prompt") > 0, o->s);
     if (!o->chat_template.empty()) {
