@@ -63,6 +63,7 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
   int bos_id() const override;
   int eos_id() const override;
   std::optional<int> special_token_id(const std::string& text) const override;
+  std::string describe() const override { return file_; }
 
   /// Step 2 alone: the pieces of `text` (no added tokens in it), byte-level spelled.
   std::vector<std::string> pre_tokenize(const std::string& text) const;

@@ -10,14 +10,15 @@ std::string to_string(ChatTemplate t) {
     case ChatTemplate::llama2: return "llama2";
     case ChatTemplate::chatml: return "chatml";
     case ChatTemplate::alpaca: return "alpaca";
+    case ChatTemplate::llama3: return "llama3";
   }
   return "?";
 }
 
 ChatTemplate parse_chat_template(const std::string& name) {
-  for (ChatTemplate t : {ChatTemplate::llama2, ChatTemplate::chatml, ChatTemplate::alpaca})
+  for (ChatTemplate t : {ChatTemplate::llama2, ChatTemplate::chatml, ChatTemplate::alpaca, ChatTemplate::llama3})
     if (name == to_string(t)) return t;
-  throw std::invalid_argument("unknown template '" + name + "' (expected llama2, chatml or alpaca)");
+  throw std::invalid_argument("unknown template '" + name + "' (expected llama2, chatml, alpaca or llama3)");
 }
 
 std::string to_string(Role r) {
@@ -62,6 +63,9 @@ void add_text(RenderedChat& r, std::string text, bool assistant) {
 }
 void add_special(RenderedChat& r, TemplatePiece::Kind kind, bool assistant) {
   r.pieces.push_back({kind, {}, assistant});
+}
+void add_special(RenderedChat& r, std::string token, bool assistant) {
+  r.pieces.push_back({TemplatePiece::Kind::special, std::move(token), assistant});
 }
 
 // A user turn's text in the chat templates: an instruction record's input follows its
@@ -163,6 +167,31 @@ RenderedChat render_alpaca(const Conversation& c, bool add_generation_prompt) {
 }
 //! [alpaca]
 
+//! [llama3]
+// Meta's template: a header per message, the content stripped (Jinja's trim is Python's
+// strip), <|eot_id|> after it; the assistant's content and its <|eot_id|> are the answer.
+// The template's bos_token before the first message is <|begin_of_text|> in LLaMA-3's
+// vocabulary. Roles come in any order: the template checks none.
+RenderedChat render_llama3(const Conversation& c, bool add_generation_prompt) {
+  RenderedChat r;
+  auto header = [&](Role role) {
+    add_special(r, "<|start_header_id|>", false);
+    add_text(r, to_string(role), false);
+    add_special(r, "<|end_header_id|>", false);
+    add_text(r, "\n\n", false);
+  };
+  for (const Message& m : c.messages) {
+    if (&m == &c.messages.front()) add_special(r, "<|begin_of_text|>", false);
+    header(m.role);
+    const bool assistant = m.role == Role::assistant;
+    add_text(r, python_strip(m.role == Role::user ? user_text(c, m) : m.content), assistant);
+    add_special(r, "<|eot_id|>", assistant);
+  }
+  if (add_generation_prompt) header(Role::assistant);
+  return r;
+}
+//! [llama3]
+
 // Token ids and mask of one run of text: encoded at once, each token placed in the run
 // by the text decode_piece gives it (the first token after BOS: its dummy-prefix space
 // dropped, as at the start of any encoding).
@@ -212,15 +241,27 @@ std::string python_strip(const std::string& s) {
 }
 
 RenderedChat render_chat(ChatTemplate t, const Conversation& c, bool add_generation_prompt) {
+  RenderedChat r;
   switch (t) {
-    case ChatTemplate::llama2: return render_llama2(c);
-    case ChatTemplate::chatml: return render_chatml(c, add_generation_prompt);
-    case ChatTemplate::alpaca: return render_alpaca(c, add_generation_prompt);
+    case ChatTemplate::llama2: r = render_llama2(c); break;
+    case ChatTemplate::chatml: r = render_chatml(c, add_generation_prompt); break;
+    case ChatTemplate::alpaca: r = render_alpaca(c, add_generation_prompt); break;
+    case ChatTemplate::llama3: r = render_llama3(c, add_generation_prompt); break;
   }
-  throw std::invalid_argument("unknown template");
+  r.chat_template = t;
+  return r;
+}
+
+int template_token_id(ChatTemplate t, const std::string& token, const Tokenizer& tok) {
+  if (const auto id = tok.special_token_id(token)) return *id;
+  throw std::invalid_argument("template " + to_string(t) + " needs the special token " + token + ", which " +
+                              tok.describe() + " does not have (as text it would be other tokens): use the " +
+                              "model's LLaMA-3 tokenizer.json, or another template");
 }
 
 std::string turn_end_text(ChatTemplate t) { return t == ChatTemplate::chatml ? "<|im_end|>" : ""; }
+
+std::string turn_end_token(ChatTemplate t) { return t == ChatTemplate::llama3 ? "<|eot_id|>" : ""; }
 
 Conversation prompt_part(const Conversation& c) {
   Conversation p = c;
@@ -252,7 +293,9 @@ TokenizedChat tokenize_chat(const RenderedChat& r, const Tokenizer& tok) {
       continue;
     }
     flush();
-    out.ids.push_back(p.kind == TemplatePiece::Kind::bos ? tok.bos_id() : tok.eos_id());
+    out.ids.push_back(p.kind == TemplatePiece::Kind::bos   ? tok.bos_id()
+                      : p.kind == TemplatePiece::Kind::eos ? tok.eos_id()
+                                                           : template_token_id(r.chat_template, p.text, tok));
     out.assistant_mask.push_back(p.assistant ? 1 : 0);
   }
   flush();

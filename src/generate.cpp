@@ -61,7 +61,7 @@ void check_generation_fits(const LlamaConfig& c, int prompt_tokens, int max_toke
 }
 
 std::vector<int> generate_ids(LlamaModel& model, const Tokenizer& tok, std::vector<int> ids, const SampleConfig& cfg,
-                              const std::string& stop) {
+                              const std::string& stop, std::optional<int> stop_token) {
   const int limit = context_limit(model.config());
   if (ids.empty()) throw std::invalid_argument("generate: empty prompt");
   if (static_cast<int>(ids.size()) >= limit)
@@ -73,7 +73,7 @@ std::vector<int> generate_ids(LlamaModel& model, const Tokenizer& tok, std::vect
   for (std::size_t i = 0; i < ids.size(); ++i) logits = &model.decode_step(ids[i], static_cast<int>(i));
   for (int n = 0; n < cfg.max_tokens && static_cast<int>(ids.size()) < limit; ++n) {
     const int next = sample_token(*logits, cfg.temperature, cfg.top_p, rng);
-    if (next == tok.eos_id() || next == tok.bos_id()) break;
+    if (next == tok.eos_id() || next == tok.bos_id() || next == stop_token) break;
     ids.push_back(next);
     if (!stop.empty()) {
       if (ends_with(tok.decode({ids.begin() + static_cast<std::ptrdiff_t>(prompt), ids.end()}), stop)) break;
@@ -91,7 +91,9 @@ std::string generate_reply(LlamaModel& model, const Tokenizer& tok, ChatTemplate
                            const SampleConfig& cfg) {
   const auto ids = tokenize_chat(render_chat(t, prompt, true), tok).ids;
   const std::string stop = turn_end_text(t);
-  const auto all = generate_ids(model, tok, ids, cfg, stop);
+  const std::string end_token = turn_end_token(t);
+  const auto stop_token = end_token.empty() ? std::nullopt : std::optional(template_token_id(t, end_token, tok));
+  const auto all = generate_ids(model, tok, ids, cfg, stop, stop_token);
   std::string reply = tok.decode({all.begin() + static_cast<std::ptrdiff_t>(ids.size()), all.end()});
   if (!stop.empty() && ends_with(reply, stop)) reply.resize(reply.size() - stop.size());
   return reply;

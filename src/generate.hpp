@@ -8,6 +8,7 @@
 #include "tokenizer.hpp"
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -31,18 +32,20 @@ std::vector<int> prompt_ids(const Tokenizer& tok, const std::string& prompt);
 /// `max_tokens` generated ones does not fit in context_limit(c), naming --max-tokens.
 void check_generation_fits(const LlamaConfig& c, int prompt_tokens, int max_tokens);
 
-/// The prompt ids followed by up to max_tokens generated ids: stops at EOS/BOS, the end of
-/// the model's context (context_limit), or once the generated text ends with `stop` (when
-/// not empty; the ids that spell it are kept).
+/// The prompt ids followed by up to max_tokens generated ids: stops at EOS/BOS or
+/// `stop_token` (not kept, as EOS is not), the end of the model's context (context_limit),
+/// or once the generated text ends with `stop` (when not empty; the ids that spell it are
+/// kept).
 std::vector<int> generate_ids(LlamaModel& model, const Tokenizer& tok, std::vector<int> prompt_ids,
-                              const SampleConfig& cfg, const std::string& stop = "");
+                              const SampleConfig& cfg, const std::string& stop = "",
+                              std::optional<int> stop_token = std::nullopt);
 
 /// Prompt plus up to max_tokens generated tokens (BOS first, as in training on text), decoded.
 std::string generate_text(LlamaModel& model, const Tokenizer& tok, const std::string& prompt, const SampleConfig& cfg);
 
 /// The assistant's reply to a conversation (chapter 8): the conversation rendered by the
 /// template with its generation prompt, tokenized as in training, continued until EOS or
-/// the template's end of turn (turn_end_text, removed from the reply).
+/// the template's end of turn (turn_end_text, removed from the reply; turn_end_token).
 std::string generate_reply(LlamaModel& model, const Tokenizer& tok, ChatTemplate t, const Conversation& prompt,
                            const SampleConfig& cfg);
 

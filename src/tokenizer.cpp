@@ -39,6 +39,7 @@ std::string replace_all(std::string s, const std::string& from, const std::strin
 
 struct SentencePieceTokenizer::Impl {
   sentencepiece::SentencePieceProcessor sp;
+  std::string file;  ///< "SentencePiece model 'PATH'", for messages
 };
 
 SentencePieceTokenizer::SentencePieceTokenizer(const std::filesystem::path& model_file) : impl_(std::make_unique<Impl>()) {
@@ -47,6 +48,7 @@ SentencePieceTokenizer::SentencePieceTokenizer(const std::filesystem::path& mode
   const auto status = impl_->sp.Load(model_file.string());
   if (!status.ok())
     throw std::runtime_error("cannot load SentencePiece model '" + model_file.string() + "': " + status.ToString());
+  impl_->file = "SentencePiece model '" + model_file.string() + "'";
 }
 
 SentencePieceTokenizer::~SentencePieceTokenizer() = default;
@@ -91,32 +93,34 @@ std::optional<int> SentencePieceTokenizer::special_token_id(const std::string& t
   return id;
 }
 
+std::string SentencePieceTokenizer::describe() const { return impl_->file; }
+
 // ---------------------------------------------------------------------------
 // llama2.c tokenizer.bin
 
-Llama2cTokenizer::Llama2cTokenizer(const std::filesystem::path& bin_file, int vocab_size) {
-  const std::string file = "llama2.c tokenizer '" + bin_file.string() + "'";
+Llama2cTokenizer::Llama2cTokenizer(const std::filesystem::path& bin_file, int vocab_size)
+    : file_("llama2.c tokenizer '" + bin_file.string() + "'") {
   std::ifstream in(bin_file, std::ios::binary);
-  if (!in) throw std::runtime_error("cannot open " + file);
-  if (vocab_size <= 0) throw std::invalid_argument(file + ": vocab_size must be positive");
+  if (!in) throw std::runtime_error("cannot open " + file_);
+  if (vocab_size <= 0) throw std::invalid_argument(file_ + ": vocab_size must be positive");
   std::int32_t max_len = 0;
-  if (!in.read(reinterpret_cast<char*>(&max_len), sizeof max_len)) throw std::runtime_error(file + ": empty file");
-  if (max_len <= 0 || max_len > 1024) throw std::runtime_error(file + ": impossible max_token_length " + std::to_string(max_len));
+  if (!in.read(reinterpret_cast<char*>(&max_len), sizeof max_len)) throw std::runtime_error(file_ + ": empty file");
+  if (max_len <= 0 || max_len > 1024) throw std::runtime_error(file_ + ": impossible max_token_length " + std::to_string(max_len));
   pieces_.resize(static_cast<std::size_t>(vocab_size));
   scores_.resize(static_cast<std::size_t>(vocab_size));
   for (int i = 0; i < vocab_size; ++i) {
     std::int32_t len = 0;
     if (!in.read(reinterpret_cast<char*>(&scores_[i]), sizeof(float)) || !in.read(reinterpret_cast<char*>(&len), sizeof len))
-      throw std::runtime_error(file + ": truncated at token " + std::to_string(i) + " of " + std::to_string(vocab_size));
+      throw std::runtime_error(file_ + ": truncated at token " + std::to_string(i) + " of " + std::to_string(vocab_size));
     if (len < 0 || len > max_len)
-      throw std::runtime_error(file + ": token " + std::to_string(i) + " has length " + std::to_string(len) +
+      throw std::runtime_error(file_ + ": token " + std::to_string(i) + " has length " + std::to_string(len) +
                                " (max_token_length " + std::to_string(max_len) + ")");
     pieces_[i].resize(static_cast<std::size_t>(len));
     if (!in.read(pieces_[i].data(), len))
-      throw std::runtime_error(file + ": truncated in the bytes of token " + std::to_string(i));
+      throw std::runtime_error(file_ + ": truncated in the bytes of token " + std::to_string(i));
   }
   if (in.peek() != std::char_traits<char>::eof())
-    throw std::runtime_error(file + ": bytes left after " + std::to_string(vocab_size) + " tokens (wrong vocab_size?)");
+    throw std::runtime_error(file_ + ": bytes left after " + std::to_string(vocab_size) + " tokens (wrong vocab_size?)");
   sorted_.resize(pieces_.size());
   for (std::size_t i = 0; i < sorted_.size(); ++i) sorted_[i] = static_cast<int>(i);
   std::stable_sort(sorted_.begin(), sorted_.end(), [&](int a, int b) { return pieces_[a] < pieces_[b]; });

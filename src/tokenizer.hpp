@@ -36,6 +36,8 @@ class Tokenizer {
   virtual int eos_id() const = 0;
   /// The id of the special (control) token written `text`, e.g. `<|eot_id|>` or `</s>`.
   virtual std::optional<int> special_token_id(const std::string& text) const = 0;
+  /// What it was read from, for messages: "SentencePiece model 'PATH'".
+  virtual std::string describe() const = 0;
 };
 
 /// tokenizer.model through sentencepiece::SentencePieceProcessor.
@@ -52,6 +54,7 @@ class SentencePieceTokenizer final : public Tokenizer {
   int bos_id() const override;
   int eos_id() const override;
   std::optional<int> special_token_id(const std::string& text) const override;
+  std::string describe() const override;
 
  private:
   struct Impl;
@@ -81,10 +84,12 @@ class Llama2cTokenizer final : public Tokenizer {
   int eos_id() const override { return 2; }
   /// `<unk>`, `<s>` or `</s>`: the only special pieces of the vocabulary.
   std::optional<int> special_token_id(const std::string& text) const override;
+  std::string describe() const override { return file_; }
   const std::string& piece(int id) const;
   float score(int id) const;
 
  private:
+  std::string file_;  ///< "llama2.c tokenizer 'PATH'", for messages
   std::vector<std::string> pieces_;
   std::vector<float> scores_;
   std::vector<int> sorted_;  ///< ids sorted by piece, for lookup

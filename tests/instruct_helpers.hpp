@@ -73,6 +73,7 @@ class PieceTokenizer final : public Tokenizer {
       if (pieces_[static_cast<std::size_t>(id)] == text) return id;
     return std::nullopt;
   }
+  std::string describe() const override { return "the tests' piece tokenizer"; }
 
  private:
   std::vector<std::string> pieces_;

@@ -8,6 +8,7 @@
 #include "file_helpers.hpp"
 #include "finetune.hpp"
 #include "generate.hpp"
+#include "hf_llama.hpp"
 #include "instruct_data.hpp"
 #include "instruct_helpers.hpp"
 #include "lora_helpers.hpp"
@@ -343,7 +344,8 @@ TEST_CASE("Instruction tuning: the loss on trained responses falls, and a resume
   CHECK_THROWS_WITH(finetune(m, data, shorter), Catch::Contains("more than --seq-len 8 + 1"));
 }
 
-TEST_CASE("Generation stops where the generated text ends with the turn's end", "[ch08][generate]") {
+TEST_CASE("Generation stops where the generated text ends with the turn's end, or at its end token",
+          "[ch08][generate]") {
   const PieceTokenizer& tok = piece_tok();
   LlamaModel m = small_model(41, tok.vocab_size());  // every id the model picks has a piece
   SampleConfig s;
@@ -367,6 +369,11 @@ TEST_CASE("Generation stops where the generated text ends with the turn's end", 
   }
   const auto stopped = generate_ids(m, tok, prompt, s, stop);
   CHECK(stopped == std::vector<int>(free_run.begin(), free_run.begin() + 8));
+  // An end-of-turn token (llama3's <|eot_id|>), here the 4th token written: generation stops
+  // where it first comes and, as at EOS, does not keep it.
+  const int end_token = free_run[6];
+  const auto first = std::find(free_run.begin() + 3, free_run.end(), end_token);
+  CHECK(generate_ids(m, tok, prompt, s, "", end_token) == std::vector<int>(free_run.begin(), first));
 }
 
 TEST_CASE("qlora finetune and generate with instruction data (kjv15M, 3 steps)", "[ch08][cli]") {
@@ -430,4 +437,51 @@ TEST_CASE("qlora finetune and generate with instruction data (kjv15M, 3 steps)",
   const auto system_alone = test::run_qlora("generate --model kjv15M.bin --system 'Be brief.' --prompt hi");
   CHECK(system_alone.rc != 0);
   CHECK_THAT(system_alone.output, Catch::Contains("--system needs --template"));
+  // llama3 with kjv15M's tokenizer.model, which has none of LLaMA-3's special tokens.
+  for (const std::string& cmd : std::vector<std::string>{
+           "finetune " + common + " --template llama3",
+           "generate --model kjv15M.bin --template llama3 --prompt hi --max-tokens 2"}) {
+    const auto llama3 = test::run_qlora(cmd);
+    INFO(llama3.output);
+    CHECK(llama3.rc != 0);
+    CHECK_THAT(llama3.output, Catch::Contains("template llama3 needs the special token <|begin_of_text|>") &&
+                                  Catch::Contains("tokenizer.model'"));
+  }
+}
+
+TEST_CASE("qlora finetune and generate --template llama3 with a LLaMA-3-style folder (tokenizer.json)", "[ch08][cli]") {
+  // Random weights over the vocabulary of chapter 7's byte-level BPE fixture, which has
+  // LLaMA-3's special tokens; its tokenizer.json and tokenizer_config.json beside them, as in
+  // a LLaMA-3 folder (no tokenizer.model).
+  const fs::path model = test::temp_path("ch08", "llama3_model");
+  fs::remove_all(model);
+  LlamaConfig c = test::tiny_config(2, false);
+  c.vocab_size = 4012;
+  c.seq_len = 64;
+  write_hf_llama(model, checkpoint_from_weights(random_llama_weights(c, 61)));
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
+    fs::copy_file(fs::path(QLORA_FIXTURES_DIR) / "bpe" / f, model / f);
+  std::vector<std::string> lines;
+  for (int i = 0; i < 20; ++i)
+    lines.push_back(R"({"messages": [{"role": "user", "content": "What does word )" + std::to_string(i) +
+                    R"( mean?"}, {"role": "assistant", "content": "a unit of language"}]})");
+  const auto data = write_jsonl("llama3.jsonl", lines);
+  const fs::path out = test::temp_path("ch08", "llama3_out");
+  fs::remove_all(out);
+  const auto run = test::run_qlora("finetune --model '" + model.string() + "' --data '" + data.string() +
+                                   "' --template llama3 --steps 2 --batch 4 --seq-len 48 --warmup 0 --eval-every 0 "
+                                   "--save-every 0 --sample-tokens 4 --device cpu --out '" + out.string() + "'");
+  INFO(run.output);
+  REQUIRE(run.rc == 0);
+  CHECK_THAT(run.output, Catch::Contains("18 train / 2 held-out examples (template llama3, loss on the responses)"));
+  const std::string generate = "generate --model '" + model.string() + "' --adapter '" + (out / "adapter").string() +
+                               "' --template llama3 --system 'Be brief.' --max-tokens 4";
+  const auto gen = test::run_qlora(generate + " --prompt 'What does word 3 mean?'");
+  INFO(gen.output);
+  CHECK(gen.rc == 0);
+  const auto chat =
+      test::run_shell("printf 'What does word 3 mean?\\n' | '" + test::qlora_bin() + "' " + generate + " --chat");
+  INFO(chat.output);
+  CHECK(chat.rc == 0);
+  CHECK(chat.output == gen.output);
 }

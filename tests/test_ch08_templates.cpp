@@ -1,8 +1,11 @@
 // Chapter 8, templates: llama2, chatml and alpaca against transformers' apply_chat_template
-// (and Stanford Alpaca's prompt) token for token, with the LLaMA-2 tokenizer
-// (tests/fixtures/templates, written by tools/make_template_fixtures.py); then what the
-// fixtures cannot show: the structure each template refuses, Python's strip, and where a
-// token that straddles the prompt and the answer goes, on a made-up tokenizer.
+// (and Stanford Alpaca's prompt) token for token, with the LLaMA-2 tokenizer, and llama3
+// with the byte-level BPE fixture tokenizer (LLaMA-3's special tokens) (tests/fixtures/templates,
+// written by tools/make_template_fixtures.py); then what the fixtures cannot show: the
+// structure each template refuses, llama3's special tokens as ids and its refusal of a
+// tokenizer without them, Python's strip, and where a token that straddles the prompt and
+// the answer goes, on a made-up tokenizer.
+#include "bpe_tokenizer.hpp"
 #include "chat_template.hpp"
 #include "file_helpers.hpp"
 #include "instruct_helpers.hpp"
@@ -24,6 +27,23 @@ using qlora::test::PieceTokenizer;
 namespace fs = std::filesystem;
 
 namespace {
+
+const char* kFixtureHelp = "fixtures: run python3 tools/make_template_fixtures.py --out tests/fixtures/templates where "
+                           "transformers, tokenizers, sentencepiece and protobuf are installed (it writes "
+                           "templates.json and templates-llama3.json)";
+
+nlohmann::json read_fixture(const fs::path& file) {
+  INFO(kFixtureHelp);
+  REQUIRE(fs::exists(file));
+  std::ifstream in(file);
+  return nlohmann::json::parse(in);
+}
+
+// The byte-level BPE fixture of chapter 7: LLaMA-3's pre-tokenizer and special tokens.
+const ByteLevelBpeTokenizer& llama3_tok() {
+  static const ByteLevelBpeTokenizer tok(fs::path(QLORA_FIXTURES_DIR) / "bpe" / "tokenizer.json");
+  return tok;
+}
 
 // A fixture case's input as the C++ side reads it: a conversation, or an Alpaca record.
 Conversation conversation_of(const nlohmann::json& c) {
@@ -75,12 +95,7 @@ std::vector<int> sentencepiece_runs(const Tokenizer& tok, const std::string& tex
 }  // namespace
 
 TEST_CASE("Templates: our ids and assistant masks are transformers' for every case", "[ch08][templates][fixtures]") {
-  const fs::path file = fs::path(QLORA_FIXTURES_DIR) / "templates" / "templates.json";
-  INFO("fixtures: run python3 tools/make_template_fixtures.py --out tests/fixtures/templates where transformers, "
-       "sentencepiece and protobuf are installed (it writes " << file.string() << ")");
-  REQUIRE(fs::exists(file));
-  std::ifstream in(file);
-  const auto fixture = nlohmann::json::parse(in);
+  const auto fixture = read_fixture(fs::path(QLORA_FIXTURES_DIR) / "templates" / "templates.json");
   const auto tok_path = test::model_or_fail(fixture.at("tokenizer_file").get<std::string>());
   if (!tok_path) return;
   SentencePieceTokenizer tok(*tok_path);
@@ -113,6 +128,30 @@ TEST_CASE("Templates: our ids and assistant masks are transformers' for every ca
   // SentencePiece in the two cases built to show it.
   for (const char* t : {"llama2", "chatml", "alpaca"}) CHECK(per_template[t] >= 5);
   CHECK(departs == 2);
+}
+
+TEST_CASE("Templates: llama3's ids and assistant masks are transformers' for every case",
+          "[ch08][templates][fixtures]") {
+  const auto fixture = read_fixture(fs::path(QLORA_FIXTURES_DIR) / "templates" / "templates-llama3.json");
+  const ByteLevelBpeTokenizer& tok = llama3_tok();
+  REQUIRE(fixture.at("tokenizer_file").get<std::string>() == "bpe/tokenizer.json");
+  REQUIRE(fixture.at("bos_id").get<int>() == tok.bos_id());
+  for (const auto& special : fixture.at("special_ids").items())
+    CHECK(tok.special_token_id(special.key()) == special.value().get<int>());
+  int cases = 0;
+  for (const auto& c : fixture.at("cases")) {
+    INFO("llama3/" << c.at("name").get<std::string>());
+    REQUIRE(c.at("template").get<std::string>() == "llama3");
+    const RenderedChat r =
+        render_chat(ChatTemplate::llama3, conversation_of(c), c.at("add_generation_prompt").get<bool>());
+    CHECK(rendered_text(r) == c.at("rendered").get<std::string>());
+    const TokenizedChat got = tokenize_chat(r, tok);
+    CHECK(got.ids == c.at("ids").get<std::vector<int>>());
+    CHECK(std::vector<int>(got.assistant_mask.begin(), got.assistant_mask.end()) ==
+          c.at("assistant_mask").get<std::vector<int>>());
+    ++cases;
+  }
+  CHECK(cases >= 10);
 }
 
 TEST_CASE("Templates: the published structure, and refusals naming what is wrong", "[ch08][templates]") {
@@ -153,6 +192,105 @@ TEST_CASE("Templates: the published structure, and refusals naming what is wrong
   CHECK(turn_end_text(ChatTemplate::chatml) == "<|im_end|>");
   CHECK(turn_end_text(ChatTemplate::llama2).empty());
   CHECK(prompt_part(chat).messages.size() == 4);
+}
+
+TEST_CASE("Templates: llama3 renders Meta's published Llama-3-Instruct format", "[ch08][templates]") {
+  // Spelled out from the Jinja: bos_token once, then per message '<|start_header_id|>' + role +
+  // '<|end_header_id|>\n\n' + content | trim + '<|eot_id|>', then the assistant's header.
+  const Conversation chat{{{Role::system, "Be brief.\n"},
+                           {Role::user, " hi "},
+                           {Role::assistant, " hello "},
+                           {Role::user, "bye"},
+                           {Role::assistant, "see you"}},
+                          false,
+                          ""};
+  CHECK(rendered_text(render_chat(ChatTemplate::llama3, chat, true)) ==
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nbye<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nsee you<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n");
+  // An instruction record: the input after the instruction, as in the other chat templates.
+  const Conversation rec{{{Role::user, "Define {input}."}, {Role::assistant, "a word"}}, true, "lexeme"};
+  CHECK(rendered_text(render_chat(ChatTemplate::llama3, rec, false)) ==
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nDefine {input}.\n\nlexeme<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\na word<|eot_id|>");
+  // The template checks no turn order, so neither do we.
+  const Conversation two_users{{{Role::user, "a"}, {Role::user, "b"}}, false, ""};
+  CHECK(rendered_text(render_chat(ChatTemplate::llama3, two_users, false)) ==
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\na<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nb<|eot_id|>");
+  CHECK(parse_chat_template("llama3") == ChatTemplate::llama3);
+  CHECK(to_string(ChatTemplate::llama3) == "llama3");
+  CHECK(turn_end_token(ChatTemplate::llama3) == "<|eot_id|>");
+  CHECK(turn_end_text(ChatTemplate::llama3).empty());
+  CHECK(turn_end_token(ChatTemplate::chatml).empty());
+}
+
+TEST_CASE("Templates: llama3's markers are special-token ids, and the answer is its content and <|eot_id|>",
+          "[ch08][templates]") {
+  const ByteLevelBpeTokenizer& tok = llama3_tok();
+  const Conversation chat{{{Role::system, "  Réponds brièvement.\u3000"},
+                           {Role::user, "\u00a0Que veut dire « naïf » ? 日本語 🙂\n"},
+                           {Role::assistant, "\u2003 Qui manque d'expérience;\n\ncandide. ✓ \t"},
+                           {Role::user, "And 12345?"},
+                           {Role::assistant, " \t\n"}},
+                          false,
+                          ""};
+  const RenderedChat r = render_chat(ChatTemplate::llama3, chat, false);
+  const TokenizedChat t = tokenize_chat(r, tok);
+  // transformers tokenizes the rendered string at once, its special tokens matched as such.
+  CHECK(t.ids == tok.encode(rendered_text(r)));
+  const int eot = template_token_id(ChatTemplate::llama3, "<|eot_id|>", tok);
+  CHECK(eot == *tok.special_token_id("<|eot_id|>"));
+  CHECK(t.ids.front() == *tok.special_token_id("<|begin_of_text|>"));
+  CHECK(std::count(t.ids.begin(), t.ids.end(), *tok.special_token_id("<|begin_of_text|>")) == 1);
+  CHECK(std::count(t.ids.begin(), t.ids.end(), *tok.special_token_id("<|start_header_id|>")) == 5);
+  CHECK(std::count(t.ids.begin(), t.ids.end(), eot) == 5);
+  // Each run of assistant tokens is one answer's stripped content and its <|eot_id|>; a
+  // blank answer is its <|eot_id|> alone.
+  std::vector<std::vector<int>> runs;
+  for (std::size_t i = 0; i < t.ids.size(); ++i) {
+    if (!t.assistant_mask[i]) continue;
+    if (i == 0 || !t.assistant_mask[i - 1]) runs.emplace_back();
+    runs.back().push_back(t.ids[i]);
+  }
+  std::vector<std::vector<int>> answers;
+  for (const Message& m : chat.messages)
+    if (m.role == Role::assistant) {
+      answers.push_back(tok.encode(python_strip(m.content)));
+      answers.back().push_back(eot);
+    }
+  CHECK(runs == answers);
+  CHECK(answers.front().size() > 5);
+  CHECK(answers.back() == std::vector<int>{eot});
+  // The generation prompt is the assistant's header, none of it the answer.
+  const Conversation question{{{Role::user, "Why?"}}, false, ""};
+  const TokenizedChat asked = tokenize_chat(render_chat(ChatTemplate::llama3, question, true), tok);
+  std::vector<int> tail{*tok.special_token_id("<|start_header_id|>")};
+  for (int id : tok.encode("assistant")) tail.push_back(id);
+  tail.push_back(*tok.special_token_id("<|end_header_id|>"));
+  for (int id : tok.encode("\n\n")) tail.push_back(id);
+  REQUIRE(asked.ids.size() > tail.size());
+  CHECK(std::vector<int>(asked.ids.end() - static_cast<std::ptrdiff_t>(tail.size()), asked.ids.end()) == tail);
+  CHECK(std::count(asked.assistant_mask.begin(), asked.assistant_mask.end(), 1) == 0);
+}
+
+TEST_CASE("Templates: llama3 refuses a tokenizer without LLaMA-3's special tokens, naming both", "[ch08][templates]") {
+  const auto model = test::model_or_fail("tokenizer.model");
+  if (!model) return;
+  const SentencePieceTokenizer sp(*model);
+  const Conversation chat{{{Role::user, "hi"}, {Role::assistant, "hello"}}, false, ""};
+  CHECK_THROWS_WITH(tokenize_chat(render_chat(ChatTemplate::llama3, chat, false), sp),
+                    Catch::Contains("template llama3 needs the special token <|begin_of_text|>") &&
+                        Catch::Contains("SentencePiece model '" + model->string() + "'"));
+  CHECK_THROWS_WITH(template_token_id(ChatTemplate::llama3, "<|eot_id|>", sp),
+                    Catch::Contains("<|eot_id|>") && Catch::Contains("tokenizer.json"));
+  // The made-up tokenizer has <s> and </s> only.
+  const PieceTokenizer pieces({"hi"});
+  CHECK_THROWS_WITH(tokenize_chat(render_chat(ChatTemplate::llama3, chat, false), pieces),
+                    Catch::Contains("template llama3") && Catch::Contains(pieces.describe()));
 }
 
 TEST_CASE("python_strip strips what Python's str.strip() strips", "[ch08][templates]") {

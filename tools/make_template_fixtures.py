@@ -3,9 +3,10 @@
 
 Renders fixed conversations and instruction records through transformers' apply_chat_template
 (and, for Alpaca, through the Stanford Alpaca prompt strings) with the LLaMA-2 SentencePiece
+tokenizer, and the same conversations and five more through the llama3 template with a LLaMA-3
 tokenizer, and records what our C++ templates must reproduce token for token. Not part of the
-build: run it where transformers 5.x (or 4.4x), sentencepiece and protobuf are installed, from
-the repository root, then commit the output:
+build: run it where transformers 5.x (or 4.4x), tokenizers, sentencepiece and protobuf are
+installed, from the repository root, then commit the output (both files):
 
     python3 tools/make_template_fixtures.py --out tests/fixtures/templates
 
@@ -30,30 +31,60 @@ Templates:
           source = the prompt with instruction (and input); the example is source + output +
           "</s>", tokenized with add_special_tokens (BOS first); the first len(tokenize(source))
           tokens are the prompt. The generation prompt is the source alone.
+  llama3  Meta's Llama-3-Instruct template, verbatim: the "chat_template" of
+          meta-llama/Meta-Llama-3-8B-Instruct's tokenizer_config.json, as quoted in full in that
+          repository's discussion https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct/discussions/103
+          and in the diff that copies the file,
+          https://huggingface.co/catid/cat-llama-3-8b-instruct-aqlm-noft/commit/f9b1eb62091f76bd1f99b0961801c5722452d429
+          bos_token (<|begin_of_text|>) once, then per message "<|start_header_id|>" + role +
+          "<|end_header_id|>\n\n" + content|trim + "<|eot_id|>"; the generation prompt is
+          "<|start_header_id|>assistant<|end_header_id|>\n\n". Rendered with chapter 7's
+          byte-level BPE fixture, tests/fixtures/bpe/tokenizer.json and tokenizer_config.json
+          (LLaMA-3's pre-tokenizer and special tokens, at ids 4000.. instead of 128000..), copied
+          into a temporary folder and loaded with transformers' AutoTokenizer; the markers are
+          special tokens there, one id each.
 
-Assistant-token mask. For llama2 and chatml the published templates have no {% generation %}
-markers, so the script also renders a marked copy of each template (the same text with
-{% generation %} ... {% endgeneration %} around every assistant turn's output: for llama2
-" content </s>", for chatml "content<|im_end|>"), checks that it renders exactly the same
-string and the same ids as the published one, and takes transformers' own
-return_assistant_tokens_mask from it. For alpaca the mask is Stanford Alpaca's rule above.
+Assistant-token mask. For llama2, chatml and llama3 the published templates have no
+{% generation %} markers, so the script also renders a marked copy of each template (the same
+text with {% generation %} ... {% endgeneration %} around every assistant turn's output: for
+llama2 " content </s>", for chatml "content<|im_end|>", for llama3 "content<|eot_id|>"), checks
+that it renders exactly the same string and the same ids as the published one, and takes
+transformers' own return_assistant_tokens_mask from it. For alpaca the mask is Stanford
+Alpaca's rule above.
 
-Cross-check: each rendering's ids are compared with the sentencepiece library run directly on
-the text between special tokens (one encode per run, dummy prefix on); the result is stored as
-"sentencepiece_agrees" and a disagreement is printed.
+Cross-checks. llama2, chatml, alpaca: each rendering's ids are compared with the sentencepiece
+library run directly on the text between special tokens (one encode per run, dummy prefix on);
+the result is stored as "sentencepiece_agrees" and a disagreement is printed. llama3: the
+`tokenizers` library encodes the rendered string directly (add_special_tokens=False), which
+must give transformers' ids; the ids must start with the one BOS and hold one <|eot_id|> per
+message; and each run of the mask must be one assistant message's stripped content, encoded,
+followed by <|eot_id|>. Any of these failing stops the script (exit status 1) before anything
+is written.
 
-Output: OUT/templates.json, written atomically:
+Output, written only when every case passed, each file atomically:
+  OUT/templates.json
   {"transformers": version, "tokenizer_class": ..., "legacy": true, "bos_id": 1, "eos_id": 2,
    "templates": {"llama2": jinja, "chatml": jinja, "alpaca": {"prompt_input": ..., "prompt_no_input": ...}},
    "cases": [{"name", "template", "add_generation_prompt", "messages" | "record",
               "rendered", "ids", "assistant_mask", "sentencepiece_agrees"}]}
+  OUT/templates-llama3.json (a file of its own: another tokenizer, and other cross-checks)
+  {"transformers": version, "tokenizers": version, "tokenizer_class": ...,
+   "tokenizer_file": "bpe/tokenizer.json" (under tests/fixtures), "tokenizer_sha256": ...,
+   "bos_id": 4000, "special_ids": {"<|begin_of_text|>": 4000, ...}, "template": jinja,
+   "template_source": url,
+   "cases": [{"name", "template": "llama3", "add_generation_prompt", "messages",
+              "rendered", "ids", "assistant_mask"}]}
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BPE_DIR = os.path.join(REPO, "tests", "fixtures", "bpe")
 
 LLAMA2_CHAT = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
@@ -88,6 +119,27 @@ CHATML_MARKED = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# Meta's Llama-3-Instruct template, verbatim (sources in the docstring).
+LLAMA3_INSTRUCT = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'+ message['content'] | trim"
+    " + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA3_SOURCE = "https://huggingface.co/meta-llama/Meta-Llama-3-8B-Instruct (tokenizer_config.json, chat_template)"
+# The same, each message's header written first and the assistant's "content|trim + <|eot_id|>"
+# inside {% generation %}; must render identically.
+LLAMA3_INSTRUCT_MARKED = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set header = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' %}"
+    "{% if loop.index0 == 0 %}{% set header = bos_token + header %}{% endif %}{{ header }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 ALPACA = {
     "prompt_input": (
@@ -143,6 +195,35 @@ CONVERSATIONS = [
     ], True),
     ("generation_prompt_first_turn", [
         {"role": "user", "content": "What does quixotic mean?"},
+    ], True),
+]
+
+# Besides CONVERSATIONS, for llama3: what its trim strips (Python's str.strip: Unicode spaces,
+# the \x1c-\x1f separators, U+2028; not the zero-width space), a blank answer (its <|eot_id|>
+# alone is the answer), digits, contractions, code and CRLF for the pre-tokenizer, roles in an
+# order llama2 would refuse, and a generation prompt after a system message alone.
+LLAMA3_CONVERSATIONS = [
+    ("trim_unicode", [
+        {"role": "system", "content": "\u3000\u00a0 Réponds brièvement.\u2003"},
+        {"role": "user", "content": "\t\u200bLe mot « naïf » ?\u2028"},
+        {"role": "assistant", "content": "\n\n  Qui manque d'expérience — candide. 🙂\r\n\x1c"},
+    ], False),
+    ("blank_answer", [
+        {"role": "user", "content": "Say nothing."},
+        {"role": "assistant", "content": " \t\n"},
+    ], False),
+    ("numbers_code", [
+        {"role": "user", "content": "Add 12345 and 678.\r\n\r\nThen print it:\n```py\nprint(x)\n```"},
+        {"role": "assistant", "content": "It's 13023; I'd write:\n\n```py\nprint(13023)\n```"},
+    ], False),
+    ("roles_any_order", [
+        {"role": "user", "content": "Define moor."},
+        {"role": "user", "content": "As a verb."},
+        {"role": "assistant", "content": "secure a boat with ropes or an anchor"},
+        {"role": "assistant", "content": "(also: a tract of open upland, as a noun)"},
+    ], False),
+    ("system_then_generation_prompt", [
+        {"role": "system", "content": SYSTEM},
     ], True),
 ]
 
@@ -221,7 +302,13 @@ def sentencepiece_ids(sp, text, specials):
     return out
 
 
-def chat_case(tok, sp, template, published, marked, name, messages, add_generation_prompt):
+def fail(msg):
+    print("make_template_fixtures.py: " + msg, file=sys.stderr)
+    sys.exit(1)
+
+
+def chat_case(tok, template, published, marked, name, messages, add_generation_prompt):
+    """apply_chat_template's rendering, ids and assistant mask (from the marked copy)."""
     rendered = tok.apply_chat_template(messages, chat_template=published, tokenize=False,
                                        add_generation_prompt=add_generation_prompt)
     plain = tok.apply_chat_template(messages, chat_template=published, tokenize=True, return_dict=True,
@@ -233,14 +320,68 @@ def chat_case(tok, sp, template, published, marked, name, messages, add_generati
                                         return_assistant_tokens_mask=True,
                                         add_generation_prompt=add_generation_prompt)
     if rendered_marked != rendered or flat(with_mask["input_ids"]) != ids:
-        sys.exit(f"make_template_fixtures.py: {template}/{name}: the marked template renders differently "
-                 f"from the published one:\n{rendered!r}\n{rendered_marked!r}")
+        fail(f"{template}/{name}: the marked template renders differently from the published one:\n"
+             f"{rendered!r}\n{rendered_marked!r}")
     mask = [int(m) for m in flat(with_mask["assistant_masks"])]
     if len(mask) != len(ids):
-        sys.exit(f"make_template_fixtures.py: {template}/{name}: mask of {len(mask)} for {len(ids)} ids")
+        fail(f"{template}/{name}: mask of {len(mask)} for {len(ids)} ids")
     return {"name": name, "template": template, "add_generation_prompt": add_generation_prompt,
-            "messages": messages, "rendered": rendered, "ids": ids, "assistant_mask": mask,
-            "sentencepiece_agrees": sentencepiece_ids(sp, rendered, {"<s>": 1, "</s>": 2}) == ids}
+            "messages": messages, "rendered": rendered, "ids": ids, "assistant_mask": mask}
+
+
+def mask_runs(ids, mask):
+    """The ids under each maximal run of 1s in the mask."""
+    runs = []
+    for i, (token, m) in enumerate(zip(ids, mask)):
+        if m and (i == 0 or not mask[i - 1]):
+            runs.append([])
+        if m:
+            runs[-1].append(token)
+    return runs
+
+
+def check_llama3_case(case, encode, special_ids):
+    """Fails unless a llama3 case is what the template and the tokenizer say it must be.
+
+    encode: the `tokenizers` library's encode(text) -> ids, add_special_tokens=False."""
+    where = f"llama3/{case['name']}"
+    ids, messages = case["ids"], case["messages"]
+    direct = encode(case["rendered"])
+    if direct != ids:
+        fail(f"{where}: transformers' ids differ from the tokenizers library's on the rendered text:\n"
+             f"{ids}\n{direct}")
+    bos, start, eot = (special_ids[s] for s in ("<|begin_of_text|>", "<|start_header_id|>", "<|eot_id|>"))
+    if ids[:1] != [bos] or ids.count(bos) != 1:
+        fail(f"{where}: expected one BOS ({bos}) first, got {ids[:3]}... with {ids.count(bos)} BOS "
+             "(did the tokenizer add its own BOS to the template's?)")
+    headers = len(messages) + (1 if case["add_generation_prompt"] else 0)
+    if ids.count(eot) != len(messages) or ids.count(start) != headers:
+        fail(f"{where}: {ids.count(eot)} <|eot_id|> and {ids.count(start)} <|start_header_id|> for "
+             f"{len(messages)} messages (the markers must be single special tokens)")
+    answers = [encode(m["content"].strip()) + [eot] for m in messages if m["role"] == "assistant"]
+    runs = mask_runs(ids, case["assistant_mask"])
+    if runs != answers:
+        fail(f"{where}: the assistant mask covers {runs}, expected each answer's stripped content and its "
+             f"<|eot_id|>: {answers}")
+
+
+def load_llama3_tokenizer(tmp):
+    """The BPE fixture through transformers, and its special ids, checked against tokenizers'."""
+    import tokenizers
+    import transformers
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(BPE_DIR, f), os.path.join(tmp, f))
+    tok = transformers.AutoTokenizer.from_pretrained(tmp)
+    bpe = tokenizers.Tokenizer.from_file(os.path.join(BPE_DIR, "tokenizer.json"))
+    special_ids = {}
+    for s in LLAMA3_SPECIALS:
+        ours, theirs = tok.convert_tokens_to_ids(s), bpe.token_to_id(s)
+        if ours is None or ours != theirs or tok.unk_token_id is not None and ours == tok.unk_token_id:
+            fail(f"{BPE_DIR}: special token {s} is {ours} in transformers, {theirs} in tokenizers")
+        special_ids[s] = ours
+    if tok.bos_token != "<|begin_of_text|>" or tok.bos_token_id != special_ids["<|begin_of_text|>"]:
+        fail(f"{BPE_DIR}: bos_token is {tok.bos_token!r} ({tok.bos_token_id}), expected <|begin_of_text|>")
+    return tok, (lambda text: bpe.encode(text, add_special_tokens=False).ids), special_ids
 
 
 def alpaca_case(tok, sp, name, record, add_generation_prompt):
@@ -268,9 +409,10 @@ def main():
     args = ap.parse_args()
     try:
         import sentencepiece
+        import tokenizers
         import transformers
     except ImportError as e:
-        sys.exit(f"make_template_fixtures.py needs transformers, sentencepiece and protobuf: {e}")
+        sys.exit(f"make_template_fixtures.py needs transformers, tokenizers, sentencepiece and protobuf: {e}")
 
     model_file = find_tokenizer(args.tokenizer)
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
@@ -280,22 +422,46 @@ def main():
         for template, published, marked in (("llama2", LLAMA2_CHAT, LLAMA2_CHAT_MARKED),
                                              ("chatml", CHATML, CHATML_MARKED)):
             for name, messages, gen in CONVERSATIONS:
-                cases.append(chat_case(tok, sp, template, published, marked, name, messages, gen))
+                c = chat_case(tok, template, published, marked, name, messages, gen)
+                c["sentencepiece_agrees"] = sentencepiece_ids(sp, c["rendered"], {"<s>": 1, "</s>": 2}) == c["ids"]
+                cases.append(c)
         for name, record, gen in RECORDS:
             cases.append(alpaca_case(tok, sp, name, record, gen))
         tokenizer_class = type(tok).__name__
+    with tempfile.TemporaryDirectory() as tmp:
+        tok3, encode, special_ids = load_llama3_tokenizer(tmp)
+        llama3_cases = []
+        for name, messages, gen in CONVERSATIONS + LLAMA3_CONVERSATIONS:
+            c = chat_case(tok3, "llama3", LLAMA3_INSTRUCT, LLAMA3_INSTRUCT_MARKED, name, messages, gen)
+            check_llama3_case(c, encode, special_ids)
+            llama3_cases.append(c)
+        llama3_class = type(tok3).__name__
 
-    for c in cases:
+    for c in cases + llama3_cases:
         n_assistant = sum(c["assistant_mask"])
-        note = "" if c["sentencepiece_agrees"] else "   (differs from sentencepiece run directly!)"
+        note = "" if c.get("sentencepiece_agrees", True) else "   (differs from sentencepiece run directly!)"
         print(f"{c['template']:7s} {c['name']:30s} {len(c['ids']):4d} ids, {n_assistant:3d} assistant{note}")
     doc = {"transformers": transformers.__version__, "tokenizer_class": tokenizer_class, "legacy": True,
            "tokenizer_file": os.path.basename(model_file), "bos_id": 1, "eos_id": 2,
            "templates": {"llama2": LLAMA2_CHAT, "chatml": CHATML, "alpaca": ALPACA},
            "cases": cases}
+    with open(os.path.join(BPE_DIR, "tokenizer.json"), "rb") as f:
+        bpe_sha256 = hashlib.sha256(f.read()).hexdigest()
+    llama3_doc = {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+                  "tokenizer_class": llama3_class, "tokenizer_file": "bpe/tokenizer.json",
+                  "tokenizer_sha256": bpe_sha256, "bos_id": special_ids["<|begin_of_text|>"],
+                  "special_ids": special_ids, "template": LLAMA3_INSTRUCT, "template_source": LLAMA3_SOURCE,
+                  "cases": llama3_cases}
     os.makedirs(args.out, exist_ok=True)
-    target = os.path.join(args.out, "templates.json")
-    fd, tmp_path = tempfile.mkstemp(dir=args.out, prefix=".templates.json.")
+    for name, d in (("templates.json", doc), ("templates-llama3.json", llama3_doc)):
+        write_json(os.path.join(args.out, name), d)
+        print(f"wrote {os.path.join(args.out, name)}: {len(d['cases'])} cases (transformers "
+              f"{transformers.__version__}, {d['tokenizer_class']})")
+
+
+def write_json(target, doc):
+    """Writes doc to target atomically: a reader sees the old file or the whole new one."""
+    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(target), prefix="." + os.path.basename(target) + ".")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, ensure_ascii=False, indent=1)
@@ -304,7 +470,6 @@ def main():
     except BaseException:
         os.unlink(tmp_path)
         raise
-    print(f"wrote {target}: {len(cases)} cases (transformers {transformers.__version__}, {tokenizer_class})")
 
 
 if __name__ == "__main__":

@@ -320,8 +320,9 @@ QLORA_COMMAND([](CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--val-data", o->val_data, "held-out *.jsonl records (default: the last 10% of --data's)");
   cmd->add_option("--template", o->chat_template,
-                  "prompt template of instruction data: llama2, chatml or alpaca "
-                  "(default: alpaca when every record is an Alpaca record, else llama2)");
+                  "prompt template of instruction data: llama2, chatml, alpaca or llama3 (LLaMA-3's special "
+                  "tokens: needs its tokenizer.json) (default: alpaca when every record is an Alpaca record, "
+                  "else llama2)");
   cmd->add_flag("--train-on-inputs", o->train_on_inputs,
                 "instruction data: a loss on the prompt tokens too (default: on the responses only)");
   cmd->add_flag("--group-by-length,!--no-group-by-length", o->cfg.group_by_length,
@@ -668,9 +669,9 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_option("--prompt", o->prompt, "prompt text (with --template: the user's message, or Alpaca's instruction)")
       ->capture_default_str();
   cmd->add_option("--template", o->chat_template,
-                  "llama2, chatml or alpaca: format --prompt as a user turn, as finetune formats its instruction "
-                  "data, and print the reply");
-  cmd->add_option("--system", o->system, "with --template llama2 or chatml: a system message first");
+                  "llama2, chatml, alpaca or llama3: format --prompt as a user turn, as finetune formats its "
+                  "instruction data, and print the reply");
+  cmd->add_option("--system", o->system, "with --template llama2, chatml or llama3: a system message first");
   cmd->add_option("--input", o->input, "with --template: Alpaca's input (chat templates: after the instruction)");
   cmd->add_option("--max-tokens", o->s.max_tokens, "tokens to generate")->capture_default_str()->check(qlora::cli::non_negative);
   cmd->add_option("--temperature", o->s.temperature, "0: greedy")->capture_default_str()->check(qlora::cli::non_negative);
@@ -680,7 +681,8 @@ QLORA_COMMAND([](CLI::App& app) {
                   "file of prompts, one per line, generated in order (on the GPU as batches of up to 32)");
   cmd->add_flag("--chat", o->chat,
                 "with --template: a conversation on stdin, one user turn per line (--prompt, when given, is "
-                "the first); each reply ends at the template's end of turn");
+                "the first); each reply ends at the template's end of turn (EOS, chatml's <|im_end|>, "
+                "llama3's <|eot_id|>)");
   cmd->add_flag("--no-cuda-graphs", o->no_cuda_graphs,
                 "on the GPU: launch every kernel of a decode step from the host instead of replaying the step "
                 "from a CUDA graph (to measure what the graph saves)");
