@@ -13,7 +13,8 @@
 #             28672x8192 beside cuBLAS, then memcheck and racecheck of its tests
 #   generate  chapter 7: qlora generate --device cuda, one prompt and a batch of 16, greedy
 #   gen7b     chapter 5: greedy decoding of the 7B shape (random weights, NF4+DQ), 1 and 16 sequences of
-#             128 tokens, ours (qlora generate --device cuda) then transformers + bitsandbytes
+#             128 tokens, ours (qlora generate --device cuda; 1 sequence also --no-cuda-graphs) then
+#             transformers + bitsandbytes
 #             (tools/hf_generate_bench.py; needs the bnb phase first)
 #   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage; RECIPE_RUNS,
 #             RECIPE_SEEDS, RECIPE_JOBS as that script says; into $RECIPE_DIR, default recipe)
@@ -100,11 +101,13 @@ run_phase() {
       [[ -f $m/config.json ]] || timeout 300 build/cuda/qlora bench train --shape 7b --write-hf $m > "$res/gen7b_write.log" 2>&1
       yes "$p" | head -16 > /tmp/prompts16.txt
       # Every kernel loaded when the context starts, so the first decode steps do not pay for it.
-      for src in "--prompt=$p" "--prompts=/tmp/prompts16.txt"; do
-        n=$([[ $src == --prompt=* ]] && echo 1 || echo 16)
+      for run in 1 1-nograph 16; do
+        src="--prompt=$p" flags=()
+        [[ $run == 16 ]] && src=--prompts=/tmp/prompts16.txt
+        [[ $run == *nograph ]] && flags=(--no-cuda-graphs)
         CUDA_MODULE_LOADING=EAGER timeout 300 build/cuda/qlora generate --device cuda --model $m --storage nf4-dq \
-          --tokenizer $tk "$src" --max-tokens 128 --temperature 0 > "$res/gen7b_ours_$n.log" 2>&1
-        echo "ours, $n sequence(s): rc $?; $(grep tokens/s "$res/gen7b_ours_$n.log")"
+          --tokenizer $tk "$src" "${flags[@]}" --max-tokens 128 --temperature 0 > "$res/gen7b_ours_$run.log" 2>&1
+        echo "ours, $run: rc $?; $(grep tokens/s "$res/gen7b_ours_$run.log")"
       done
       PYTHONPATH=/tmp/site:/tmp/bnb timeout 400 python3 tools/hf_generate_bench.py --model $m --tokenizer $tk --prompt "$p" \
         --new-tokens 128 --batch 1 --batch 16 --json "$res/gen7b_hf.json" > "$res/gen7b_hf.log" 2>&1
