@@ -16,6 +16,7 @@
 #             128 tokens, ours (qlora generate --device cuda; 1 sequence also --no-cuda-graphs) then
 #             transformers + bitsandbytes
 #             (tools/hf_generate_bench.py; needs the bnb phase first)
+#   genprofile chapter 5: Nsight Compute's time per kernel of one 7B decode step (after gen7b)
 #   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage; RECIPE_RUNS,
 #             RECIPE_SEEDS, RECIPE_JOBS as that script says; into $RECIPE_DIR, default recipe)
 #   hfrecipe  chapter 7: the same recipe in transformers + PEFT + bitsandbytes (tools/hf_recipe.py), per
@@ -112,6 +113,15 @@ run_phase() {
       PYTHONPATH=/tmp/site:/tmp/bnb timeout 400 python3 tools/hf_generate_bench.py --model $m --tokenizer $tk --prompt "$p" \
         --new-tokens 128 --batch 1 --batch 16 --json "$res/gen7b_hf.json" > "$res/gen7b_hf.log" 2>&1
       echo "transformers + bitsandbytes: rc $?"; tail -3 "$res/gen7b_hf.log" ;;
+    genprofile)
+      # One decode step of the 7B shape (gen7b's folder) under Nsight Compute: --max-tokens 2 runs
+      # the prefill and one (eager) decode step, the second half of the kernels after loading.
+      m=/tmp/m7b tk=.carry/shared/models/tokenizer.model
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout 300 "$ncu" --clock-control none --nvtx --metrics gpu__time_duration.sum --csv --page raw \
+        --log-file "$res/gen7b_ncu.csv" build/cuda/qlora generate --device cuda --model $m --storage nf4-dq \
+        --tokenizer $tk --prompt "Once upon a time" --max-tokens 2 --temperature 0 > "$res/gen7b_ncu.log" 2>&1
+      echo "ncu rc $?"; python3 tools/profile_table.py "$res/gen7b_ncu.csv" --json "$res/gen7b_profile.json" | head -30 ;;
     optim)
       OUT=$res/ch06 timeout 120 bash scripts/gpu_optim.sh build/cuda > "$res/gpu_optim.log" 2>&1; echo "gpu_optim: $?"
       tail -25 "$res/gpu_optim.log" ;;

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Where one training step's GPU time goes: groups the kernels of an Nsight Compute CSV
-(`ncu --nvtx --csv --page raw --metrics gpu__time_duration.sum`, scripts/gpu_profile.sh) by
-what they do. A kernel launched inside one of the model's NVTX ranges (kernels/nvtx_range.cuh:
+"""Where one training step's (or decode step's) GPU time goes: groups the kernels of an Nsight
+Compute CSV (`ncu --nvtx --csv --page raw --metrics gpu__time_duration.sum`, scripts/gpu_profile.sh,
+or scripts/gpu_all.sh genprofile for `qlora generate --max-tokens 2`: a prefill and one decode
+step, which launch the same kernels) by what they do. A kernel launched inside one of the model's NVTX ranges (kernels/nvtx_range.cuh:
 base, lora, attention, head, optimizer) goes to the innermost range; the others are named by
 their kernel. Only the kernels of the last training step are counted: the bench runs one
 warm-up step and one profiled step, so the training kernels after loading split into two
@@ -18,7 +19,8 @@ import sys
 RANGES = ["base", "lora", "attention", "head", "optimizer"]
 # Kernels outside the ranges, by name: what the rest of a layer does.
 BY_NAME = [("rmsnorm", "norms"), ("rope", "rope"), ("swiglu", "swiglu"), ("add_kernel", "residual adds"),
-           ("to_bf16", "BF16 rounding"), ("embedding", "embedding"), ("memcpy|memset", "copies")]
+           ("to_bf16", "BF16 rounding"), ("embedding", "embedding"), ("memcpy|memset", "copies"),
+           ("attention_cached|kv_cache", "attention (cached)"), ("argmax", "sampling")]
 LOAD = re.compile(r"random_bf16|quantize4_kernel|quantize_nested")
 
 
