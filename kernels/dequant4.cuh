@@ -14,6 +14,7 @@
 
 #include "quant4_device.cuh"
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace qlora::cuda {
@@ -56,6 +57,11 @@ __device__ __forceinline__ float decode_scale(const Quant4View& q, const float* 
   return __fadd_rn(flush_subnormal_d(__fmul_rn(nested_map[s.code], s.value)), q.offset);
 }
 //! [scale-split]
+
+/// An output value of the matmul kernels (GEMV, tensor-core matmul), stored as bf16 or as
+/// float32 (the model adds its LoRA path to a float32 y).
+__device__ __forceinline__ void store_y(__nv_bfloat16* y, std::int64_t i, float v) { y[i] = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store_y(float* y, std::int64_t i, float v) { y[i] = v; }
 
 }  // namespace qlora::cuda
 #endif

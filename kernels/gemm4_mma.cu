@@ -3,6 +3,7 @@
 #include "gemm4_mma.cuh"
 
 #include "dequant4.cuh"
+#include "gemv4.cuh"
 #include "fp4.hpp"
 #include "nf4.hpp"
 
@@ -77,10 +78,6 @@ static __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const std::
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 //! [mma-instruction]
-
-/// y as bf16 or float32 (the model adds its LoRA path to a float32 y).
-static __device__ __forceinline__ void store_y(__nv_bfloat16* y, std::int64_t i, float v) { y[i] = __float2bfloat16_rn(v); }
-static __device__ __forceinline__ void store_y(float* y, std::int64_t i, float v) { y[i] = v; }
 
 /// The end of both versions: the 8 warps' partial tiles added in shared memory (the pipeline's,
 /// free by now) in a fixed order, so the result does not depend on timing, and stored. Element
@@ -568,6 +565,14 @@ void gemm4_mma(const DeviceQuant4& W, const bf16* x, void* y, OutType y_type, in
   } else {
     launch_for_tokens(W, x, static_cast<float*>(y), out, in, tokens, version, stream);
   }
+}
+
+Linear4Path linear4_path(const DeviceQuant4& W, int tokens) {
+  if (tokens <= kGemvMaxTokens && gemv4_fused_supported(W, tokens)) return Linear4Path::gemv;
+  if (tokens <= kMmaExactMaxTokens && gemm4_mma_unsupported(W, MmaVersion::exact).empty()) return Linear4Path::mma_exact;
+  if (tokens <= kMmaMaxTokens && gemm4_mma_unsupported(W, MmaVersion::register_table).empty())
+    return Linear4Path::mma_register_table;
+  return Linear4Path::dequant_cublas;
 }
 
 }  // namespace qlora::cuda

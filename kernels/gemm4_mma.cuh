@@ -40,16 +40,19 @@ void gemm4_mma(const DeviceQuant4& W, const bf16* x, void* y, OutType y_type, in
                MmaVersion version = MmaVersion::exact, cudaStream_t stream = nullptr);
 
 //! [mma-dispatch]
-/// Up to this many tokens the model's linear layers multiply with gemm4_mma (version 2); beyond
-/// it, dequantize + cuBLAS (linear4_forward). Read off `qlora bench kernels` on an H200
-/// (docs/benchmarks.md): at 8192 × 8192 and 28672 × 8192 version 1 alone beats dequantize +
-/// cuBLAS up to 32 tokens (0.55× against 0.41× cuBLAS's speed at 32) and loses from 64 on.
-inline constexpr int kMmaMaxTokens = 32;
+/// Which kernel multiplies a 4-bit weight by `tokens` rows in the model's linear layers, read off
+/// `qlora bench kernels` on an H200 at 8192 × 8192 and 28672 × 8192 (docs/benchmarks.md): GEMV
+/// version 4 at 1 and 2 tokens (1.43–1.79× cuBLAS's speed, the tensor-core kernels 0.91–1.42×);
+/// the tensor-core matmul version 1 at 3 to 8 tokens (1.02–1.33×, version 2 0.95–1.01×);
+/// version 2 at 9 to 32 tokens (0.69–0.87×, version 1 0.53–0.83×); from 33 on, dequantize +
+/// cuBLAS (0.43–0.44× at 64 tokens, version 2 0.38–0.41×).
+enum class Linear4Path { gemv, mma_exact, mma_register_table, dequant_cublas };
 
-/// Whether the fused kernel should compute Y = X·deq(W)ᵀ for this many tokens.
-inline bool gemm4_mma_pays(const DeviceQuant4& W, int tokens) {
-  return tokens <= kMmaMaxTokens && gemm4_mma_unsupported(W, MmaVersion::register_table).empty();
-}
+inline constexpr int kGemvMaxTokens = 2, kMmaExactMaxTokens = 8, kMmaMaxTokens = 32;
+
+/// The path for this weight and token count; a kernel that cannot run the shape falls through
+/// to the next one, and dequantize + cuBLAS runs everything.
+Linear4Path linear4_path(const DeviceQuant4& W, int tokens);
 //! [mma-dispatch]
 
 }  // namespace qlora::cuda

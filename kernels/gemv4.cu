@@ -28,7 +28,8 @@ static __device__ __forceinline__ float warp_sum(float v) {
 /// decodes each one exactly as the dequantize kernel does (bf16-rounded weight), and
 /// the warp adds up its 32 partial sums with shuffles. Any shape; slow: 1-byte
 /// loads, and every value re-decodes its block's scale.
-__global__ void gemv4_naive_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, __nv_bfloat16* __restrict__ y,
+template <class OutT>
+__global__ void gemv4_naive_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, OutT* __restrict__ y,
                                    int out, int in, int tokens) {
   const int row = blockIdx.x * kGemvWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -48,7 +49,7 @@ __global__ void gemv4_naive_kernel(Quant4View q, const __nv_bfloat16* __restrict
 #pragma unroll
   for (int t = 0; t < kMaxGemvTokens; ++t) {
     const float sum = warp_sum(acc[t]);
-    if (t < tokens && lane == 0) y[static_cast<std::int64_t>(t) * out + row] = __float2bfloat16_rn(sum);
+    if (t < tokens && lane == 0) store_y(y, static_cast<std::int64_t>(t) * out + row, sum);
   }
 }
 //! [gemv-naive]
@@ -67,15 +68,15 @@ static __device__ __forceinline__ std::uint32_t word_of(const uint4& v, int j) {
 
 /// The end of both fused versions: each lane holds partial sums for kRows rows and
 /// kTokens tokens; a shuffle tree adds them over the warp, lane 0 writes rows that exist.
-template <int kRows, int kTokens>
-static __device__ __forceinline__ void store_rows(const float (&acc)[kRows][kTokens], __nv_bfloat16* y, int row0,
-                                                  int out, int lane) {
+template <int kRows, int kTokens, class OutT>
+static __device__ __forceinline__ void store_rows(const float (&acc)[kRows][kTokens], OutT* y, int row0, int out,
+                                                  int lane) {
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
 #pragma unroll
     for (int t = 0; t < kTokens; ++t) {
       const float sum = warp_sum(acc[r][t]);
-      if (lane == 0 && row0 + r < out) y[static_cast<std::int64_t>(t) * out + row0 + r] = __float2bfloat16_rn(sum);
+      if (lane == 0 && row0 + r < out) store_y(y, static_cast<std::int64_t>(t) * out + row0 + r, sum);
     }
 }
 
@@ -86,9 +87,9 @@ static __device__ __forceinline__ void store_rows(const float (&acc)[kRows][kTok
 /// in flight before the first use, and multiplies them against x in registers. The block scale multiplies the chunk's partial sum
 /// once, instead of every weight: Σ x·(t·a) = a·Σ x·t, a float32 reassociation well
 /// inside the bf16 tolerance (the test argues it). A warp-shuffle tree adds the lanes.
-template <int kTokens, int kRows, int kLoads>
+template <int kTokens, int kRows, int kLoads, class OutT>
 __global__ void __launch_bounds__(kGemvThreads)
-    gemv4_fused_kernel(Quant4View q, const uint4* __restrict__ x, __nv_bfloat16* __restrict__ y, int out, int in) {
+    gemv4_fused_kernel(Quant4View q, const uint4* __restrict__ x, OutT* __restrict__ y, int out, int in) {
   extern __shared__ uint4 s_x[];
   __shared__ float s_table[16];
   __shared__ float s_map[256];
@@ -197,9 +198,9 @@ constexpr int multirow_min_blocks(int tokens, bool prefetch) { return prefetch &
 /// are issued before this step's arithmetic, so each warp has loads in flight while it
 /// computes. Version 3 waits a full memory round trip at the start of every step, and at
 /// 8192 rows there are too few warps per multiprocessor (about 16) to hide it.
-template <int kTokens, int kRows, int kLoads, bool kPrefetch>
+template <int kTokens, int kRows, int kLoads, bool kPrefetch, class OutT>
 __global__ void __launch_bounds__(kGemvThreads, multirow_min_blocks(kTokens, kPrefetch))
-    gemv4_multirow_kernel(Quant4View q, const uint4* __restrict__ x, __nv_bfloat16* __restrict__ y, int out, int in) {
+    gemv4_multirow_kernel(Quant4View q, const uint4* __restrict__ x, OutT* __restrict__ y, int out, int in) {
   extern __shared__ uint4 s_x[];
   __shared__ float s_table[16];
   __shared__ float s_map[256];
@@ -325,13 +326,13 @@ bool gemv4_fused_supported(const DeviceQuant4& W, int tokens) {
   return fused_smem_bytes(in, tokens) + kFusedStaticSmem <= limit;
 }
 
-template <int kTokens>
-static void launch_fused(const Quant4View& v, const bf16* x, bf16* y, int out, int in, cudaStream_t stream) {
+template <int kTokens, class OutT>
+static void launch_fused(const Quant4View& v, const bf16* x, OutT* y, int out, int in, cudaStream_t stream) {
   // Two rows per warp share each x load once there is more than one token to amortize;
   // with few tokens the registers allow two chunks per row in flight.
   constexpr int kRows = kTokens == 1 ? 1 : 2;
   constexpr int kLoads = kTokens <= 4 ? 2 : 1;
-  auto kernel = gemv4_fused_kernel<kTokens, kRows, kLoads>;
+  auto kernel = gemv4_fused_kernel<kTokens, kRows, kLoads, OutT>;
   const std::size_t smem = fused_smem_bytes(in, kTokens);
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   int per_sm = 0;
@@ -340,13 +341,12 @@ static void launch_fused(const Quant4View& v, const bf16* x, bf16* y, int out, i
   // A persistent grid: x is staged once per block, so launch no more blocks than fit at once.
   const int needed = (out + kGemvWarps * kRows - 1) / (kGemvWarps * kRows);
   const int grid = std::min(needed, per_sm * device_int(cudaDevAttrMultiProcessorCount));
-  kernel<<<grid, kGemvThreads, smem, stream>>>(v, reinterpret_cast<const uint4*>(x),
-                                               reinterpret_cast<__nv_bfloat16*>(y), out, in);
+  kernel<<<grid, kGemvThreads, smem, stream>>>(v, reinterpret_cast<const uint4*>(x), y, out, in);
   CUDA_CHECK_LAUNCH();
 }
 
-template <int kTokens, bool kPrefetch>
-static void launch_multirow(const Quant4View& v, const bf16* x, bf16* y, int out, int in, cudaStream_t stream) {
+template <int kTokens, bool kPrefetch, class OutT>
+static void launch_multirow(const Quant4View& v, const bf16* x, OutT* y, int out, int in, cudaStream_t stream) {
   // Four rows per warp share every x value; past four tokens the float copies of x
   // (8 per token) would crowd the registers, so two. Two chunks per row in flight
   // while a step's registers allow it. Version 4 holds two steps' chunks, so it takes
@@ -360,15 +360,14 @@ static void launch_multirow(const Quant4View& v, const bf16* x, bf16* y, int out
   // the blocks. Version 3 keeps four rows (its measured configuration).
   constexpr int kRows = kPrefetch && kTokens == 1 ? 2 : kTokens <= (kPrefetch ? 2 : 4) ? 4 : 2;
   constexpr int kLoads = kTokens <= (kPrefetch ? 1 : 2) ? 2 : 1;
-  auto kernel = gemv4_multirow_kernel<kTokens, kRows, kLoads, kPrefetch>;
+  auto kernel = gemv4_multirow_kernel<kTokens, kRows, kLoads, kPrefetch, OutT>;
   const std::size_t smem = fused_smem_bytes(in, kTokens);
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   // One row group per warp: enough blocks to cover every row, each staging x itself
   // (from the L2 cache: x is small and every block reads the same one).
   const int rows_per_block = kGemvWarps * kRows;
   const auto grid = static_cast<unsigned>((out + rows_per_block - 1) / rows_per_block);
-  kernel<<<grid, kGemvThreads, smem, stream>>>(v, reinterpret_cast<const uint4*>(x),
-                                               reinterpret_cast<__nv_bfloat16*>(y), out, in);
+  kernel<<<grid, kGemvThreads, smem, stream>>>(v, reinterpret_cast<const uint4*>(x), y, out, in);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -387,7 +386,10 @@ static void with_token_count(int tokens, F&& f) {
   }
 }
 
-void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersion version, cudaStream_t stream) {
+/// gemv4() for either output type: OutT is __nv_bfloat16 or float.
+template <class OutT>
+static void gemv4_to(const DeviceQuant4& W, const bf16* x, OutT* y, int tokens, GemvVersion version,
+                     cudaStream_t stream) {
   const std::int64_t out64 = W.rows("gemv4"), in64 = W.cols("gemv4");
   if (tokens < 1 || tokens > kMaxGemvTokens) {
     throw std::invalid_argument("gemv4: tokens = " + std::to_string(tokens) + " (expected 1.." +
@@ -409,7 +411,7 @@ void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersio
   }
   if (version == GemvVersion::naive) {
     gemv4_naive_kernel<<<(out + kGemvWarps - 1) / kGemvWarps, kGemvThreads, 0, stream>>>(
-        v, reinterpret_cast<const __nv_bfloat16*>(x), reinterpret_cast<__nv_bfloat16*>(y), out, in, tokens);
+        v, reinterpret_cast<const __nv_bfloat16*>(x), y, out, in, tokens);
     CUDA_CHECK_LAUNCH();
     return;
   }
@@ -426,6 +428,14 @@ void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersio
   } else {
     with_token_count(tokens, [&](auto t) { launch_multirow<decltype(t)::value, true>(v, x, y, out, in, stream); });
   }
+}
+
+void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersion version, cudaStream_t stream) {
+  gemv4_to(W, x, reinterpret_cast<__nv_bfloat16*>(y), tokens, version, stream);
+}
+
+void gemv4(const DeviceQuant4& W, const bf16* x, float* y, int tokens, GemvVersion version, cudaStream_t stream) {
+  gemv4_to(W, x, y, tokens, version, stream);
 }
 
 }  // namespace qlora::cuda

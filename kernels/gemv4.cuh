@@ -33,5 +33,8 @@ bool gemv4_fused_supported(const DeviceQuant4& W, int tokens);
 /// 1..kMaxGemvTokens, a W that is not 2-D, or version 2, 3 or 4 on a shape they cannot run.
 void gemv4(const DeviceQuant4& W, const bf16* x, bf16* y, int tokens, GemvVersion version = GemvVersion::automatic,
            cudaStream_t stream = nullptr);
+/// The same with a float32 y (no rounding of the sums): what the model's linear layers need.
+void gemv4(const DeviceQuant4& W, const bf16* x, float* y, int tokens, GemvVersion version = GemvVersion::automatic,
+           cudaStream_t stream = nullptr);
 
 }  // namespace qlora::cuda

@@ -8,6 +8,7 @@
 
 #include "bf16.hpp"
 #include "gemm4_mma.cuh"
+#include "gemv4.cuh"
 #include "llama_ops.cuh"
 #include "llama_ops.hpp"
 #include "nvtx_range.cuh"
@@ -295,11 +296,18 @@ void LlamaModelGpu::linear(int l, Proj p, const float* x, const bf16* xb, float*
   const DeviceFrozenLinear& f = layers_[usz(l)].w[usz(I(p))];
   {
     NvtxRange r("base");
-    if (f.q4 && gemm4_mma_pays(*f.q4, N))
-      gemm4_mma(*f.q4, xb, y, OutType::f32, N, MmaVersion::register_table, stream_);
-    else if (f.q4)
-      linear4_forward(cublas_, *f.q4, xb, N, y, OutType::f32, scratch_, false, stream_);
-    else
+    if (f.q4) {
+      switch (linear4_path(*f.q4, N)) {
+        case Linear4Path::gemv: gemv4(*f.q4, xb, y, N, GemvVersion::prefetch, stream_); break;
+        case Linear4Path::mma_exact: gemm4_mma(*f.q4, xb, y, OutType::f32, N, MmaVersion::exact, stream_); break;
+        case Linear4Path::mma_register_table:
+          gemm4_mma(*f.q4, xb, y, OutType::f32, N, MmaVersion::register_table, stream_);
+          break;
+        case Linear4Path::dequant_cublas:
+          linear4_forward(cublas_, *f.q4, xb, N, y, OutType::f32, scratch_, false, stream_);
+          break;
+      }
+    } else
       gemm_bf16_xwt(cublas_, xb, f.w.data(), y, OutType::f32, N, f.in, f.out, false, stream_);
   }
   if (const DeviceLoraAdapter* a = adapter(l, p)) {

@@ -381,15 +381,25 @@ TEST_CASE("ch05: GEMV (naive and the three fused versions) matches the FP64 refe
           REQUIRE_THROWS_AS(gemv4(w.device, dx.data(), y.data(), tokens, version), std::invalid_argument);
           continue;
         }
-        DeviceBuffer<bf16> y(ref.size());
-        y.poison();
-        gemv4(w.device, dx.data(), y.data(), tokens, version);
-        CUDA_CHECK(cudaDeviceSynchronize());
-        const auto got = from_bf16(y.download());
-        const std::string what = "gemv v" + std::to_string(static_cast<int>(version)) + " " +
-                                 std::to_string(c.out) + "x" + std::to_string(c.in) + " tokens " +
-                                 std::to_string(tokens);
-        require_close(what.c_str(), matmul_error(ref, abs_sum, got, c.in), 5e-3);
+        // bf16 y, and float32 y (the model's linear layers): the same sums, one rounding fewer.
+        for (bool f32_out : {false, true}) {
+          std::vector<float> got;
+          if (f32_out) {
+            DeviceBuffer<float> y(ref.size());
+            y.poison();
+            gemv4(w.device, dx.data(), y.data(), tokens, version);
+            got = y.download();
+          } else {
+            DeviceBuffer<bf16> y(ref.size());
+            y.poison();
+            gemv4(w.device, dx.data(), y.data(), tokens, version);
+            got = from_bf16(y.download());
+          }
+          const std::string what = "gemv v" + std::to_string(static_cast<int>(version)) + " " +
+                                   std::to_string(c.out) + "x" + std::to_string(c.in) + " tokens " +
+                                   std::to_string(tokens) + (f32_out ? " f32" : " bf16");
+          require_close(what.c_str(), matmul_error(ref, abs_sum, got, c.in), 5e-3);
+        }
       }
     }
   }
