@@ -83,6 +83,7 @@ class TamperedTrainer final : public Trainer {
   }
   float eval_batch(const int* x, const int* y, int B, int T) override { return inner_.eval_batch(x, y, B, T); }
   void scale_grads(float s) override { inner_.scale_grads(s); }
+  void reduce_grads(Communicator& world) override { inner_.reduce_grads(world); }
   double clip_grad_norm(double max_norm) override { return inner_.clip_grad_norm(max_norm); }
   void optimizer_step(float lr) override { inner_.optimizer_step(lr); }
   std::int64_t optimizer_steps() const override { return inner_.optimizer_steps(); }
