@@ -157,9 +157,10 @@ std::int64_t GpuTrainer::sample_memory() {
 }
 
 //! [gpu-train-step]
-float GpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) {
+float GpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                                   int first_sequence) {
   const std::int64_t before = device_memory_used();
-  const float loss = gpu_->forward(x, y, B, T, true, dropout_rng);
+  const float loss = gpu_->forward(x, y, B, T, true, dropout_rng, first_sequence);
   std::int64_t peak = sample_memory();  // activations are at their peak between forward and backward
   gpu_->backward();
   peak = std::max(peak, sample_memory());

@@ -39,7 +39,8 @@ class GpuTrainer final : public Trainer {
   LlamaModel& model() override { return host(); }
   LlamaModelGpu& gpu_model() { return *gpu_; }
   void zero_grad() override { gpu_->zero_grad(); }
-  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override;
+  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                          int first_sequence) override;
   float eval_batch(const int* x, const int* y, int B, int T) override;
   void scale_grads(float s) override { gpu_->scale_grads(s); }
   /// With use_nccl: NCCL's all-reduce, GPU to GPU. Without: through host memory and

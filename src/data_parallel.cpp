@@ -174,6 +174,7 @@ MicroBatch rank_slice(const MicroBatch& global, int rank, int size) {
   MicroBatch mb;
   mb.B = last - first;
   mb.T = global.T;
+  mb.first_row = first;
   mb.x.assign(global.x.begin() + static_cast<std::ptrdiff_t>(first * T), global.x.begin() + static_cast<std::ptrdiff_t>(last * T));
   mb.y.assign(global.y.begin() + static_cast<std::ptrdiff_t>(first * T), global.y.begin() + static_cast<std::ptrdiff_t>(last * T));
   mb.counted = std::count_if(mb.y.begin(), mb.y.end(), [](int t) { return t != kIgnoreIndex; });

@@ -282,8 +282,9 @@ CpuTrainer::CpuTrainer(LlamaModel& model, OptimKind optim, float weight_decay) :
 
 CpuTrainer::~CpuTrainer() = default;
 
-float CpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) {
-  const float loss = model_.forward(x, y, B, T, true, dropout_rng);
+float CpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                                   int first_sequence) {
+  const float loss = model_.forward(x, y, B, T, true, dropout_rng, first_sequence);
   model_.backward();
   return loss;
 }
@@ -392,7 +393,7 @@ double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, s
     if (mb.counted == 0) continue;  // no loss, no gradient
     const double w = static_cast<double>(mb.counted) / static_cast<double>(counted);
     if (w_prev > 0 && w != w_prev) tr.scale_grads(static_cast<float>(w_prev / w));
-    loss += static_cast<double>(tr.train_micro_batch(mb.x.data(), mb.y.data(), mb.B, mb.T, dropout_rng)) * w;
+    loss += static_cast<double>(tr.train_micro_batch(mb.x.data(), mb.y.data(), mb.B, mb.T, dropout_rng, mb.first_row)) * w;
     w_prev = w;
   }
   if (w_prev > 0 && w_prev != 1.0) tr.scale_grads(static_cast<float>(w_prev));

@@ -188,7 +188,9 @@ class Trainer {
   virtual std::int64_t lora_parameter_count() const = 0;
   virtual void zero_grad() = 0;
   /// Forward and backward of one micro-batch; gradients accumulate. Returns its mean loss.
-  virtual float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) = 0;
+  /// first_sequence: its first row in the step's global batch (data parallel; else 0).
+  virtual float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                                  int first_sequence) = 0;
   /// Mean loss of one batch, no dropout, no gradients.
   virtual float eval_batch(const int* x, const int* y, int B, int T) = 0;
   virtual void scale_grads(float s) = 0;
@@ -221,7 +223,8 @@ class CpuTrainer final : public Trainer {
   void load_adapter(const PeftAdapter& a, const std::string& where) override;
   std::int64_t lora_parameter_count() const override { return model_.lora_parameter_count(); }
   void zero_grad() override { model_.zero_grad(); }
-  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override;
+  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                          int first_sequence) override;
   float eval_batch(const int* x, const int* y, int B, int T) override;
   void scale_grads(float s) override;
   void reduce_grads(Communicator& world) override;

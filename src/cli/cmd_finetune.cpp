@@ -265,9 +265,6 @@ std::string resume_command(const std::filesystem::path& dir, int nproc) {
 // when --device cuda asks for more ranks than this host has GPUs.
 [[noreturn]] void run_under_mpirun(int nproc, const std::string& device) {
   if (launched_by_mpirun()) throw std::invalid_argument("--nproc " + std::to_string(nproc) + " under mpirun: use one or the other");
-  if (!built_with_mpi())
-    throw std::invalid_argument("--nproc " + std::to_string(nproc) +
-                                ": this qlora was built without MPI (install libopenmpi-dev openmpi-bin, scripts/setup.sh)");
 #ifdef QLORA_HAVE_CUDA
   const int gpus = device == "cpu" ? 0 : cuda::cuda_device_count();
   if (device != "cpu" && gpus > 0 && nproc > gpus)
@@ -277,6 +274,9 @@ std::string resume_command(const std::filesystem::path& dir, int nproc) {
 #else
   (void)device;
 #endif
+  if (!built_with_mpi())
+    throw std::invalid_argument("--nproc " + std::to_string(nproc) +
+                                ": this qlora was built without MPI (install libopenmpi-dev openmpi-bin, scripts/setup.sh)");
   const auto& words = qlora::cli::command_line();
   const std::vector<std::string> args = without_flag({words.begin() + 1, words.end()}, "--nproc");
   const std::vector<std::string> cmd =
@@ -364,7 +364,11 @@ RunIdentity run_identity(const CLI::App& cmd, const ModelOptions& m, const std::
   };
   for (const CLI::Option* opt : cmd.get_options()) {
     const std::string name = opt->get_name();
-    if (name == "--help" || name == "--collective-timeout") continue;  // a rank may wait longer than another
+    // The files are compared above by content (their paths may differ between hosts); a
+    // rank may wait longer than another.
+    if (name == "--help" || name == "--model" || name == "--tokenizer" || name == "--data" || name == "--val-data" ||
+        name == "--collective-timeout")
+      continue;
     std::string value;
     for (const std::string& r : opt->count() > 0 ? opt->reduced_results() : std::vector{opt->get_default_str()})
       value.append(value.empty() ? "" : " ").append(canonical(r));  // append: GCC 12 misfires -Wrestrict on operator+
