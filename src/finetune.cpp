@@ -399,7 +399,6 @@ double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, s
   if (w_prev > 0 && w_prev != 1.0) tr.scale_grads(static_cast<float>(w_prev));
   return loss;
 }
-//! [loss-normalization]
 
 double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, std::mt19937_64& dropout_rng) {
   std::int64_t counted = 0;
