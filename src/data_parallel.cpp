@@ -43,7 +43,6 @@ bool built_with_mpi() {
 #ifdef QLORA_HAVE_MPI
 namespace {
 
-//! [mpi-deadline]
 // MPI's blocking collectives wait for ever when a rank hangs. So each collective is
 // started non-blocking and polled against a deadline; past it, the job is aborted with a
 // message that says which collective this rank waited in. (A rank that exits ends the
@@ -71,11 +70,13 @@ class MpiWorld final : public Communicator {
   int local_rank() const override { return local_rank_; }
   int local_size() const override { return local_size_; }
 
+  //! [mpi-deadline]
   void allreduce_sum(float* data, std::size_t n, const char* what) override {
     MPI_Request r;
     MPI_Iallreduce(MPI_IN_PLACE, data, count(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD, &r);
     wait(r, what);
   }
+  //! [mpi-deadline]
   void allreduce_sum(double* data, std::size_t n, const char* what) override {
     MPI_Request r;
     MPI_Iallreduce(MPI_IN_PLACE, data, count(n), MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD, &r);
@@ -127,6 +128,7 @@ class MpiWorld final : public Communicator {
     if (n > static_cast<std::size_t>(INT32_MAX)) throw std::length_error("a collective of more than 2^31 elements");
     return static_cast<int>(n);
   }
+  //! [mpi-wait]
   // Spins for the first millisecond (a step's all-reduce of small adapters is that quick),
   // then sleeps between tests so that a waiting rank leaves its core to the others.
   void wait(MPI_Request& r, const char* what) {
@@ -144,8 +146,8 @@ class MpiWorld final : public Communicator {
         std::this_thread::sleep_for(std::chrono::microseconds(200));
     }
   }
+  //! [mpi-wait]
 };
-//! [mpi-deadline]
 
 }  // namespace
 #endif
@@ -181,16 +183,22 @@ MicroBatch rank_slice(const MicroBatch& global, int rank, int size) {
   return mb;
 }
 
-namespace {
-
-// FNV-1a, 64 bits: a hash for comparing, not for security.
-std::uint64_t fnv1a(const char* data, std::size_t n, std::uint64_t h = 0xcbf29ce484222325ull) {
+std::uint64_t content_hash(const void* data, std::size_t n, std::uint64_t h) {
+  const auto* bytes = static_cast<const unsigned char*>(data);
   for (std::size_t i = 0; i < n; ++i) {
-    h ^= static_cast<unsigned char>(data[i]);
+    h ^= bytes[i];
     h *= 0x100000001b3ull;
   }
   return h;
 }
+
+bool same_on_every_rank(Communicator& comm, std::uint64_t value, const char* what) {
+  std::uint64_t first = value;
+  comm.broadcast(&first, sizeof first, 0, what);
+  return comm.allreduce_max(value != first ? 1 : 0, what) == 0;
+}
+
+namespace {
 
 std::string hex(std::uint64_t v) {
   char buf[17];
@@ -208,7 +216,7 @@ std::string one_file_fingerprint(const fs::path& file) {
   in.seekg(static_cast<std::streamoff>(size - tail.size()));
   in.read(tail.data(), static_cast<std::streamsize>(tail.size()));
   if (!in) throw std::runtime_error("cannot read " + file.string());
-  return std::to_string(size) + ":" + hex(fnv1a(tail.data(), tail.size(), fnv1a(head.data(), head.size())));
+  return std::to_string(size) + ":" + hex(content_hash(tail.data(), tail.size(), content_hash(head.data(), head.size())));
 }
 
 }  // namespace
@@ -229,9 +237,7 @@ void check_same_run(Communicator& comm, const RunIdentity& id) {
   std::string text;
   for (const auto& [name, value] : id.fields) text += name + "=" + value + "\n";
   // One hash each first; the fields travel only when a hash differs.
-  std::uint64_t h = fnv1a(text.data(), text.size()), h0 = h;
-  comm.broadcast(&h0, sizeof h0, 0, "the configuration check");
-  if (comm.allreduce_max(h != h0 ? 1 : 0, "the configuration check") == 0) return;
+  if (same_on_every_rank(comm, content_hash(text.data(), text.size()), "the configuration check")) return;
   const std::vector<std::string> all = comm.all_gather(text, "the configuration check");
   auto fields_of = [](const std::string& t) {
     std::vector<std::pair<std::string, std::string>> f;

@@ -79,6 +79,12 @@ std::pair<int, int> rank_rows(int batch, int rank, int size);
 /// Rank `rank`'s rows of a micro-batch (the same T, its counted targets recounted).
 MicroBatch rank_slice(const MicroBatch& global, int rank, int size);
 
+/// FNV-1a, 64 bits, of n bytes, continuing from h: a hash for comparing, not for security.
+std::uint64_t content_hash(const void* data, std::size_t n, std::uint64_t h = 0xcbf29ce484222325ull);
+
+/// Whether every rank passed the same value (a collective: one broadcast, one all-reduce).
+bool same_on_every_rank(Communicator& comm, std::uint64_t value, const char* what);
+
 /// Size and a hash of the first and last MiB of a file, or of every file in a folder
 /// (by name): what tells two copies of a model apart without reading gigabytes.
 std::string file_fingerprint(const std::filesystem::path& path);

@@ -341,6 +341,24 @@ double CpuTrainer::peak_memory_mb() const { return peak_rss_mb(); }
 
 namespace {
 
+//! [check-replicas]
+// The ranks never exchange adapters: each steps from the same summed gradient and so
+// holds the same values, as long as the all-reduce gives every rank the same bits. NCCL's
+// ring computes each sum once and passes it on; MPI only recommends it. So before rank 0
+// saves them as everyone's, the ranks compare a hash of their adapters.
+void check_replicas(Communicator& world, Trainer& tr, int step) {
+  std::uint64_t h = content_hash(nullptr, 0);
+  for (const auto& [name, m] : tr.adapter().modules) {
+    h = content_hash(m.A.data(), m.A.size() * sizeof(float), h);
+    h = content_hash(m.B.data(), m.B.size() * sizeof(float), h);
+  }
+  if (!same_on_every_rank(world, h, "the adapter comparison"))
+    throw std::runtime_error("after step " + std::to_string(step) +
+                             " the ranks hold different adapters: their gradient all-reduce did not give every rank "
+                             "the same sum");
+}
+//! [check-replicas]
+
 // Why a step's update must not happen, or empty.
 std::string non_finite(const StepRecord& rec) {
   if (!std::isfinite(rec.loss)) return "non-finite loss";
@@ -446,6 +464,7 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
   const int start = state.step;
   int bad_in_a_row = 0;
   auto checkpoint = [&] {
+    if (world.size() > 1) check_replicas(world, tr, state.step);
     last_checkpoint = checkpoint_dir(cfg.out, state.step);
     if (bad_in_a_row == 0) last_good = last_checkpoint;
     if (!lead) return;  // the other ranks only know where it is
