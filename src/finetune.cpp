@@ -517,7 +517,9 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
     // Every rank builds the whole step, so the data generator advances alike everywhere
     // and the global batch is one process's; each then trains on its rows only. The
     // weights count the step's targets on all ranks, so the summed gradients and losses
-    // are the step's mean.
+    // are the step's mean. Every row holds a counted target (instruction records without
+    // one are skipped when loaded), so every rank runs every micro-batch and draws the
+    // same dropout seeds.
     std::vector<MicroBatch> micro(static_cast<std::size_t>(cfg.grad_accum));
     std::int64_t positions = 0, counted = 0;
     for (int m = 0; m < cfg.grad_accum; ++m) {

@@ -238,6 +238,39 @@ TEST_CASE("mpirun -np 2 trains the loss curve of one process, and writes the sam
   }
 }
 
+TEST_CASE("Instruction data on 3 ranks, 5 padded rows a micro-batch, trains one process's loss curve", "[ch09][dp][mpi]") {
+  if (!test::finetune_fixture()) return;
+  // Alpaca records of varied lengths: batches padded to their longest, split 2, 2 and 1 rows.
+  const auto data = test::temp_path("test_ch09_dp", "records.jsonl");
+  {
+    std::ofstream f(data);
+    std::mt19937_64 rng(3);
+    const std::vector<std::string> words = {"the", "lord", "said", "unto", "moses", "and", "speak", "to", "israel"};
+    auto phrase = [&](int most) {
+      std::string p;
+      for (int n = 1 + static_cast<int>(rng() % static_cast<std::uint64_t>(most)); n > 0; --n)
+        p.append(p.empty() ? "" : " ").append(words[rng() % words.size()]);
+      return p;
+    };
+    for (int i = 0; i < 200; ++i)
+      f << nlohmann::json{{"instruction", "Repeat: " + phrase(8)}, {"input", ""}, {"output", phrase(12)}}.dump() << "\n";
+  }
+  const std::string args = "finetune --data '" + data.string() + "' --steps 4 --batch 5 --grad-accum 2 --seq-len 64"
+                           " --rank 4 --val-windows 4 --eval-every 0 --save-every 0 --sample-tokens 1";
+  const auto one = test::temp_path("test_ch09_dp", "instruct_one");
+  const auto three = test::temp_path("test_ch09_dp", "instruct_three");
+  const auto [rc1, text1] = test::run_qlora(args + " --out '" + one.string() + "'");
+  INFO(text1);
+  REQUIRE(rc1 == 0);
+  const auto [rc3, text3] = test::run_shell(mpirun(3, args + " --out '" + three.string() + "'"));
+  INFO(text3);
+  REQUIRE(rc3 == 0);
+  const auto a = logged(one / "log.jsonl"), b = logged(three / "log.jsonl");
+  REQUIRE(a.size() == 4);
+  REQUIRE(b.size() == 4);
+  same_curve(a, b);
+}
+
 TEST_CASE("A checkpoint of 2 ranks resumes with 1, and one of 1 rank with 2 (--nproc)", "[ch09][dp][mpi]") {
   if (!test::finetune_fixture()) return;
   const auto one = test::temp_path("test_ch09_dp", "resume_one");

@@ -153,7 +153,6 @@ std::unique_ptr<Trainer> make_trainer(const std::string& device, LlamaModel& mod
 }
 
 #ifdef QLORA_HAVE_CUDA
-
 // The model on the GPU for eval and generate. A Hugging Face folder without an adapter
 // streams onto the GPU (no host copy of the model: this is how a 65B model is evaluated);
 // anything else is loaded on the host first and uploaded.
@@ -533,122 +532,123 @@ QLORA_COMMAND([](CLI::App& app) {
     const bool lead = world->rank() == 0;
     // Rank 0 speaks for the run; the others' stdout would only repeat it (their errors
     // still reach stderr).
-    if (!lead && !std::freopen("/dev/null", "w", stdout)) throw std::runtime_error("cannot silence stdout of rank " + std::to_string(world->rank()));
+    if (!lead && !std::freopen("/dev/null", "w", stdout))
+      throw std::runtime_error("cannot silence stdout of rank " + std::to_string(world->rank()));
     abort_job_on_error(*world, [&] {
-    if (world->size() > 1) check_same_run(*world, run_identity(*cmd, o->m, o->data, o->val_data));
-    explain_out_of_memory(o->m.model_path(), plan, [&] {
-      const auto mp = o->m.model_path();
-      auto& cfg = o->cfg;
-      cfg.out = o->out;
-      cfg.resume = o->resume;
-      cfg.optim = parse_optim(o->optim);
-      LoraSetup setup;
-      setup.config.r = o->rank;
-      setup.config.alpha = o->alpha;
-      setup.config.dropout = o->dropout;
-      std::mt19937_64 init_rng(cfg.seed);
-      // The host model, unless the model is streamed onto the GPU (then the trainer holds it).
-      std::optional<LlamaModel> host;
-      std::unique_ptr<Tokenizer> tok;
-      std::unique_ptr<Trainer> trainer;
-      std::string storage = o->m.storage;
-      std::int64_t frozen_bytes = 0;
-      if (o->stream) {
-        trainer = streamed_trainer(o->m, mp, o->device, setup, init_rng, cfg, o->checkpointing, tok, frozen_bytes,
-                                   o->collective_timeout);
-      } else {
-        auto [model, t] = o->m.load_with_tokenizer(mp);
-        host.emplace(std::move(model));
-        tok = std::move(t);
-        host->add_lora(setup, init_rng);
-        host->set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
-        storage = to_string(host->storage());
-        frozen_bytes = host->frozen_storage_bytes();
-        trainer = make_trainer(o->device, *host, cfg, o->collective_timeout);
-      }
-      if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
-      check_seq_len(cfg.seq_len, trainer->config(), mp);
-      const auto data_path = require_data(o->data);
-      InstructDataReport report;
-      FinetuneData data;
-      const std::int64_t lora_parameters = trainer->lora_parameter_count();
-      if (instruct) {
-        data = load_instruct_data(data_path, o->val_data.empty() ? std::filesystem::path{} : require_data(o->val_data),
-                                  *tok, chat_template, o->train_on_inputs, cfg.seq_len, report);
-        std::printf("model %s (%s base), %zu train / %zu held-out examples (template %s, loss on %s), "
-                    "%lld LoRA parameters\n",
-                    mp.string().c_str(), storage.c_str(), data.train_examples.size(), data.val_examples.size(),
-                    to_string(report.chat_template).c_str(), o->train_on_inputs ? "every token" : "the responses",
-                    static_cast<long long>(lora_parameters));
-        if (report.train_skipped.total() > 0)
-          std::printf("training, %s: %s\n", o->data.c_str(), report.train_skipped.summary(cfg.seq_len).c_str());
-        if (report.val_skipped.total() > 0)
-          std::printf("held out, %s: %s\n", (o->val_data.empty() ? o->data : o->val_data).c_str(),
-                      report.val_skipped.summary(cfg.seq_len).c_str());
-      } else {
-        data = load_finetune_data(data_path, *tok);
-        std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
-                    storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
-      }
-      std::printf("training on %s with %s", trainer->device().c_str(), to_string(cfg.optim).c_str());
-      if (world->size() > 1) std::printf(", %d data-parallel ranks", world->size());
-      std::printf("\n");
-      const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
-      auto sample = [&](const char* when) {
-        if (host && instruct)
-          print_replies(when, *host, *tok, report, o->sample_tokens);
-        else if (host)
-          print_sample(when, *host, *tok, o->sample_tokens);
-        else
-          std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
-                      when);
-      };
-      if (!cfg.resume.empty()) std::printf("resuming from %s\n", resolve_resume(cfg.resume).string().c_str());
-      double before = -1;
-      if (cfg.resume.empty() && lead) {  // when resuming, the adapter's starting point is the checkpoint's
-        before = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
-        print_val("before", before);
-        sample("before");
-        std::fflush(stdout);
-      }
-      const auto records = finetune_until_interrupted(*trainer, data, cfg);
-      if (!lead) return;  // rank 0 evaluates and writes the results
-      const double after = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
-      print_val("after", after);
-      // Throughput over the whole run: tokens trained / seconds spent in training steps.
-      double tokens = 0, seconds = 0, peak = 0;
-      for (const auto& r : records) {
-        const auto n = static_cast<double>(r.positions);
-        tokens += n;
-        seconds += n / r.tokens_per_s;
-        peak = std::max(peak, r.peak_mem_mb);
-      }
-      if (!records.empty())
-        std::printf("%d steps in %.1f s: %.0f tokens/s, peak memory %.0f MiB (%s)\n", static_cast<int>(records.size()),
-                    seconds, tokens / seconds, peak, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
-      nlohmann::json summary = {
-          {"model", mp.filename().string()}, {"storage", storage}, {"device", trainer->device()},
-          {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
-          {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
-          {"lr", cfg.lr}, {"warmup", cfg.warmup}, {"clip", cfg.clip}, {"weight_decay", cfg.weight_decay},
-          {"val_windows", cfg.val_windows}, {"gradient_checkpointing", o->checkpointing}, {"val_loss_before", before}, {"val_loss_after", after},
-          {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
-          {"peak_mem_mb", peak}, {"frozen_bytes", frozen_bytes}, {"lora_parameters", lora_parameters},
-          {"streamed", o->stream}, {"data", std::filesystem::path(o->data).filename().string()}};
-      if (instruct) {
-        summary["template"] = to_string(report.chat_template);
-        summary["train_on_inputs"] = o->train_on_inputs;
-        summary["group_by_length"] = cfg.group_by_length;
-        summary["train_examples"] = data.train_examples.size();
-        summary["val_examples"] = data.val_examples.size();
-        summary["skipped_records"] = report.train_skipped.total() + report.val_skipped.total();
-      }
-      write_text_atomic(cfg.out / "summary.json", summary.dump(2) + "\n");
-      sample("after");
-      write_peft_adapter(cfg.out / "adapter", trainer->adapter());
-      std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
-                  (cfg.out / "log.jsonl").string().c_str());
-    });
+      if (world->size() > 1) check_same_run(*world, run_identity(*cmd, o->m, o->data, o->val_data));
+      explain_out_of_memory(o->m.model_path(), plan, [&] {
+        const auto mp = o->m.model_path();
+        auto& cfg = o->cfg;
+        cfg.out = o->out;
+        cfg.resume = o->resume;
+        cfg.optim = parse_optim(o->optim);
+        LoraSetup setup;
+        setup.config.r = o->rank;
+        setup.config.alpha = o->alpha;
+        setup.config.dropout = o->dropout;
+        std::mt19937_64 init_rng(cfg.seed);
+        // The host model, unless the model is streamed onto the GPU (then the trainer holds it).
+        std::optional<LlamaModel> host;
+        std::unique_ptr<Tokenizer> tok;
+        std::unique_ptr<Trainer> trainer;
+        std::string storage = o->m.storage;
+        std::int64_t frozen_bytes = 0;
+        if (o->stream) {
+          trainer = streamed_trainer(o->m, mp, o->device, setup, init_rng, cfg, o->checkpointing, tok, frozen_bytes,
+                                     o->collective_timeout);
+        } else {
+          auto [model, t] = o->m.load_with_tokenizer(mp);
+          host.emplace(std::move(model));
+          tok = std::move(t);
+          host->add_lora(setup, init_rng);
+          host->set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
+          storage = to_string(host->storage());
+          frozen_bytes = host->frozen_storage_bytes();
+          trainer = make_trainer(o->device, *host, cfg, o->collective_timeout);
+        }
+        if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
+        check_seq_len(cfg.seq_len, trainer->config(), mp);
+        const auto data_path = require_data(o->data);
+        InstructDataReport report;
+        FinetuneData data;
+        const std::int64_t lora_parameters = trainer->lora_parameter_count();
+        if (instruct) {
+          data = load_instruct_data(data_path, o->val_data.empty() ? std::filesystem::path{} : require_data(o->val_data),
+                                    *tok, chat_template, o->train_on_inputs, cfg.seq_len, report);
+          std::printf("model %s (%s base), %zu train / %zu held-out examples (template %s, loss on %s), "
+                      "%lld LoRA parameters\n",
+                      mp.string().c_str(), storage.c_str(), data.train_examples.size(), data.val_examples.size(),
+                      to_string(report.chat_template).c_str(), o->train_on_inputs ? "every token" : "the responses",
+                      static_cast<long long>(lora_parameters));
+          if (report.train_skipped.total() > 0)
+            std::printf("training, %s: %s\n", o->data.c_str(), report.train_skipped.summary(cfg.seq_len).c_str());
+          if (report.val_skipped.total() > 0)
+            std::printf("held out, %s: %s\n", (o->val_data.empty() ? o->data : o->val_data).c_str(),
+                        report.val_skipped.summary(cfg.seq_len).c_str());
+        } else {
+          data = load_finetune_data(data_path, *tok);
+          std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
+                      storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
+        }
+        std::printf("training on %s with %s", trainer->device().c_str(), to_string(cfg.optim).c_str());
+        if (world->size() > 1) std::printf(", %d data-parallel ranks", world->size());
+        std::printf("\n");
+        const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
+        auto sample = [&](const char* when) {
+          if (host && instruct)
+            print_replies(when, *host, *tok, report, o->sample_tokens);
+          else if (host)
+            print_sample(when, *host, *tok, o->sample_tokens);
+          else
+            std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
+                        when);
+        };
+        if (!cfg.resume.empty()) std::printf("resuming from %s\n", resolve_resume(cfg.resume).string().c_str());
+        double before = -1;
+        if (cfg.resume.empty() && lead) {  // when resuming, the adapter's starting point is the checkpoint's
+          before = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
+          print_val("before", before);
+          sample("before");
+          std::fflush(stdout);
+        }
+        const auto records = finetune_until_interrupted(*trainer, data, cfg);
+        if (!lead) return;  // rank 0 evaluates and writes the results
+        const double after = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
+        print_val("after", after);
+        // Throughput over the whole run: tokens trained / seconds spent in training steps.
+        double tokens = 0, seconds = 0, peak = 0;
+        for (const auto& r : records) {
+          const auto n = static_cast<double>(r.positions);
+          tokens += n;
+          seconds += n / r.tokens_per_s;
+          peak = std::max(peak, r.peak_mem_mb);
+        }
+        if (!records.empty())
+          std::printf("%d steps in %.1f s: %.0f tokens/s, peak memory %.0f MiB (%s)\n", static_cast<int>(records.size()),
+                      seconds, tokens / seconds, peak, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
+        nlohmann::json summary = {
+            {"model", mp.filename().string()}, {"storage", storage}, {"device", trainer->device()},
+            {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
+            {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
+            {"lr", cfg.lr}, {"warmup", cfg.warmup}, {"clip", cfg.clip}, {"weight_decay", cfg.weight_decay},
+            {"val_windows", cfg.val_windows}, {"gradient_checkpointing", o->checkpointing}, {"val_loss_before", before}, {"val_loss_after", after},
+            {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
+            {"peak_mem_mb", peak}, {"frozen_bytes", frozen_bytes}, {"lora_parameters", lora_parameters},
+            {"streamed", o->stream}, {"data", std::filesystem::path(o->data).filename().string()}};
+        if (instruct) {
+          summary["template"] = to_string(report.chat_template);
+          summary["train_on_inputs"] = o->train_on_inputs;
+          summary["group_by_length"] = cfg.group_by_length;
+          summary["train_examples"] = data.train_examples.size();
+          summary["val_examples"] = data.val_examples.size();
+          summary["skipped_records"] = report.train_skipped.total() + report.val_skipped.total();
+        }
+        write_text_atomic(cfg.out / "summary.json", summary.dump(2) + "\n");
+        sample("after");
+        write_peft_adapter(cfg.out / "adapter", trainer->adapter());
+        std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
+                    (cfg.out / "log.jsonl").string().c_str());
+      });
     });
   });
 });
