@@ -2,14 +2,32 @@
 #include "gpu_trainer.cuh"
 
 #include "nvtx_range.cuh"
+#ifdef QLORA_HAVE_NCCL
+#include "nccl_grads.cuh"
+#else
+namespace qlora::cuda {
+class NcclGrads {};  // never made without NCCL (use_nccl throws); complete for unique_ptr's destructor
+}  // namespace qlora::cuda
+#endif
 
 #include <variant>
 
 namespace qlora::cuda {
 
-bool cuda_device_present() {
+int cuda_device_count() {
   int count = 0;
-  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess ? count : 0;
+}
+
+bool cuda_device_present() { return cuda_device_count() > 0; }
+
+void select_rank_device(const Communicator& world) {
+  const int count = cuda_device_count();
+  if (world.local_size() > count)
+    throw std::invalid_argument(std::to_string(world.local_size()) + " ranks run on this host but it has " +
+                                std::to_string(count) + " CUDA device" + (count == 1 ? "" : "s") +
+                                ": data-parallel training takes one GPU per rank");
+  CUDA_CHECK(cudaSetDevice(world.local_rank()));
 }
 
 struct GpuTrainer::Optim {
@@ -76,6 +94,7 @@ void GpuTrainer::init(std::unique_ptr<LlamaModelGpu> model, OptimKind optim, flo
   for (const DeviceParam& p : params) n += p.size;
   placement_ = choose_state_placement(optim, n);
   opt_ = std::make_unique<Optim>(std::move(params), acfg, optim, placement_);
+  grads_ = grads;
   clipper_ = std::make_unique<GradClipper>(std::move(grads));
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
@@ -138,9 +157,10 @@ std::int64_t GpuTrainer::sample_memory() {
 }
 
 //! [gpu-train-step]
-float GpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) {
+float GpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                                   int first_sequence) {
   const std::int64_t before = device_memory_used();
-  const float loss = gpu_->forward(x, y, B, T, true, dropout_rng);
+  const float loss = gpu_->forward(x, y, B, T, true, dropout_rng, first_sequence);
   std::int64_t peak = sample_memory();  // activations are at their peak between forward and backward
   gpu_->backward();
   peak = std::max(peak, sample_memory());
@@ -172,6 +192,42 @@ void GpuTrainer::optimizer_step(float lr) {
 float GpuTrainer::eval_batch(const int* x, const int* y, int B, int T) {
   std::mt19937_64 unused(0);  // no dropout in evaluation
   return gpu_->forward(x, y, B, T, false, unused);
+}
+
+//! [gpu-reduce-grads]
+void GpuTrainer::reduce_grads(Communicator& world) {
+#ifdef QLORA_HAVE_NCCL
+  if (nccl_) return nccl_->all_reduce(gpu_->stream());
+#endif
+  if (world.size() == 1) return;
+  NvtxRange range("all-reduce (host)");
+  std::size_t n = 0;
+  for (const DeviceSpan& g : grads_) n += g.size;
+  host_grads_.resize(n);
+  std::size_t at = 0;
+  for (const DeviceSpan& g : grads_) {
+    CUDA_CHECK(cudaMemcpyAsync(host_grads_.data() + at, g.data, g.size * sizeof(float), cudaMemcpyDeviceToHost,
+                               gpu_->stream()));
+    at += g.size;
+  }
+  CUDA_CHECK(cudaStreamSynchronize(gpu_->stream()));
+  world.allreduce_sum(host_grads_.data(), n, "the gradient all-reduce");
+  at = 0;
+  for (const DeviceSpan& g : grads_) {
+    CUDA_CHECK(cudaMemcpyAsync(g.data, host_grads_.data() + at, g.size * sizeof(float), cudaMemcpyHostToDevice,
+                               gpu_->stream()));
+    at += g.size;
+  }
+}
+//! [gpu-reduce-grads]
+
+void GpuTrainer::use_nccl(Communicator& world, double timeout_s) {
+#ifdef QLORA_HAVE_NCCL
+  nccl_ = std::make_unique<NcclGrads>(world, grads_, timeout_s);
+#else
+  (void)world, (void)timeout_s;
+  throw std::runtime_error("this qlora was built without NCCL: data-parallel GPU ranks sum their gradients through MPI");
+#endif
 }
 
 double GpuTrainer::clip_grad_norm(double max_norm) { return clipper_->clip(max_norm, gpu_->stream()); }

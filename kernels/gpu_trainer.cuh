@@ -6,6 +6,7 @@
 // comparable step for step.
 #pragma once
 #include "adamw.cuh"
+#include "data_parallel.hpp"
 #include "finetune.hpp"
 #include "llama_model_gpu.cuh"
 
@@ -16,6 +17,15 @@ namespace qlora::cuda {
 
 /// True when a CUDA device is usable here (the CLI's `--device auto` asks this).
 bool cuda_device_present();
+
+/// CUDA devices visible to this process.
+int cuda_device_count();
+
+/// A data-parallel rank takes the GPU of its index on its host. Throws
+/// std::invalid_argument when the host runs more ranks than it has GPUs.
+void select_rank_device(const Communicator& world);
+
+class NcclGrads;
 
 class GpuTrainer final : public Trainer {
  public:
@@ -29,9 +39,16 @@ class GpuTrainer final : public Trainer {
   LlamaModel& model() override { return host(); }
   LlamaModelGpu& gpu_model() { return *gpu_; }
   void zero_grad() override { gpu_->zero_grad(); }
-  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override;
+  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                          int first_sequence) override;
   float eval_batch(const int* x, const int* y, int B, int T) override;
   void scale_grads(float s) override { gpu_->scale_grads(s); }
+  /// With use_nccl: NCCL's all-reduce, GPU to GPU. Without: through host memory and
+  /// `world`'s all-reduce (MPI), for builds without NCCL. A world of one without NCCL: nothing.
+  void reduce_grads(Communicator& world) override;
+  /// Sums gradients with NCCL from now on: joins `world`'s NCCL communicator (every rank
+  /// calls it). Throws std::runtime_error in a build without NCCL.
+  void use_nccl(Communicator& world, double timeout_s);
   double clip_grad_norm(double max_norm) override;
   void optimizer_step(float lr) override;
   std::int64_t optimizer_steps() const override;
@@ -62,6 +79,9 @@ class GpuTrainer final : public Trainer {
   std::unique_ptr<LlamaModelGpu> gpu_;
   std::unique_ptr<Optim> opt_;
   std::unique_ptr<GradClipper> clipper_;
+  std::vector<DeviceSpan> grads_;  ///< every gradient tensor, in the optimizer's order
+  std::unique_ptr<NcclGrads> nccl_;
+  std::vector<float> host_grads_;  ///< the all-reduce through host memory, without NCCL
   bool paged_out_ = false;
   StatePlacement placement_ = StatePlacement::Device;
   std::int64_t pass_need_ = 0;  ///< bytes the last forward + backward allocated

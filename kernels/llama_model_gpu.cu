@@ -312,7 +312,8 @@ void LlamaModelGpu::linear(int l, Proj p, const float* x, const bf16* xb, float*
   }
   if (const DeviceLoraAdapter* a = adapter(l, p)) {
     NvtxRange r("lora");
-    lora_forward_cuda(cublas_.get(), stream_, *a, lora_->config, x, y, N, training, rng, lc, lora_scratch_, float_math_);
+    lora_forward_cuda(cublas_.get(), stream_, *a, lora_->config, x, y, N, training, rng, lc, lora_scratch_, float_math_,
+                      first_position_);
   }
 }
 
@@ -438,7 +439,8 @@ void LlamaModelGpu::layer_backward(int l, LayerActs& a, float* dx) {
 
 // --- whole model ---------------------------------------------------------------------
 
-float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng) {
+float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng,
+                             int first_sequence) {
   if (B <= 0 || T <= 0)
     throw std::invalid_argument("LlamaModelGpu::forward: need B > 0 and T > 0 (got B=" + std::to_string(B) +
                                 ", T=" + std::to_string(T) + ")");
@@ -447,6 +449,7 @@ float LlamaModelGpu::forward(const int* tokens, const int* targets, int B, int T
   target_count_ = check_batch_ids(tokens, targets, N, V);
   B_ = B;
   T_ = T;
+  first_position_ = std::int64_t{first_sequence} * T;
   backward_pending_ = targets != nullptr;
   if (tokens_.size() < usz(N)) tokens_ = DeviceBuffer<int>(usz(N));
   if (targets_.size() < usz(N)) targets_ = DeviceBuffer<int>(usz(N));

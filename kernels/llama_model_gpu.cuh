@@ -70,8 +70,10 @@ class LlamaModelGpu {
   std::int64_t frozen_bytes() const;
 
   /// As LlamaModel::forward: host token/target arrays (B×T), the mean cross-entropy
-  /// over non-negative targets. Dropout masks come from `rng` in the CPU model's order.
-  float forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng);
+  /// over non-negative targets. Dropout masks come from `rng` in the CPU model's order
+  /// (and with first_sequence, as the CPU model's, a data-parallel rank's share of them).
+  float forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng,
+                int first_sequence = 0);
   /// As LlamaModel::backward: accumulates dA, dB of every adapter.
   void backward();
   /// Logits of the last forward on the host, (B·T)×vocab (dLoss/dlogits after backward);
@@ -161,6 +163,7 @@ class LlamaModelGpu {
   bool fwd_offloaded_ = false;  ///< offloading as it was during the last forward
   bool fwd_checkpointed_ = false;  ///< checkpointing as it was during the last forward
   bool training_ = false;
+  std::int64_t first_position_ = 0;  ///< of the last forward in its global batch: the dropout masks' offset
   std::vector<DeviceFloats> layer_inputs_;   ///< with checkpointing: each layer's input
   std::vector<PinnedBuffer<float>> host_inputs_;  ///< the same in host memory, when offloaded
   DeviceFloats recompute_in_;                ///< an offloaded input, back on the device

@@ -146,7 +146,7 @@ void lora_dropout_mask_cuda(float* mask, std::int64_t n, float p, std::uint64_t 
 //! [lora-forward-cuda]
 void lora_forward_cuda(cublasHandle_t handle, cudaStream_t stream, const DeviceLoraAdapter& ad, const LoraConfig& cfg,
                        const float* x, float* y, int T, bool training, std::mt19937_64& rng, DeviceLoraCache& cache,
-                       DeviceLoraScratch& scratch, FloatMath math) {
+                       DeviceLoraScratch& scratch, FloatMath math, std::int64_t first_row) {
   check_shapes(ad, cfg, T);
   CUBLAS_CHECK(cublasSetStream(handle, stream));
   const long n = static_cast<long>(T) * ad.in;
@@ -158,7 +158,7 @@ void lora_forward_cuda(cublasHandle_t handle, cudaStream_t stream, const DeviceL
     // same hash: the masks are identical, and nothing is drawn element by element on
     // the host, uploaded or kept.
     check_dropout(cfg.dropout);
-    cache.seed = rng();
+    cache.seed = counter_skip(rng(), static_cast<std::uint64_t>(first_row * ad.in));
     xin = dropped(x, n, cfg.dropout, cache.seed, scratch, stream);
   }
   cache.xa.resize(static_cast<std::size_t>(T) * ad.r);

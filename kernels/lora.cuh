@@ -85,10 +85,11 @@ struct DeviceLoraScratch {
 /// mask[i] = 1/(1-p) or 0 for i < n, bit for bit lora_dropout_mask_hashed(n, p, seed). Asynchronous on s.
 void lora_dropout_mask_cuda(float* mask, std::int64_t n, float p, std::uint64_t seed, cudaStream_t s);
 
-/// y[T×out] += s·(dropout(x)·Aᵀ)·Bᵀ. Draws the mask's seed from rng exactly when the CPU path would.
+/// y[T×out] += s·(dropout(x)·Aᵀ)·Bᵀ. Draws the mask's seed from rng exactly when the CPU path
+/// would; first_row as lora_forward's (a data-parallel rank's rows of a larger batch).
 void lora_forward_cuda(cublasHandle_t handle, cudaStream_t stream, const DeviceLoraAdapter& ad, const LoraConfig& cfg,
                        const float* x, float* y, int T, bool training, std::mt19937_64& rng, DeviceLoraCache& cache,
-                       DeviceLoraScratch& scratch, FloatMath math = FloatMath::fp32);
+                       DeviceLoraScratch& scratch, FloatMath math = FloatMath::fp32, std::int64_t first_row = 0);
 
 /// dA += dxaᵀ·dropout(x), dB += s·dyᵀ·xa, dx += (dxa·A)⊙mask with dxa = s·dy·B.
 void lora_backward_cuda(cublasHandle_t handle, cudaStream_t stream, DeviceLoraAdapter& ad, const LoraConfig& cfg,

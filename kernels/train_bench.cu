@@ -145,7 +145,7 @@ nlohmann::json run_train_bench(const TrainBenchOptions& o) {
     CUDA_CHECK(cudaDeviceSynchronize());
     const auto t0 = std::chrono::steady_clock::now();
     trainer.zero_grad();
-    const float loss = trainer.train_micro_batch(x.data(), y.data(), B, T, dropout_rng);
+    const float loss = trainer.train_micro_batch(x.data(), y.data(), B, T, dropout_rng, 0);
     if (s == 0) fwd_gib = trainer.peak_memory_mb() / 1024.0 - base_gib;
     const double norm = trainer.clip_grad_norm(1.0);
     trainer.optimizer_step(o.lr);

@@ -8,6 +8,7 @@ packages=(
   catch2 doxygen graphviz
   nlohmann-json3-dev libcli11-dev libboost-math-dev
   libsentencepiece-dev libpcre2-dev libopenblas-dev
+  libopenmpi-dev openmpi-bin
   wordnet-base
   python3-numpy python3-matplotlib jupyter-nbconvert python3-nbclient python3-ipykernel
 )

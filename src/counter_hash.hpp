@@ -25,4 +25,13 @@ QLORA_HASH_HD inline std::uint64_t counter_hash(std::uint64_t seed, std::uint64_
 }
 //! [counter-hash]
 
+//! [counter-skip]
+/// The seed of the stream that starts k values further on: counter_hash(seed, i + k) ==
+/// counter_hash(counter_skip(seed, k), i), since the hash reads seed + (i+1)·φ. A
+/// data-parallel rank makes its rows' part of a whole batch's dropout mask with it.
+QLORA_HASH_HD inline std::uint64_t counter_skip(std::uint64_t seed, std::uint64_t k) {
+  return seed + k * 0x9E3779B97F4A7C15ull;
+}
+//! [counter-skip]
+
 }  // namespace qlora

@@ -20,6 +20,7 @@ struct MicroBatch {
   std::vector<int> x, y;
   int B = 0, T = 0;
   std::int64_t counted = 0;  ///< targets that carry a loss
+  int first_row = 0;         ///< a data-parallel rank's share: its first row in the whole micro-batch
 };
 
 /// The examples `idx` as one batch, right-padded with `pad_id` to the longest: row b

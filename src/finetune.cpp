@@ -4,6 +4,7 @@
 #include "adamw.hpp"
 #include "adamw8bit.hpp"
 #include "checkpoint.hpp"
+#include "data_parallel.hpp"
 #include "example_batches.hpp"
 #include "interrupt.hpp"
 #include "search_path.hpp"
@@ -281,8 +282,9 @@ CpuTrainer::CpuTrainer(LlamaModel& model, OptimKind optim, float weight_decay) :
 
 CpuTrainer::~CpuTrainer() = default;
 
-float CpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) {
-  const float loss = model_.forward(x, y, B, T, true, dropout_rng);
+float CpuTrainer::train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                                   int first_sequence) {
+  const float loss = model_.forward(x, y, B, T, true, dropout_rng, first_sequence);
   model_.backward();
   return loss;
 }
@@ -298,6 +300,27 @@ void CpuTrainer::scale_grads(float s) {
     for (float& g : a->dB) g *= s;
   }
 }
+
+//! [cpu-reduce-grads]
+// Every gradient goes into one buffer and through one MPI all-reduce: a collective per
+// tensor would pay its latency a hundred times a step for kilobytes each.
+void CpuTrainer::reduce_grads(Communicator& world) {
+  if (world.size() == 1) return;
+  flat_grads_.clear();
+  for (auto& [name, a] : model_.named_adapters()) {
+    flat_grads_.insert(flat_grads_.end(), a->dA.begin(), a->dA.end());
+    flat_grads_.insert(flat_grads_.end(), a->dB.begin(), a->dB.end());
+  }
+  world.allreduce_sum(flat_grads_.data(), flat_grads_.size(), "the gradient all-reduce");
+  auto from = flat_grads_.begin();
+  for (auto& [name, a] : model_.named_adapters()) {
+    for (auto* g : {&a->dA, &a->dB}) {
+      std::copy(from, from + static_cast<std::ptrdiff_t>(g->size()), g->begin());
+      from += static_cast<std::ptrdiff_t>(g->size());
+    }
+  }
+}
+//! [cpu-reduce-grads]
 
 double CpuTrainer::clip_grad_norm(double max_norm) {
   return std::visit([&](auto& o) { return o.clip_grad_norm(max_norm); }, opt_->opt);
@@ -317,6 +340,24 @@ void CpuTrainer::load_optimizer(const fs::path& file) {
 double CpuTrainer::peak_memory_mb() const { return peak_rss_mb(); }
 
 namespace {
+
+//! [check-replicas]
+// The ranks never exchange adapters: each steps from the same summed gradient and so
+// holds the same values, as long as the all-reduce gives every rank the same bits. NCCL's
+// ring computes each sum once and passes it on; MPI only recommends it. So before rank 0
+// saves them as everyone's, the ranks compare a hash of their adapters.
+void check_replicas(Communicator& world, Trainer& tr, int step) {
+  std::uint64_t h = content_hash(nullptr, 0);
+  for (const auto& [name, m] : tr.adapter().modules) {
+    h = content_hash(m.A.data(), m.A.size() * sizeof(float), h);
+    h = content_hash(m.B.data(), m.B.size() * sizeof(float), h);
+  }
+  if (!same_on_every_rank(world, h, "the adapter comparison"))
+    throw std::runtime_error("after step " + std::to_string(step) +
+                             " the ranks hold different adapters: their gradient all-reduce did not give every rank "
+                             "the same sum");
+}
+//! [check-replicas]
 
 // Why a step's update must not happen, or empty.
 std::string non_finite(const StepRecord& rec) {
@@ -358,9 +399,8 @@ TrainingInterrupted::TrainingInterrupted(int sig, int at_step, fs::path dir)
       checkpoint(std::move(dir)) {}
 
 //! [loss-normalization]
-double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, std::mt19937_64& dropout_rng) {
-  std::int64_t counted = 0;
-  for (const MicroBatch& mb : micro) counted += mb.counted;
+double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, std::int64_t counted,
+                            std::mt19937_64& dropout_rng) {
   // Micro-batch m weighs w_m = counted_m / counted. backward gives the gradient of each
   // micro-batch's mean, so the accumulated gradient is kept in units of the latest
   // micro-batch's weight (rescaled by w_prev / w_m before adding one) and multiplied by
@@ -371,11 +411,17 @@ double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, s
     if (mb.counted == 0) continue;  // no loss, no gradient
     const double w = static_cast<double>(mb.counted) / static_cast<double>(counted);
     if (w_prev > 0 && w != w_prev) tr.scale_grads(static_cast<float>(w_prev / w));
-    loss += static_cast<double>(tr.train_micro_batch(mb.x.data(), mb.y.data(), mb.B, mb.T, dropout_rng)) * w;
+    loss += static_cast<double>(tr.train_micro_batch(mb.x.data(), mb.y.data(), mb.B, mb.T, dropout_rng, mb.first_row)) * w;
     w_prev = w;
   }
   if (w_prev > 0 && w_prev != 1.0) tr.scale_grads(static_cast<float>(w_prev));
   return loss;
+}
+
+double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, std::mt19937_64& dropout_rng) {
+  std::int64_t counted = 0;
+  for (const MicroBatch& mb : micro) counted += mb.counted;
+  return accumulate_gradients(tr, micro, counted, dropout_rng);
 }
 //! [loss-normalization]
 
@@ -384,6 +430,13 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
   if (cfg.batch < 1 || cfg.seq_len < 2 || cfg.grad_accum < 1 || cfg.steps < 0)
     throw std::invalid_argument("finetune: --batch, --grad-accum must be >= 1 and --seq-len >= 2");
   if (cfg.max_bad_steps < 1) throw std::invalid_argument("finetune: --max-bad-steps must be >= 1");
+  SingleProcess alone;
+  Communicator& world = cfg.world ? *cfg.world : alone;
+  // Only rank 0 writes the log, the checkpoints and the progress line.
+  const bool lead = world.rank() == 0;
+  if (cfg.batch < world.size())
+    throw std::invalid_argument("finetune: --batch " + std::to_string(cfg.batch) + " cannot give each of " +
+                                std::to_string(world.size()) + " ranks a row");
   check_sequence_length(tr.config(), cfg.seq_len, "finetune: --seq-len " + std::to_string(cfg.seq_len));
   const auto T = static_cast<std::size_t>(cfg.seq_len);
   if (!data.instruct() && data.train.size() < T + 2)
@@ -411,14 +464,16 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
   const int start = state.step;
   int bad_in_a_row = 0;
   auto checkpoint = [&] {
+    if (world.size() > 1) check_replicas(world, tr, state.step);
     last_checkpoint = checkpoint_dir(cfg.out, state.step);
-    save_checkpoint(last_checkpoint, tr, state);
     if (bad_in_a_row == 0) last_good = last_checkpoint;
+    if (!lead) return;  // the other ranks only know where it is
+    save_checkpoint(last_checkpoint, tr, state);
     prune_checkpoints(cfg.out, cfg.save_total_limit, {resumed_from, last_good});
   };
 
   std::ofstream log;
-  if (!cfg.out.empty()) {
+  if (!cfg.out.empty() && lead) {
     fs::create_directories(cfg.out);
     log.open(cfg.out / "log.jsonl", start > 0 ? std::ios::app : std::ios::trunc);
     if (!log) throw std::runtime_error("cannot write " + (cfg.out / "log.jsonl").string());
@@ -458,13 +513,26 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
   for (int step = start + 1; step <= cfg.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     tr.zero_grad();
+    //! [data-parallel-step]
+    // Every rank builds the whole step, so the data generator advances alike everywhere
+    // and the global batch is one process's; each then trains on its rows only. The
+    // weights count the step's targets on all ranks, so the summed gradients and losses
+    // are the step's mean. Every row holds a counted target (instruction records without
+    // one are skipped when loaded), so every rank runs every micro-batch and draws the
+    // same dropout seeds.
     std::vector<MicroBatch> micro(static_cast<std::size_t>(cfg.grad_accum));
-    std::int64_t positions = 0;
+    std::int64_t positions = 0, counted = 0;
     for (int m = 0; m < cfg.grad_accum; ++m) {
-      micro[static_cast<std::size_t>(m)] = micro_batch(step, m);
-      positions += std::int64_t{micro[static_cast<std::size_t>(m)].B} * micro[static_cast<std::size_t>(m)].T;
+      MicroBatch& mb = micro[static_cast<std::size_t>(m)];
+      mb = micro_batch(step, m);
+      positions += std::int64_t{mb.B} * mb.T;
+      counted += mb.counted;
+      if (world.size() > 1) mb = rank_slice(mb, world.rank(), world.size());
     }
-    const double loss = accumulate_gradients(tr, micro, state.dropout_rng);
+    double loss = accumulate_gradients(tr, micro, counted, state.dropout_rng);
+    tr.reduce_grads(world);
+    world.allreduce_sum(&loss, 1, "the loss all-reduce");
+    //! [data-parallel-step]
     StepRecord rec;
     rec.step = step;
     rec.loss = static_cast<float>(loss);
@@ -491,7 +559,7 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
     rec.positions = positions;
     rec.tokens_per_s = static_cast<double>(positions) / dt;
     rec.peak_mem_mb = tr.peak_memory_mb();
-    if (cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps))
+    if (lead && cfg.eval_every > 0 && (step % cfg.eval_every == 0 || step == cfg.steps))
       rec.val_loss = static_cast<float>(held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows));
     if (log) {
       nlohmann::json j = {{"step", rec.step},           {"loss", rec.loss},
@@ -504,7 +572,7 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
     }
     const bool saved = cfg.save_every > 0 && !cfg.out.empty() && (step % cfg.save_every == 0 || step == cfg.steps);
     if (saved) checkpoint();
-    if (cfg.progress) {
+    if (cfg.progress && lead) {
       const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_begin).count();
       const double eta = elapsed / (step - start) * (cfg.steps - step);
       std::fprintf(stderr, "\rstep %d/%d  loss %.4f  lr %.2e  %.0f tok/s  mem %.0f MiB  ETA %.0fs   ", step, cfg.steps,
@@ -516,11 +584,14 @@ std::vector<StepRecord> finetune(Trainer& tr, const FinetuneData& data, const Fi
     records.push_back(rec);
     if (bad_in_a_row >= cfg.max_bad_steps) throw std::runtime_error(diverged_message(cfg, rec, bad_in_a_row, last_good));
     //! [stop-on-signal]
-    // A signal only set a flag: the step above has finished, so this is a clean point to save.
-    if (cfg.stop && *cfg.stop != 0) {
+    // A signal only set a flag: the step above has finished, so this is a clean point to
+    // save. The ranks agree on it, so that all stop after the same step, even when the
+    // signal reached one of them only.
+    const int stop = world.allreduce_max(cfg.stop ? cfg.stop->load() : 0, "the stop decision");
+    if (stop != 0) {
       if (!cfg.out.empty() && !saved) checkpoint();
-      if (cfg.progress) std::fprintf(stderr, "\n");
-      throw TrainingInterrupted(*cfg.stop, step, cfg.out.empty() ? fs::path{} : last_checkpoint);
+      if (cfg.progress && lead) std::fprintf(stderr, "\n");
+      throw TrainingInterrupted(stop, step, cfg.out.empty() ? fs::path{} : last_checkpoint);
     }
     //! [stop-on-signal]
   }

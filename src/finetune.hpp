@@ -8,7 +8,9 @@
 // A long run survives: a step with a non-finite loss or gradient norm is skipped, too
 // many in a row stop the run, and a signal stops it after a checkpoint.
 // The loop drives a Trainer: CpuTrainer here, cuda::GpuTrainer (kernels/gpu_trainer.cuh)
-// on the GPU; data order, logging and checkpoints are one code path for both.
+// on the GPU; data order, logging and checkpoints are one code path for both. Under
+// mpirun the same loop trains data-parallel (data_parallel.hpp): every rank builds each
+// global batch, trains on its rows and adds its gradients to the others'.
 #pragma once
 #include "llama_model.hpp"
 #include "example_batches.hpp"
@@ -27,6 +29,8 @@
 #include <vector>
 
 namespace qlora {
+
+class Communicator;
 
 /// What a fine-tune reads: the token ids of a text, split into a training part and a
 /// held-out validation part; or instruction examples (instruct_data.hpp), likewise split.
@@ -114,6 +118,8 @@ struct FinetuneConfig {
   /// Read after every step when set: a nonzero value (a signal number, InterruptGuard::signal())
   /// writes a checkpoint of that step and throws TrainingInterrupted.
   const std::atomic<int>* stop = nullptr;
+  /// The ranks of a data-parallel run (data_parallel.hpp); null: this process alone.
+  Communicator* world = nullptr;
 };
 
 /// What finetune() throws when cfg.stop turned nonzero: the run stopped after `step`, whose
@@ -182,10 +188,14 @@ class Trainer {
   virtual std::int64_t lora_parameter_count() const = 0;
   virtual void zero_grad() = 0;
   /// Forward and backward of one micro-batch; gradients accumulate. Returns its mean loss.
-  virtual float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) = 0;
+  /// first_sequence: its first row in the step's global batch (data parallel; else 0).
+  virtual float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                                  int first_sequence) = 0;
   /// Mean loss of one batch, no dropout, no gradients.
   virtual float eval_batch(const int* x, const int* y, int B, int T) = 0;
   virtual void scale_grads(float s) = 0;
+  /// Replaces every gradient by its sum over the ranks of `world` (nothing for a world of one).
+  virtual void reduce_grads(Communicator& world) = 0;
   /// Clips all gradients to global norm max_norm; returns the norm before clipping.
   virtual double clip_grad_norm(double max_norm) = 0;
   virtual void optimizer_step(float lr) = 0;
@@ -213,9 +223,11 @@ class CpuTrainer final : public Trainer {
   void load_adapter(const PeftAdapter& a, const std::string& where) override;
   std::int64_t lora_parameter_count() const override { return model_.lora_parameter_count(); }
   void zero_grad() override { model_.zero_grad(); }
-  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override;
+  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                          int first_sequence) override;
   float eval_batch(const int* x, const int* y, int B, int T) override;
   void scale_grads(float s) override;
+  void reduce_grads(Communicator& world) override;
   double clip_grad_norm(double max_norm) override;
   void optimizer_step(float lr) override;
   std::int64_t optimizer_steps() const override;
@@ -230,6 +242,7 @@ class CpuTrainer final : public Trainer {
   struct Optim;
   LlamaModel& model_;
   std::unique_ptr<Optim> opt_;
+  std::vector<float> flat_grads_;  ///< every gradient in one buffer: one all-reduce per step
 };
 
 /// One optimizer step's forward and backward passes: the gradient and the returned loss
@@ -238,6 +251,11 @@ class CpuTrainer final : public Trainer {
 /// a token weighs the same in a micro-batch of short answers as in one of long answers.
 /// A micro-batch without counted targets is not run.
 double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, std::mt19937_64& dropout_rng);
+/// The same for one rank of a data-parallel step: `micro` are this rank's rows of the
+/// step's micro-batches, `counted` the counted targets of the whole step on all ranks.
+/// Gradient and loss are this rank's share: summed over the ranks, they are the step's.
+double accumulate_gradients(Trainer& tr, const std::vector<MicroBatch>& micro, std::int64_t counted,
+                            std::mt19937_64& dropout_rng);
 
 /// Trains the trainer's adapters (its model must have LoRA). With cfg.resume, first
 /// loads the adapter, the optimizer state and the generator states of that checkpoint

@@ -501,7 +501,7 @@ void LlamaModel::linear(int l, Proj p, const float* x, float* y, int N, bool tra
   const FrozenLinear& f = frozen(l, p);
   frozen_xwt(x, f.w.data(), y, N, f.in, f.out);
   if (const LoraAdapter* a = adapter(l, p))
-    (reference_ ? lora_forward_ref : lora_forward)(*a, lora_->config, x, y, N, training, rng, lc);
+    (reference_ ? lora_forward_ref : lora_forward)(*a, lora_->config, x, y, N, training, rng, lc, first_position_);
 }
 
 // dx (=|+=) dy·W through the frozen weight, plus the LoRA part of dx; accumulates dA, dB.
@@ -596,7 +596,8 @@ void LlamaModel::layer_backward(int l, const LayerCache& c, float* dx) {
 // --- whole model ------------------------------------------------------------------
 
 //! [model-forward]
-float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng) {
+float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng,
+                          int first_sequence) {
   if (B <= 0 || T <= 0)
     throw std::invalid_argument("LlamaModel::forward: need B > 0 and T > 0 (got B=" + std::to_string(B) +
                                 ", T=" + std::to_string(T) + ")");
@@ -606,6 +607,7 @@ float LlamaModel::forward(const int* tokens, const int* targets, int B, int T, b
   B_ = B;
   T_ = T;
   training_ = training;
+  first_position_ = std::int64_t{first_sequence} * T;
   fwd_checkpointed_ = checkpointing_;
   backward_pending_ = targets != nullptr;
   if (targets)

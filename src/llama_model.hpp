@@ -194,8 +194,10 @@ class LlamaModel {
   /// (B×T, may be nullptr) gives the next token of every position; negative targets are
   /// ignored. Returns the mean cross-entropy over the non-ignored targets (0 when none or
   /// no targets). Keeps the activations backward needs; `training` turns LoRA dropout on
-  /// (masks drawn from rng).
-  float forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng);
+  /// (masks drawn from rng). A data-parallel rank passes the index of its first sequence
+  /// in the step's global batch: its dropout masks are then the global batch's.
+  float forward(const int* tokens, const int* targets, int B, int T, bool training, std::mt19937_64& rng,
+                int first_sequence = 0);
   /// Logits of the last forward, (B·T) × vocab. backward() overwrites them with dLoss/dlogits.
   const std::vector<float>& logits() const { return logits_; }
   /// Accumulates dLoss/dA and dLoss/dB of every adapter for the last forward (with targets);
@@ -239,6 +241,7 @@ class LlamaModel {
   // Last forward's state.
   int B_ = 0, T_ = 0;
   bool training_ = false;
+  std::int64_t first_position_ = 0;  ///< of the last forward in its global batch: the dropout masks' offset
   bool fwd_checkpointed_ = false;  ///< checkpointing as it was during the last forward
   bool backward_pending_ = false;  ///< the last forward had targets and was not yet differentiated
   std::vector<int> targets_;

@@ -98,10 +98,12 @@ void check_grads(const LoraAdapter& ad, const LoraCache& cache, int T) {
     throw std::invalid_argument("LoRA backward: dropout mask has the wrong size");
 }
 
-// Draws the mask (training with p > 0) or clears it: the only use of rng in forward.
-void make_mask(const LoraConfig& cfg, std::int64_t n, bool training, std::mt19937_64& rng, LoraCache& cache) {
+// Draws the mask (training with p > 0) or clears it: the only use of rng in forward. The
+// mask starts `skip` elements into the stream of the drawn seed.
+void make_mask(const LoraConfig& cfg, std::int64_t n, bool training, std::mt19937_64& rng, LoraCache& cache,
+               std::int64_t skip) {
   if (training && cfg.dropout > 0.0f)
-    cache.mask = lora_dropout_mask(n, cfg.dropout, rng);
+    cache.mask = lora_dropout_mask_hashed(n, cfg.dropout, counter_skip(rng(), static_cast<std::uint64_t>(skip)));
   else
     cache.mask.clear();
 }
@@ -115,11 +117,11 @@ inline double dropped(const float* x, const LoraCache& cache, std::size_t k) {
 
 //! [lora-forward-ref]
 void lora_forward_ref(const LoraAdapter& ad, const LoraConfig& cfg, const float* x, float* y, int T, bool training,
-                      std::mt19937_64& rng, LoraCache& cache) {
+                      std::mt19937_64& rng, LoraCache& cache, std::int64_t first_row) {
   check_adapter(ad, cfg, T);
   const int in = ad.in, out = ad.out, r = ad.r;
   const double s = cfg.scale();
-  make_mask(cfg, static_cast<std::int64_t>(T) * in, training, rng, cache);
+  make_mask(cfg, static_cast<std::int64_t>(T) * in, training, rng, cache, first_row * in);
   cache.xa.assign(static_cast<std::size_t>(T) * r, 0.0f);
   std::vector<double> xa(static_cast<std::size_t>(r));
   for (int t = 0; t < T; ++t) {
@@ -200,9 +202,9 @@ std::vector<float> scaled(const std::vector<float>& v, float s) {
 
 //! [lora-forward-blas]
 void lora_forward(const LoraAdapter& ad, const LoraConfig& cfg, const float* x, float* y, int T, bool training,
-                  std::mt19937_64& rng, LoraCache& cache) {
+                  std::mt19937_64& rng, LoraCache& cache, std::int64_t first_row) {
   check_adapter(ad, cfg, T);
-  make_mask(cfg, static_cast<std::int64_t>(T) * ad.in, training, rng, cache);
+  make_mask(cfg, static_cast<std::int64_t>(T) * ad.in, training, rng, cache, first_row * ad.in);
   std::vector<float> xd;
   if (!cache.mask.empty()) xd = apply_mask(x, cache.mask);
   const float* xin = cache.mask.empty() ? x : xd.data();

@@ -54,9 +54,11 @@ struct LoraCache {
 };
 
 /// Adds the LoRA term to y (T×out, which already holds x·Wᵀ): y += s·(dropout(x)·Aᵀ)·Bᵀ.
-/// `training` enables dropout (mask drawn from rng); plain loops.
+/// `training` enables dropout (mask drawn from rng); plain loops. When these T rows are
+/// rows first_row.. of a larger batch (a data-parallel rank's share), the mask is that
+/// batch's mask of those rows.
 void lora_forward_ref(const LoraAdapter& ad, const LoraConfig& cfg, const float* x, float* y, int T, bool training,
-                      std::mt19937_64& rng, LoraCache& cache);
+                      std::mt19937_64& rng, LoraCache& cache, std::int64_t first_row = 0);
 
 /// Backward of the LoRA term: accumulates dA, dB and ADDS the LoRA part of dX
 /// (the caller adds dY·W for the frozen base). Plain loops.
@@ -65,7 +67,7 @@ void lora_backward_ref(LoraAdapter& ad, const LoraConfig& cfg, const float* x, c
 
 /// Same two functions through BLAS (matmul.hpp), the CPU execution path.
 void lora_forward(const LoraAdapter& ad, const LoraConfig& cfg, const float* x, float* y, int T, bool training,
-                  std::mt19937_64& rng, LoraCache& cache);
+                  std::mt19937_64& rng, LoraCache& cache, std::int64_t first_row = 0);
 void lora_backward(LoraAdapter& ad, const LoraConfig& cfg, const float* x, const float* dy, float* dx, int T,
                    const LoraCache& cache);
 

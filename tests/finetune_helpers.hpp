@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -23,19 +24,24 @@ struct FinetuneFixture {
   FinetuneData data;
 };
 
-/// Loaded once: the model, the tokenizer and the data; nullptr (and the test fails) when absent.
-inline const FinetuneFixture* finetune_fixture() {
-  static std::unique_ptr<FinetuneFixture> f = []() -> std::unique_ptr<FinetuneFixture> {
-    auto model = find_model("kjv15M.bin");
+/// Loaded once per model: the model (kjv15M.bin, or the same weights as the folder
+/// kjv15M-hf, which the GPU machine carries), the tokenizer and the data; nullptr (and the
+/// test fails) when absent.
+inline const FinetuneFixture* finetune_fixture(const std::string& model_name = "kjv15M.bin") {
+  static std::map<std::string, std::unique_ptr<FinetuneFixture>> loaded;
+  auto& f = loaded[model_name];
+  if (!f) {
+    auto model = find_model(model_name);
     auto text = find_data("tinyshakespeare.txt");
-    if (!model || !text) return nullptr;
-    auto out = std::make_unique<FinetuneFixture>();
-    out->weights = load_llama_weights(*model);
+    if (!model || !text) {
+      FAIL_CHECK(model_name << " or tinyshakespeare.txt not found in the model/data search path");
+      return nullptr;
+    }
+    f = std::make_unique<FinetuneFixture>();
+    f->weights = load_llama_weights(*model);
     SentencePieceTokenizer tok(find_tokenizer_for(*model));
-    out->data = load_finetune_data(*text, tok);
-    return out;
-  }();
-  if (!f) FAIL_CHECK("kjv15M.bin or tinyshakespeare.txt not found in the model/data search path");
+    f->data = load_finetune_data(*text, tok);
+  }
   return f.get();
 }
 
@@ -77,12 +83,14 @@ class TamperedTrainer final : public Trainer {
   void load_adapter(const PeftAdapter& a, const std::string& where) override { inner_.load_adapter(a, where); }
   std::int64_t lora_parameter_count() const override { return inner_.lora_parameter_count(); }
   void zero_grad() override { inner_.zero_grad(); }
-  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng) override {
-    const float loss = inner_.train_micro_batch(x, y, B, T, dropout_rng);
+  float train_micro_batch(const int* x, const int* y, int B, int T, std::mt19937_64& dropout_rng,
+                          int first_sequence) override {
+    const float loss = inner_.train_micro_batch(x, y, B, T, dropout_rng, first_sequence);
     return after_(++calls_, loss);
   }
   float eval_batch(const int* x, const int* y, int B, int T) override { return inner_.eval_batch(x, y, B, T); }
   void scale_grads(float s) override { inner_.scale_grads(s); }
+  void reduce_grads(Communicator& world) override { inner_.reduce_grads(world); }
   double clip_grad_norm(double max_norm) override { return inner_.clip_grad_norm(max_norm); }
   void optimizer_step(float lr) override { inner_.optimizer_step(lr); }
   std::int64_t optimizer_steps() const override { return inner_.optimizer_steps(); }

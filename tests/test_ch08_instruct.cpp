@@ -287,8 +287,8 @@ TEST_CASE("Gradient accumulation: the mean over every counted token of the step,
   CHECK(rel_frobenius(g_acc, g_one) < 1e-4);
   // The plain average of the two micro-batch means is a different quantity: this test would see it.
   tr.zero_grad();
-  tr.train_micro_batch(two[0].x.data(), two[0].y.data(), 1, two[0].T, rng);
-  tr.train_micro_batch(two[1].x.data(), two[1].y.data(), 1, two[1].T, rng);
+  tr.train_micro_batch(two[0].x.data(), two[0].y.data(), 1, two[0].T, rng, 0);
+  tr.train_micro_batch(two[1].x.data(), two[1].y.data(), 1, two[1].T, rng, 0);
   tr.scale_grads(0.5f);
   CHECK(rel_frobenius(host_grads(m), g_one) > 1e-2);
   // A micro-batch without a counted target is not run.

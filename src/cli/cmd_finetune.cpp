@@ -6,6 +6,7 @@
 #include "atomic_file.hpp"
 #include "checkpoint.hpp"
 #include "command.hpp"
+#include "data_parallel.hpp"
 #include "finetune.hpp"
 #include "generate.hpp"
 #include "interrupt.hpp"
@@ -16,8 +17,10 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -111,13 +114,39 @@ void print_val(const char* when, double loss) {
   std::printf("%s: validation loss %.4f nats/token, perplexity %.2f\n", when, loss, std::exp(loss));
 }
 
+#ifdef QLORA_HAVE_CUDA
+//! [join-nccl]
+// A world of one sums nothing, so it builds no NCCL communicator: a single-GPU run is
+// exactly what it was, and needs neither MPI nor NCCL at run time. A build without NCCL
+// sums through MPI on the host instead (GpuTrainer::reduce_grads).
+void join_nccl(cuda::GpuTrainer& gpu, Communicator& world, double timeout_s) {
+  if (world.size() == 1) return;
+#ifdef QLORA_HAVE_NCCL
+  gpu.use_nccl(world, timeout_s);
+#else
+  (void)gpu, (void)timeout_s;
+  if (world.rank() == 0) std::fprintf(stderr, "note: built without NCCL: gradients are summed through MPI on the host\n");
+#endif
+}
+//! [join-nccl]
+#endif
+
 // The trainer for --device: cpu, cuda, or auto (cuda when this build has CUDA and a device is present).
-std::unique_ptr<Trainer> make_trainer(const std::string& device, LlamaModel& model, const FinetuneConfig& cfg) {
+// In a data-parallel run each rank takes its own GPU first, and its gradients are summed
+// with NCCL.
+std::unique_ptr<Trainer> make_trainer(const std::string& device, LlamaModel& model, const FinetuneConfig& cfg,
+                                      double timeout_s) {
 #ifdef QLORA_HAVE_CUDA
   const bool present = device != "cpu" && cuda::cuda_device_present();  // --device cpu never touches the driver
   if (device == "cuda" && !present) throw std::invalid_argument("--device cuda: no CUDA device is available here");
-  if (present) return std::make_unique<cuda::GpuTrainer>(model, cfg.optim, cfg.weight_decay);
+  if (present) {
+    if (cfg.world->size() > 1) cuda::select_rank_device(*cfg.world);
+    auto gpu = std::make_unique<cuda::GpuTrainer>(model, cfg.optim, cfg.weight_decay);
+    join_nccl(*gpu, *cfg.world, timeout_s);
+    return gpu;
+  }
 #else
+  (void)timeout_s;
   if (device == "cuda") throw std::invalid_argument("--device cuda: this qlora was built without CUDA (QLORA_CUDA=OFF)");
 #endif
   return std::make_unique<CpuTrainer>(model, cfg.optim, cfg.weight_decay);
@@ -168,10 +197,12 @@ double eval_on_gpu(const ModelOptions& m, const std::filesystem::path& mp, int s
 // host copy (kernels/model_stream.cuh), and a trainer that holds it.
 std::unique_ptr<Trainer> streamed_trainer(const ModelOptions& m, const std::filesystem::path& mp, const std::string& device,
                                           const LoraSetup& setup, std::mt19937_64& init_rng, const FinetuneConfig& cfg,
-                                          bool checkpointing, std::unique_ptr<Tokenizer>& tok, std::int64_t& frozen_bytes) {
+                                          bool checkpointing, std::unique_ptr<Tokenizer>& tok, std::int64_t& frozen_bytes,
+                                          double timeout_s) {
 #ifdef QLORA_HAVE_CUDA
   if (device == "cpu") throw std::invalid_argument("--stream builds the model on the GPU: it needs --device cuda or auto");
   if (!cuda::cuda_device_present()) throw std::invalid_argument("--stream: no CUDA device is available here");
+  if (cfg.world->size() > 1) cuda::select_rank_device(*cfg.world);
   tok = m.load_tok(mp);
   const HfLlamaFolder folder(mp);
   ModelOptions::check_tokenizer(*tok, folder.config(), mp);
@@ -179,9 +210,12 @@ std::unique_ptr<Trainer> streamed_trainer(const ModelOptions& m, const std::file
                                                    cuda::folder_fill(folder), setup, init_rng, cuda::print_load_progress);
   gpu->set_checkpointing(checkpointing);
   frozen_bytes = gpu->frozen_bytes();
-  return std::make_unique<cuda::GpuTrainer>(std::move(gpu), cfg.optim, cfg.weight_decay);
+  auto trainer = std::make_unique<cuda::GpuTrainer>(std::move(gpu), cfg.optim, cfg.weight_decay);
+  join_nccl(*trainer, *cfg.world, timeout_s);
+  return trainer;
 #else
-  (void)m, (void)mp, (void)setup, (void)init_rng, (void)cfg, (void)checkpointing, (void)tok, (void)frozen_bytes;
+  (void)m, (void)mp, (void)setup, (void)init_rng, (void)cfg, (void)checkpointing, (void)tok, (void)frozen_bytes,
+      (void)timeout_s;
   throw std::invalid_argument(device == "cpu" ? "--stream builds the model on the GPU: it needs --device cuda or auto"
                                               : "--stream: this qlora was built without CUDA (QLORA_CUDA=OFF)");
 #endif
@@ -203,20 +237,57 @@ void apply_gpu_recipe(const CLI::App& cmd, FinetuneConfig& cfg) {
 }
 //! [gpu-recipe]
 
-// This very command line with `--resume DIR` in place of any --resume it had.
-std::string resume_command(const std::filesystem::path& dir) {
-  const auto& words = qlora::cli::command_line();
-  std::string cmd;
+// `words` without `flag` and its value (either `flag VALUE` or `flag=VALUE`).
+std::vector<std::string> without_flag(const std::vector<std::string>& words, const std::string& flag) {
+  std::vector<std::string> kept;
   for (std::size_t i = 0; i < words.size(); ++i) {
-    if (words[i] == "--resume") {
+    if (words[i] == flag) {
       ++i;  // and its value
       continue;
     }
-    if (words[i].rfind("--resume=", 0) == 0) continue;
-    cmd += qlora::cli::shell_quote(words[i]) + " ";
+    if (words[i].rfind(flag + "=", 0) != 0) kept.push_back(words[i]);
   }
+  return kept;
+}
+
+// This very command line with `--resume DIR` in place of any --resume it had (and, from a
+// data-parallel run, `--nproc N`: the ranks' own command lines have none).
+std::string resume_command(const std::filesystem::path& dir, int nproc) {
+  std::string cmd;
+  for (const std::string& w : without_flag(qlora::cli::command_line(), "--resume")) cmd += qlora::cli::shell_quote(w) + " ";
+  if (nproc > 1) cmd += "--nproc " + std::to_string(nproc) + " ";
   return cmd + "--resume " + qlora::cli::shell_quote(dir.string());
 }
+
+//! [nproc]
+// `--nproc N`: this command again under mpirun, as N ranks (without --nproc). Refused
+// when --device cuda asks for more ranks than this host has GPUs.
+[[noreturn]] void run_under_mpirun(int nproc, const std::string& device) {
+  if (launched_by_mpirun()) throw std::invalid_argument("--nproc " + std::to_string(nproc) + " under mpirun: use one or the other");
+#ifdef QLORA_HAVE_CUDA
+  const int gpus = device == "cpu" ? 0 : cuda::cuda_device_count();
+  if (device != "cpu" && gpus > 0 && nproc > gpus)
+    throw std::invalid_argument("--nproc " + std::to_string(nproc) + " with --device " + device + ": this host has " +
+                                std::to_string(gpus) + " CUDA device" + (gpus == 1 ? "" : "s") +
+                                ", and data-parallel training takes one GPU per rank");
+#else
+  (void)device;
+#endif
+  if (!built_with_mpi())
+    throw std::invalid_argument("--nproc " + std::to_string(nproc) +
+                                ": this qlora was built without MPI (install libopenmpi-dev openmpi-bin, scripts/setup.sh)");
+  const auto& words = qlora::cli::command_line();
+  const std::vector<std::string> args = without_flag({words.begin() + 1, words.end()}, "--nproc");
+  const std::vector<std::string> cmd =
+      mpirun_command(nproc, std::filesystem::read_symlink("/proc/self/exe").string(), args);
+  std::vector<char*> argv;
+  for (const std::string& w : cmd) argv.push_back(const_cast<char*>(w.c_str()));
+  argv.push_back(nullptr);
+  std::fflush(stdout);
+  execvp(argv[0], argv.data());
+  throw std::runtime_error("--nproc: cannot start " + cmd[0] + ": " + std::strerror(errno));
+}
+//! [nproc]
 
 //! [interrupted]
 // Training under an InterruptGuard: SIGINT or SIGTERM ends the step, checkpoints it, and
@@ -227,7 +298,7 @@ std::vector<StepRecord> finetune_until_interrupted(Trainer& trainer, const Finet
   try {
     return finetune(trainer, data, cfg);
   } catch (const TrainingInterrupted& e) {
-    std::printf("%s\ncontinue with:\n  %s\n", e.what(), resume_command(e.checkpoint).c_str());
+    std::printf("%s\ncontinue with:\n  %s\n", e.what(), resume_command(e.checkpoint, cfg.world->size()).c_str());
     std::fflush(stdout);
     throw qlora::cli::ExitStatus{exit_status_for_signal(e.signal)};
   }
@@ -257,6 +328,54 @@ void refuse_instruct_flags(const CLI::App& cmd, const std::string& data) {
       throw std::invalid_argument(std::string(flag) + " applies to instruction data (*.jsonl); " + data +
                                   " is read as plain text");
 }
+
+// Under mpirun, an error on one rank ends the whole job at once, naming the rank: the
+// others would otherwise wait in their next collective until its deadline.
+void abort_job_on_error(Communicator& world, const std::function<void()>& body) {
+  try {
+    body();
+  } catch (const std::exception& e) {
+    if (world.size() > 1) world.abort(e.what());
+    throw;
+  }
+}
+
+//! [run-identity]
+// What every rank of a run must share, checked before anything is loaded: the files (by
+// size and a hash of their ends, so gigabytes are not read) and every flag given.
+RunIdentity run_identity(const CLI::App& cmd, const ModelOptions& m, const std::string& data, const std::string& val_data) {
+  RunIdentity id;
+  const auto mp = m.model_path();
+  id.add("--model", mp.filename().string() + " " + file_fingerprint(mp));
+  const auto tok = m.tokenizer.empty() ? find_tokenizer_for(mp) : std::filesystem::path(m.tokenizer);
+  id.add("--tokenizer", tok.filename().string() + " " + file_fingerprint(tok));
+  const auto dp = require_data(data);
+  id.add("--data", dp.filename().string() + " " + file_fingerprint(dp));
+  if (!val_data.empty()) id.add("--val-data", file_fingerprint(require_data(val_data)));
+  // A flag's value as given (else its default); numbers as numbers, so that 1e-3 and 0.001 agree.
+  auto canonical = [](const std::string& v) {
+    char* end = nullptr;
+    const double d = std::strtod(v.c_str(), &end);
+    if (v.empty() || *end != '\0') return v;
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.17g", d);
+    return std::string(buf);
+  };
+  for (const CLI::Option* opt : cmd.get_options()) {
+    const std::string name = opt->get_name();
+    // The files are compared above by content (their paths may differ between hosts); a
+    // rank may wait longer than another.
+    if (name == "--help" || name == "--model" || name == "--tokenizer" || name == "--data" || name == "--val-data" ||
+        name == "--collective-timeout")
+      continue;
+    std::string value;
+    for (const std::string& r : opt->count() > 0 ? opt->reduced_results() : std::vector{opt->get_default_str()})
+      value.append(value.empty() ? "" : " ").append(canonical(r));  // append: GCC 12 misfires -Wrestrict on operator+
+    id.add(name, value);
+  }
+  return id;
+}
+//! [run-identity]
 
 void print_sample(const char* when, LlamaModel& m, const Tokenizer& tok, int tokens) {
   SampleConfig s;
@@ -303,6 +422,8 @@ QLORA_COMMAND([](CLI::App& app) {
     std::string val_data;
     std::string chat_template;
     bool train_on_inputs = false;
+    int nproc = 1;
+    double collective_timeout = 600;
   };
   auto o = std::make_shared<Options>();
   o->cfg.steps = 100;
@@ -380,6 +501,15 @@ QLORA_COMMAND([](CLI::App& app) {
   cmd->add_flag("--stream", o->stream,
                 "build the model on the GPU from a Hugging Face folder, one tensor at a time, with no host copy "
                 "(for models the CPU cannot hold; the greedy samples are skipped)");
+  cmd->add_option("--nproc", o->nproc,
+                  "data-parallel ranks: runs this command under mpirun -np N, each rank on its share of "
+                  "every batch (--device cuda: one GPU each). Or start it with mpirun yourself")
+      ->capture_default_str()
+      ->check(qlora::cli::positive);
+  cmd->add_option("--collective-timeout", o->collective_timeout,
+                  "data parallel: seconds a rank waits in a collective for the others before the job is aborted")
+      ->capture_default_str()
+      ->check(qlora::cli::positive);
   cmd->add_option("--sample-tokens", o->sample_tokens, "length of the ROMEO: samples (instruction data: of the replies)")
       ->capture_default_str()
       ->check(qlora::cli::non_negative);
@@ -397,114 +527,129 @@ QLORA_COMMAND([](CLI::App& app) {
     plan.storage = parse_base_storage(o->m.storage);
     plan.optim = parse_optim(o->optim);
     plan.checkpointing = o->checkpointing;
-    explain_out_of_memory(o->m.model_path(), plan, [&] {
-      const auto mp = o->m.model_path();
-      auto& cfg = o->cfg;
-      cfg.out = o->out;
-      cfg.resume = o->resume;
-      cfg.optim = parse_optim(o->optim);
-      LoraSetup setup;
-      setup.config.r = o->rank;
-      setup.config.alpha = o->alpha;
-      setup.config.dropout = o->dropout;
-      std::mt19937_64 init_rng(cfg.seed);
-      // The host model, unless the model is streamed onto the GPU (then the trainer holds it).
-      std::optional<LlamaModel> host;
-      std::unique_ptr<Tokenizer> tok;
-      std::unique_ptr<Trainer> trainer;
-      std::string storage = o->m.storage;
-      std::int64_t frozen_bytes = 0;
-      if (o->stream) {
-        trainer = streamed_trainer(o->m, mp, o->device, setup, init_rng, cfg, o->checkpointing, tok, frozen_bytes);
-      } else {
-        auto [model, t] = o->m.load_with_tokenizer(mp);
-        host.emplace(std::move(model));
-        tok = std::move(t);
-        host->add_lora(setup, init_rng);
-        host->set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
-        storage = to_string(host->storage());
-        frozen_bytes = host->frozen_storage_bytes();
-        trainer = make_trainer(o->device, *host, cfg);
-      }
-      if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
-      check_seq_len(cfg.seq_len, trainer->config(), mp);
-      const auto data_path = require_data(o->data);
-      InstructDataReport report;
-      FinetuneData data;
-      const std::int64_t lora_parameters = trainer->lora_parameter_count();
-      if (instruct) {
-        data = load_instruct_data(data_path, o->val_data.empty() ? std::filesystem::path{} : require_data(o->val_data),
-                                  *tok, chat_template, o->train_on_inputs, cfg.seq_len, report);
-        std::printf("model %s (%s base), %zu train / %zu held-out examples (template %s, loss on %s), "
-                    "%lld LoRA parameters\n",
-                    mp.string().c_str(), storage.c_str(), data.train_examples.size(), data.val_examples.size(),
-                    to_string(report.chat_template).c_str(), o->train_on_inputs ? "every token" : "the responses",
-                    static_cast<long long>(lora_parameters));
-        if (report.train_skipped.total() > 0)
-          std::printf("training, %s: %s\n", o->data.c_str(), report.train_skipped.summary(cfg.seq_len).c_str());
-        if (report.val_skipped.total() > 0)
-          std::printf("held out, %s: %s\n", (o->val_data.empty() ? o->data : o->val_data).c_str(),
-                      report.val_skipped.summary(cfg.seq_len).c_str());
-      } else {
-        data = load_finetune_data(data_path, *tok);
-        std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
-                    storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
-      }
-      std::printf("training on %s with %s\n", trainer->device().c_str(), to_string(cfg.optim).c_str());
-      const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
-      auto sample = [&](const char* when) {
-        if (host && instruct)
-          print_replies(when, *host, *tok, report, o->sample_tokens);
-        else if (host)
-          print_sample(when, *host, *tok, o->sample_tokens);
-        else
-          std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
-                      when);
-      };
-      if (!cfg.resume.empty()) std::printf("resuming from %s\n", resolve_resume(cfg.resume).string().c_str());
-      double before = -1;
-      if (cfg.resume.empty()) {  // when resuming, the adapter's starting point is the checkpoint's
-        before = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
-        print_val("before", before);
-        sample("before");
-        std::fflush(stdout);
-      }
-      const auto records = finetune_until_interrupted(*trainer, data, cfg);
-      const double after = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
-      print_val("after", after);
-      // Throughput over the whole run: tokens trained / seconds spent in training steps.
-      double tokens = 0, seconds = 0, peak = 0;
-      for (const auto& r : records) {
-        const auto n = static_cast<double>(r.positions);
-        tokens += n;
-        seconds += n / r.tokens_per_s;
-        peak = std::max(peak, r.peak_mem_mb);
-      }
-      if (!records.empty())
-        std::printf("%d steps in %.1f s: %.0f tokens/s, peak memory %.0f MiB (%s)\n", static_cast<int>(records.size()),
-                    seconds, tokens / seconds, peak, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
-      nlohmann::json summary = {
-          {"model", mp.filename().string()}, {"storage", storage}, {"device", trainer->device()},
-          {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
-          {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
-          {"lr", cfg.lr}, {"warmup", cfg.warmup}, {"clip", cfg.clip}, {"weight_decay", cfg.weight_decay},
-          {"val_windows", cfg.val_windows}, {"gradient_checkpointing", o->checkpointing}, {"val_loss_before", before}, {"val_loss_after", after},
-          {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
-          {"peak_mem_mb", peak}, {"frozen_bytes", frozen_bytes}, {"lora_parameters", lora_parameters},
-          {"streamed", o->stream}, {"data", std::filesystem::path(o->data).filename().string()}};
-      if (instruct) {
-        summary["template"] = to_string(report.chat_template);
-        summary["train_on_inputs"] = o->train_on_inputs;
-        summary["group_by_length"] = cfg.group_by_length;
-        summary["train_examples"] = data.train_examples.size();
-        summary["val_examples"] = data.val_examples.size();
-        summary["skipped_records"] = report.train_skipped.total() + report.val_skipped.total();
-      }
-      write_text_atomic(cfg.out / "summary.json", summary.dump(2) + "\n");
-      sample("after");
-      write_peft_adapter(cfg.out / "adapter", trainer->adapter());
-      std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
-                  (cfg.out / "log.jsonl").string().c_str());
+    if (o->nproc > 1) run_under_mpirun(o->nproc, o->device);
+    const std::unique_ptr<Communicator> world = join_world(o->collective_timeout);
+    o->cfg.world = world.get();
+    const bool lead = world->rank() == 0;
+    // Rank 0 speaks for the run; the others' stdout would only repeat it (their errors
+    // still reach stderr).
+    if (!lead && !std::freopen("/dev/null", "w", stdout))
+      throw std::runtime_error("cannot silence stdout of rank " + std::to_string(world->rank()));
+    abort_job_on_error(*world, [&] {
+      if (world->size() > 1) check_same_run(*world, run_identity(*cmd, o->m, o->data, o->val_data));
+      explain_out_of_memory(o->m.model_path(), plan, [&] {
+        const auto mp = o->m.model_path();
+        auto& cfg = o->cfg;
+        cfg.out = o->out;
+        cfg.resume = o->resume;
+        cfg.optim = parse_optim(o->optim);
+        LoraSetup setup;
+        setup.config.r = o->rank;
+        setup.config.alpha = o->alpha;
+        setup.config.dropout = o->dropout;
+        std::mt19937_64 init_rng(cfg.seed);
+        // The host model, unless the model is streamed onto the GPU (then the trainer holds it).
+        std::optional<LlamaModel> host;
+        std::unique_ptr<Tokenizer> tok;
+        std::unique_ptr<Trainer> trainer;
+        std::string storage = o->m.storage;
+        std::int64_t frozen_bytes = 0;
+        if (o->stream) {
+          trainer = streamed_trainer(o->m, mp, o->device, setup, init_rng, cfg, o->checkpointing, tok, frozen_bytes,
+                                     o->collective_timeout);
+        } else {
+          auto [model, t] = o->m.load_with_tokenizer(mp);
+          host.emplace(std::move(model));
+          tok = std::move(t);
+          host->add_lora(setup, init_rng);
+          host->set_checkpointing(o->checkpointing);  // the GPU trainer's model copies the setting
+          storage = to_string(host->storage());
+          frozen_bytes = host->frozen_storage_bytes();
+          trainer = make_trainer(o->device, *host, cfg, o->collective_timeout);
+        }
+        if (trainer->device() != "cpu") apply_gpu_recipe(*cmd, cfg);
+        check_seq_len(cfg.seq_len, trainer->config(), mp);
+        const auto data_path = require_data(o->data);
+        InstructDataReport report;
+        FinetuneData data;
+        const std::int64_t lora_parameters = trainer->lora_parameter_count();
+        if (instruct) {
+          data = load_instruct_data(data_path, o->val_data.empty() ? std::filesystem::path{} : require_data(o->val_data),
+                                    *tok, chat_template, o->train_on_inputs, cfg.seq_len, report);
+          std::printf("model %s (%s base), %zu train / %zu held-out examples (template %s, loss on %s), "
+                      "%lld LoRA parameters\n",
+                      mp.string().c_str(), storage.c_str(), data.train_examples.size(), data.val_examples.size(),
+                      to_string(report.chat_template).c_str(), o->train_on_inputs ? "every token" : "the responses",
+                      static_cast<long long>(lora_parameters));
+          if (report.train_skipped.total() > 0)
+            std::printf("training, %s: %s\n", o->data.c_str(), report.train_skipped.summary(cfg.seq_len).c_str());
+          if (report.val_skipped.total() > 0)
+            std::printf("held out, %s: %s\n", (o->val_data.empty() ? o->data : o->val_data).c_str(),
+                        report.val_skipped.summary(cfg.seq_len).c_str());
+        } else {
+          data = load_finetune_data(data_path, *tok);
+          std::printf("model %s (%s base), %zu train / %zu validation tokens, %lld LoRA parameters\n", mp.string().c_str(),
+                      storage.c_str(), data.train.size(), data.val.size(), static_cast<long long>(lora_parameters));
+        }
+        std::printf("training on %s with %s", trainer->device().c_str(), to_string(cfg.optim).c_str());
+        if (world->size() > 1) std::printf(", %d data-parallel ranks", world->size());
+        std::printf("\n");
+        const BatchLoss eval = [&](const int* x, const int* y, int B, int T) { return trainer->eval_batch(x, y, B, T); };
+        auto sample = [&](const char* when) {
+          if (host && instruct)
+            print_replies(when, *host, *tok, report, o->sample_tokens);
+          else if (host)
+            print_sample(when, *host, *tok, o->sample_tokens);
+          else
+            std::printf("%s greedy sample: skipped (the model was streamed onto the GPU; samples run on the host model)\n\n",
+                        when);
+        };
+        if (!cfg.resume.empty()) std::printf("resuming from %s\n", resolve_resume(cfg.resume).string().c_str());
+        double before = -1;
+        if (cfg.resume.empty() && lead) {  // when resuming, the adapter's starting point is the checkpoint's
+          before = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
+          print_val("before", before);
+          sample("before");
+          std::fflush(stdout);
+        }
+        const auto records = finetune_until_interrupted(*trainer, data, cfg);
+        if (!lead) return;  // rank 0 evaluates and writes the results
+        const double after = held_out_loss(eval, data, cfg.seq_len, cfg.batch, cfg.val_windows);
+        print_val("after", after);
+        // Throughput over the whole run: tokens trained / seconds spent in training steps.
+        double tokens = 0, seconds = 0, peak = 0;
+        for (const auto& r : records) {
+          const auto n = static_cast<double>(r.positions);
+          tokens += n;
+          seconds += n / r.tokens_per_s;
+          peak = std::max(peak, r.peak_mem_mb);
+        }
+        if (!records.empty())
+          std::printf("%d steps in %.1f s: %.0f tokens/s, peak memory %.0f MiB (%s)\n", static_cast<int>(records.size()),
+                      seconds, tokens / seconds, peak, trainer->device() == "cpu" ? "process RSS" : "GPU in use");
+        nlohmann::json summary = {
+            {"model", mp.filename().string()}, {"storage", storage}, {"device", trainer->device()},
+            {"optim", to_string(cfg.optim)}, {"steps", cfg.steps}, {"batch", cfg.batch}, {"seq_len", cfg.seq_len},
+            {"grad_accum", cfg.grad_accum}, {"rank", o->rank}, {"alpha", o->alpha}, {"dropout", o->dropout},
+            {"lr", cfg.lr}, {"warmup", cfg.warmup}, {"clip", cfg.clip}, {"weight_decay", cfg.weight_decay},
+            {"val_windows", cfg.val_windows}, {"gradient_checkpointing", o->checkpointing}, {"val_loss_before", before}, {"val_loss_after", after},
+            {"train_seconds", seconds}, {"tokens_per_s", seconds > 0 ? tokens / seconds : 0.0},
+            {"peak_mem_mb", peak}, {"frozen_bytes", frozen_bytes}, {"lora_parameters", lora_parameters},
+            {"streamed", o->stream}, {"data", std::filesystem::path(o->data).filename().string()}};
+        if (instruct) {
+          summary["template"] = to_string(report.chat_template);
+          summary["train_on_inputs"] = o->train_on_inputs;
+          summary["group_by_length"] = cfg.group_by_length;
+          summary["train_examples"] = data.train_examples.size();
+          summary["val_examples"] = data.val_examples.size();
+          summary["skipped_records"] = report.train_skipped.total() + report.val_skipped.total();
+        }
+        write_text_atomic(cfg.out / "summary.json", summary.dump(2) + "\n");
+        sample("after");
+        write_peft_adapter(cfg.out / "adapter", trainer->adapter());
+        std::printf("adapter: %s, log: %s\n", (cfg.out / "adapter").string().c_str(),
+                    (cfg.out / "log.jsonl").string().c_str());
+      });
     });
   });
 });
