@@ -17,6 +17,7 @@
 #             transformers + bitsandbytes
 #             (tools/hf_generate_bench.py; needs the bnb phase first)
 #   genprofile chapter 5: Nsight Compute's time per kernel of one 7B decode step (after gen7b)
+#   mmaprofile chapter 5: Nsight Compute sections of the tensor-core matmul (versions 1 and 2, 1 token)
 #   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage; RECIPE_RUNS,
 #             RECIPE_SEEDS, RECIPE_JOBS as that script says; into $RECIPE_DIR, default recipe)
 #   hfrecipe  chapter 7: the same recipe in transformers + PEFT + bitsandbytes (tools/hf_recipe.py), per
@@ -53,6 +54,12 @@ phases=("$@")
 tar xJf .carry/build-cuda.tar.xz -C /tmp
 mkdir -p build && [[ -e build/cuda ]] || ln -s /tmp/build-cuda build/cuda
 tar xJf .carry/libs.tar.xz -C /tmp && export LD_LIBRARY_PATH=/tmp/libs:${LD_LIBRARY_PATH:-}
+# NCCL is too large to carry: the machine's own, from the CUDA toolkit or PyTorch's wheel.
+nccl=$(ls /usr/local/cuda/lib64/libnccl.so.2 2>/dev/null ||
+       python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
+[[ -f $nccl ]] || nccl=$(find / -name libnccl.so.2 -not -path '/proc/*' 2>/dev/null | head -1)
+[[ -f $nccl ]] && export LD_LIBRARY_PATH=$(dirname "$nccl"):$LD_LIBRARY_PATH
+echo "NCCL: ${nccl:-not found}"
 export QLORA_MODELS_DIR=$root/.carry/shared/models QLORA_DATA_DIR=$root/.carry/shared/data
 { date -u; nvidia-smi; python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'; } \
   > "$res/device.txt" 2>&1
@@ -122,6 +129,16 @@ run_phase() {
         --log-file "$res/gen7b_ncu.csv" build/cuda/qlora generate --device cuda --model $m --storage nf4-dq \
         --tokenizer $tk --prompt "Once upon a time" --max-tokens 2 --temperature 0 > "$res/gen7b_ncu.log" 2>&1
       echo "ncu rc $?"; python3 tools/profile_table.py "$res/gen7b_ncu.csv" --json "$res/gen7b_profile.json" | head -30 ;;
+    mmaprofile)
+      # Nsight Compute's view of one launch each of the tensor-core matmul's versions 1 and 2 at one
+      # token on 8192 x 8192 (their first launch in the benchmark: the validation call at 1 token).
+      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      for k in gemm4_mma_kernel gemm4_mma2_kernel; do
+        timeout 150 "$ncu" --clock-control none -k regex:"$k" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
+          build/cuda/qlora bench kernels --shape 8192x8192 --quick > "$res/ncu_$k.log" 2>&1
+        echo "ncu $k: rc $?"; grep -E "Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|No Eligible" "$res/ncu_$k.log" | head -12
+      done ;;
     optim)
       OUT=$res/ch06 timeout 120 bash scripts/gpu_optim.sh build/cuda > "$res/gpu_optim.log" 2>&1; echo "gpu_optim: $?"
       tail -25 "$res/gpu_optim.log" ;;

@@ -3,7 +3,8 @@
 #   .carry/build-cuda.tar.xz  the `cuda`-preset build: the GPU test binaries, qlora, the CUDA
 #                       library (for cuobjdump) and the CTest files; objects and CPU-only tests left out
 #   .carry/libs.tar.xz  our Debian shared libraries (SentencePiece, OpenBLAS, Open MPI and what
-#                       they load) and NCCL, which the GPU machine's image lacks
+#                       they load), which the GPU machine's image lacks; not NCCL (218 MB, past
+#                       the carry limit): scripts/gpu_all.sh finds the one PyTorch brings there
 #   .carry/shared       the models and data the GPU phases read (kjv15M-hf, stories260K,
 #                       the tokenizers, tinyshakespeare), copied from the model search path, and
 #                       the instruct phase's WordNet records (tools/make_instruct_data.py)
@@ -23,9 +24,8 @@ mkdir -p .carry/build-cuda .carry/libs .carry/shared/models .carry/shared/data
 mapfile -t bins < <(find "$build/tests" -maxdepth 1 -type f -executable -name 'test_*')
 bins+=("$build/qlora")
 find .carry/build-cuda -maxdepth 2 -type f -executable \( -name qlora -o -name 'test_*' \) -exec strip --strip-unneeded {} +
-# Every non-system, non-CUDA library the binaries load, by its soname; and NCCL, which
-# the CUDA toolkit here ships beside cuBLAS but a GPU machine's image may lack.
-ldd "${bins[@]}" | awk '/=> \/(usr\/)?lib\/x86_64/ || /libnccl/ {print $1, $3}' | sort -u |
+# Every non-system, non-CUDA library the binaries load, by its soname.
+ldd "${bins[@]}" | awk '/=> \/(usr\/)?lib\/x86_64/ {print $1, $3}' | sort -u |
   grep -v -E '^(libc|libm|libgcc_s|libstdc\+\+|libpthread|libdl|librt)\.so' |
   while read -r soname path; do cp -L "$path" ".carry/libs/$soname"; done
 tar cJf .carry/libs.tar.xz -C .carry libs && rm -rf .carry/libs
