@@ -79,6 +79,19 @@ static __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const std::
 }
 //! [mma-instruction]
 
+/// Where a lane of either version stands: its warp, its place in the mma fragments (g = lane / 4,
+/// t = lane % 4), the block's first token and row, and where rows g and g + 8 start in W. Rows past
+/// the end read the last row (valid memory); their sums are never stored.
+struct BlockLane {
+  int warp, lane, g, t, tok0, row0;
+  std::int64_t row_start[2];
+  __device__ BlockLane(int out, int in, int tokens_per_block)
+      : warp(threadIdx.x / 32), lane(threadIdx.x % 32), g(lane / 4), t(lane % 4),
+        tok0(blockIdx.x * tokens_per_block), row0(blockIdx.y * kTileRows),
+        row_start{static_cast<std::int64_t>(min(row0 + g, out - 1)) * in,
+                  static_cast<std::int64_t>(min(row0 + g + 8, out - 1)) * in} {}
+};
+
 /// The end of both versions: the 8 warps' partial tiles added in shared memory (the pipeline's,
 /// free by now) in a fixed order, so the result does not depend on timing, and stored. Element
 /// (n, r, lane) of the accumulators is token tok0 + 8n + 2t + (r & 1), row row0 + g + 8·(r >> 1)
@@ -199,13 +212,9 @@ __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
   if (threadIdx.x < 16) s_table[threadIdx.x] = q.table[threadIdx.x];
   if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMmaThreads == 256
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int tok0 = blockIdx.x * 8 * kTokenTiles;
-  const int row0 = blockIdx.y * kTileRows;
-  // Rows past the end read the last row (valid memory); their sums are never stored.
-  const std::int64_t row_start[2] = {static_cast<std::int64_t>(min(row0 + g, out - 1)) * in,
-                                     static_cast<std::int64_t>(min(row0 + g + 8, out - 1)) * in};
+  const BlockLane at(out, in, 8 * kTokenTiles);
+  const int warp = at.warp, lane = at.lane, g = at.g, t = at.t, tok0 = at.tok0, row0 = at.row0;
+  const std::int64_t(&row_start)[2] = at.row_start;
   const int num_tiles = (in + kTileK - 1) / kTileK;
   const int my_tiles = warp < num_tiles ? (num_tiles - 1 - warp) / kMmaWarps + 1 : 0;
   auto first_k = [&](int i) { return (warp + kMmaWarps * i) * kTileK + 32 * t; };  // lane's k in its tile i
@@ -407,12 +416,9 @@ __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
     tables.hi[i] = hi;
   }
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane / 4, t = lane % 4;
-  const int tok0 = blockIdx.x * 8 * kTokenTiles;
-  const int row0 = blockIdx.y * kTileRows;
-  const std::int64_t row_start[2] = {static_cast<std::int64_t>(min(row0 + g, out - 1)) * in,
-                                     static_cast<std::int64_t>(min(row0 + g + 8, out - 1)) * in};
+  const BlockLane at(out, in, 8 * kTokenTiles);
+  const int warp = at.warp, lane = at.lane, g = at.g, t = at.t, tok0 = at.tok0, row0 = at.row0;
+  const std::int64_t(&row_start)[2] = at.row_start;
   const int num_tiles = in / kTileK2;  // gemm4_mma_unsupported(W, 2) asks in % 64 == 0
   const int my_tiles = warp < num_tiles ? (num_tiles - 1 - warp) / kMmaWarps + 1 : 0;
   auto tile_k = [&](int i) { return (warp + kMmaWarps * i) * kTileK2; };

@@ -204,6 +204,43 @@ TestWeight make_weight(int out, int in, QuantType type, int blocksize, bool dq, 
   return t;
 }
 
+/// A matmul test's inputs and FP64 references: x (tokens × in, bf16-exact) on the host and the
+/// device, y_ref = x·wᵀ and the bound's S = |x|·|w|ᵀ.
+struct MatmulCase {
+  std::vector<float> x, ref, abs_sum;
+  DeviceBuffer<bf16> dx;
+  double max_abs_x = 0.0;
+};
+
+MatmulCase matmul_case(const TestWeight& w, const std::vector<float>& w_abs, int tokens, int in, int out) {
+  MatmulCase c;
+  c.x = bf16_rounded(awkward_values(static_cast<std::size_t>(tokens) * in, 64));
+  const auto xb = to_bf16(c.x);
+  c.dx = to_device(std::span<const bf16>(xb));
+  c.ref.resize(static_cast<std::size_t>(tokens) * out);
+  c.abs_sum.resize(c.ref.size());
+  matmul_xwt_ref(c.x.data(), w.deq.data(), c.ref.data(), tokens, in, out, false);
+  const auto x_abs = abs_of(c.x);
+  matmul_xwt_ref(x_abs.data(), w_abs.data(), c.abs_sum.data(), tokens, in, out, false);
+  c.max_abs_x = *std::max_element(x_abs.begin(), x_abs.end());
+  return c;
+}
+
+/// Runs call(y) on a poisoned y of n values, bf16 or float32, and returns y as float.
+template <class Call>
+std::vector<float> run_poisoned(std::size_t n, bool f32_out, Call&& call) {
+  if (f32_out) {
+    DeviceBuffer<float> y(n);
+    y.poison();
+    call(y.data());
+    return y.download();
+  }
+  DeviceBuffer<bf16> y(n);
+  y.poison();
+  call(y.data());
+  return from_bf16(y.download());
+}
+
 }  // namespace
 
 TEST_CASE("ch05: thresholds found by bisection reproduce the CPU encoders", "[ch05][gpu]") {
@@ -365,13 +402,9 @@ TEST_CASE("ch05: GEMV (naive and the three fused versions) matches the FP64 refe
     const auto w = make_weight(c.out, c.in, c.type, c.blocksize, c.dq);
     const auto w_abs = abs_of(w.deq);
     for (int tokens = 1; tokens <= kMaxGemvTokens; ++tokens) {
-      const auto x = bf16_rounded(awkward_values(static_cast<std::size_t>(tokens) * c.in, 64));
-      const auto xb = to_bf16(x);
-      const auto dx = to_device(std::span<const bf16>(xb));
-      std::vector<float> ref(static_cast<std::size_t>(tokens) * c.out), abs_sum(ref.size());
-      matmul_xwt_ref(x.data(), w.deq.data(), ref.data(), tokens, c.in, c.out, false);
-      const auto x_abs = abs_of(x);
-      matmul_xwt_ref(x_abs.data(), w_abs.data(), abs_sum.data(), tokens, c.in, c.out, false);
+      const MatmulCase m = matmul_case(w, w_abs, tokens, c.in, c.out);
+      const auto& ref = m.ref;
+      const auto& dx = m.dx;
       for (auto version : {GemvVersion::naive, GemvVersion::fused, GemvVersion::multirow, GemvVersion::prefetch,
                            GemvVersion::automatic}) {
         const bool fused_ok = gemv4_fused_supported(w.device, tokens);
@@ -383,22 +416,11 @@ TEST_CASE("ch05: GEMV (naive and the three fused versions) matches the FP64 refe
         }
         // bf16 y, and float32 y (the model's linear layers): the same sums, one rounding fewer.
         for (bool f32_out : {false, true}) {
-          std::vector<float> got;
-          if (f32_out) {
-            DeviceBuffer<float> y(ref.size());
-            y.poison();
-            gemv4(w.device, dx.data(), y.data(), tokens, version);
-            got = y.download();
-          } else {
-            DeviceBuffer<bf16> y(ref.size());
-            y.poison();
-            gemv4(w.device, dx.data(), y.data(), tokens, version);
-            got = from_bf16(y.download());
-          }
+          const auto got = run_poisoned(ref.size(), f32_out, [&](auto* y) { gemv4(w.device, dx.data(), y, tokens, version); });
           const std::string what = "gemv v" + std::to_string(static_cast<int>(version)) + " " +
                                    std::to_string(c.out) + "x" + std::to_string(c.in) + " tokens " +
                                    std::to_string(tokens) + (f32_out ? " f32" : " bf16");
-          require_close(what.c_str(), matmul_error(ref, abs_sum, got, c.in), 5e-3);
+          require_close(what.c_str(), matmul_error(ref, m.abs_sum, got, c.in), 5e-3);
         }
       }
     }
@@ -540,33 +562,18 @@ TEST_CASE("ch05: tensor-core 4-bit matmul matches the FP64 reference", "[ch05][g
       }
       REQUIRE(why.empty());
       for (int tokens : c.tokens) {
-        const auto x = bf16_rounded(awkward_values(static_cast<std::size_t>(tokens) * c.in, 64));
-        const auto xb = to_bf16(x);
-        const auto dx = to_device(std::span<const bf16>(xb));
-        std::vector<float> ref(static_cast<std::size_t>(tokens) * c.out), abs_sum(ref.size());
-        matmul_xwt_ref(x.data(), w.deq.data(), ref.data(), tokens, c.in, c.out, false);
-        const auto x_abs = abs_of(x);
-        matmul_xwt_ref(x_abs.data(), w_abs.data(), abs_sum.data(), tokens, c.in, c.out, false);
-        const double max_x = *std::max_element(x_abs.begin(), x_abs.end());
+        const MatmulCase m = matmul_case(w, w_abs, tokens, c.in, c.out);
         for (auto y_type : {OutType::bf16, OutType::f32}) {
-          std::vector<float> got;
-          if (y_type == OutType::bf16) {
-            DeviceBuffer<bf16> y(ref.size());
-            y.poison();
-            gemm4_mma(w.device, dx.data(), y.data(), y_type, tokens, version);
-            got = from_bf16(y.download());
-          } else {
-            DeviceBuffer<float> y(ref.size());
-            y.poison();
-            gemm4_mma(w.device, dx.data(), y.data(), y_type, tokens, version);
-            got = y.download();
-          }
+          const auto got = run_poisoned(m.ref.size(), y_type == OutType::f32, [&](auto* y) {
+            gemm4_mma(w.device, m.dx.data(), y, y_type, tokens, version);
+          });
           const std::string what = "gemm4_mma v" + std::to_string(static_cast<int>(version)) + " " +
                                    to_string(c.type) + (c.dq ? "+dq " : " ") + std::to_string(c.out) + "x" +
                                    std::to_string(c.in) + " bs " + std::to_string(c.blocksize) + " tokens " +
                                    std::to_string(tokens) + (y_type == OutType::bf16 ? " bf16" : " f32");
-          const auto bound = version == MmaVersion::exact ? mma_bound(c.in, y_type) : mma2_bound(c.in, max_x, y_type);
-          require_close(what.c_str(), matmul_error(ref, abs_sum, got, bound), 5e-3);
+          const auto bound =
+              version == MmaVersion::exact ? mma_bound(c.in, y_type) : mma2_bound(c.in, m.max_abs_x, y_type);
+          require_close(what.c_str(), matmul_error(m.ref, m.abs_sum, got, bound), 5e-3);
         }
       }
     }
