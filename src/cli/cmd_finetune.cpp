@@ -266,7 +266,7 @@ std::string resume_command(const std::filesystem::path& dir, int nproc) {
   if (launched_by_mpirun()) throw std::invalid_argument("--nproc " + std::to_string(nproc) + " under mpirun: use one or the other");
 #ifdef QLORA_HAVE_CUDA
   const int gpus = device == "cpu" ? 0 : cuda::cuda_device_count();
-  if (device != "cpu" && gpus > 0 && nproc > gpus)
+  if ((device == "cuda" || gpus > 0) && nproc > gpus)  // auto without a GPU trains on the CPU
     throw std::invalid_argument("--nproc " + std::to_string(nproc) + " with --device " + device + ": this host has " +
                                 std::to_string(gpus) + " CUDA device" + (gpus == 1 ? "" : "s") +
                                 ", and data-parallel training takes one GPU per rank");
