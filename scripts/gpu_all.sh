@@ -54,6 +54,7 @@ phases=("$@")
 tar xJf .carry/build-cuda.tar.xz -C /tmp
 mkdir -p build && [[ -e build/cuda ]] || ln -s /tmp/build-cuda build/cuda
 tar xJf .carry/libs.tar.xz -C /tmp && export LD_LIBRARY_PATH=/tmp/libs:${LD_LIBRARY_PATH:-}
+[[ -d .carry/shared ]] || tar xJf .carry/shared.tar.xz -C .carry
 # NCCL is too large to carry: the machine's own, from the CUDA toolkit or PyTorch's wheel.
 nccl=$(ls /usr/local/cuda/lib64/libnccl.so.2 2>/dev/null ||
        python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null)
