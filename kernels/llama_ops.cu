@@ -19,6 +19,11 @@ namespace qlora::cuda {
 namespace {
 
 constexpr int kThreads = 256;      // elementwise kernels and row blocks
+// RMSNorm's row blocks: at a decode step there is one row per sequence, so one block does all
+// the work, and with 256 threads each walks 16 dependent loads of a 4096-wide row (Nsight
+// Compute: 13.8 µs per call on an H200, 17 % of a 7B decode step's kernel time). 1024 threads
+// take 4 each.
+constexpr int kNormThreads = 1024;
 constexpr int kWarpsPerBlock = 4;  // attention: one warp per row
 constexpr int kMaxT = 1024;        // attention rows are looped over by one warp; keep them bounded
 
@@ -384,7 +389,7 @@ void rmsnorm_forward(const float* x, const float* w, float* y, float* inv_rms, i
                      cudaStream_t s) {
   require(N >= 0 && D > 0, "rmsnorm_forward: need N >= 0 and D > 0");
   if (N == 0) return;
-  rmsnorm_forward_kernel<<<N, kThreads, 0, s>>>(x, w, y, inv_rms, D, eps);
+  rmsnorm_forward_kernel<<<N, kNormThreads, 0, s>>>(x, w, y, inv_rms, D, eps);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -392,7 +397,7 @@ void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, cons
                       cudaStream_t s) {
   require(N >= 0 && D > 0, "rmsnorm_backward: need N >= 0 and D > 0");
   if (N == 0) return;
-  rmsnorm_backward_kernel<<<N, kThreads, 0, s>>>(x, w, inv_rms, dy, dx, D);
+  rmsnorm_backward_kernel<<<N, kNormThreads, 0, s>>>(x, w, inv_rms, dy, dx, D);
   CUDA_CHECK_LAUNCH();
 }
 
