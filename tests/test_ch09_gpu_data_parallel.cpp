@@ -135,10 +135,16 @@ TEST_CASE("On the GPU, two ranks' shares of a step with dropout add up to the st
     std::printf("two ranks' halves against one step (%s): loss %.8f + %.8f vs %.8f, gradients rel. Frobenius %.3e\n",
                 set.name, l0, l1, l_one, err);
     INFO(set.name);
-    // Same masks, same operands; the halves only sum their rows in another order (and the
-    // TF32 LoRA products round alike row by row).
+    // Same masks, same operands. But cuBLAS multiplies 64 rows with other kernels than 128,
+    // so a float32 sum can end in another last bit, and the GPU model rounds every
+    // activation and output gradient to BF16: an element that lands on the other side of a
+    // rounding boundary is off by 2^-8, and the difference spreads layer after layer
+    // (test_ch07_gpu_model.cpp's header). Measured on an H200 (2026-12-02): 2.08e-3 to
+    // 2.12e-3 in all three settings, and the CPU model in BF16 compute gives 2.6e-3 for the
+    // same split (7e-7 in float32 compute). 1e-2 is 5x that; a wrong dropout offset moves
+    // the gradients by 17% (the CPU test), a missed or doubled rank by 50% or more.
     CHECK(l0 + l1 == Approx(l_one).epsilon(1e-5));
-    CHECK(err < 1e-4);
+    CHECK(err < 1e-2);
   }
 }
 
