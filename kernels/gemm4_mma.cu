@@ -3,7 +3,6 @@
 #include "gemm4_mma.cuh"
 
 #include "dequant4.cuh"
-#include "gemv4.cuh"
 #include "fp4.hpp"
 #include "nf4.hpp"
 
@@ -573,14 +572,6 @@ void gemm4_mma(const DeviceQuant4& W, const bf16* x, void* y, OutType y_type, in
   } else {
     launch_for_tokens(W, x, static_cast<float*>(y), out, in, tokens, version, stream);
   }
-}
-
-Linear4Path linear4_path(const DeviceQuant4& W, int tokens) {
-  if (tokens <= kGemvMaxTokens && gemv4_fused_supported(W, tokens)) return Linear4Path::gemv;
-  if (tokens <= kMmaExactMaxTokens && gemm4_mma_unsupported(W, MmaVersion::exact).empty()) return Linear4Path::mma_exact;
-  if (tokens <= kMmaMaxTokens && gemm4_mma_unsupported(W, MmaVersion::register_table).empty())
-    return Linear4Path::mma_register_table;
-  return Linear4Path::dequant_cublas;
 }
 
 }  // namespace qlora::cuda

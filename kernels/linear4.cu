@@ -2,6 +2,8 @@
 #include "linear4.cuh"
 
 #include "dequant4.cuh"
+#include "gemm4_mma.cuh"
+#include "gemv4.cuh"
 
 #include <stdexcept>
 #include <string>
@@ -90,5 +92,13 @@ void linear4_backward_input(CublasHandle& h, const DeviceQuant4& W, const bf16* 
   gemm_bf16_dyw(h, dY, w, dX, dx_type, tokens, in, out, accumulate, stream);
 }
 //! [linear4]
+
+Linear4Path linear4_path(const DeviceQuant4& W, int tokens) {
+  if (tokens <= kGemvMaxTokens && gemv4_fused_supported(W, tokens)) return Linear4Path::gemv;
+  if (tokens <= kMmaExactMaxTokens && gemm4_mma_unsupported(W, MmaVersion::exact).empty()) return Linear4Path::mma_exact;
+  if (tokens <= kMmaMaxTokens && gemm4_mma_unsupported(W, MmaVersion::register_table).empty())
+    return Linear4Path::mma_register_table;
+  return Linear4Path::dequant_cublas;
+}
 
 }  // namespace qlora::cuda
