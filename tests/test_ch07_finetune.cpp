@@ -177,6 +177,7 @@ TEST_CASE("qlora finetune / eval / generate run end to end and reject bad flags"
   refused.push_back({"generate --max-tokens 300", {"--max-tokens 300", "context of 256"}});
   refused.push_back({"generate --prompts '" + no_prompts.string() + "'", {"--prompts", "no_prompts.txt", "no prompts"}});
   refused.push_back({"generate --prompts '" + (out / "missing.txt").string() + "'", {"--prompts", "missing.txt"}});
+  refused.push_back({"generate --device cpu --no-cuda-graphs", {"--no-cuda-graphs", "on the CPU"}});
   if (find_model("stories260K.bin"))  // its own 512-token tokenizer is not shipped: the LLaMA-2 one is refused
     refused.push_back({"generate --model stories260K.bin", {"tokenizer (32000 tokens)", "stories260K.bin", "512"}});
   for (const auto& [args, words] : refused) {

@@ -855,8 +855,9 @@ QLORA_COMMAND([](CLI::App& app) {
     const std::vector<std::string> prompts = o->prompts.empty() ? std::vector<std::string>{o->prompt}
                                                                 : read_prompts(o->prompts);
     const auto mp = o->m.model_path();
-    if (o->no_cuda_graphs && o->device == "cpu") throw std::invalid_argument("--no-cuda-graphs needs --device cuda or auto");
-    if (generate_uses_gpu(o->device)) return generate_on_gpu(o->m, mp, prompts, o->s, !o->no_cuda_graphs);
+    const bool on_gpu = generate_uses_gpu(o->device);
+    if (o->no_cuda_graphs && !on_gpu) throw std::invalid_argument("--no-cuda-graphs: this run decodes on the CPU");
+    if (on_gpu) return generate_on_gpu(o->m, mp, prompts, o->s, !o->no_cuda_graphs);
     auto [model, tok] = o->m.load_with_tokenizer(mp);
     if (o->chat) return chat_session(model, *tok, parse_chat_template(o->chat_template), c, cmd->count("--prompt") > 0, o->s);
     if (!o->chat_template.empty()) {
