@@ -65,6 +65,9 @@ export QLORA_MODELS_DIR=$root/.carry/shared/models QLORA_DATA_DIR=$root/.carry/s
 { date -u; nvidia-smi; python3 -c 'import torch, transformers, peft; print(torch.__version__, transformers.__version__, peft.__version__)'; } \
   > "$res/device.txt" 2>&1
 head -20 "$res/device.txt"
+# The CUDA tools the phases run, where the machine has them.
+sanitizer() { command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null; }
+nsight_compute() { command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1; }
 run_phase() {
   local phase=$1
   case $phase in
@@ -92,7 +95,7 @@ run_phase() {
       echo "mma tests: $?"; tail -3 "$res/mma_tests.log"
       timeout 240 build/cuda/qlora bench kernels --shape 8192x8192 --shape 28672x8192 --json "$res/kernels-mma.json" \
         > "$res/kernels-mma.log" 2>&1; echo "bench kernels: $?"; grep -A30 -i "matmul" "$res/kernels-mma.log" | head -60
-      san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+      san=$(sanitizer)
       pids=()
       for tool in memcheck racecheck; do
         { timeout ${SANITIZE_TIMEOUT:-90} "$san" --tool $tool --error-exitcode 99 --print-limit 20 \
@@ -125,7 +128,7 @@ run_phase() {
       # One decode step of the 7B shape (gen7b's folder) under Nsight Compute: --max-tokens 2 runs
       # the prefill and one (eager) decode step, the second half of the kernels after loading.
       m=/tmp/m7b tk=.carry/shared/models/tokenizer.model
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      ncu=$(nsight_compute)
       timeout 300 "$ncu" --clock-control none --nvtx --metrics gpu__time_duration.sum --csv --page raw \
         --log-file "$res/gen7b_ncu.csv" build/cuda/qlora generate --device cuda --model $m --storage nf4-dq \
         --tokenizer $tk --prompt "Once upon a time" --max-tokens 2 --temperature 0 > "$res/gen7b_ncu.log" 2>&1
@@ -133,7 +136,7 @@ run_phase() {
     mmaprofile)
       # Nsight Compute's view of one launch each of the tensor-core matmul's versions 1 and 2 at one
       # token on 8192 x 8192 (their first launch in the benchmark: the validation call at 1 token).
-      ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      ncu=$(nsight_compute)
       for k in gemm4_mma_kernel gemm4_mma2_kernel; do
         timeout 150 "$ncu" --clock-control none -k regex:"$k" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
@@ -187,7 +190,7 @@ run_phase() {
     sanitize)
       # One sanitizer run per binary and tool, $SANITIZE_JOBS at once (default 1): the tools are
       # host-bound, so parallel runs share the card well, but no timing phase may run beside them.
-      san=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)
+      san=$(sanitizer)
       for bin in build/cuda/tests/${SANITIZE_BINS:-test_*_gpu_*}; do
         [[ -x $bin && $bin != *.cmake ]] || continue  # the test binaries, not CTest's generated lists
         for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do echo "$bin $tool"; done
