@@ -8,9 +8,11 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -489,6 +491,270 @@ __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
 //! [mma2-kernel]
 
 // ---------------------------------------------------------------------------------------------
+// Version 3: a table of byte pairs, and every warp of the GPU on every shape.
+//
+// Nsight Compute on version 1 at one token (chapter 5): 6.5 instructions issued per weight,
+// the schedulers busy 62 % of the cycles, and one wave of blocks that leaves multiprocessors
+// idle at its end. At one token the card streams 16 bytes of codes per multiprocessor and
+// cycle, so a warp scheduler may spend about 4 instructions on each weight, everything
+// included. Version 3 changes three things.
+//  1. A code byte holds two consecutive weights of a row, which is exactly one bf16 pair of an
+//     A register. A table of the 256 byte values' pairs (bf16(t[high]), bf16(t[low])) in
+//     shared memory turns a byte into its register with one load. Every lane has its own
+//     column of the table (lane l's entry sits in bank l), so the 32 lanes never collide
+//     whatever bytes they look up; the entry's address, byte · 256 + 4 · lane, is one prmt of
+//     the code word and 4 · lane. Two instructions per two weights. The scale goes after the
+//     product, as in version 2.
+//  2. Every warp of the GPU takes an equal run of the (16-row tile, 64-wide k tile) units, in
+//     row-major order. A row tile that several warps share is added up by the last of them to
+//     finish (a counter per row tile), from the partial sums the others left in a workspace,
+//     in a fixed order: no wave of blocks ends early, and the result does not depend on timing.
+//  3. The codes are loaded into registers kMma3Depth units ahead, 8 bytes per row and lane
+//     from the bitsandbytes layout as it is, with an L2 prefetch hint of 128 bytes: a warp walks
+//     along its rows, and the next three units' bytes of each row come with the first.
+
+constexpr int kMma3Warps = 8;
+constexpr int kMma3Threads = 32 * kMma3Warps;
+constexpr int kMma3Depth = 4;                  // units whose codes are in flight per warp
+constexpr int kPairTableBytes = 256 * 256;     // 256 rows (byte values) of 256 bytes
+constexpr int kMma3Smem = kPairTableBytes;     // dynamic shared memory of a block
+
+/// How version 3 shares the work: U = row_tiles · k_tiles units (16 rows × 64 k values each)
+/// among `warps` warps, warp w taking units [w·U / P, (w + 1)·U / P) (P = warps ≤ U, so none is
+/// empty); max_pieces bounds how many warps share one row tile (the workspace's pieces).
+/// Units, rows and code bytes are counted in 32 bits (gemm4_mma_unsupported checks that they fit).
+struct Mma3Plan {
+  int row_tiles = 0, k_tiles = 0, units = 0, warps = 0, max_pieces = 0;
+  __host__ __device__ int first_unit(int w) const {
+    return static_cast<int>(static_cast<std::int64_t>(w) * units / warps);
+  }
+  /// The warp whose run holds unit u: the largest w with w·U / P <= u.
+  __host__ __device__ int warp_of(int u) const {
+    return static_cast<int>(((static_cast<std::int64_t>(u) + 1) * warps - 1) / units);
+  }
+};
+
+
+/// Registers for 3 blocks of 256 threads per multiprocessor at one token tile (80 a thread),
+/// 2 at two (128), 1 at four (nvcc -Xptxas -v: no local memory at 4 units in flight). x is
+/// loaded when its unit is used, not ahead: every warp of a multiprocessor reads the same few
+/// kilobytes of x, which stay in L1.
+constexpr int mma3_min_blocks(int token_tiles) { return token_tiles == 1 ? 3 : token_tiles == 2 ? 2 : 1; }
+
+//! [mma3-table]
+/// Row b of the table holds, for each lane l at byte 4l, the bf16 pair of byte value b: the
+/// first weight (high nibble) in the low half, as an A register wants it. Bytes 128-255 of a
+/// row are unused: the spacing of 256 lets one prmt build the address.
+static __device__ void fill_pair_table(char* table, const float* values) {
+  for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
+    const int b = e / 32, l = e % 32;
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(values[b >> 4], values[b & 15]);
+    *reinterpret_cast<__nv_bfloat162*>(table + 256 * b + 4 * l) = pair;
+  }
+}
+
+/// The A register of byte `byte` (0-3) of `word`: prmt puts 4·lane in the address's byte 0, the
+/// code byte in byte 1 and zeros above (selector 5 is byte 1 of lane4, which is zero).
+static __device__ __forceinline__ std::uint32_t pair_of(const char* table, std::uint32_t word, std::uint32_t lane4,
+                                                        int byte) {
+  const std::uint32_t address = __byte_perm(word, lane4, 0x5504u | static_cast<std::uint32_t>(byte << 4));
+  return *reinterpret_cast<const std::uint32_t*>(table + address);
+}
+//! [mma3-table]
+
+/// 8 bytes of codes, not kept in L1 (read once), with a hint that L2 fetch the 128 bytes
+/// around them.
+static __device__ __forceinline__ uint2 load_codes8(const std::uint8_t* p) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.L2::128B.v2.u32 {%0, %1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  return v;
+}
+
+/// One unit's loads in flight: rows g and g + 8, their scales.
+struct Unit3 {
+  uint2 codes[2];
+  RawScale scale[2];
+};
+
+//! [mma3-unit]
+/// One unit of one warp: version 2's k permutation (lane t holds k 16t .. 16t + 15 of the
+/// tile, bytes 2s and 2s + 1 of its 8 at step s), each byte looked up as its A register.
+template <int kTokenTiles>
+static __device__ __forceinline__ void mma3_unit(const Unit3& u, const uint4 (&xv)[kTokenTiles][2], const char* table,
+                                                 std::uint32_t lane4, const Quant4View& q, const float* s_map,
+                                                 float (&acc)[kTokenTiles][4]) {
+  float part[kTokenTiles][4] = {};
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    const std::uint32_t g_word = s < 2 ? u.codes[0].x : u.codes[0].y, g8_word = s < 2 ? u.codes[1].x : u.codes[1].y;
+    const int b = 2 * (s % 2);
+    const std::uint32_t a[4] = {pair_of(table, g_word, lane4, b), pair_of(table, g8_word, lane4, b),
+                                pair_of(table, g_word, lane4, b + 1), pair_of(table, g8_word, lane4, b + 1)};
+#pragma unroll
+    for (int n = 0; n < kTokenTiles; ++n) {
+      const uint4& v = xv[n][s / 2];
+      mma_bf16_16816(part[n], a, s % 2 == 0 ? v.x : v.z, s % 2 == 0 ? v.y : v.w);
+    }
+  }
+  const float absmax[2] = {decode_scale(q, s_map, u.scale[0]), decode_scale(q, s_map, u.scale[1])};
+#pragma unroll
+  for (int n = 0; n < kTokenTiles; ++n) {
+    acc[n][0] = fmaf(part[n][0], absmax[0], acc[n][0]);
+    acc[n][1] = fmaf(part[n][1], absmax[0], acc[n][1]);
+    acc[n][2] = fmaf(part[n][2], absmax[1], acc[n][2]);
+    acc[n][3] = fmaf(part[n][3], absmax[1], acc[n][3]);
+  }
+}
+//! [mma3-unit]
+
+/// Element (n, r) of a lane's accumulators, stored if its token and row exist (the d layout of
+/// mma_bf16_16816).
+template <int kTokenTiles, class OutT>
+static __device__ __forceinline__ void store_tile(const float (&v)[kTokenTiles][4], OutT* y, int row0, int tok0,
+                                                  int out, int tokens, int lane) {
+#pragma unroll
+  for (int n = 0; n < kTokenTiles; ++n)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int token = tok0 + 8 * n + 2 * (lane % 4) + (r & 1), row = row0 + lane / 4 + 8 * (r >> 1);
+      if (token < tokens && row < out) store_y(y, static_cast<std::int64_t>(token) * out + row, v[n][r]);
+    }
+}
+
+//! [mma3-fixup]
+/// The end of a warp's run of units inside row tile `tile`, k tiles [k_begin, k_end). A warp
+/// that had the whole row tile stores it. Otherwise it leaves its partial sums in its piece of
+/// the workspace, and the warp that finishes the row tile's last piece adds all the pieces in
+/// their order and stores them. The fences make each warp's partial sums visible before its
+/// count, and the count before the sums are read (the CUDA programming guide's
+/// "threadFenceReduction" pattern); the counter is set back to zero for the next launch.
+template <int kTokenTiles, class OutT>
+static __device__ void finish_row_tile(const float (&acc)[kTokenTiles][4], const Mma3Plan& plan, int tile,
+                                       int k_begin, int k_end, int warp_id, OutT* y, int out, int tokens, int tok0,
+                                       float* partials, unsigned* counters) {
+  const int lane = threadIdx.x % 32, row0 = tile * kTileRows;
+  if (k_begin == 0 && k_end == plan.k_tiles) {
+    store_tile<kTokenTiles>(acc, y, row0, tok0, out, tokens, lane);
+    return;
+  }
+  const int first_unit = tile * plan.k_tiles;
+  const int first = plan.warp_of(first_unit), pieces = plan.warp_of(first_unit + plan.k_tiles - 1) - first + 1;
+  const std::int64_t slot_tile = static_cast<std::int64_t>(blockIdx.y) * plan.row_tiles + tile;
+  constexpr int kPieceFloats = 4 * kTokenTiles * 32;
+  float* piece0 = partials + slot_tile * plan.max_pieces * kPieceFloats;
+  float* mine = piece0 + static_cast<std::int64_t>(warp_id - first) * kPieceFloats;
+#pragma unroll
+  for (int n = 0; n < kTokenTiles; ++n)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) mine[(4 * n + r) * 32 + lane] = acc[n][r];
+  __threadfence();
+  __syncwarp();
+  unsigned before = 0;
+  if (lane == 0) before = atomicAdd(counters + slot_tile, 1u);
+  before = __shfl_sync(0xffffffffu, before, 0);
+  if (before != static_cast<unsigned>(pieces - 1)) return;
+  __threadfence();
+  float sum[kTokenTiles][4] = {};
+  for (int p = 0; p < pieces; ++p)
+#pragma unroll
+    for (int n = 0; n < kTokenTiles; ++n)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) sum[n][r] += __ldcg(piece0 + p * kPieceFloats + (4 * n + r) * 32 + lane);
+  store_tile<kTokenTiles>(sum, y, row0, tok0, out, tokens, lane);
+  if (lane == 0) counters[slot_tile] = 0;
+}
+//! [mma3-fixup]
+
+//! [mma3-kernel]
+/// Warp w of the grid takes units [w·U / P, (w + 1)·U / P) of the U = row tiles × k tiles, for
+/// the token block blockIdx.y. It keeps kMma3Depth units of codes and scales in flight, and ends
+/// each row tile it touches with finish_row_tile().
+template <int kTokenTiles, class OutT>
+__global__ void __launch_bounds__(kMma3Threads, mma3_min_blocks(kTokenTiles))
+    gemm4_mma3_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, OutT* __restrict__ y, int out, int in,
+                      int tokens, Mma3Plan plan, float* __restrict__ partials, unsigned* __restrict__ counters) {
+  extern __shared__ __align__(16) char s_pairs[];
+  __shared__ float s_map[256];
+  fill_pair_table(s_pairs, q.table);
+  if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMma3Threads == 256
+  __syncthreads();
+
+  const int warp_id = blockIdx.x * kMma3Warps + static_cast<int>(threadIdx.x) / 32;
+  if (warp_id >= plan.warps) return;  // the grid's last block may have spare warps
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, tok0 = blockIdx.y * 8 * kTokenTiles;
+  const std::uint32_t lane4 = 4u * static_cast<std::uint32_t>(lane);
+  const int u_begin = plan.first_unit(warp_id), u_end = plan.first_unit(warp_id + 1);
+  const int blocks_per_row = in >> q.log2_blocksize, kt_shift = q.log2_blocksize - 6;
+
+  // Where the next unit to load is: its row tile and k tile, the two rows' code and scale starts.
+  int load_tile = u_begin / plan.k_tiles, load_k = u_begin % plan.k_tiles;
+  const std::uint8_t* lane_codes = q.packed + 8 * t;
+  unsigned codes[2], scales[2];
+  auto start_rows = [&] {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const auto row = static_cast<unsigned>(min(load_tile * kTileRows + g + 8 * r, out - 1));
+      codes[r] = row * static_cast<unsigned>(in / 2);
+      scales[r] = row * static_cast<unsigned>(blocks_per_row);
+    }
+  };
+  start_rows();
+  auto load = [&](Unit3& u) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      u.codes[r] = load_codes8(lane_codes + codes[r] + 32u * static_cast<unsigned>(load_k));
+      u.scale[r] = load_scale(q, scales[r] + (load_k >> kt_shift));
+    }
+    if (++load_k == plan.k_tiles) {
+      load_k = 0;
+      ++load_tile;
+      start_rows();
+    }
+  };
+  // The lane's 16 values of x at k tile kt for each token tile; zeros for a missing token.
+  auto load_x = [&](int kt, uint4 (&xv)[kTokenTiles][2]) {
+#pragma unroll
+    for (int n = 0; n < kTokenTiles; ++n) {
+      const int token = tok0 + 8 * n + g;
+      const auto* src = reinterpret_cast<const uint4*>(x + static_cast<std::int64_t>(min(token, tokens - 1)) * in +
+                                                       64 * kt + 16 * t);
+#pragma unroll
+      for (int p = 0; p < 2; ++p) xv[n][p] = token < tokens ? __ldg(src + p) : make_uint4(0, 0, 0, 0);
+    }
+  };
+
+  Unit3 ring[kMma3Depth];
+#pragma unroll
+  for (int j = 0; j < kMma3Depth; ++j)
+    if (u_begin + j < u_end) load(ring[j]);
+  int tile = u_begin / plan.k_tiles, k = u_begin % plan.k_tiles, k_begin = k;
+  float acc[kTokenTiles][4] = {};
+  for (int u = u_begin; u < u_end; u += kMma3Depth) {
+#pragma unroll
+    for (int j = 0; j < kMma3Depth; ++j) {
+      if (u + j >= u_end) break;
+      uint4 xv[kTokenTiles][2];
+      load_x(k, xv);
+      mma3_unit<kTokenTiles>(ring[j], xv, s_pairs, lane4, q, s_map, acc);
+      if (u + j + kMma3Depth < u_end) load(ring[j]);
+      ++k;
+      if (k == plan.k_tiles || u + j + 1 == u_end) {
+        finish_row_tile<kTokenTiles>(acc, plan, tile, k_begin, k, warp_id, y, out, tokens, tok0, partials, counters);
+#pragma unroll
+        for (int n = 0; n < kTokenTiles; ++n)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[n][r] = 0.0f;
+        if (k == plan.k_tiles) {
+          k = k_begin = 0;
+          ++tile;
+        }
+      }
+    }
+  }
+}
+//! [mma3-kernel]
+
+// ---------------------------------------------------------------------------------------------
 // Host side.
 
 constexpr int kMaxRowTiles = 65535;  // gridDim.y
@@ -501,15 +767,22 @@ std::string gemm4_mma_unsupported(const DeviceQuant4& W, MmaVersion version) {
   const int align = version == MmaVersion::exact ? 32 : kTileK2;
   if (in % align != 0) {
     return "W has in = " + std::to_string(in) + " columns, not a multiple of " + std::to_string(align) +
-           (version == MmaVersion::exact ? "" : " (version 2's k tiles)");
+           (version == MmaVersion::exact ? "" : " (the k tiles of versions 2 and 3)");
   }
   if (in > (1 << 30)) return "W has in = " + std::to_string(in) + " columns, more than 2^30";
   if (out > static_cast<std::int64_t>(kMaxRowTiles) * kTileRows) {
     return "W has out = " + std::to_string(out) + " rows, more than " + std::to_string(kMaxRowTiles * kTileRows);
   }
-  if (version == MmaVersion::register_table && W.blocksize < kTileK2) {
-    return "W has blocksize " + std::to_string(W.blocksize) + "; version 2 scales whole 64-wide k tiles, so it needs "
-           "blocks of at least 64";
+  if (version != MmaVersion::exact && W.blocksize < kTileK2) {
+    return "W has blocksize " + std::to_string(W.blocksize) + "; versions 2 and 3 scale whole 64-wide k tiles, so "
+           "they need blocks of at least 64";
+  }
+  if (version == MmaVersion::pair_table && in % W.blocksize != 0) {
+    return "W has in = " + std::to_string(in) + " columns, not a multiple of its blocksize " +
+           std::to_string(W.blocksize) + " (version 3 finds a row's scales from the row alone)";
+  }
+  if (version == MmaVersion::pair_table && out * in / 2 > std::numeric_limits<unsigned>::max()) {
+    return "W has " + std::to_string(out * in) + " values; version 3 counts its code bytes in 32 bits";
   }
   return {};
 }
@@ -542,12 +815,60 @@ static void launch_mma(const DeviceQuant4& W, const bf16* x, OutT* y, int out, i
   CUDA_CHECK_LAUNCH();
 }
 
+//! [mma3-launch]
+/// Version 3's grid: as many warps as fit on the GPU at once (the occupancy calculator, with
+/// the table's 64 KB of shared memory), at most one per unit; one grid row per token block.
+template <class Kernel>
+static int mma3_resident_warps(Kernel kernel) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kMma3Smem));
+  int device = 0, sms = 0, blocks = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kMma3Threads, kMma3Smem));
+  if (blocks < 1) throw std::runtime_error("gemm4_mma version 3: no block fits on a multiprocessor");
+  return sms * blocks * kMma3Warps;
+}
+
+template <int kTokenTiles, class OutT>
+static void launch_mma3(const DeviceQuant4& W, const __nv_bfloat16* x, OutT* y, int out, int in, int tokens,
+                        Mma3Workspace& ws, cudaStream_t stream) {
+  static const int resident_warps = mma3_resident_warps(gemm4_mma3_kernel<kTokenTiles, OutT>);
+  Mma3Plan plan;
+  plan.row_tiles = (out + kTileRows - 1) / kTileRows;
+  plan.k_tiles = in / kTileK2;
+  plan.units = plan.row_tiles * plan.k_tiles;
+  if (plan.units == 0) {  // in = 0: an empty sum
+    CUDA_CHECK(cudaMemsetAsync(y, 0, sizeof(OutT) * static_cast<std::size_t>(tokens) * out, stream));
+    return;
+  }
+  plan.warps = std::min(resident_warps, plan.units);
+  const int per_warp = std::min(plan.units / plan.warps, plan.k_tiles);
+  plan.max_pieces = std::min(plan.warps, plan.k_tiles / per_warp + 2);
+  const int token_blocks = (tokens + 8 * kTokenTiles - 1) / (8 * kTokenTiles);
+  const std::int64_t tiles = static_cast<std::int64_t>(token_blocks) * plan.row_tiles;
+  ws.reserve(tiles * plan.max_pieces * 4 * kTokenTiles * 32, tiles);
+  const dim3 grid(static_cast<unsigned>((plan.warps + kMma3Warps - 1) / kMma3Warps), static_cast<unsigned>(token_blocks));
+  gemm4_mma3_kernel<kTokenTiles><<<grid, kMma3Threads, kMma3Smem, stream>>>(W.view(), x, y, out, in, tokens, plan,
+                                                                           ws.partials(), ws.counters());
+  CUDA_CHECK_LAUNCH();
+}
+//! [mma3-launch]
+
 template <class OutT>
 static void launch_for_tokens(const DeviceQuant4& W, const bf16* x, OutT* y, int out, int in, int tokens,
-                              MmaVersion version, cudaStream_t stream) {
+                              MmaVersion version, Mma3Workspace* ws, cudaStream_t stream) {
   // One token tile (8 tokens) per block up to 8 tokens, two up to 16, four beyond: the
   // decoded weights serve every token tile of the block.
-  if (tokens <= 8) {
+  if (version == MmaVersion::pair_table) {
+    const auto* xb = reinterpret_cast<const __nv_bfloat16*>(x);
+    if (tokens <= 8) {
+      launch_mma3<1>(W, xb, y, out, in, tokens, *ws, stream);
+    } else if (tokens <= 16) {
+      launch_mma3<2>(W, xb, y, out, in, tokens, *ws, stream);
+    } else {
+      launch_mma3<4>(W, xb, y, out, in, tokens, *ws, stream);
+    }
+  } else if (tokens <= 8) {
     launch_mma<1>(W, x, y, out, in, tokens, version, stream);
   } else if (tokens <= 16) {
     launch_mma<2>(W, x, y, out, in, tokens, version, stream);
@@ -556,8 +877,23 @@ static void launch_for_tokens(const DeviceQuant4& W, const bf16* x, OutT* y, int
   }
 }
 
+void Mma3Workspace::reserve(std::int64_t floats, std::int64_t counters) {
+  if (floats < 0 || counters < 0) throw std::invalid_argument("Mma3Workspace::reserve: negative size");
+  if (static_cast<std::size_t>(floats) > partials_.size() || static_cast<std::size_t>(counters) > counters_.size()) {
+    // As DequantScratch: launches queued on the old buffers finish before they are freed.
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const auto f = std::max(static_cast<std::size_t>(floats), partials_.size());
+    const auto c = std::max(static_cast<std::size_t>(counters), counters_.size());
+    partials_ = DeviceBuffer<float>();
+    counters_ = DeviceBuffer<unsigned>();
+    partials_ = DeviceBuffer<float>(f);
+    counters_ = DeviceBuffer<unsigned>(c);
+    CUDA_CHECK(cudaMemset(counters_.data(), 0, counters_.bytes()));
+  }
+}
+
 void gemm4_mma(const DeviceQuant4& W, const bf16* x, void* y, OutType y_type, int tokens, MmaVersion version,
-               cudaStream_t stream) {
+               cudaStream_t stream, Mma3Workspace* workspace) {
   const std::string why = gemm4_mma_unsupported(W, version);
   if (!why.empty()) throw std::invalid_argument("gemm4_mma: " + why);
   if (tokens < 0) throw std::invalid_argument("gemm4_mma: tokens = " + std::to_string(tokens) + " is negative");
@@ -567,10 +903,13 @@ void gemm4_mma(const DeviceQuant4& W, const bf16* x, void* y, OutType y_type, in
   if (reinterpret_cast<std::uintptr_t>(x) % 16 != 0) {
     throw std::invalid_argument("gemm4_mma: x (tokens x in bf16) must be 16-byte aligned");
   }
+  if (version == MmaVersion::pair_table && workspace == nullptr) {
+    throw std::invalid_argument("gemm4_mma: version 3 needs an Mma3Workspace");
+  }
   if (y_type == OutType::bf16) {
-    launch_for_tokens(W, x, static_cast<__nv_bfloat16*>(y), out, in, tokens, version, stream);
+    launch_for_tokens(W, x, static_cast<__nv_bfloat16*>(y), out, in, tokens, version, workspace, stream);
   } else {
-    launch_for_tokens(W, x, static_cast<float*>(y), out, in, tokens, version, stream);
+    launch_for_tokens(W, x, static_cast<float*>(y), out, in, tokens, version, workspace, stream);
   }
 }
 

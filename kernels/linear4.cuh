@@ -64,12 +64,11 @@ void linear4_backward_input(CublasHandle& h, const DeviceQuant4& W, const bf16* 
 
 //! [linear4-dispatch]
 /// Which kernel multiplies a 4-bit weight by `tokens` rows in the model's linear layers, read off
-/// `qlora bench kernels` on an H200 at 8192 × 8192 and 28672 × 8192 (docs/benchmarks.md): GEMV
-/// version 4 at 1 and 2 tokens (1.43–1.79× cuBLAS's speed, the tensor-core kernels 0.91–1.42×);
-/// the tensor-core matmul version 1 at 3 to 8 tokens (1.02–1.33×, version 2 0.95–1.01×);
-/// version 2 at 9 to 32 tokens (0.69–0.87×, version 1 0.53–0.83×); from 33 on, dequantize +
-/// cuBLAS (0.43–0.44× at 64 tokens, version 2 0.38–0.41×).
-enum class Linear4Path { gemv, mma_exact, mma_register_table, dequant_cublas };
+/// `qlora bench kernels` on an H200 at 8192 × 8192 and 28672 × 8192 (docs/benchmarks.md): the
+/// tensor-core matmul version 3 from 1 to 32 tokens, where it is memory-bound; from 33 on,
+/// dequantize + cuBLAS. The older fused kernels stay for weights version 3 refuses: GEMV
+/// version 4 at 1 and 2 tokens, version 1 to 8, version 2 to 32.
+enum class Linear4Path { mma_pair_table, gemv, mma_exact, mma_register_table, dequant_cublas };
 
 inline constexpr int kGemvMaxTokens = 2, kMmaExactMaxTokens = 8, kMmaMaxTokens = 32;
 

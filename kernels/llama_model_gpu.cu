@@ -303,6 +303,9 @@ void LlamaModelGpu::linear(int l, Proj p, const float* x, const bf16* xb, float*
         case Linear4Path::mma_register_table:
           gemm4_mma(*f.q4, xb, y, OutType::f32, N, MmaVersion::register_table, stream_);
           break;
+        case Linear4Path::mma_pair_table:
+          gemm4_mma(*f.q4, xb, y, OutType::f32, N, MmaVersion::pair_table, stream_, &mma3_);
+          break;
         case Linear4Path::dequant_cublas:
           linear4_forward(cublas_, *f.q4, xb, N, y, OutType::f32, scratch_, false, stream_);
           break;

@@ -14,6 +14,7 @@
 // of a few 1e-3 against the CPU's float32 model, not 1e-6.
 #pragma once
 #include "device_buffer.cuh"
+#include "gemm4_mma.cuh"
 #include "linear4.cuh"
 #include "llama_model.hpp"
 #include "lora.cuh"
@@ -143,6 +144,7 @@ class LlamaModelGpu {
   cudaStream_t stream_ = nullptr;
   CublasHandle cublas_;
   DequantScratch scratch_;
+  Mma3Workspace mma3_;  ///< the tensor-core matmul version 3's partial sums (decoding)
   DeviceBuffer<float> rms_final_, rope_cos_, rope_sin_;
   DeviceBuffer<bf16> tok_emb_;  ///< the embedding, BF16
   DeviceBuffer<bf16> cls_;      ///< the classifier (a copy of the embedding when shared), BF16

@@ -17,7 +17,8 @@
 #             transformers + bitsandbytes
 #             (tools/hf_generate_bench.py; needs the bnb phase first)
 #   genprofile chapter 5: Nsight Compute's time per kernel of one 7B decode step (after gen7b)
-#   mmaprofile chapter 5: Nsight Compute sections of the tensor-core matmul (versions 1 and 2, 1 token)
+#   mmaprofile chapter 5: Nsight Compute sections of the tensor-core matmul at 1 token (kernels named in
+#             $MMAPROFILE, default version 3's gemm4_mma3_kernel)
 #   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage; RECIPE_RUNS,
 #             RECIPE_SEEDS, RECIPE_JOBS as that script says; into $RECIPE_DIR, default recipe)
 #   hfrecipe  chapter 7: the same recipe in transformers + PEFT + bitsandbytes (tools/hf_recipe.py), per
@@ -134,10 +135,11 @@ run_phase() {
         --tokenizer $tk --prompt "Once upon a time" --max-tokens 2 --temperature 0 > "$res/gen7b_ncu.log" 2>&1
       echo "ncu rc $?"; python3 tools/profile_table.py "$res/gen7b_ncu.csv" --json "$res/gen7b_profile.json" | head -30 ;;
     mmaprofile)
-      # Nsight Compute's view of one launch each of the tensor-core matmul's versions 1 and 2 at one
-      # token on 8192 x 8192 (their first launch in the benchmark: the validation call at 1 token).
+      # Nsight Compute's view of one launch of each kernel in $MMAPROFILE (default: the tensor-core
+      # matmul's version 3) at one token on 8192 x 8192 (its first launch in the benchmark: the
+      # validation call at 1 token).
       ncu=$(nsight_compute)
-      for k in gemm4_mma_kernel gemm4_mma2_kernel; do
+      for k in ${MMAPROFILE:-gemm4_mma3_kernel}; do
         timeout 150 "$ncu" --clock-control none -k regex:"$k" -c 1 --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section WarpStateStats --section Occupancy --section LaunchStats --section SchedulerStats \
           build/cuda/qlora bench kernels --shape 8192x8192 --quick > "$res/ncu_$k.log" 2>&1

@@ -514,7 +514,9 @@ ErrorBound mma_bound(int K, OutType y_type) {
 // differ by at most 2^-8·(1 + 2^-7)·|w| per weight, which adds 2^-8·(1 + 2^-7)·S. The
 // accumulation is version 1's (64 terms in the tensor cores per tile, then one FMA per tile
 // and the warps' sums: fewer than K roundings of 2^-23, on terms that are themselves within
-// 1 + 2^-7 of |x·w|). A weight the reference flushes to zero (|t·a| below FLT_MIN) is
+// 1 + 2^-7 of |x·w|). Version 3 multiplies the same bf16(t) by the same x and scales each tile
+// the same way; only the order of the tiles' sums differs (its warps' pieces), still fewer than
+// K roundings, so the same bound holds. A weight the reference flushes to zero (|t·a| below FLT_MIN) is
 // bf16(t)·a here, less than 2^-126·(1 + 2^-8) in size: K·max|x|·2^-126·(1 + 2^-8) at most.
 // This is the GEMV's bound, 2^-8·S looser than version 1's: the weights are still bf16-close
 // to the exact ones, but no longer bit-identical to the reference's.
@@ -542,7 +544,11 @@ TEST_CASE("ch05: tensor-core 4-bit matmul matches the FP64 reference", "[ch05][g
   // scales so small that some dequantized weights are subnormal and must be flushed to zero,
   // as the CPU reference does (double quantization would reconstruct those scales near the
   // mean scale, not near zero). Version 2 refuses in = 2080, 96 and 8224 (not multiples of 64)
-  // and blocksize 32, by name; 192 gives it 3 tiles, fewer than its 8 warps.
+  // and blocksize 32, by name; 192 gives it 3 tiles, fewer than its 8 warps. Version 3 also
+  // refuses blocksize 4096 at in = 1024 (blocks across rows); at 40 × 192 its 9 units go to 9
+  // warps, one each, so every row tile is added up from 3 pieces, and at 1000 × 4096 most row
+  // tiles are split between warps at some k, a different k in each row tile. One workspace
+  // serves every launch: each must leave its counters at zero for the next.
   const Case cases[] = {{1000, 4096, 64, QuantType::nf4, true, {1, 2, 3, 7, 8, 16, 33}, -1},
                         {200, 512, 64, QuantType::nf4, false, {1, 8, 20}, 5},
                         {333, 2080, 128, QuantType::nf4, true, {1, 8, 9, 64, 128, 512}, -1},
@@ -551,13 +557,18 @@ TEST_CASE("ch05: tensor-core 4-bit matmul matches the FP64 reference", "[ch05][g
                         {300, 8224, 256, QuantType::nf4, true, {1, 4, 16}, -1},
                         {40, 192, 64, QuantType::fp4, true, {3, 40, 128}, -1},
                         {129, 640, 128, QuantType::fp4, false, {1, 9, 24}, 5}};
+  Mma3Workspace workspace;
   for (const auto& c : cases) {
     const auto w = make_weight(c.out, c.in, c.type, c.blocksize, c.dq, c.tiny_row);
     const auto w_abs = abs_of(w.deq);
-    for (auto version : {MmaVersion::exact, MmaVersion::register_table}) {
+    for (auto version : {MmaVersion::exact, MmaVersion::register_table, MmaVersion::pair_table}) {
       const std::string why = gemm4_mma_unsupported(w.device, version);
-      if (version == MmaVersion::register_table && (c.in % 64 != 0 || c.blocksize < 64)) {
+      if (version != MmaVersion::exact && (c.in % 64 != 0 || c.blocksize < 64)) {
         REQUIRE_THAT(why, Catch::Contains(c.in % 64 != 0 ? "in = " + std::to_string(c.in) : std::string("blocksize 32")));
+        continue;
+      }
+      if (version == MmaVersion::pair_table && c.in % c.blocksize != 0) {
+        REQUIRE_THAT(why, Catch::Contains("blocksize " + std::to_string(c.blocksize)));
         continue;
       }
       REQUIRE(why.empty());
@@ -565,14 +576,14 @@ TEST_CASE("ch05: tensor-core 4-bit matmul matches the FP64 reference", "[ch05][g
         const MatmulCase m = matmul_case(w, w_abs, tokens, c.in, c.out);
         for (auto y_type : {OutType::bf16, OutType::f32}) {
           const auto got = run_poisoned(m.ref.size(), y_type == OutType::f32, [&](auto* y) {
-            gemm4_mma(w.device, m.dx.data(), y, y_type, tokens, version);
+            gemm4_mma(w.device, m.dx.data(), y, y_type, tokens, version, nullptr, &workspace);
           });
           const std::string what = "gemm4_mma v" + std::to_string(static_cast<int>(version)) + " " +
                                    to_string(c.type) + (c.dq ? "+dq " : " ") + std::to_string(c.out) + "x" +
                                    std::to_string(c.in) + " bs " + std::to_string(c.blocksize) + " tokens " +
                                    std::to_string(tokens) + (y_type == OutType::bf16 ? " bf16" : " f32");
           const auto bound =
-              version == MmaVersion::exact ? mma_bound(c.in, y_type) : mma2_bound(c.in, m.max_abs_x, y_type);
+              version == MmaVersion::exact ? mma_bound(c.in, y_type) : mma2_bound(c.in, m.max_abs_x, y_type);  // v2, v3
           require_close(what.c_str(), matmul_error(m.ref, m.abs_sum, got, bound), 5e-3);
         }
       }
@@ -595,4 +606,25 @@ TEST_CASE("ch05: tensor-core 4-bit matmul refuses what it cannot run, by name", 
   REQUIRE(gemm4_mma_unsupported(small_blocks.device).empty());
   REQUIRE_THROWS_WITH(gemm4_mma(small_blocks.device, x.data(), y.data(), bf, 1, MmaVersion::register_table),
                       Catch::Contains("blocksize 32"));
+  REQUIRE_THROWS_WITH(gemm4_mma(w.device, x.data(), y.data(), bf, 1, MmaVersion::pair_table),
+                      Catch::Contains("needs an Mma3Workspace"));
+}
+
+// Version 3 adds the pieces of a shared row tile in a fixed order, whichever warp finishes
+// last, so two launches give the same bits; the shape splits nearly every row tile.
+TEST_CASE("ch05: tensor-core matmul version 3 gives the same bits on every launch", "[ch05][gpu]") {
+  const auto w = make_weight(1000, 4096, QuantType::nf4, 64, true);
+  Mma3Workspace workspace;
+  for (int tokens : {1, 13, 32}) {
+    const MatmulCase m = matmul_case(w, abs_of(w.deq), tokens, 4096, 1000);
+    std::vector<std::vector<float>> runs;
+    for (int run = 0; run < 3; ++run) {
+      runs.push_back(run_poisoned(m.ref.size(), true, [&](auto* y) {
+        gemm4_mma(w.device, m.dx.data(), y, OutType::f32, tokens, MmaVersion::pair_table, nullptr, &workspace);
+      }));
+    }
+    INFO("tokens " << tokens);
+    REQUIRE(std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)) == 0);
+    REQUIRE(std::memcmp(runs[0].data(), runs[2].data(), runs[0].size() * sizeof(float)) == 0);
+  }
 }

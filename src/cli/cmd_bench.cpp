@@ -462,8 +462,9 @@ double matmul_bytes(double weight_bytes, int tokens, const Shape& s) {
 
 //! [bench-mma]
 /// The tensor-core 4-bit matmul beside everything else that computes the same product, at each
-/// token count, in one run: cuBLAS on the bf16 weight (the reference time), GEMV version 4 (up to
-/// its token limit), dequantize + cuBLAS (linear4_forward). Each is checked against FP64 first.
+/// token count, in one run: cuBLAS on the bf16 weight (the reference time), its versions 1-3, GEMV
+/// version 4 (up to its token limit), dequantize + cuBLAS (linear4_forward). Each is checked
+/// against FP64 first.
 json bench_mma(Context& ctx, const WeightCopies& copies, const std::vector<bf16>& w_bf16,
                const std::vector<bf16>& w_deq, const Shape& s, const std::vector<int>& token_counts) {
   json rows = json::array();
@@ -471,6 +472,7 @@ json bench_mma(Context& ctx, const WeightCopies& copies, const std::vector<bf16>
   const double w4_bytes = static_cast<double>(q.storage_bytes());
   const double w16_bytes = 2.0 * static_cast<double>(w_bf16.size());
   DequantScratch scratch;
+  Mma3Workspace mma3_workspace;
   for (int tokens : token_counts) {
     json entry = {{"tokens", tokens}, {"rotation_copies_bf16", copies.bf16_count()},
                   {"rotation_copies_4bit", copies.q4_count()}};
@@ -510,6 +512,10 @@ json bench_mma(Context& ctx, const WeightCopies& copies, const std::vector<bf16>
     }));
     variants.push_back(measure("mma v2", w4_bytes, w_deq, [&](int i) {
       gemm4_mma(copies.q(i), x_dev.data(), y.data(), OutType::bf16, tokens, MmaVersion::register_table);
+    }));
+    variants.push_back(measure("mma v3", w4_bytes, w_deq, [&](int i) {
+      gemm4_mma(copies.q(i), x_dev.data(), y.data(), OutType::bf16, tokens, MmaVersion::pair_table, nullptr,
+                &mma3_workspace);
     }));
     if (tokens <= kMaxGemvTokens) {
       variants.push_back(measure("gemv v4", w4_bytes, w_deq, [&](int i) {
