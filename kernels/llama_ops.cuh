@@ -53,7 +53,9 @@ void rope(float* v, int N, int T, int n_heads, int hs, const float* cos_t, const
           cudaStream_t s);
 
 /// rope with each row's position given: row n at pos[n] (device array of N), forward only.
-/// The decode step's rows are tokens of different sequences at different positions.
+/// The decode step's rows are tokens of different sequences at different positions. The decoder
+/// runs rope_kv_cache_write below; rope_at and kv_cache_write are its pieces, which its test
+/// composes as the reference.
 void rope_at(float* v, int N, const int* pos, int n_heads, int hs, const float* cos_t, const float* sin_t,
              cudaStream_t s);
 /// The KV cache's write: row n of x (N×KV) goes to cache[(slot[n]·max_seq + pos[n])·KV …], the cache
@@ -69,13 +71,15 @@ void rope_kv_cache_write(float* q, const float* k, const float* v, float* kc, fl
                          const float* sin_t, cudaStream_t s);
 /// Attention of N query rows (q, out: N×(H·hs)) against a KV cache (kc, vc: slots × max_seq × KVH·hs):
 /// row n sees positions 0..pos[n] of slot slot[n]. scores: N×H×max_seq scratch. CPU reference:
-/// qlora::attend, as LlamaModel::decode_step calls it.
+/// qlora::attend, as LlamaModel::decode_step calls it. Version 1, the simplest: a warp per
+/// query row, a lane per key.
 void attention_cached(const float* q, const float* kc, const float* vc, float* scores, float* out, const int* pos,
                       const int* slot, int N, int H, int KVH, int hs, int max_seq, cudaStream_t s);
 /// Version 2 of attention_cached, what the decoder runs: the same function (same arguments, the
 /// float32 sums in another order), a block per query row with the keys split over its warps and
 /// the head dimensions over the lanes, and out_b = bf16(out) besides (the o projection's
-/// operand). hs·32 bytes of shared memory per block: hs ≤ 1536.
+/// operand). hs·32 bytes of shared memory per block: hs ≤ 1536. q, kc and vc are read 16 bytes
+/// at a time where hs and their alignment allow (8 or 4 otherwise).
 void attention_cached_v2(const float* q, const float* kc, const float* vc, float* scores, float* out, bf16* out_b,
                          const int* pos, const int* slot, int N, int H, int KVH, int hs, int max_seq, cudaStream_t s);
 /// Causal softmax attention with H query heads sharing KVH key/value heads. q, out: N×(H·hs); k, v: N×(KVH·hs);
