@@ -416,10 +416,10 @@ __device__ __forceinline__ void load_vec(const float* p, float (&v)[W]) {
 
 //! [attention-cached-v2-cuda]
 // Version 2 of decoding's attention: one block of kDecodeWarps warps per query row (n, h).
-// Version 1's warp gives each lane a whole key (hs dependent loads, keys hs·KVH floats apart)
-// and then walks every key once per head dimension. Here the warps split the keys and the
-// lanes a key's head dimensions, W-wide loads of consecutive floats: a score is one load per
-// lane and a butterfly sum. Then the softmax over the block, and out = (Σ_s e_s·v_s)/Σ_s e_s
+// Version 1's warp gives each lane a whole key (a chain of hs multiply-adds, neighbouring
+// lanes hs·KVH floats apart) and then walks every key once per head dimension. Here the warps
+// split the keys and the lanes a key's head dimensions, W-wide loads of consecutive floats: a
+// score is one load per lane (hs ≤ 4·32) and a butterfly sum. Then the softmax over the block, and out = (Σ_s e_s·v_s)/Σ_s e_s
 // with the same split; the warps' partial sums are added in warp order. Every sum has a fixed
 // order (no atomics): the same bits every run. out_b gets out rounded to BF16, the o
 // projection's operand.
