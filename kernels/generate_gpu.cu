@@ -178,6 +178,7 @@ void GpuDecoder::poison() {
     for (DeviceFloats& d : *set) CUDA_CHECK(cudaMemset(d.data(), 0xFF, d.size() * sizeof(float)));
   for (DeviceFloats* d : {&x_, &xn_, &q_, &k_, &v_, &o_, &tmp_, &h1_, &h3_, &g_, &scores_, &logits_})
     if (d->size() > 0) CUDA_CHECK(cudaMemset(d->data(), 0xFF, d->size() * sizeof(float)));
+  xb_.poison();
 }
 
 void GpuDecoder::upload_rows(const std::vector<int>& pos, const std::vector<int>& slot) {
@@ -199,6 +200,15 @@ void GpuDecoder::upload_rows(const std::vector<int>& pos, const std::vector<int>
 // own position: the projections through the model's linear() (the 4-bit base as stored,
 // BF16 operands, plus the adapter), RoPE at each row's position, the new keys and values
 // into the cache, attention against the cache.
+//
+// Between the projections each step is a single launch (llama_ops.cuh's decode kernels): the
+// norms take in the residual add before them and write the BF16 operand beside their float
+// output (the adapters read the float one), RoPE and both cache writes are one kernel,
+// attention and SwiGLU write their BF16 copies. A layer is 12 launches where it was 21
+// (rmsnorm, to_bf16, q, k, v, rope_at ×2, kv_cache_write ×2, attention, to_bf16, o, add,
+// rmsnorm, to_bf16, gate, up, swiglu, to_bf16, down, add), counting one per projection as the
+// 4-bit GEMV launches them without an adapter. The last layer's down projection stays in
+// tmp_: head() adds it to x_ in its norm.
 void GpuDecoder::layers(int N) {
   const LlamaConfig& c = m_.cfg_;
   const int D = c.dim, KV = c.kv_dim(), HD = c.hidden_dim, H = c.n_heads, KVH = c.n_kv_heads, hs = c.head_size();
@@ -208,44 +218,43 @@ void GpuDecoder::layers(int N) {
   for (DeviceFloats* d : {&x_, &xn_, &q_, &o_, &tmp_}) d->resize(usz(N) * D);
   for (DeviceFloats* d : {&k_, &v_}) d->resize(usz(N) * KV);
   for (DeviceFloats* d : {&h1_, &h3_, &g_}) d->resize(usz(N) * HD);
-  inv_.resize(usz(N));
   scores_.resize(usz(N) * H * max_seq_);
+  // One BF16 operand buffer: each is read by its projections before the next kernel rewrites it.
+  if (xb_.size() < usz(N) * std::max(D, HD)) xb_ = DeviceBuffer<bf16>(usz(N) * std::max(D, HD));
+  bf16* xb = xb_.data();
   embedding_forward(m_.tok_emb_.data(), tokens_.data(), x_.data(), N, D, s);
-  const auto nD = static_cast<std::int64_t>(N) * D, nH = static_cast<std::int64_t>(N) * HD;
   for (int l = 0; l < c.n_layers; ++l) {
     const auto& L = m_.layers_[usz(l)];
-    rmsnorm_forward(x_.data(), L.rms_att.data(), xn_.data(), inv_.data(), N, D, c.norm_eps, s);
-    const bf16* xnb = m_.rounded(m_.xb_, xn_.data(), nD);  // once for q, k and v
-    m_.linear(l, Proj::q, xn_.data(), xnb, q_.data(), N, false, no_dropout, lc);
-    m_.linear(l, Proj::k, xn_.data(), xnb, k_.data(), N, false, no_dropout, lc);
-    m_.linear(l, Proj::v, xn_.data(), xnb, v_.data(), N, false, no_dropout, lc);
-    rope_at(q_.data(), N, pos_.data(), H, hs, m_.rope_cos_.data(), m_.rope_sin_.data(), s);
-    rope_at(k_.data(), N, pos_.data(), KVH, hs, m_.rope_cos_.data(), m_.rope_sin_.data(), s);
-    kv_cache_write(k_.data(), kc_[usz(l)].data(), pos_.data(), slot_.data(), N, KV, max_seq_, s);
-    kv_cache_write(v_.data(), vc_[usz(l)].data(), pos_.data(), slot_.data(), N, KV, max_seq_, s);
-    attention_cached(q_.data(), kc_[usz(l)].data(), vc_[usz(l)].data(), scores_.data(), o_.data(), pos_.data(),
-                     slot_.data(), N, H, KVH, hs, max_seq_, s);
-    m_.linear(l, Proj::o, o_.data(), m_.rounded(m_.xb_, o_.data(), nD), tmp_.data(), N, false, no_dropout, lc);
-    add_inplace(x_.data(), tmp_.data(), nD, s);
-    rmsnorm_forward(x_.data(), L.rms_ffn.data(), xn_.data(), inv_.data(), N, D, c.norm_eps, s);
-    const bf16* xn2b = m_.rounded(m_.xb_, xn_.data(), nD);  // once for gate and up
-    m_.linear(l, Proj::gate, xn_.data(), xn2b, h1_.data(), N, false, no_dropout, lc);
-    m_.linear(l, Proj::up, xn_.data(), xn2b, h3_.data(), N, false, no_dropout, lc);
-    swiglu_forward(h1_.data(), h3_.data(), g_.data(), nH, s);
-    m_.linear(l, Proj::down, g_.data(), m_.rounded(m_.xb_, g_.data(), nH), tmp_.data(), N, false, no_dropout, lc);
-    add_inplace(x_.data(), tmp_.data(), nD, s);
+    if (l == 0)
+      rmsnorm_rounded(x_.data(), L.rms_att.data(), xn_.data(), xb, N, D, c.norm_eps, s);
+    else  // the previous layer's down projection joins the residual stream here
+      add_rmsnorm_rounded(x_.data(), tmp_.data(), L.rms_att.data(), xn_.data(), xb, N, D, c.norm_eps, s);
+    m_.linear(l, Proj::q, xn_.data(), xb, q_.data(), N, false, no_dropout, lc);
+    m_.linear(l, Proj::k, xn_.data(), xb, k_.data(), N, false, no_dropout, lc);
+    m_.linear(l, Proj::v, xn_.data(), xb, v_.data(), N, false, no_dropout, lc);
+    rope_kv_cache_write(q_.data(), k_.data(), v_.data(), kc_[usz(l)].data(), vc_[usz(l)].data(), pos_.data(),
+                        slot_.data(), N, H, KVH, hs, max_seq_, m_.rope_cos_.data(), m_.rope_sin_.data(), s);
+    attention_cached_v2(q_.data(), kc_[usz(l)].data(), vc_[usz(l)].data(), scores_.data(), o_.data(), xb,
+                        pos_.data(), slot_.data(), N, H, KVH, hs, max_seq_, s);
+    m_.linear(l, Proj::o, o_.data(), xb, tmp_.data(), N, false, no_dropout, lc);
+    add_rmsnorm_rounded(x_.data(), tmp_.data(), L.rms_ffn.data(), xn_.data(), xb, N, D, c.norm_eps, s);
+    m_.linear(l, Proj::gate, xn_.data(), xb, h1_.data(), N, false, no_dropout, lc);
+    m_.linear(l, Proj::up, xn_.data(), xb, h3_.data(), N, false, no_dropout, lc);
+    swiglu_rounded(h1_.data(), h3_.data(), g_.data(), xb, static_cast<std::int64_t>(N) * HD, s);
+    m_.linear(l, Proj::down, g_.data(), xb, tmp_.data(), N, false, no_dropout, lc);
   }
 }
 //! [gpu-decode-layers]
 
+// Rows row..row+n−1 of the layers' output (x_ plus the last down projection, still in tmp_),
+// through the final norm and the classifier into logits rows from out_row.
 void GpuDecoder::head(int row, int n, int out_row) {
   const LlamaConfig& c = m_.cfg_;
   const int D = c.dim, V = c.vocab_size;
-  const float* x = x_.data() + usz(row) * D;
-  rmsnorm_forward(x, m_.rms_final_.data(), xn_.data(), inv_.data(), n, D, c.norm_eps, m_.stream_);
-  const bf16* xnb = m_.rounded(m_.xb_, xn_.data(), static_cast<std::int64_t>(n) * D);
-  gemm_bf16_xwt(m_.cublas_, xnb, m_.cls_.data(), logits_.data() + usz(out_row) * V, OutType::f32, n, D, V, false,
-                m_.stream_);
+  add_rmsnorm_rounded(x_.data() + usz(row) * D, tmp_.data() + usz(row) * D, m_.rms_final_.data(), xn_.data(),
+                      xb_.data(), n, D, c.norm_eps, m_.stream_);
+  gemm_bf16_xwt(m_.cublas_, xb_.data(), m_.cls_.data(), logits_.data() + usz(out_row) * V, OutType::f32, n, D, V,
+                false, m_.stream_);
 }
 
 void GpuDecoder::prefill(int slot, const std::vector<int>& ids) {
@@ -288,9 +297,10 @@ void GpuDecoder::step(const std::vector<int>& pos) {
 }
 
 //! [decode-graph]
-// A decode step of a 7B model is 679 kernels, most of them a few microseconds long at one
-// token, and launching them one by one from the host added 0.7 ms to a 7 ms step (an H200,
-// docs/benchmarks.md). A CUDA graph records the step once (stream capture: the kernels are recorded, not run) and
+// A decode step of a 7B model was 679 kernels when measured (390 by count since the fused
+// decode kernels of layers(); their time is to be measured), most of them a few microseconds
+// long at one token, and launching them one by one from the host added 0.7 ms to a 7 ms step
+// (an H200, docs/benchmarks.md). A CUDA graph records the step once (stream capture: the kernels are recorded, not run) and
 // replays it with one launch. What changes from step to step is read from device memory —
 // the positions (uploaded before the launch), the tokens (the sampled ids) — and the
 // buffers are the ones the eager step sized, so the recorded pointers stay valid.

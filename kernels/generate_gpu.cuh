@@ -60,7 +60,8 @@ class GpuDecoder {
   LlamaModelGpu& m_;
   int slots_, max_seq_;
   std::vector<DeviceFloats> kc_, vc_;  ///< per layer: slots × max_seq × kv_dim
-  DeviceFloats x_, xn_, inv_, q_, k_, v_, o_, tmp_, h1_, h3_, g_, scores_, logits_;
+  DeviceFloats x_, xn_, q_, k_, v_, o_, tmp_, h1_, h3_, g_, scores_, logits_;
+  DeviceBuffer<bf16> xb_;  ///< the BF16 operand of the projections running now
   DeviceLoraCache lora_cache_;  ///< the adapters' forward cache, unused in eval but kept to stay allocated
   DeviceBuffer<int> tokens_, pos_, slot_, ids_;
   DeviceBuffer<float> max_logit_;
@@ -86,9 +87,10 @@ class GpuDecoder {
   void step_kernels(int n);
   /// Records step_kernels(n) into graph_ and launches it.
   void capture_step(int n);
-  /// N rows (tokens_, pos_, slot_ on the device) through every layer into x_.
+  /// N rows (tokens_, pos_, slot_ on the device) through every layer: the output is x_ + tmp_
+  /// (the last down projection is added by head()'s norm, in the same launch).
   void layers(int N);
-  /// Final norm and classifier of n rows of x_ from `row`, into logits rows from `out_row`.
+  /// Final norm and classifier of n rows of x_ + tmp_ from `row`, into logits rows from `out_row`.
   void head(int row, int n, int out_row);
   void upload_rows(const std::vector<int>& pos, const std::vector<int>& slot);
 };

@@ -6,6 +6,12 @@
 // element by element. No atomics anywhere: every output has exactly one writer,
 // so results are deterministic from run to run.
 //
+// Decoding (kernels/generate_gpu.cu) runs a few rows per step, where a launch costs more
+// than its work: it has fused versions (rmsnorm_rounded, add_rmsnorm_rounded,
+// rope_kv_cache_write, swiglu_rounded), each one launch computing exactly what two to four
+// of the kernels here compute (the tests hold them to the same bits), and a second version
+// of attention against the cache.
+//
 // Layout as on the CPU: activations are float32 row-major, N = B·T rows with
 // row b·T + t holding token t of sequence b. All pointers are device pointers;
 // work is enqueued on stream `s` and every launch is checked.
@@ -28,6 +34,14 @@ void embedding_forward(const bf16* table, const int* tokens, float* x, int N, in
 void rmsnorm_forward(const float* x, const float* w, float* y, float* inv_rms, int N, int D, float eps,
                      cudaStream_t s);
 
+/// Decoding's RMSNorm: y as rmsnorm_forward computes it (no inv_rms: nothing is differentiated),
+/// and yb = bf16(y), the projections' operand, in one launch. Bit for bit rmsnorm_forward + to_bf16.
+void rmsnorm_rounded(const float* x, const float* w, float* y, bf16* yb, int N, int D, float eps, cudaStream_t s);
+/// x += t (the residual stream takes a projection's output), then rmsnorm_rounded of the new x, in
+/// one launch. Bit for bit add_inplace + rmsnorm_forward + to_bf16.
+void add_rmsnorm_rounded(float* x, const float* t, const float* w, float* y, bf16* yb, int N, int D, float eps,
+                         cudaStream_t s);
+
 /// dx += ∂loss/∂x of RMSNorm (ADDS into dx; the norm weight is frozen). CPU reference: qlora::rmsnorm_backward.
 void rmsnorm_backward(const float* x, const float* w, const float* inv_rms, const float* dy, float* dx, int N, int D,
                       cudaStream_t s);
@@ -39,18 +53,35 @@ void rope(float* v, int N, int T, int n_heads, int hs, const float* cos_t, const
           cudaStream_t s);
 
 /// rope with each row's position given: row n at pos[n] (device array of N), forward only.
-/// The decode step's rows are tokens of different sequences at different positions.
+/// The decode step's rows are tokens of different sequences at different positions. The decoder
+/// runs rope_kv_cache_write below; rope_at and kv_cache_write are its pieces, which its test
+/// composes as the reference.
 void rope_at(float* v, int N, const int* pos, int n_heads, int hs, const float* cos_t, const float* sin_t,
              cudaStream_t s);
 /// The KV cache's write: row n of x (N×KV) goes to cache[(slot[n]·max_seq + pos[n])·KV …], the cache
 /// being slots × max_seq × KV. CPU reference: LlamaModel::decode_step's k and v projections into its cache.
 void kv_cache_write(const float* x, float* cache, const int* pos, const int* slot, int N, int KV, int max_seq,
                     cudaStream_t s);
+/// Decoding's step between the projections and attention in one launch: q (N×H·hs) rotated in
+/// place as rope_at, k (N×KVH·hs) rotated into kc, v copied into vc, each row at pos[n] of slot
+/// slot[n]; k itself is left as it was. Bit for bit rope_at(q), rope_at(k), kv_cache_write(k),
+/// kv_cache_write(v) (the cache's entries; k then differs: it is not rotated in place).
+void rope_kv_cache_write(float* q, const float* k, const float* v, float* kc, float* vc, const int* pos,
+                         const int* slot, int N, int H, int KVH, int hs, int max_seq, const float* cos_t,
+                         const float* sin_t, cudaStream_t s);
 /// Attention of N query rows (q, out: N×(H·hs)) against a KV cache (kc, vc: slots × max_seq × KVH·hs):
 /// row n sees positions 0..pos[n] of slot slot[n]. scores: N×H×max_seq scratch. CPU reference:
-/// qlora::attend, as LlamaModel::decode_step calls it.
+/// qlora::attend, as LlamaModel::decode_step calls it. Version 1, the simplest: a warp per
+/// query row, a lane per key.
 void attention_cached(const float* q, const float* kc, const float* vc, float* scores, float* out, const int* pos,
                       const int* slot, int N, int H, int KVH, int hs, int max_seq, cudaStream_t s);
+/// Version 2 of attention_cached, what the decoder runs: the same function (same arguments, the
+/// float32 sums in another order), a block per query row with the keys split over its warps and
+/// the head dimensions over the lanes, and out_b = bf16(out) besides (the o projection's
+/// operand). hs·32 bytes of shared memory per block: hs ≤ 1536. q, kc and vc are read 16 bytes
+/// at a time where hs and their alignment allow (8 or 4 otherwise).
+void attention_cached_v2(const float* q, const float* kc, const float* vc, float* scores, float* out, bf16* out_b,
+                         const int* pos, const int* slot, int N, int H, int KVH, int hs, int max_seq, cudaStream_t s);
 /// Causal softmax attention with H query heads sharing KVH key/value heads. q, out: N×(H·hs); k, v: N×(KVH·hs);
 /// att: B×H×T×T softmax weights, zero above the diagonal. T ≤ 1024. CPU reference: qlora::attention_forward.
 void attention_forward(const float* q, const float* k, const float* v, float* att, float* out, int B, int T, int H,
@@ -65,6 +96,9 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
 
 /// g = silu(h1) ⊙ h3. CPU reference: qlora::swiglu_forward.
 void swiglu_forward(const float* h1, const float* h3, float* g, std::int64_t n, cudaStream_t s);
+/// swiglu_forward that also writes gb = bf16(g), the down projection's operand: bit for bit
+/// swiglu_forward + to_bf16, in one launch.
+void swiglu_rounded(const float* h1, const float* h3, float* g, bf16* gb, std::int64_t n, cudaStream_t s);
 
 /// dh1, dh3 (overwritten) from dg; in place allowed (dh1 = h1, dh3 = h3). CPU reference: qlora::swiglu_backward.
 void swiglu_backward(const float* h1, const float* h3, const float* dg, float* dh1, float* dh3, std::int64_t n,

@@ -47,14 +47,16 @@ DeviceBuffer<T> dev(const std::vector<T>& v) {
   return gpu::to_device(std::span<const T>(v));
 }
 
-// A device output of n floats, poisoned: 0xFFFFFFFF is a NaN.
-DeviceBuffer<float> poisoned(std::size_t n) {
-  DeviceBuffer<float> d(n);
+// A device output of n values, poisoned: 0xFFFFFFFF is a float NaN, 0xFFFF a BF16 NaN.
+template <class T = float>
+DeviceBuffer<T> poisoned(std::size_t n) {
+  DeviceBuffer<T> d(n);
   d.poison();
   return d;
 }
 
-std::vector<float> host(const DeviceBuffer<float>& d) {
+template <class T>
+std::vector<T> host(const DeviceBuffer<T>& d) {
   CUDA_CHECK(cudaDeviceSynchronize());
   return d.download();
 }
@@ -80,10 +82,12 @@ void check_close(const std::vector<float>& got, const std::vector<float>& ref, d
   CHECK(worst <= tol * scale);
 }
 
-void check_equal(const std::vector<float>& got, const std::vector<float>& ref, const char* what) {
+// Bit for bit (float or BF16 values): a NaN equals only the same NaN.
+template <class T>
+void check_equal(const std::vector<T>& got, const std::vector<T>& ref, const char* what) {
   REQUIRE(got.size() == ref.size());
   std::size_t differ = 0;
-  for (std::size_t i = 0; i < ref.size(); ++i) differ += std::memcmp(&got[i], &ref[i], sizeof(float)) != 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) differ += std::memcmp(&got[i], &ref[i], sizeof(T)) != 0;
   INFO(what << ": " << differ << " of " << ref.size() << " values differ");
   CHECK(differ == 0);
 }
@@ -134,6 +138,59 @@ TEST_CASE("GPU RMSNorm forward and backward match the CPU reference", "[ch07][gp
   // one D-term dot product (same bound) and r³ (three roundings).
   gpu::rmsnorm_backward(d_x.data(), d_w.data(), d_inv_in.data(), d_dy.data(), d_dx.data(), sh.N, sh.D, nullptr);
   check_close(host(d_dx), dx_ref, 2e-5, "dx");
+}
+
+// Decoding's fused norms (kernels/generate_gpu.cu) against the launches they replace, on the
+// GPU: the same float operations in the same order, so the same bits. Shapes: a 7B decode row
+// (one row of 4096), a batch of 32 kjv15M rows, and widths that are not multiples of the block.
+TEST_CASE("GPU rmsnorm_rounded and add_rmsnorm_rounded equal add_inplace, rmsnorm_forward and to_bf16, bit for bit",
+          "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  struct Shape { int N, D; };
+  const auto sh = GENERATE(Shape{1, 4096}, Shape{32, 288}, Shape{37, 64}, Shape{5, 1030});
+  CAPTURE(sh.N, sh.D);
+  const std::size_t n = static_cast<std::size_t>(sh.N) * sh.D;
+  const auto x = random_vec(n, rng, -2.0, 2.0);
+  const auto t = random_vec(n, rng);
+  const auto w = random_vec(static_cast<std::size_t>(sh.D), rng, 0.5, 1.5);
+  const float eps = 1e-5f;
+  auto d_x = dev(x), d_t = dev(t), d_w = dev(w);
+
+  // The unfused launches, as the decoder ran them: norm, rounding.
+  auto y_ref = poisoned(n), inv = poisoned(static_cast<std::size_t>(sh.N));
+  auto yb_ref = poisoned<bf16>(n);
+  gpu::rmsnorm_forward(d_x.data(), d_w.data(), y_ref.data(), inv.data(), sh.N, sh.D, eps, nullptr);
+  gpu::to_bf16(y_ref.data(), yb_ref.data(), static_cast<std::int64_t>(n), nullptr);
+  auto y = poisoned(n);
+  auto yb = poisoned<bf16>(n);
+  gpu::rmsnorm_rounded(d_x.data(), d_w.data(), y.data(), yb.data(), sh.N, sh.D, eps, nullptr);
+  check_equal(host(y), host(y_ref), "rmsnorm_rounded y");
+  check_equal(host(yb), host(yb_ref), "rmsnorm_rounded yb");
+  check_equal(host(d_x), x, "rmsnorm_rounded leaves x");
+  // And it is the norm, not an agreement of two wrong kernels: the RMSNorm test's bound.
+  std::vector<float> y_cpu(n), inv_cpu(static_cast<std::size_t>(sh.N));
+  rmsnorm_forward(x.data(), w.data(), y_cpu.data(), inv_cpu.data(), sh.N, sh.D, eps);
+  // (At D = 4096 the 1024 threads add ≤ 4 squares each, then a 10-level tree: ≤ 14·u on the sum.)
+  check_close(host(y), y_cpu, 2e-5, "rmsnorm_rounded y against the CPU");
+
+  // With the residual add first: add_inplace, then the same two.
+  auto x_ref = dev(x);
+  y_ref.poison();
+  yb_ref.poison();
+  gpu::add_inplace(x_ref.data(), d_t.data(), static_cast<std::int64_t>(n), nullptr);
+  gpu::rmsnorm_forward(x_ref.data(), d_w.data(), y_ref.data(), inv.data(), sh.N, sh.D, eps, nullptr);
+  gpu::to_bf16(y_ref.data(), yb_ref.data(), static_cast<std::int64_t>(n), nullptr);
+  y.poison();
+  yb.poison();
+  gpu::add_rmsnorm_rounded(d_x.data(), d_t.data(), d_w.data(), y.data(), yb.data(), sh.N, sh.D, eps, nullptr);
+  std::vector<float> sum(n);
+  for (std::size_t i = 0; i < n; ++i) sum[i] = x[i] + t[i];
+  check_equal(host(d_x), sum, "add_rmsnorm_rounded x + t");  // one float addition: the CPU's too
+  check_equal(host(d_x), host(x_ref), "add_rmsnorm_rounded x + t against add_inplace");
+  check_equal(host(y), host(y_ref), "add_rmsnorm_rounded y");
+  check_equal(host(yb), host(yb_ref), "add_rmsnorm_rounded yb");
+  rmsnorm_forward(sum.data(), w.data(), y_cpu.data(), inv_cpu.data(), sh.N, sh.D, eps);
+  check_close(host(y), y_cpu, 2e-5, "add_rmsnorm_rounded y against the CPU");
 }
 
 TEST_CASE("GPU RoPE matches the CPU reference, forward and inverse", "[ch07][gpu]") {
@@ -314,6 +371,100 @@ TEST_CASE("GPU decoding ops: rope_at, kv_cache_write and attention_cached match 
   check_close(host(d_out), out_ref, 5e-5, "attention_cached");
 }
 
+TEST_CASE("GPU rope_kv_cache_write equals rope_at, rope_at, kv_cache_write and kv_cache_write, bit for bit",
+          "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  struct Shape { int H, KVH, hs; };
+  const auto sh = GENERATE(Shape{6, 2, 16}, Shape{6, 6, 48}, Shape{8, 4, 8}, Shape{32, 32, 128}, Shape{32, 8, 128});
+  CAPTURE(sh.H, sh.KVH, sh.hs);
+  // The decoding test's rows: different sequences at different positions, two rows in slot 1.
+  const int slots = 3, max_seq = 40, D = sh.H * sh.hs, KV = sh.KVH * sh.hs;
+  const std::vector<int> slot = {0, 1, 2, 1}, pos = {0, 17, 39, 5};
+  const int N = static_cast<int>(slot.size());
+  LlamaConfig c;
+  c.n_heads = sh.H;
+  c.n_kv_heads = sh.KVH;
+  c.dim = D;
+  c.seq_len = max_seq;
+  std::vector<float> cos_t, sin_t;
+  rope_tables(c, cos_t, sin_t);
+  const auto q = random_vec(static_cast<std::size_t>(N) * D, rng, -2.0, 2.0);
+  const auto k = random_vec(static_cast<std::size_t>(N) * KV, rng, -2.0, 2.0);
+  const auto v = random_vec(static_cast<std::size_t>(N) * KV, rng);
+  const std::size_t cache_n = static_cast<std::size_t>(slots) * max_seq * KV;
+  auto d_cos = dev(cos_t), d_sin = dev(sin_t), d_v = dev(v);
+  auto d_pos = dev(pos), d_slot = dev(slot);
+
+  // The four launches the decoder ran, on poisoned caches: rows nobody writes stay NaN in both.
+  auto q_ref = dev(q), k_ref = dev(k);
+  auto kc_ref = poisoned(cache_n), vc_ref = poisoned(cache_n);
+  gpu::rope_at(q_ref.data(), N, d_pos.data(), sh.H, sh.hs, d_cos.data(), d_sin.data(), nullptr);
+  gpu::rope_at(k_ref.data(), N, d_pos.data(), sh.KVH, sh.hs, d_cos.data(), d_sin.data(), nullptr);
+  gpu::kv_cache_write(k_ref.data(), kc_ref.data(), d_pos.data(), d_slot.data(), N, KV, max_seq, nullptr);
+  gpu::kv_cache_write(d_v.data(), vc_ref.data(), d_pos.data(), d_slot.data(), N, KV, max_seq, nullptr);
+
+  auto d_q = dev(q), d_k = dev(k);
+  auto kc = poisoned(cache_n), vc = poisoned(cache_n);
+  gpu::rope_kv_cache_write(d_q.data(), d_k.data(), d_v.data(), kc.data(), vc.data(), d_pos.data(), d_slot.data(), N,
+                           sh.H, sh.KVH, sh.hs, max_seq, d_cos.data(), d_sin.data(), nullptr);
+  check_equal(host(d_q), host(q_ref), "q");
+  check_equal(host(kc), host(kc_ref), "k cache");  // a written row left NaN would differ here
+  check_equal(host(vc), host(vc_ref), "v cache");
+  check_equal(host(d_k), k, "k, left unrotated");
+  std::size_t written = 0;  // the rows' entries, and only those, hold numbers
+  for (float x : host(kc)) written += std::isfinite(x);
+  CHECK(written == static_cast<std::size_t>(N) * KV);
+}
+
+// Version 2 against the CPU's attend, as version 1 in the decoding test above, with longer
+// rows (up to 300 keys: 38 per warp) and head sizes for each load width (hs % 4 == 0: 16-byte
+// loads; hs 6: 8-byte; hs 5: one float).
+TEST_CASE("GPU attention_cached version 2 matches the CPU's attend and writes its BF16 copy", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  struct Shape { int H, KVH, hs; };
+  const auto sh = GENERATE(Shape{6, 2, 16}, Shape{6, 6, 48}, Shape{8, 4, 8}, Shape{32, 32, 128}, Shape{32, 8, 128},
+                           Shape{4, 2, 6}, Shape{3, 1, 5});
+  CAPTURE(sh.H, sh.KVH, sh.hs);
+  const int slots = 3, max_seq = 300, D = sh.H * sh.hs, KV = sh.KVH * sh.hs;
+  const std::vector<int> slot = {0, 1, 2, 1, 0}, pos = {0, 17, 299, 5, 130};
+  const int N = static_cast<int>(slot.size());
+  const auto q = random_vec(static_cast<std::size_t>(N) * D, rng, -2.0, 2.0);
+  const std::size_t cache_n = static_cast<std::size_t>(slots) * max_seq * KV;
+  const auto kc = random_vec(cache_n, rng, -2.0, 2.0), vc = random_vec(cache_n, rng);
+  std::vector<float> out_ref(static_cast<std::size_t>(N) * D), p(max_seq);
+  for (int n = 0; n < N; ++n) {
+    const auto un = static_cast<std::size_t>(n);
+    const std::size_t base = static_cast<std::size_t>(slot[un]) * max_seq * KV;
+    for (int h = 0; h < sh.H; ++h) {
+      const std::size_t g = static_cast<std::size_t>(h / (sh.H / sh.KVH)) * sh.hs;
+      attend(&q[un * D + static_cast<std::size_t>(h) * sh.hs], &kc[base + g], &vc[base + g], pos[un] + 1, KV, sh.hs,
+             p.data(), &out_ref[un * D + static_cast<std::size_t>(h) * sh.hs]);
+    }
+  }
+  auto d_q = dev(q), d_kc = dev(kc), d_vc = dev(vc);
+  auto d_pos = dev(pos), d_slot = dev(slot);
+  auto scores = poisoned(static_cast<std::size_t>(N) * sh.H * max_seq), out = poisoned(out_ref.size());
+  auto out_b = poisoned<bf16>(out_ref.size());
+  auto run = [&] {
+    gpu::attention_cached_v2(d_q.data(), d_kc.data(), d_vc.data(), scores.data(), out.data(), out_b.data(),
+                             d_pos.data(), d_slot.data(), N, sh.H, sh.KVH, sh.hs, max_seq, nullptr);
+  };
+  run();
+  // Version 1's bound, argued in the attention forward test: float32 sums in another order
+  // than the CPU's double ones. Here a score is ≤ 4 products per lane and a 5-level butterfly
+  // (≈ 9 roundings of partial sums ≤ Σ|q_i·k_i|), the softmax's sum ≤ 2 terms per thread and
+  // an 8-level tree, out ≤ 38 terms per warp then 8 partial sums: typical errors ≈ √K·u, about
+  // 1e-6 of the largest value, far under the bound.
+  const auto got = host(out);
+  check_close(got, out_ref, 5e-5, "attention_cached_v2");
+  check_equal(host(out_b), qlora::to_bf16(got), "out_b = bf16(out)");
+  // No atomics, a fixed order of every sum: a second run gives the same bits.
+  out.poison();
+  out_b.poison();
+  run();
+  check_equal(host(out), got, "attention_cached_v2, second run");
+}
+
 TEST_CASE("GPU attention rejects shapes it does not support", "[ch07][gpu]") {
   DeviceBuffer<float> buf(16);
   float* p = buf.data();
@@ -322,6 +473,12 @@ TEST_CASE("GPU attention rejects shapes it does not support", "[ch07][gpu]") {
   CHECK_THROWS_AS(gpu::attention_backward(p, p, p, p, p, p, p, p, p, 1, 1025, 1, 1, 4, nullptr),
                   std::invalid_argument);
   CHECK_THROWS_AS(gpu::rope(p, 1, 1, 1, 3, p, p, false, nullptr), std::invalid_argument);
+  bf16* b = nullptr;
+  int* i = nullptr;
+  // Version 2: heads that do not share kv heads evenly, and a head too large for its shared memory.
+  CHECK_THROWS_AS(gpu::attention_cached_v2(p, p, p, p, p, b, i, i, 1, 6, 4, 4, 8, nullptr), std::invalid_argument);
+  CHECK_THROWS_AS(gpu::attention_cached_v2(p, p, p, p, p, b, i, i, 1, 1, 1, 1600, 8, nullptr), std::invalid_argument);
+  CHECK_THROWS_AS(gpu::rope_kv_cache_write(p, p, p, p, p, i, i, 1, 2, 1, 3, 8, p, p, nullptr), std::invalid_argument);
 }
 
 TEST_CASE("GPU SwiGLU forward and backward match the CPU reference", "[ch07][gpu]") {
@@ -358,6 +515,25 @@ TEST_CASE("GPU SwiGLU forward and backward match the CPU reference", "[ch07][gpu
   gpu::swiglu_backward(d_h1.data(), d_h3.data(), d_dg.data(), d_h1.data(), d_h3.data(), n, nullptr);
   check_equal(host(d_h1), dh1, "dh1 in place");
   check_equal(host(d_h3), host(d_dh3), "dh3 in place");
+}
+
+TEST_CASE("GPU swiglu_rounded equals swiglu_forward and to_bf16, bit for bit", "[ch07][gpu]") {
+  auto rng = fresh_rng();
+  const std::int64_t n = GENERATE(std::int64_t{1}, std::int64_t{1001}, std::int64_t{32} * 11008 + 5);
+  CAPTURE(n);
+  const auto un = static_cast<std::size_t>(n);
+  const auto h1 = random_vec(un, rng, -6.0, 6.0), h3 = random_vec(un, rng, -2.0, 2.0);
+  auto d_h1 = dev(h1), d_h3 = dev(h3);
+  auto g_ref = poisoned(un), g = poisoned(un);
+  auto gb_ref = poisoned<bf16>(un), gb = poisoned<bf16>(un);
+  gpu::swiglu_forward(d_h1.data(), d_h3.data(), g_ref.data(), n, nullptr);
+  gpu::to_bf16(g_ref.data(), gb_ref.data(), n, nullptr);
+  gpu::swiglu_rounded(d_h1.data(), d_h3.data(), g.data(), gb.data(), n, nullptr);
+  check_equal(host(g), host(g_ref), "g");
+  check_equal(host(gb), host(gb_ref), "gb");
+  std::vector<float> g_cpu(un);
+  swiglu_forward(h1.data(), h3.data(), g_cpu.data(), n);
+  check_close(host(g), g_cpu, 2e-6, "g against the CPU");  // the SwiGLU test's bound
 }
 
 TEST_CASE("GPU cross-entropy loss and backward match the CPU reference", "[ch07][gpu]") {

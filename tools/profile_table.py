@@ -17,7 +17,10 @@ import re
 import sys
 
 RANGES = ["base", "lora", "attention", "head", "optimizer"]
-# Kernels outside the ranges, by name: what the rest of a layer does.
+# Kernels outside the ranges, by name: what the rest of a layer does. The first pattern that
+# matches names the group, so decoding's fused kernels count where their name starts:
+# rmsnorm_rounded (the residual add and the BF16 rounding too) under norms, rope_kv_write (the
+# cache writes too) under rope, swiglu's and attention's BF16 copies under theirs.
 BY_NAME = [("rmsnorm", "norms"), ("rope", "rope"), ("swiglu", "swiglu"), ("add_kernel", "residual adds"),
            ("to_bf16", "BF16 rounding"), ("embedding", "embedding"), ("memcpy|memset", "copies"),
            ("attention_cached|kv_cache", "attention (cached)"), ("argmax", "sampling")]
