@@ -545,10 +545,14 @@ constexpr int mma3_min_blocks(int token_tiles) { return token_tiles == 1 ? 3 : t
 /// Row b of the table holds, for each lane l at byte 4l, the bf16 pair of byte value b: the
 /// first weight (high nibble) in the low half, as an A register wants it. Bytes 128-255 of a
 /// row are unused: the spacing of 256 lets one prmt build the address.
-static __device__ void fill_pair_table(char* table, const float* values) {
+/// The 16 values are staged in shared memory first: read from there, the 32 rows a thread
+/// writes do not wait on each other (global loads might alias the table's stores).
+static __device__ void fill_pair_table(char* table, float* s_values, const float* values) {
+  if (threadIdx.x < 16) s_values[threadIdx.x] = values[threadIdx.x];
+  __syncthreads();
   for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
     const int b = e / 32, l = e % 32;
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(values[b >> 4], values[b & 15]);
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(s_values[b >> 4], s_values[b & 15]);
     *reinterpret_cast<__nv_bfloat162*>(table + 256 * b + 4 * l) = pair;
   }
 }
@@ -654,7 +658,10 @@ static __device__ void finish_row_tile(const float (&acc)[kTokenTiles][4], const
   before = __shfl_sync(0xffffffffu, before, 0);
   if (before != static_cast<unsigned>(pieces - 1)) return;
   __threadfence();
+  // Unrolled so that the loads of several pieces are in flight at once: a row tile can have a
+  // dozen pieces, and one L2 round trip after another would be the kernel's longest path.
   float sum[kTokenTiles][4] = {};
+#pragma unroll 8
   for (int p = 0; p < pieces; ++p)
 #pragma unroll
     for (int n = 0; n < kTokenTiles; ++n)
@@ -674,8 +681,8 @@ __global__ void __launch_bounds__(kMma3Threads, mma3_min_blocks(kTokenTiles))
     gemm4_mma3_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, OutT* __restrict__ y, int out, int in,
                       int tokens, Mma3Plan plan, float* __restrict__ partials, unsigned* __restrict__ counters) {
   extern __shared__ __align__(16) char s_pairs[];
-  __shared__ float s_map[256];
-  fill_pair_table(s_pairs, q.table);
+  __shared__ float s_map[256], s_values[16];
+  fill_pair_table(s_pairs, s_values, q.table);
   if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMma3Threads == 256
   __syncthreads();
 
