@@ -541,28 +541,32 @@ struct Mma3Plan {
 /// kilobytes of x, which stay in L1.
 constexpr int mma3_min_blocks(int token_tiles) { return token_tiles == 1 ? 3 : token_tiles == 2 ? 2 : 1; }
 
+/// The table: version 3's dynamic shared memory, named here so that a lookup is a shared-memory
+/// load at a constant offset from its 32-bit address (through a generic pointer it would be a
+/// 64-bit add and a generic load).
+extern __shared__ __align__(16) std::uint32_t mma3_pairs[];
+
 //! [mma3-table]
 /// Row b of the table holds, for each lane l at byte 4l, the bf16 pair of byte value b: the
 /// first weight (high nibble) in the low half, as an A register wants it. Bytes 128-255 of a
 /// row are unused: the spacing of 256 lets one prmt build the address.
 /// The 16 values are staged in shared memory first: read from there, the 32 rows a thread
 /// writes do not wait on each other (global loads might alias the table's stores).
-static __device__ void fill_pair_table(char* table, float* s_values, const float* values) {
+static __device__ void fill_pair_table(float* s_values, const float* values) {
   if (threadIdx.x < 16) s_values[threadIdx.x] = values[threadIdx.x];
   __syncthreads();
   for (int e = threadIdx.x; e < 256 * 32; e += blockDim.x) {
     const int b = e / 32, l = e % 32;
     const __nv_bfloat162 pair = __floats2bfloat162_rn(s_values[b >> 4], s_values[b & 15]);
-    *reinterpret_cast<__nv_bfloat162*>(table + 256 * b + 4 * l) = pair;
+    mma3_pairs[64 * b + l] = reinterpret_cast<const std::uint32_t&>(pair);
   }
 }
 
 /// The A register of byte `byte` (0-3) of `word`: prmt puts 4·lane in the address's byte 0, the
 /// code byte in byte 1 and zeros above (selector 5 is byte 1 of lane4, which is zero).
-static __device__ __forceinline__ std::uint32_t pair_of(const char* table, std::uint32_t word, std::uint32_t lane4,
-                                                        int byte) {
+static __device__ __forceinline__ std::uint32_t pair_of(std::uint32_t word, std::uint32_t lane4, int byte) {
   const std::uint32_t address = __byte_perm(word, lane4, 0x5504u | static_cast<std::uint32_t>(byte << 4));
-  return *reinterpret_cast<const std::uint32_t*>(table + address);
+  return mma3_pairs[address / 4];
 }
 //! [mma3-table]
 
@@ -584,16 +588,16 @@ struct Unit3 {
 /// One unit of one warp: version 2's k permutation (lane t holds k 16t .. 16t + 15 of the
 /// tile, bytes 2s and 2s + 1 of its 8 at step s), each byte looked up as its A register.
 template <int kTokenTiles>
-static __device__ __forceinline__ void mma3_unit(const Unit3& u, const uint4 (&xv)[kTokenTiles][2], const char* table,
-                                                 std::uint32_t lane4, const Quant4View& q, const float* s_map,
+static __device__ __forceinline__ void mma3_unit(const Unit3& u, const uint4 (&xv)[kTokenTiles][2], std::uint32_t lane4,
+                                                 const Quant4View& q, const float* s_map,
                                                  float (&acc)[kTokenTiles][4]) {
   float part[kTokenTiles][4] = {};
 #pragma unroll
   for (int s = 0; s < 4; ++s) {
     const std::uint32_t g_word = s < 2 ? u.codes[0].x : u.codes[0].y, g8_word = s < 2 ? u.codes[1].x : u.codes[1].y;
     const int b = 2 * (s % 2);
-    const std::uint32_t a[4] = {pair_of(table, g_word, lane4, b), pair_of(table, g8_word, lane4, b),
-                                pair_of(table, g_word, lane4, b + 1), pair_of(table, g8_word, lane4, b + 1)};
+    const std::uint32_t a[4] = {pair_of(g_word, lane4, b), pair_of(g8_word, lane4, b), pair_of(g_word, lane4, b + 1),
+                                pair_of(g8_word, lane4, b + 1)};
 #pragma unroll
     for (int n = 0; n < kTokenTiles; ++n) {
       const uint4& v = xv[n][s / 2];
@@ -680,9 +684,8 @@ template <int kTokenTiles, class OutT>
 __global__ void __launch_bounds__(kMma3Threads, mma3_min_blocks(kTokenTiles))
     gemm4_mma3_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, OutT* __restrict__ y, int out, int in,
                       int tokens, Mma3Plan plan, float* __restrict__ partials, unsigned* __restrict__ counters) {
-  extern __shared__ __align__(16) char s_pairs[];
   __shared__ float s_map[256], s_values[16];
-  fill_pair_table(s_pairs, s_values, q.table);
+  fill_pair_table(s_values, q.table);
   if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMma3Threads == 256
   __syncthreads();
 
@@ -742,7 +745,7 @@ __global__ void __launch_bounds__(kMma3Threads, mma3_min_blocks(kTokenTiles))
       if (u + j >= u_end) break;
       uint4 xv[kTokenTiles][2];
       load_x(k, xv);
-      mma3_unit<kTokenTiles>(ring[j], xv, s_pairs, lane4, q, s_map, acc);
+      mma3_unit<kTokenTiles>(ring[j], xv, lane4, q, s_map, acc);
       if (u + j + kMma3Depth < u_end) load(ring[j]);
       ++k;
       if (k == plan.k_tiles || u + j + 1 == u_end) {

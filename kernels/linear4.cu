@@ -94,10 +94,10 @@ void linear4_backward_input(CublasHandle& h, const DeviceQuant4& W, const bf16* 
 //! [linear4]
 
 Linear4Path linear4_path(const DeviceQuant4& W, int tokens) {
-  if (tokens <= kMmaMaxTokens && gemm4_mma_unsupported(W, MmaVersion::pair_table).empty())
-    return Linear4Path::mma_pair_table;
   if (tokens <= kGemvMaxTokens && gemv4_fused_supported(W, tokens)) return Linear4Path::gemv;
   if (tokens <= kMmaExactMaxTokens && gemm4_mma_unsupported(W, MmaVersion::exact).empty()) return Linear4Path::mma_exact;
+  if (tokens <= kMmaPairTableMaxTokens && gemm4_mma_unsupported(W, MmaVersion::pair_table).empty())
+    return Linear4Path::mma_pair_table;
   if (tokens <= kMmaMaxTokens && gemm4_mma_unsupported(W, MmaVersion::register_table).empty())
     return Linear4Path::mma_register_table;
   return Linear4Path::dequant_cublas;
