@@ -17,6 +17,7 @@
 #             transformers + bitsandbytes
 #             (tools/hf_generate_bench.py; needs the bnb phase first)
 #   genprofile chapter 5: Nsight Compute's time per kernel of one 7B decode step (after gen7b)
+#   mmasass   chapter 5: cuobjdump -sass of the tensor-core matmul version 3 (one token tile)
 #   mmaprofile chapter 5: Nsight Compute sections of the tensor-core matmul at 1 token (kernels named in
 #             $MMAPROFILE, default version 3's gemm4_mma3_kernel)
 #   recipe    chapter 7: scripts/gpu_recipe.sh (the reference fine-tune per base storage; RECIPE_RUNS,
@@ -145,6 +146,13 @@ run_phase() {
           build/cuda/qlora bench kernels --shape 8192x8192 --quick > "$res/ncu_$k.log" 2>&1
         echo "ncu $k: rc $?"; grep -E "Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|No Eligible" "$res/ncu_$k.log" | head -12
       done ;;
+    mmasass)
+      # The machine code of the tensor-core matmul version 3 at one token tile, for counting what
+      # it issues per weight (chapter 5).
+      objdump=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null)
+      "$objdump" -sass -fun '_ZN5qlora4cuda17gemm4_mma3_kernelILi1EfEEvNS0_10Quant4ViewEPK13__nv_bfloat16PT0_iiiNS0_8Mma3PlanEPfPj' \
+        build/cuda/qlora > "$res/mma3_sass.txt" 2>&1
+      echo "cuobjdump: rc $?, $(grep -c ';' "$res/mma3_sass.txt") instructions" ;;
     optim)
       OUT=$res/ch06 timeout 120 bash scripts/gpu_optim.sh build/cuda > "$res/gpu_optim.log" 2>&1; echo "gpu_optim: $?"
       tail -25 "$res/gpu_optim.log" ;;
