@@ -58,6 +58,21 @@ __device__ __forceinline__ float decode_scale(const Quant4View& q, const float* 
 }
 //! [scale-split]
 
+/// The same two halves with q.double_quant known at compile time (kDoubleQuant must equal it), for
+/// a kernel whose inner loop cannot afford both ways predicated.
+template <bool kDoubleQuant>
+__device__ __forceinline__ RawScale load_scale_as(const Quant4View& q, std::int64_t block) {
+  Quant4View known = q;
+  known.double_quant = kDoubleQuant;
+  return load_scale(known, block);
+}
+template <bool kDoubleQuant>
+__device__ __forceinline__ float decode_scale_as(const Quant4View& q, const float* nested_map, RawScale s) {
+  Quant4View known = q;
+  known.double_quant = kDoubleQuant;
+  return decode_scale(known, nested_map, s);
+}
+
 /// An output value of the matmul kernels (GEMV, tensor-core matmul), stored as bf16 or as
 /// float32 (the model adds its LoRA path to a float32 y).
 __device__ __forceinline__ void store_y(__nv_bfloat16* y, std::int64_t i, float v) { y[i] = __float2bfloat16_rn(v); }

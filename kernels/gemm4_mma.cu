@@ -566,7 +566,7 @@ static __device__ void fill_pair_table(float* s_values, const float* values) {
 /// code byte in byte 1 and zeros above (selector 5 is byte 1 of lane4, which is zero).
 static __device__ __forceinline__ std::uint32_t pair_of(std::uint32_t word, std::uint32_t lane4, int byte) {
   const std::uint32_t address = __byte_perm(word, lane4, 0x5504u | static_cast<std::uint32_t>(byte << 4));
-  return mma3_pairs[address / 4];
+  return *reinterpret_cast<const std::uint32_t*>(reinterpret_cast<const char*>(mma3_pairs) + address);
 }
 //! [mma3-table]
 
@@ -587,7 +587,7 @@ struct Unit3 {
 //! [mma3-unit]
 /// One unit of one warp: version 2's k permutation (lane t holds k 16t .. 16t + 15 of the
 /// tile, bytes 2s and 2s + 1 of its 8 at step s), each byte looked up as its A register.
-template <int kTokenTiles>
+template <int kTokenTiles, bool kDoubleQuant>
 static __device__ __forceinline__ void mma3_unit(const Unit3& u, const uint4 (&xv)[kTokenTiles][2], std::uint32_t lane4,
                                                  const Quant4View& q, const float* s_map,
                                                  float (&acc)[kTokenTiles][4]) {
@@ -604,7 +604,8 @@ static __device__ __forceinline__ void mma3_unit(const Unit3& u, const uint4 (&x
       mma_bf16_16816(part[n], a, s % 2 == 0 ? v.x : v.z, s % 2 == 0 ? v.y : v.w);
     }
   }
-  const float absmax[2] = {decode_scale(q, s_map, u.scale[0]), decode_scale(q, s_map, u.scale[1])};
+  const float absmax[2] = {decode_scale_as<kDoubleQuant>(q, s_map, u.scale[0]),
+                           decode_scale_as<kDoubleQuant>(q, s_map, u.scale[1])};
 #pragma unroll
   for (int n = 0; n < kTokenTiles; ++n) {
     acc[n][0] = fmaf(part[n][0], absmax[0], acc[n][0]);
@@ -680,13 +681,13 @@ static __device__ void finish_row_tile(const float (&acc)[kTokenTiles][4], const
 /// Warp w of the grid takes units [w·U / P, (w + 1)·U / P) of the U = row tiles × k tiles, for
 /// the token block blockIdx.y. It keeps kMma3Depth units of codes and scales in flight, and ends
 /// each row tile it touches with finish_row_tile().
-template <int kTokenTiles, class OutT>
+template <int kTokenTiles, bool kDoubleQuant, class OutT>
 __global__ void __launch_bounds__(kMma3Threads, mma3_min_blocks(kTokenTiles))
     gemm4_mma3_kernel(Quant4View q, const __nv_bfloat16* __restrict__ x, OutT* __restrict__ y, int out, int in,
                       int tokens, Mma3Plan plan, float* __restrict__ partials, unsigned* __restrict__ counters) {
   __shared__ float s_map[256], s_values[16];
   fill_pair_table(s_values, q.table);
-  if (q.double_quant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMma3Threads == 256
+  if (kDoubleQuant) s_map[threadIdx.x] = q.nested_map[threadIdx.x];  // kMma3Threads == 256
   __syncthreads();
 
   const int warp_id = blockIdx.x * kMma3Warps + static_cast<int>(threadIdx.x) / 32;
@@ -713,7 +714,7 @@ __global__ void __launch_bounds__(kMma3Threads, mma3_min_blocks(kTokenTiles))
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       u.codes[r] = load_codes8(lane_codes + codes[r] + 32u * static_cast<unsigned>(load_k));
-      u.scale[r] = load_scale(q, scales[r] + (load_k >> kt_shift));
+      u.scale[r] = load_scale_as<kDoubleQuant>(q, scales[r] + (load_k >> kt_shift));
     }
     if (++load_k == plan.k_tiles) {
       load_k = 0;
@@ -722,15 +723,19 @@ __global__ void __launch_bounds__(kMma3Threads, mma3_min_blocks(kTokenTiles))
     }
   };
   // The lane's 16 values of x at k tile kt for each token tile; zeros for a missing token.
+  const uint4* x_rows[kTokenTiles];
+  bool has_x[kTokenTiles];
+#pragma unroll
+  for (int n = 0; n < kTokenTiles; ++n) {
+    const int token = tok0 + 8 * n + g;
+    has_x[n] = token < tokens;
+    x_rows[n] = reinterpret_cast<const uint4*>(x + static_cast<std::int64_t>(min(token, tokens - 1)) * in + 16 * t);
+  }
   auto load_x = [&](int kt, uint4 (&xv)[kTokenTiles][2]) {
 #pragma unroll
-    for (int n = 0; n < kTokenTiles; ++n) {
-      const int token = tok0 + 8 * n + g;
-      const auto* src = reinterpret_cast<const uint4*>(x + static_cast<std::int64_t>(min(token, tokens - 1)) * in +
-                                                       64 * kt + 16 * t);
+    for (int n = 0; n < kTokenTiles; ++n)
 #pragma unroll
-      for (int p = 0; p < 2; ++p) xv[n][p] = token < tokens ? __ldg(src + p) : make_uint4(0, 0, 0, 0);
-    }
+      for (int p = 0; p < 2; ++p) xv[n][p] = has_x[n] ? __ldg(x_rows[n] + 8 * kt + p) : make_uint4(0, 0, 0, 0);
   };
 
   Unit3 ring[kMma3Depth];
@@ -745,7 +750,7 @@ __global__ void __launch_bounds__(kMma3Threads, mma3_min_blocks(kTokenTiles))
       if (u + j >= u_end) break;
       uint4 xv[kTokenTiles][2];
       load_x(k, xv);
-      mma3_unit<kTokenTiles>(ring[j], xv, lane4, q, s_map, acc);
+      mma3_unit<kTokenTiles, kDoubleQuant>(ring[j], xv, lane4, q, s_map, acc);
       if (u + j + kMma3Depth < u_end) load(ring[j]);
       ++k;
       if (k == plan.k_tiles || u + j + 1 == u_end) {
@@ -839,10 +844,10 @@ static int mma3_resident_warps(Kernel kernel) {
   return sms * blocks * kMma3Warps;
 }
 
-template <int kTokenTiles, class OutT>
+template <int kTokenTiles, bool kDoubleQuant, class OutT>
 static void launch_mma3(const DeviceQuant4& W, const __nv_bfloat16* x, OutT* y, int out, int in, int tokens,
                         Mma3Workspace& ws, cudaStream_t stream) {
-  static const int resident_warps = mma3_resident_warps(gemm4_mma3_kernel<kTokenTiles, OutT>);
+  static const int resident_warps = mma3_resident_warps(gemm4_mma3_kernel<kTokenTiles, kDoubleQuant, OutT>);
   Mma3Plan plan;
   plan.row_tiles = (out + kTileRows - 1) / kTileRows;
   plan.k_tiles = in / kTileK2;
@@ -858,8 +863,8 @@ static void launch_mma3(const DeviceQuant4& W, const __nv_bfloat16* x, OutT* y, 
   const std::int64_t tiles = static_cast<std::int64_t>(token_blocks) * plan.row_tiles;
   ws.reserve(tiles * plan.max_pieces * 4 * kTokenTiles * 32, tiles);
   const dim3 grid(static_cast<unsigned>((plan.warps + kMma3Warps - 1) / kMma3Warps), static_cast<unsigned>(token_blocks));
-  gemm4_mma3_kernel<kTokenTiles><<<grid, kMma3Threads, kMma3Smem, stream>>>(W.view(), x, y, out, in, tokens, plan,
-                                                                           ws.partials(), ws.counters());
+  gemm4_mma3_kernel<kTokenTiles, kDoubleQuant><<<grid, kMma3Threads, kMma3Smem, stream>>>(
+      W.view(), x, y, out, in, tokens, plan, ws.partials(), ws.counters());
   CUDA_CHECK_LAUNCH();
 }
 //! [mma3-launch]
@@ -870,13 +875,16 @@ static void launch_for_tokens(const DeviceQuant4& W, const bf16* x, OutT* y, int
   // One token tile (8 tokens) per block up to 8 tokens, two up to 16, four beyond: the
   // decoded weights serve every token tile of the block.
   if (version == MmaVersion::pair_table) {
+    // Double quantization is a template argument of version 3: predicated both ways, its scale
+    // loads and arithmetic were a fifth of the inner loop's instructions (cuobjdump -sass).
     const auto* xb = reinterpret_cast<const __nv_bfloat16*>(x);
+    const bool dq = W.double_quant;
     if (tokens <= 8) {
-      launch_mma3<1>(W, xb, y, out, in, tokens, *ws, stream);
+      (dq ? launch_mma3<1, true, OutT> : launch_mma3<1, false, OutT>)(W, xb, y, out, in, tokens, *ws, stream);
     } else if (tokens <= 16) {
-      launch_mma3<2>(W, xb, y, out, in, tokens, *ws, stream);
+      (dq ? launch_mma3<2, true, OutT> : launch_mma3<2, false, OutT>)(W, xb, y, out, in, tokens, *ws, stream);
     } else {
-      launch_mma3<4>(W, xb, y, out, in, tokens, *ws, stream);
+      (dq ? launch_mma3<4, true, OutT> : launch_mma3<4, false, OutT>)(W, xb, y, out, in, tokens, *ws, stream);
     }
   } else if (tokens <= 8) {
     launch_mma<1>(W, x, y, out, in, tokens, version, stream);
