@@ -7,8 +7,8 @@
 // use a whole instruction's worth of weights and waste only token columns.
 // CPU reference: matmul_xwt_ref() (src/matmul.cpp, double accumulation) on
 // dequantize_4bit_bf16()'s weights; in version 1 every weight the kernel multiplies is
-// bit-identical to that reference's bf16 value, version 2 trades that for speed
-// (tests/test_ch05_gpu_kernels.cpp argues both bounds).
+// bit-identical to that reference's bf16 value, versions 2 and 3 trade that for speed
+// (tests/test_ch05_gpu_kernels.cpp argues the bounds).
 #pragma once
 
 #include "linear4.cuh"
@@ -20,7 +20,7 @@
 
 namespace qlora::cuda {
 
-/// The two numbered versions. exact (1): every weight multiplied is dequantize_4bit_bf16()'s,
+/// The three numbered versions. exact (1): every weight multiplied is dequantize_4bit_bf16()'s,
 /// bit for bit (table value times absmax in float32, rounded to bf16). register_table (2): the
 /// table lookup in registers and the block scale applied to each 64-wide tile's partial sums,
 /// so the weight multiplied is bf16(table value)·absmax: fewer instructions per weight, a

@@ -297,10 +297,9 @@ void GpuDecoder::step(const std::vector<int>& pos) {
 }
 
 //! [decode-graph]
-// A decode step of a 7B model was 679 kernels when measured (390 by count since the fused
-// decode kernels of layers(); their time is to be measured), most of them a few microseconds
-// long at one token, and launching them one by one from the host added 0.7 ms to a 7 ms step
-// (an H200, docs/benchmarks.md). A CUDA graph records the step once (stream capture: the kernels are recorded, not run) and
+// A decode step of a 7B model is 390 kernels, most of them a few microseconds long at one
+// token, and launching them one by one from the host adds 0.5 ms to a 3.3 ms step (an H200,
+// docs/benchmarks.md). A CUDA graph records the step once (stream capture: the kernels are recorded, not run) and
 // replays it with one launch. What changes from step to step is read from device memory —
 // the positions (uploaded before the launch), the tokens (the sampled ids) — and the
 // buffers are the ones the eager step sized, so the recorded pointers stay valid.

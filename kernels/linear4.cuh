@@ -65,11 +65,11 @@ void linear4_backward_input(CublasHandle& h, const DeviceQuant4& W, const bf16* 
 //! [linear4-dispatch]
 /// Which kernel multiplies a 4-bit weight by `tokens` rows in the model's linear layers, read off
 /// `qlora bench kernels` on an H200 at 8192 × 8192 and 28672 × 8192 (docs/benchmarks.md): GEMV
-/// version 4 at 1 and 2 tokens (1.46–2.03× cuBLAS's speed, the tensor-core kernels 0.98–1.51×);
-/// the tensor-core matmul version 1 at 3 to 8 tokens (1.04–1.46×); version 3 at 9 to 16
-/// (1.00–1.17× at 16 tokens, versions 1 and 2 0.76–0.97×); version 2 at 17 to 32 (0.72–0.76×
-/// at 32, version 3 0.66–0.75×); from 33 on, dequantize + cuBLAS (0.45× at 64 tokens, the
-/// fused kernels at most 0.41×).
+/// version 4 at 1 and 2 tokens (1.43–1.77× cuBLAS's speed, the tensor-core kernels 0.88–1.35×);
+/// the tensor-core matmul version 1 at 3 to 8 tokens (1.01–1.28×); version 3 at 9 to 16
+/// (1.01–1.10× at 16 tokens, versions 1 and 2 0.71–0.86×); version 2 at 17 to 32 (0.68–0.69×
+/// at 32, version 3 0.67–0.70×: a tie); from 33 on, dequantize + cuBLAS (0.42× at 64 tokens,
+/// the fused kernels at most 0.39×).
 enum class Linear4Path { gemv, mma_exact, mma_pair_table, mma_register_table, dequant_cublas };
 
 inline constexpr int kGemvMaxTokens = 2, kMmaExactMaxTokens = 8, kMmaPairTableMaxTokens = 16, kMmaMaxTokens = 32;
