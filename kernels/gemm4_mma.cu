@@ -357,6 +357,20 @@ static __device__ __forceinline__ void decode_word_bf16(std::uint32_t word, cons
 }
 //! [mma2-table]
 
+/// acc += part · absmax of the part's row (rows g and g + 8: d registers 0-1 and 2-3), the block
+/// scale applied once per tile and output (versions 2 and 3).
+template <int kTokenTiles>
+static __device__ __forceinline__ void add_scaled(const float (&part)[kTokenTiles][4], const float (&absmax)[2],
+                                                  float (&acc)[kTokenTiles][4]) {
+#pragma unroll
+  for (int n = 0; n < kTokenTiles; ++n) {
+    acc[n][0] = fmaf(part[n][0], absmax[0], acc[n][0]);
+    acc[n][1] = fmaf(part[n][1], absmax[0], acc[n][1]);
+    acc[n][2] = fmaf(part[n][2], absmax[1], acc[n][2]);
+    acc[n][3] = fmaf(part[n][3], absmax[1], acc[n][3]);
+  }
+}
+
 //! [mma2-tile]
 /// One 64-wide k tile of one warp in version 2. The k permutation now keeps each step inside the
 /// tile: lane t's κ at step s (2t, 2t+1, 2t+8, 2t+9) are k = 16t + 4s + (0, 1, 2, 3), so lane t
@@ -384,13 +398,7 @@ static __device__ __forceinline__ void mma2_tile(const uint2 (&codes)[2], const 
       }
     }
   }
-#pragma unroll
-  for (int n = 0; n < kTokenTiles; ++n) {
-    acc[n][0] = fmaf(part[n][0], absmax[0], acc[n][0]);
-    acc[n][1] = fmaf(part[n][1], absmax[0], acc[n][1]);
-    acc[n][2] = fmaf(part[n][2], absmax[1], acc[n][2]);
-    acc[n][3] = fmaf(part[n][3], absmax[1], acc[n][3]);
-  }
+  add_scaled<kTokenTiles>(part, absmax, acc);
 }
 //! [mma2-tile]
 
@@ -606,13 +614,7 @@ static __device__ __forceinline__ void mma3_unit(const Unit3& u, const uint4 (&x
   }
   const float absmax[2] = {decode_scale_as<kDoubleQuant>(q, s_map, u.scale[0]),
                            decode_scale_as<kDoubleQuant>(q, s_map, u.scale[1])};
-#pragma unroll
-  for (int n = 0; n < kTokenTiles; ++n) {
-    acc[n][0] = fmaf(part[n][0], absmax[0], acc[n][0]);
-    acc[n][1] = fmaf(part[n][1], absmax[0], acc[n][1]);
-    acc[n][2] = fmaf(part[n][2], absmax[1], acc[n][2]);
-    acc[n][3] = fmaf(part[n][3], absmax[1], acc[n][3]);
-  }
+  add_scaled<kTokenTiles>(part, absmax, acc);
 }
 //! [mma3-unit]
 

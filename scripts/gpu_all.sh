@@ -147,10 +147,10 @@ run_phase() {
         echo "ncu $k: rc $?"; grep -E "Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Registers Per|Stall|Warp Cycles Per Issued|No Eligible" "$res/ncu_$k.log" | head -12
       done ;;
     mmasass)
-      # The machine code of the tensor-core matmul version 3 at one token tile, for counting what
-      # it issues per weight (chapter 5).
+      # The machine code of the tensor-core matmul version 3 at one token tile with double
+      # quantization, for counting what it issues per weight (chapter 5).
       objdump=$(command -v cuobjdump || ls /usr/local/cuda/bin/cuobjdump 2>/dev/null)
-      "$objdump" -sass -fun '_ZN5qlora4cuda17gemm4_mma3_kernelILi1EfEEvNS0_10Quant4ViewEPK13__nv_bfloat16PT0_iiiNS0_8Mma3PlanEPfPj' \
+      "$objdump" -sass -fun '_ZN5qlora4cuda17gemm4_mma3_kernelILi1ELb1EfEEvNS0_10Quant4ViewEPK13__nv_bfloat16PT1_iiiNS0_8Mma3PlanEPfPj' \
         build/cuda/qlora > "$res/mma3_sass.txt" 2>&1
       echo "cuobjdump: rc $?, $(grep -c ';' "$res/mma3_sass.txt") instructions" ;;
     optim)

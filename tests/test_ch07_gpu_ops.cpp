@@ -308,26 +308,39 @@ TEST_CASE("GPU attention forward and backward match the CPU reference", "[ch07][
 // Decoding's pieces (kernels/generate_gpu.cu): rows of different sequences at different
 // positions, against what LlamaModel::decode_step does per token on the CPU: rope at
 // position pos, k and v written into the cache row pos, attend over keys 0..pos.
+// The decoding tests' rows: 4 rows of different sequences at different positions in a cache of
+// 3 slots × 40 positions; two rows share slot 1, so the later position reads the key the earlier
+// row writes. With the RoPE tables of that shape.
+struct DecodeRows {
+  struct Shape {
+    int H, KVH, hs;
+  };
+  Shape sh;
+  int slots = 3, max_seq = 40, D, KV;
+  std::vector<int> slot{0, 1, 2, 1}, pos{0, 17, 39, 5};
+  int N = 4;
+  std::size_t cache_n;
+  std::vector<float> cos_t, sin_t;
+  explicit DecodeRows(Shape s)
+      : sh(s), D(s.H * s.hs), KV(s.KVH * s.hs), cache_n(static_cast<std::size_t>(slots) * max_seq * KV) {
+    LlamaConfig c;
+    c.n_heads = s.H;
+    c.n_kv_heads = s.KVH;
+    c.dim = D;
+    c.seq_len = max_seq;
+    rope_tables(c, cos_t, sin_t);
+  }
+};
+
 TEST_CASE("GPU decoding ops: rope_at, kv_cache_write and attention_cached match decode_step's pieces", "[ch07][gpu]") {
   auto rng = fresh_rng();
-  struct Shape { int H, KVH, hs; };
-  const auto sh = GENERATE(Shape{6, 2, 16}, Shape{6, 6, 48}, Shape{8, 4, 8});
+  using Shape = DecodeRows::Shape;
+  const DecodeRows r(GENERATE(Shape{6, 2, 16}, Shape{6, 6, 48}, Shape{8, 4, 8}));
+  const auto& [sh, slots, max_seq, D, KV, slot, pos, N, cache_n, cos_t, sin_t] = r;
   CAPTURE(sh.H, sh.KVH, sh.hs);
-  const int slots = 3, max_seq = 40, D = sh.H * sh.hs, KV = sh.KVH * sh.hs;
-  // Two rows share slot 1: the later position reads the key the earlier row writes.
-  const std::vector<int> slot = {0, 1, 2, 1}, pos = {0, 17, 39, 5};
-  const int N = static_cast<int>(slot.size());
-  LlamaConfig c;
-  c.n_heads = sh.H;
-  c.n_kv_heads = sh.KVH;
-  c.dim = D;
-  c.seq_len = max_seq;
-  std::vector<float> cos_t, sin_t;
-  rope_tables(c, cos_t, sin_t);
   const auto q0 = random_vec(static_cast<std::size_t>(N) * D, rng, -2.0, 2.0);
   const auto k0 = random_vec(static_cast<std::size_t>(N) * KV, rng, -2.0, 2.0);
   const auto v = random_vec(static_cast<std::size_t>(N) * KV, rng);
-  const std::size_t cache_n = static_cast<std::size_t>(slots) * max_seq * KV;
   std::vector<float> kc = random_vec(cache_n, rng, -2.0, 2.0), vc = random_vec(cache_n, rng);
 
   // CPU: decode_step's steps, every row's write before any row's attention.
@@ -374,24 +387,13 @@ TEST_CASE("GPU decoding ops: rope_at, kv_cache_write and attention_cached match 
 TEST_CASE("GPU rope_kv_cache_write equals rope_at, rope_at, kv_cache_write and kv_cache_write, bit for bit",
           "[ch07][gpu]") {
   auto rng = fresh_rng();
-  struct Shape { int H, KVH, hs; };
-  const auto sh = GENERATE(Shape{6, 2, 16}, Shape{6, 6, 48}, Shape{8, 4, 8}, Shape{32, 32, 128}, Shape{32, 8, 128});
+  using Shape = DecodeRows::Shape;
+  const DecodeRows r(GENERATE(Shape{6, 2, 16}, Shape{6, 6, 48}, Shape{8, 4, 8}, Shape{32, 32, 128}, Shape{32, 8, 128}));
+  const auto& [sh, slots, max_seq, D, KV, slot, pos, N, cache_n, cos_t, sin_t] = r;
   CAPTURE(sh.H, sh.KVH, sh.hs);
-  // The decoding test's rows: different sequences at different positions, two rows in slot 1.
-  const int slots = 3, max_seq = 40, D = sh.H * sh.hs, KV = sh.KVH * sh.hs;
-  const std::vector<int> slot = {0, 1, 2, 1}, pos = {0, 17, 39, 5};
-  const int N = static_cast<int>(slot.size());
-  LlamaConfig c;
-  c.n_heads = sh.H;
-  c.n_kv_heads = sh.KVH;
-  c.dim = D;
-  c.seq_len = max_seq;
-  std::vector<float> cos_t, sin_t;
-  rope_tables(c, cos_t, sin_t);
   const auto q = random_vec(static_cast<std::size_t>(N) * D, rng, -2.0, 2.0);
   const auto k = random_vec(static_cast<std::size_t>(N) * KV, rng, -2.0, 2.0);
   const auto v = random_vec(static_cast<std::size_t>(N) * KV, rng);
-  const std::size_t cache_n = static_cast<std::size_t>(slots) * max_seq * KV;
   auto d_cos = dev(cos_t), d_sin = dev(sin_t), d_v = dev(v);
   auto d_pos = dev(pos), d_slot = dev(slot);
 
