@@ -93,10 +93,17 @@ struct BlockLane {
                   static_cast<std::int64_t>(min(row0 + g + 8, out - 1)) * in} {}
 };
 
-/// The end of both versions: the 8 warps' partial tiles added in shared memory (the pipeline's,
-/// free by now) in a fixed order, so the result does not depend on timing, and stored. Element
-/// (n, r, lane) of the accumulators is token tok0 + 8n + 2t + (r & 1), row row0 + g + 8·(r >> 1)
-/// (the d layout of mma_bf16_16816).
+/// Stores element (n, r) of lane `lane`'s accumulators, if its token and row exist: token
+/// tok0 + 8n + 2t + (r & 1), row row0 + g + 8·(r >> 1) (the d layout of mma_bf16_16816).
+template <class OutT>
+static __device__ __forceinline__ void store_element(OutT* y, float v, int lane, int n, int r, int row0, int tok0,
+                                                     int out, int tokens) {
+  const int token = tok0 + 8 * n + 2 * (lane % 4) + (r & 1), row = row0 + lane / 4 + 8 * (r >> 1);
+  if (token < tokens && row < out) store_y(y, static_cast<std::int64_t>(token) * out + row, v);
+}
+
+/// The end of versions 1 and 2: the 8 warps' partial tiles added in shared memory (the
+/// pipeline's, free by now) in a fixed order, so the result does not depend on timing, and stored.
 template <int kTokenTiles, class Smem, class OutT>
 static __device__ __forceinline__ void add_warps_and_store(const float (&acc)[kTokenTiles][4], Smem& smem, OutT* y,
                                                            int row0, int tok0, int out, int tokens) {
@@ -114,9 +121,7 @@ static __device__ __forceinline__ void add_warps_and_store(const float (&acc)[kT
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) sum += s_sum[w][nr][l];
-    const int token = tok0 + 8 * n + 2 * (l % 4) + (r & 1);
-    const int row = row0 + l / 4 + 8 * (r >> 1);
-    if (token < tokens && row < out) store_y(y, static_cast<std::int64_t>(token) * out + row, sum);
+    store_element(y, sum, l, n, r, row0, tok0, out, tokens);
   }
 }
 
@@ -524,8 +529,7 @@ __global__ void __launch_bounds__(kMmaThreads, mma_min_blocks(kTokenTiles))
 constexpr int kMma3Warps = 8;
 constexpr int kMma3Threads = 32 * kMma3Warps;
 constexpr int kMma3Depth = 4;                  // units whose codes are in flight per warp
-constexpr int kPairTableBytes = 256 * 256;     // 256 rows (byte values) of 256 bytes
-constexpr int kMma3Smem = kPairTableBytes;     // dynamic shared memory of a block
+constexpr int kMma3Smem = 256 * 256;          // a block's dynamic shared memory: the pair table
 
 /// How version 3 shares the work: U = row_tiles · k_tiles units (16 rows × 64 k values each)
 /// among `warps` warps, warp w taking units [w·U / P, (w + 1)·U / P) (P = warps ≤ U, so none is
@@ -618,18 +622,14 @@ static __device__ __forceinline__ void mma3_unit(const Unit3& u, const uint4 (&x
 }
 //! [mma3-unit]
 
-/// Element (n, r) of a lane's accumulators, stored if its token and row exist (the d layout of
-/// mma_bf16_16816).
+/// A lane's whole accumulator tile, stored.
 template <int kTokenTiles, class OutT>
 static __device__ __forceinline__ void store_tile(const float (&v)[kTokenTiles][4], OutT* y, int row0, int tok0,
                                                   int out, int tokens, int lane) {
 #pragma unroll
   for (int n = 0; n < kTokenTiles; ++n)
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int token = tok0 + 8 * n + 2 * (lane % 4) + (r & 1), row = row0 + lane / 4 + 8 * (r >> 1);
-      if (token < tokens && row < out) store_y(y, static_cast<std::int64_t>(token) * out + row, v[n][r]);
-    }
+    for (int r = 0; r < 4; ++r) store_element(y, v[n][r], lane, n, r, row0, tok0, out, tokens);
 }
 
 //! [mma3-fixup]
@@ -846,10 +846,16 @@ static int mma3_resident_warps(Kernel kernel) {
   return sms * blocks * kMma3Warps;
 }
 
-template <int kTokenTiles, bool kDoubleQuant, class OutT>
+/// Double quantization is a template argument of the kernel: predicated both ways, its scale loads
+/// and arithmetic were a fifth of the inner loop's instructions (cuobjdump -sass).
+template <int kTokenTiles, class OutT>
 static void launch_mma3(const DeviceQuant4& W, const __nv_bfloat16* x, OutT* y, int out, int in, int tokens,
                         Mma3Workspace& ws, cudaStream_t stream) {
-  static const int resident_warps = mma3_resident_warps(gemm4_mma3_kernel<kTokenTiles, kDoubleQuant, OutT>);
+  static const int warps_dq = mma3_resident_warps(gemm4_mma3_kernel<kTokenTiles, true, OutT>);
+  static const int warps_plain = mma3_resident_warps(gemm4_mma3_kernel<kTokenTiles, false, OutT>);
+  const auto kernel =
+      W.double_quant ? gemm4_mma3_kernel<kTokenTiles, true, OutT> : gemm4_mma3_kernel<kTokenTiles, false, OutT>;
+  const int resident_warps = W.double_quant ? warps_dq : warps_plain;
   Mma3Plan plan;
   plan.row_tiles = (out + kTileRows - 1) / kTileRows;
   plan.k_tiles = in / kTileK2;
@@ -865,8 +871,8 @@ static void launch_mma3(const DeviceQuant4& W, const __nv_bfloat16* x, OutT* y, 
   const std::int64_t tiles = static_cast<std::int64_t>(token_blocks) * plan.row_tiles;
   ws.reserve(tiles * plan.max_pieces * 4 * kTokenTiles * 32, tiles);
   const dim3 grid(static_cast<unsigned>((plan.warps + kMma3Warps - 1) / kMma3Warps), static_cast<unsigned>(token_blocks));
-  gemm4_mma3_kernel<kTokenTiles, kDoubleQuant><<<grid, kMma3Threads, kMma3Smem, stream>>>(
-      W.view(), x, y, out, in, tokens, plan, ws.partials(), ws.counters());
+  kernel<<<grid, kMma3Threads, kMma3Smem, stream>>>(W.view(), x, y, out, in, tokens, plan, ws.partials(),
+                                                    ws.counters());
   CUDA_CHECK_LAUNCH();
 }
 //! [mma3-launch]
@@ -877,16 +883,13 @@ static void launch_for_tokens(const DeviceQuant4& W, const bf16* x, OutT* y, int
   // One token tile (8 tokens) per block up to 8 tokens, two up to 16, four beyond: the
   // decoded weights serve every token tile of the block.
   if (version == MmaVersion::pair_table) {
-    // Double quantization is a template argument of version 3: predicated both ways, its scale
-    // loads and arithmetic were a fifth of the inner loop's instructions (cuobjdump -sass).
     const auto* xb = reinterpret_cast<const __nv_bfloat16*>(x);
-    const bool dq = W.double_quant;
     if (tokens <= 8) {
-      (dq ? launch_mma3<1, true, OutT> : launch_mma3<1, false, OutT>)(W, xb, y, out, in, tokens, *ws, stream);
+      launch_mma3<1>(W, xb, y, out, in, tokens, *ws, stream);
     } else if (tokens <= 16) {
-      (dq ? launch_mma3<2, true, OutT> : launch_mma3<2, false, OutT>)(W, xb, y, out, in, tokens, *ws, stream);
+      launch_mma3<2>(W, xb, y, out, in, tokens, *ws, stream);
     } else {
-      (dq ? launch_mma3<4, true, OutT> : launch_mma3<4, false, OutT>)(W, xb, y, out, in, tokens, *ws, stream);
+      launch_mma3<4>(W, xb, y, out, in, tokens, *ws, stream);
     }
   } else if (tokens <= 8) {
     launch_mma<1>(W, x, y, out, in, tokens, version, stream);

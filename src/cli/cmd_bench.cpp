@@ -462,9 +462,9 @@ double matmul_bytes(double weight_bytes, int tokens, const Shape& s) {
 
 //! [bench-mma]
 /// The tensor-core 4-bit matmul beside everything else that computes the same product, at each
-/// token count, in one run: cuBLAS on the bf16 weight (the reference time), its versions 1-3, GEMV
-/// version 4 (up to its token limit), dequantize + cuBLAS (linear4_forward). Each is checked
-/// against FP64 first.
+/// token count, in one run: cuBLAS on the bf16 weight (the reference time), the matmul's
+/// versions 1-3, GEMV version 4 (up to its token limit), dequantize + cuBLAS (linear4_forward).
+/// Each is checked against FP64 first.
 json bench_mma(Context& ctx, const WeightCopies& copies, const std::vector<bf16>& w_bf16,
                const std::vector<bf16>& w_deq, const Shape& s, const std::vector<int>& token_counts) {
   json rows = json::array();
